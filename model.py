@@ -1,0 +1,262 @@
+"""A readable LLaMA: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention and a KV cache.
+
+Numerically equal to Hugging Face's `LlamaForCausalLM` (tests/test_model.py checks it). Weight names
+are our own; scripts/convert_hf_checkpoint.py maps the Hub's names onto them.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    block_size: int = 4096  # longest sequence the model attends over
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    n_query_groups: int = 32  # key/value heads: n_head for multi-head, fewer for grouped-query attention
+    n_embd: int = 4096
+    intermediate_size: int = 11008
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # the output head shares the token embedding's weight
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str) -> "Config":
+        if name not in configs:
+            raise ValueError(f"unknown model name {name!r}; known names: {', '.join(configs)}")
+        return cls(**configs[name])
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Config":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_file(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_hf(cls, path: Path) -> "Config":
+        """Reads a Hub `config.json` of a LlamaForCausalLM or MistralForCausalLM, old or new style."""
+        hf = json.loads(Path(path).read_text())
+        where = f"{path}:"
+        if hf.get("model_type") not in ("llama", "mistral"):
+            raise ValueError(f"{where} model_type {hf.get('model_type')!r} is not supported (llama or mistral only)")
+        # transformers < 5 writes `rope_theta` and `rope_scaling`; transformers 5 nests both in `rope_parameters`
+        rope = hf.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type") or (hf.get("rope_scaling") or {}).get("rope_type") or (hf.get("rope_scaling") or {}).get("type")
+        if rope_type not in (None, "default"):
+            raise ValueError(f"{where} rope scaling {rope_type!r} is not implemented; only plain rotary embeddings are")
+        unsupported = {
+            "attention_bias": hf.get("attention_bias", False),
+            "mlp_bias": hf.get("mlp_bias", False),
+            "hidden_act": hf.get("hidden_act", "silu") != "silu" and hf.get("hidden_act"),
+        }
+        for key, value in unsupported.items():
+            if value:
+                raise ValueError(f"{where} {key}={value!r} is not supported by model.py")
+        n_head = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+        if head_dim * n_head != hf["hidden_size"]:
+            raise ValueError(f"{where} head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported")
+        block_size = hf.get("max_position_embeddings", 4096)
+        # Mistral attends over a sliding window; within one window that is plain causal attention
+        if hf.get("sliding_window"):
+            block_size = min(block_size, hf["sliding_window"])
+        return cls(
+            block_size=block_size,
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_query_groups=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            rope_base=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+        )
+
+
+# Presets named after their Hub repositories
+configs = {
+    "Llama-2-7b-hf": dict(n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008),
+    "Llama-2-13b-hf": dict(n_layer=40, n_head=40, n_query_groups=40, n_embd=5120, intermediate_size=13824),
+    "Llama-2-70b-hf": dict(n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672),
+    "llama-7b": dict(block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
+    "llama-13b": dict(block_size=2048, n_layer=40, n_head=40, n_query_groups=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6),
+    "llama-30b": dict(block_size=2048, n_layer=60, n_head=52, n_query_groups=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6),
+    "llama-65b": dict(block_size=2048, n_layer=80, n_head=64, n_query_groups=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-6),
+    "TinyLlama-1.1B-intermediate-step-1431k-3T": dict(block_size=2048, n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
+    "open_llama_3b": dict(block_size=2048, n_layer=26, n_head=32, n_query_groups=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
+    "open_llama_7b": dict(block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
+    "Mistral-7B-v0.1": dict(n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336),  # block_size = its 4096 sliding window
+    # small shapes for tests and benchmarks
+    "stories260K": dict(block_size=512, vocab_size=512, n_layer=5, n_head=8, n_query_groups=4, n_embd=64, intermediate_size=172, tie_embeddings=True),
+    "tiny": dict(block_size=256, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=172),
+    "134M": dict(block_size=2048, n_layer=12, n_head=12, n_query_groups=12, n_embd=768, intermediate_size=2048),
+}
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the input's device
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, or None for a
+        plain causal pass over positions 0..T-1 without a cache. Returns logits (B, T, vocab_size)."""
+        T = idx.size(1)
+        if self.rope_cache is None or self.rope_cache[0].device != idx.device:
+            self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, idx.device)
+        cos, sin = self.rope_cache
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            cos, sin = cos[:T], sin[:T]
+        else:
+            cos, sin = cos[input_pos], sin[input_pos]
+
+        x = self.embed(idx)  # (B, T, n_embd)
+        for block in self.blocks:
+            x = block(x, cos, sin, input_pos)
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
+        """Allocates key/value caches for incremental decoding with `forward(idx, input_pos)`."""
+        max_seq_length = max_seq_length or self.config.block_size
+        for block in self.blocks:
+            block.attn.set_kv_cache(batch_size, max_seq_length)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_query_groups = config.n_query_groups
+        self.head_size = config.head_size
+        kv_size = config.n_query_groups * config.head_size
+        # separate projections, so that LoRA can adapt each one on its own
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, kv_size, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_size, bias=False)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
+        k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_query_groups, T, head_size)
+        v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_query_groups, T, head_size)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if input_pos is None:
+            mask, is_causal = None, True
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
+            k_cache, v_cache = self.kv_cache
+            k_cache[:B, :, input_pos] = k
+            v_cache[:B, :, input_pos] = v
+            end = int(input_pos[-1]) + 1
+            k, v = k_cache[:B, :, :end], v_cache[:B, :, :end]  # (B, n_query_groups, end, head_size)
+            # a single new token sees every cached position; a chunk of several needs a causal mask
+            mask = None if T == 1 else input_pos[:, None] >= torch.arange(end, device=x.device)[None, :]
+            is_causal = False
+
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_query_groups != self.n_head
+        )  # (B, n_head, T, head_size)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(y)
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int) -> None:
+        weight = self.k_proj.weight
+        shape = (batch_size, self.n_query_groups, max_seq_length, self.head_size)
+        self.kv_cache = (
+            torch.zeros(shape, device=weight.device, dtype=weight.dtype),
+            torch.zeros(shape, device=weight.device, dtype=weight.dtype),
+        )
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """Normalises by the root mean square, computed in float32 as the reference implementation does."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def build_rope_cache(seq_len: int, head_size: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (seq_len, head_size), in float32, in the Hugging Face layout
+    (the first and second halves of each head form the rotated pairs)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # (seq_len, head_size / 2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (seq_len, head_size)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, n_heads, T, head_size); cos, sin: (T, head_size)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))

@@ -1,0 +1,47 @@
+"""Shared test helpers: paths to ../shared/data and tiny Hub-format checkpoints built on the fly."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A file from ../shared/data; the test is skipped with the reason when it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not available (../shared/data is beside the repository on CI)")
+    return path
+
+
+def make_hf_checkpoint(directory: Path, seed: int = 0, **config):
+    """Saves a small random `LlamaForCausalLM` in Hub format (config.json + model.safetensors +
+    the real LLaMA tokenizer.model), as scripts/download.py leaves a directory. Returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    defaults = dict(
+        vocab_size=32000, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**defaults, **config})).eval()
+    model.save_pretrained(directory)
+    shutil.copy(shared_file("tokenizer.model"), Path(directory) / "tokenizer.model")
+    return model
+
+
+def make_checkpoint(directory: Path, seed: int = 0, **config):
+    """A converted checkpoint directory (lit_model.safetensors, model_config.json, tokenizer.model).
+    Returns the reference transformers model it was converted from."""
+    from convert_hf_checkpoint import convert_hf_checkpoint
+
+    model = make_hf_checkpoint(directory, seed=seed, **config)
+    convert_hf_checkpoint(directory)
+    return model
