@@ -114,17 +114,13 @@ def main(
             f"error: {len(examples)} records with --test_split_fraction {test_split_fraction} leave a split empty"
         )
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    is_test = [False] * len(examples)
-    for i in order[:n_test]:
-        is_test[i] = True
 
     samples, lengths, truncated, too_long = tokenize(examples, tokenizer, max_seq_length, mask_inputs, ignore_index)
+    print_summary(lengths, truncated, [wheres[i] for i in too_long], max_seq_length)
     test_set = [samples[i] for i in order[:n_test] if samples[i] is not None]
     train_set = [samples[i] for i in order[n_test:] if samples[i] is not None]
     if not train_set or not test_set:
         raise SystemExit(f"error: every prompt of a split fills --max_seq_length {max_seq_length}; raise it")
-
-    print_summary(lengths, truncated, [wheres[i] for i in too_long], max_seq_length)
     metadata = {
         "format": METADATA_FORMAT,
         "template": "alpaca",
@@ -221,7 +217,9 @@ def to_examples(
         elif skip_invalid:
             invalid.append(f"{where} {problem}")
         else:
-            raise SystemExit(f"error: {path} {where} {problem}; fix it or pass --skip_invalid to leave such records out")
+            raise SystemExit(
+                f"error: {path} {where} {problem}; fix it or pass --skip_invalid to leave such records out"
+            )
     return examples, wheres, invalid
 
 
@@ -232,11 +230,12 @@ def find_problem(record: Any, fields: dict[str, str]) -> Optional[str]:
         if key not in record or record[key] is None:
             return f"has no {key!r}"
         if not isinstance(record[key], str):
-            return f"has a {type(record[key]).__name__} as {key!r}, not text"
+            return f"has a non-text {key!r} ({type(record[key]).__name__})"
         if not record[key].strip():
             return f"has an empty {key!r}"
-    if not isinstance(record.get(fields["input"]) or "", str):
-        return f"has a {type(record[fields['input']]).__name__} as {fields['input']!r}, not text"
+    value = record.get(fields["input"])
+    if value is not None and not isinstance(value, str):
+        return f"has a non-text {fields['input']!r} ({type(value).__name__})"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Turns databricks-dolly-15k into token ids for fine-tuning, in the same Alpaca template and files as prepare_alpaca.py.
+"""Turns databricks-dolly-15k into token ids for fine-tuning: the same template and files as prepare_alpaca.py.
 
     python scripts/prepare_dolly.py --destination_path data/dolly --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 

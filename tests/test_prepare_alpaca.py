@@ -41,7 +41,8 @@ def sp() -> spm.SentencePieceProcessor:
 def prepared(tmp_path_factory, checkpoint_dir) -> Path:
     """The 999 shared records prepared with the defaults."""
     destination = tmp_path_factory.mktemp("alpaca")
-    setup(destination_path=destination, checkpoint_dir=checkpoint_dir, data_file_path=shared_file("alpaca_en_demo.json"))
+    data = shared_file("alpaca_en_demo.json")
+    setup(destination_path=destination, checkpoint_dir=checkpoint_dir, data_file_path=data)
     return destination
 
 
@@ -82,7 +83,8 @@ def test_labels_are_ignore_index_over_bos_and_prompt_and_the_ids_over_response_a
     assert samples[0]["input_ids"].dtype == samples[0]["labels"].dtype == torch.long
     assert (lengths, truncated, too_long) == ([len(prompt_ids) + 3], 0, [])
     # generation feeds exactly the prompt ids the model was trained on
-    assert samples[0]["input_ids"][: len(prompt_ids)].tolist() == tokenizer.encode(generate_prompt(record), bos=True).tolist()
+    generation_ids = tokenizer.encode(generate_prompt(record), bos=True).tolist()
+    assert samples[0]["input_ids"][: len(prompt_ids)].tolist() == generation_ids
 
     samples, *_ = tokenize([record], tokenizer, 256, mask_inputs=False, ignore_index=-100)
     assert samples[0]["labels"].tolist() == prompt_ids + response_ids + [2]
@@ -128,15 +130,18 @@ def test_split_is_deterministic_by_seed(prepared, checkpoint_dir, tmp_path):
     data = shared_file("alpaca_en_demo.json")
     setup(destination_path=tmp_path / "same", checkpoint_dir=checkpoint_dir, data_file_path=data, seed=42)
     setup(destination_path=tmp_path / "other", checkpoint_dir=checkpoint_dir, data_file_path=data, seed=7)
-    ids = lambda samples: [s["input_ids"].tolist() for s in samples]  # noqa: E731
-    (train, test), (same_train, same_test), (other_train, other_test) = map(
-        load, (prepared, tmp_path / "same", tmp_path / "other")
-    )
-    assert ids(same_train) == ids(train) and ids(same_test) == ids(test)
-    assert len(other_test) == 38 and sorted(ids(other_test)) != sorted(ids(test))
+    train, test = load(prepared)
+    same_train, same_test = load(tmp_path / "same")
+    _, other_test = load(tmp_path / "other")
+    assert ids_of(same_train) == ids_of(train) and ids_of(same_test) == ids_of(test)
+    assert len(other_test) == 38 and sorted(ids_of(other_test)) != sorted(ids_of(test))
 
 
-def test_summary_prints_length_statistics_and_splits(prepared, checkpoint_dir, tmp_path, capsys):
+def ids_of(samples: list) -> list[list[int]]:
+    return [sample["input_ids"].tolist() for sample in samples]
+
+
+def test_summary_prints_length_statistics_and_splits(checkpoint_dir, tmp_path, capsys):
     setup(destination_path=tmp_path, checkpoint_dir=checkpoint_dir, data_file_path=shared_file("alpaca_en_demo.json"))
     out = capsys.readouterr().out
     # measured once with sentencepiece on the shared records; howto/prepare_dataset.md quotes them
@@ -145,13 +150,17 @@ def test_summary_prints_length_statistics_and_splits(prepared, checkpoint_dir, t
     assert "Train: 961 records" in out and "Test: 38 records" in out
 
 
-def test_truncation_cuts_the_response_and_records_whose_prompt_fills_the_limit_are_left_out(checkpoint_dir, sp, tmp_path, capsys):
+def test_truncation_cuts_the_response_and_records_whose_prompt_fills_the_limit_are_left_out(
+    checkpoint_dir, sp, tmp_path, capsys
+):
     short = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     long_output = {"instruction": "Count.", "input": "", "output": " ".join(["one two three"] * 30)}
     long_input = {"instruction": "Summarize.", "input": " ".join(["word"] * 80), "output": "Words."}
     records = [short, long_output, long_input, short, short, short]
-    setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir, data_file_path=write_json(tmp_path / "d.json", records),
-          max_seq_length=60, test_split_fraction=0.5)
+    data = write_json(tmp_path / "d.json", records)
+    setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir, data_file_path=data, max_seq_length=60,
+          test_split_fraction=0.5)
+    assert len([1] + sp.encode(generate_prompt(long_output))) < 60 <= len([1] + sp.encode(generate_prompt(long_input)))
     out = capsys.readouterr().out
     assert "Truncated to --max_seq_length 60: 1 records" in out
     assert "Left out 1 records whose prompt alone fills --max_seq_length 60 (e.g. record index 2)" in out
@@ -172,18 +181,20 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b'[{"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}]', "malformed JSON at line 2 column 22"),
+        (b'[{"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}]', "JSON at line 2 column 22"),
         (b'{"instruction": "a", "output": "b"}\n\n{"instruction": "a", \n', "malformed JSON on line 3"),
         (json.dumps([GOOD, {"instruction": "a"}]).encode(), "record index 1 has no 'output'"),
         (json.dumps([GOOD, GOOD, {"output": "b"}]).encode(), "record index 2 has no 'instruction'"),
         (json.dumps([GOOD, {"instruction": "a", "output": " "}]).encode(), "record index 1 has an empty 'output'"),
-        (json.dumps([GOOD, {"instruction": "a", "output": 3}]).encode(), "record index 1 has a int as 'output', not text"),
+        (json.dumps([GOOD, {"instruction": "a", "output": 3}]).encode(), "record index 1 has a non-text 'output'"),
+        (json.dumps([GOOD, {"instruction": "a", "input": 0, "output": "b"}]).encode(), "1 has a non-text 'input'"),
         (json.dumps([GOOD, "text"]).encode(), "record index 1 is a JSON str, not an object"),
         (b'{"instruction": "a", "output": "b"}\n{"output": "b"}\n', "line 2 has no 'instruction'"),
         (b"", "is empty"),
         (b" \n\n", "is empty"),
         (b"[]", "holds an empty JSON array"),
-        (b'[{"instruction": "caf\xc3\xa9", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]', "is not UTF-8 text (byte 0xe9 on line 2)"),
+        (b'[{"instruction": "caf\xc3\xa9", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]',
+         "is not UTF-8 text (byte 0xe9 on line 2)"),
     ],
 )
 def test_bad_input_stops_with_one_line_and_writes_nothing(checkpoint_dir, tmp_path, content, message):
@@ -260,7 +271,9 @@ def test_without_a_data_file_the_alpaca_data_is_downloaded_from_the_hub(checkpoi
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir, test_split_fraction=0.2)
-    assert requests == [{"repo_id": "yahma/alpaca-cleaned", "filename": "alpaca_data_cleaned.json", "repo_type": "dataset"}]
+    assert requests == [
+        {"repo_id": "yahma/alpaca-cleaned", "filename": "alpaca_data_cleaned.json", "repo_type": "dataset"}
+    ]
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert metadata["source"] == "hf://datasets/yahma/alpaca-cleaned/alpaca_data_cleaned.json"
 
@@ -290,10 +303,9 @@ def test_metadata_lets_fine_tuning_refuse_data_from_another_tokenizer(prepared, 
     metadata = check_prepared_data(prepared, checkpoint_dir)
     tokenizer_bytes = (checkpoint_dir / "tokenizer.model").read_bytes()
     assert metadata["tokenizer_sha256"] == hashlib.sha256(tokenizer_bytes).hexdigest()
-    assert {k: metadata[k] for k in ("vocab_size", "bos_id", "eos_id", "max_seq_length", "mask_inputs", "ignore_index", "template")} == {
-        "vocab_size": 32000, "bos_id": 1, "eos_id": 2, "max_seq_length": 256, "mask_inputs": True, "ignore_index": -100,
-        "template": "alpaca",
-    }
+    expected = {"vocab_size": 32000, "bos_id": 1, "eos_id": 2, "max_seq_length": 256, "mask_inputs": True,
+                "ignore_index": -100, "template": "alpaca", "test_split_fraction": 0.03865, "seed": 42}
+    assert {key: metadata[key] for key in expected} == expected
     assert metadata["prompt_without_input"].endswith("### Instruction:\n{instruction}\n\n### Response:")
 
     other = tmp_path / "other"

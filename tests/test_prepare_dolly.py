@@ -19,7 +19,8 @@ RECORDS = [
     {"instruction": "When did Virgin Australia start operating?",
      "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.",
      "response": "Virgin Australia commenced services on 31 August 2000.", "category": "closed_qa"},
-    {"instruction": "Which is a species of fish? Tope or Rope", "context": "", "response": "Tope", "category": "classification"},
+    {"instruction": "Which is a species of fish? Tope or Rope", "context": "", "response": "Tope",
+     "category": "classification"},
     {"instruction": "Why can camels survive for long without water?", "context": "",
      "response": "Camels use the fat in their humps to keep them filled with energy.", "category": "open_qa"},
     {"instruction": "Name the capital.", "context": "France", "response": "Paris.", "category": "open_qa"},
@@ -100,6 +101,7 @@ def test_script_runs_from_another_directory_and_prints_the_summary(checkpoint_di
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "Read 20 records" in result.stdout and "Train: 18 records" in result.stdout and "Test: 2 records" in result.stdout
+    for line in ("Read 20 records", "Train: 18 records", "Test: 2 records"):
+        assert line in result.stdout
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert (metadata["train_records"], metadata["test_records"], metadata["source"]) == (18, 2, str(data))
