@@ -11,8 +11,8 @@ Finetune and generate scripts import `generate_prompt` from here, so importing t
 
 import hashlib
 import json
+import logging
 import math
-import sys
 from pathlib import Path
 from statistics import median
 from typing import Any, Optional
@@ -148,18 +148,32 @@ def main(
 
 
 def download(repo_id: str, file_name: str) -> Path:
-    """The file from the Hub's local cache, downloaded first when missing."""
-    from huggingface_hub import hf_hub_download  # imported here: generate scripts import this file
+    """The file from the Hub's local cache, downloaded first when missing. Any failure ends in one line:
+    the Hub's own retry warnings (about 25 s of them when offline) are silenced while it runs."""
+    # imported here, not at the top: generate scripts import this file and never download
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    print(f"Downloading {file_name} from the Hugging Face Hub dataset {repo_id}", file=sys.stderr)
+    print(f"Downloading {file_name} from the Hugging Face Hub dataset {repo_id}")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=file_name, repo_type="dataset"))
-    except Exception as e:  # offline, unknown repository or file, refused access: all end the same way
+    except LocalEntryNotFoundError:
+        reason = "the Hub cannot be reached and the file is not in the local cache"
+    except RepositoryNotFoundError:
+        reason = "no such dataset, or it is private or gated and you are not logged in"
+    except EntryNotFoundError:
+        reason = "the dataset has no such file"
+    except Exception as e:  # anything else the Hub or the connection raises
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(
-            f"error: cannot download {file_name} from the Hub dataset {repo_id} ({reason}); "
-            "check the connection or pass --data_file_path"
-        ) from None
+    finally:
+        hub_logger.setLevel(level)
+    raise SystemExit(
+        f"error: cannot download {file_name} from the Hub dataset {repo_id}: {reason}; "
+        "pass a local copy with --data_file_path"
+    )
 
 
 def load_records(path: Path) -> list[tuple[str, Any]]:

@@ -282,19 +282,26 @@ def test_without_a_data_file_the_alpaca_data_is_downloaded_from_the_hub(checkpoi
     assert requests[-1] == {"repo_id": "me/my-data", "filename": "train.jsonl", "repo_type": "dataset"}
 
 
-def test_no_network_is_one_clear_line(checkpoint_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        ("offline", "the Hub cannot be reached and the file is not in the local cache"),
+        (ConnectionError("Connection reset by peer\nmore detail"), "Connection reset by peer"),
+    ],
+)
+def test_a_failed_download_is_one_clear_line(checkpoint_dir, tmp_path, monkeypatch, error, reason):
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
-    def offline(**kwargs):
-        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub.\nMore text.")
+    def failing_download(**kwargs):
+        raise LocalEntryNotFoundError("An error happened...\nMore text.") if error == "offline" else error
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(SystemExit) as error:
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    with pytest.raises(SystemExit) as raised:
         setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir)
-    assert str(error.value.code) == (
-        "error: cannot download alpaca_data_cleaned.json from the Hub dataset yahma/alpaca-cleaned (An error happened "
-        "while trying to locate the file on the Hub.); check the connection or pass --data_file_path"
+    assert str(raised.value.code) == (
+        f"error: cannot download alpaca_data_cleaned.json from the Hub dataset yahma/alpaca-cleaned: {reason}; "
+        "pass a local copy with --data_file_path"
     )
     assert not (tmp_path / "out").exists()
 
