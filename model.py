@@ -112,6 +112,12 @@ configs = {
 }
 
 
+def linear(in_features: int, out_features: int, role: str) -> nn.Linear:
+    """Builds every projection of the model. `role` says which one ("query", "key", "value",
+    "projection", "mlp", "head") so that lora.lora() can swap in LoRA layers where it is asked to."""
+    return nn.Linear(in_features, out_features, bias=False)
+
+
 class LLaMA(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -119,7 +125,7 @@ class LLaMA(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = linear(config.n_embd, config.vocab_size, "head")
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the input's device
@@ -175,10 +181,10 @@ class CausalSelfAttention(nn.Module):
         self.head_size = config.head_size
         kv_size = config.n_query_groups * config.head_size
         # separate projections, so that LoRA can adapt each one on its own
-        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, kv_size, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, kv_size, bias=False)
-        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.q_proj = linear(config.n_embd, config.n_embd, "query")
+        self.k_proj = linear(config.n_embd, kv_size, "key")
+        self.v_proj = linear(config.n_embd, kv_size, "value")
+        self.o_proj = linear(config.n_embd, config.n_embd, "projection")
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -222,9 +228,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.gate_proj = linear(config.n_embd, config.intermediate_size, "mlp")
+        self.up_proj = linear(config.n_embd, config.intermediate_size, "mlp")
+        self.down_proj = linear(config.intermediate_size, config.n_embd, "mlp")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
