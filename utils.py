@@ -61,11 +61,19 @@ def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dtype: 
 
 def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path) -> None:
     """Assigns `state_dict` to a model built on the meta device; the output head is re-tied when
-    the config ties it to the embedding (safetensors files hold a shared tensor only once)."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    the config ties it to the embedding (safetensors files hold a shared tensor only once).
+
+    Modules that add to the base model (LoRA's A and B in a model built inside lora.lora(), marked
+    `adapter = True`) are not in a base checkpoint: they are created beside the weights, on their
+    device and in their dtype, and initialised by their own `reset_parameters()`."""
+    _, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-        missing = [name for name in missing if name != "lm_head.weight"]
+    for module in model.modules():
+        if getattr(module, "adapter", False) and all(p.is_meta for p in module.parameters()):
+            module.to_empty(device=model.embed.weight.device).to(model.embed.weight.dtype)
+            module.reset_parameters()
+    missing = [name for name, param in model.named_parameters() if param.is_meta]
     if missing or unexpected:
         raise SystemExit(
             f"error: {source} does not match model_config.json (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
