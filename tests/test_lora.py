@@ -1,0 +1,320 @@
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import model as llama
+from lora import (
+    LoRAConfig,
+    LoRALinear,
+    get_lora_config,
+    load_lora_checkpoint,
+    load_lora_model,
+    lora,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora_weights,
+    read_lora_config,
+    save_lora_checkpoint,
+)
+from model import LLaMA, Config
+from utils import load_model
+
+TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
+
+
+def randomize_lora(model: LLaMA, seed: int = 1) -> None:
+    """Non-zero B (a fresh one is zero), so that the update actually changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora.A.copy_(torch.randn(module.lora.A.shape, generator=generator) * 0.1)
+                module.lora.B.copy_(torch.randn(module.lora.B.shape, generator=generator) * 0.1)
+
+
+def tiny_pair(seed: int = 0, lora_kwargs: dict = None, **config):
+    """A plain model and a LoRA model holding the same base weights."""
+    config = Config(**{**TINY, **config})
+    torch.manual_seed(seed)
+    base = LLaMA(config).eval()
+    with lora(**(lora_kwargs or dict(r=4, alpha=8, dropout=0.0))):
+        adapted = LLaMA(config).eval()
+    adapted.load_state_dict(base.state_dict(), strict=False)
+    return base, adapted
+
+
+def tokens(n: int = 10, vocab: int = 100) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(0))
+
+
+def test_layer_forward_is_base_plus_scaled_low_rank_update():
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 5, r=2, alpha=3, dropout=0.0)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    x = torch.randn(3, 6)
+    W, A, B = layer.weight, layer.lora.A, layer.lora.B
+    expected = x @ W.T + x @ (B @ A).T * (3 / 2)  # the definition, with ΔW built explicitly
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_init_is_kaiming_uniform_a_and_zero_b():
+    torch.manual_seed(0)
+    layer = LoRALinear(400, 30, r=16, alpha=16, dropout=0.0)
+    bound = 1 / math.sqrt(400)  # kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as nn.Linear
+    assert layer.lora.A.abs().max() <= bound and layer.lora.A.abs().max() > 0.9 * bound
+    assert layer.lora.A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.count_nonzero(layer.lora.B) == 0
+
+
+def test_fresh_lora_model_gives_the_base_models_output():
+    base, adapted = tiny_pair(lora_kwargs=dict(r=4, alpha=8, dropout=0.1, all_linear=True, head=True))
+    x = tokens()
+    assert torch.equal(adapted(x), base(x))
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_the_weight():
+    _, adapted = tiny_pair(lora_kwargs=dict(r=4, alpha=8, dropout=0.0, all_linear=True, head=True))
+    randomize_lora(adapted)
+    x = tokens()
+    weights = {name: t.clone() for name, t in adapted.state_dict().items()}
+    unmerged = adapted(x)
+    merge_lora_weights(adapted)
+    assert all(m.merged for m in adapted.modules() if isinstance(m, LoRALinear))
+    assert not torch.equal(adapted.blocks[0].attn.q_proj.weight, weights["blocks.0.attn.q_proj.weight"])
+    torch.testing.assert_close(adapted(x), unmerged, rtol=0, atol=1e-5)
+    for module in adapted.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()
+    for name, t in adapted.state_dict().items():
+        torch.testing.assert_close(t, weights[name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(adapted(x), unmerged, rtol=0, atol=1e-6)
+
+
+def test_merging_a_tied_head_leaves_the_embedding_alone():
+    _, adapted = tiny_pair(lora_kwargs=dict(r=2, alpha=4, dropout=0.0, head=True), tie_embeddings=True)
+    randomize_lora(adapted)
+    embedding = adapted.embed.weight.clone()
+    x = tokens()
+    unmerged = adapted(x)
+    merge_lora_weights(adapted)
+    assert torch.equal(adapted.embed.weight, embedding)
+    assert adapted.config.tie_embeddings is False
+    torch.testing.assert_close(adapted(x), unmerged, rtol=0, atol=1e-5)
+
+
+def test_targets_and_all_linear_switch():
+    config = Config(**TINY)
+    expected_roles = {
+        "q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "projection",
+        "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "lm_head": "head",
+    }
+    for kwargs, wanted in [
+        (dict(), {"query", "value"}),
+        (dict(query=False, key=True, value=False, mlp=True), {"key", "mlp"}),
+        (dict(all_linear=True), {"query", "key", "value", "projection", "mlp"}),
+        (dict(query=False, value=False, head=True), {"head"}),
+    ]:
+        with lora(r=2, alpha=2, dropout=0.0, **kwargs):
+            model = LLaMA(config)
+        adapted = {expected_roles[name.rpartition(".")[2]] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+        assert adapted == wanted, kwargs
+        assert get_lora_config(model).targets == [t for t in ("query", "key", "value", "projection", "mlp", "head") if t in wanted]
+    with lora(r=2, alpha=2, dropout=0.0, enabled=False):
+        assert not any(isinstance(m, LoRALinear) for m in LLaMA(config).modules())
+
+
+def test_context_manager_restores_model_py_after_an_exception():
+    plain_linear = llama.linear
+    with pytest.raises(RuntimeError, match="boom"):
+        with lora(r=2, alpha=2, dropout=0.0, all_linear=True):
+            assert llama.linear is not plain_linear
+            raise RuntimeError("boom")
+    assert llama.linear is plain_linear
+    assert not any(isinstance(m, LoRALinear) for m in LLaMA(Config(**TINY)).modules())
+
+
+def test_only_lora_parameters_require_and_receive_gradients():
+    _, adapted = tiny_pair(lora_kwargs=dict(r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True))
+    adapted.train()
+    mark_only_lora_as_trainable(adapted)
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in name for name in trainable)
+    assert trainable == set(lora_state_dict(adapted))
+
+    # first step from B = 0: dL/dA = Bᵀ·(…) = 0, so only B moves, as in the paper
+    adapted(tokens()).logsumexp(-1).mean().backward()
+    for name, p in adapted.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and (p.grad.abs().sum() > 0) == name.endswith(".B"), name
+        else:
+            assert p.grad is None, name
+    adapted.zero_grad()
+    randomize_lora(adapted)
+    adapted(tokens()).logsumexp(-1).mean().backward()
+    assert all(adapted.get_parameter(name).grad.abs().sum() > 0 for name in trainable)
+
+
+def test_norms_and_biases_can_be_kept_trainable():
+    _, adapted = tiny_pair()
+    mark_only_lora_as_trainable(adapted, norms=True)
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    norms = {name for name in adapted.state_dict() if "norm" in name}
+    assert norms == {n for n in trainable if ".lora." not in n}
+    assert set(lora_state_dict(adapted, norms=True)) == trainable
+    # model.py's projections have no bias; a LoRA layer with one shows what bias="lora_only" trains
+    layer = torch.nn.Sequential(LoRALinear(4, 4, r=2, alpha=2, dropout=0.0, bias=True), torch.nn.Linear(4, 4))
+    mark_only_lora_as_trainable(layer, bias="lora_only")
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"0.bias", "0.lora.A", "0.lora.B"}
+    mark_only_lora_as_trainable(layer, bias="all")
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"0.bias", "0.lora.A", "0.lora.B", "1.bias"}
+    with pytest.raises(ValueError, match="bias"):
+        mark_only_lora_as_trainable(layer, bias="some")
+
+
+def test_trainable_count_is_r_times_in_plus_out_per_adapted_layer():
+    config = Config(**TINY)
+    r, kv = 4, config.n_query_groups * config.head_size
+    with lora(r=r, alpha=8, dropout=0.0, all_linear=True, head=True):
+        model = LLaMA(config)
+    mark_only_lora_as_trainable(model)
+    C, I = config.n_embd, config.intermediate_size
+    per_layer = r * ((C + C) + (C + kv) + (C + kv) + (C + C) + (C + I) + (C + I) + (I + C))
+    expected = config.n_layer * per_layer + r * (C + config.vocab_size)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_llama_2_7b_query_value_r8_has_4_194_304_trainable_parameters():
+    with torch.device("meta"), lora(r=8, alpha=16, dropout=0.05, query=True, value=True):
+        model = LLaMA(Config.from_name("Llama-2-7b-hf"))
+    mark_only_lora_as_trainable(model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4_194_304  # 32 x 2 x 8 x (4096 + 4096)
+
+
+def test_load_model_inside_lora_initialises_lora_on_the_weights_device(tmp_path):
+    torch.manual_seed(0)
+    config = Config(**TINY)
+    base = LLaMA(config)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "lit_model.safetensors")
+    config.to_file(tmp_path / "model_config.json")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with lora(r=4, alpha=8, dropout=0.0, all_linear=True, head=True):
+        model = load_model(tmp_path, dtype=torch.float64)
+    assert all(not p.is_meta and p.dtype == torch.float64 for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            assert torch.count_nonzero(module.lora.B) == 0
+            assert 0 < module.lora.A.abs().max() <= 1 / math.sqrt(module.in_features)
+    assert torch.equal(model(tokens()), base.double()(tokens()))
+
+
+def save_adapter(tmp_path, lora_kwargs=None, **config):
+    """A converted-format base checkpoint directory and a trained-looking adapter for it."""
+    torch.manual_seed(0)
+    config = Config(**{**TINY, **config})
+    base = LLaMA(config)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")},
+              tmp_path / "lit_model.safetensors")
+    config.to_file(tmp_path / "model_config.json")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with lora(**(lora_kwargs or dict(r=4, alpha=8, dropout=0.05, query=True, value=True, mlp=True))):
+        model = load_model(tmp_path)
+    randomize_lora(model)
+    save_lora_checkpoint(model, tmp_path / "adapter.safetensors")
+    return model.eval()
+
+
+def test_save_load_round_trip(tmp_path):
+    trained = save_adapter(tmp_path)
+    saved = load_file(tmp_path / "adapter.safetensors")
+    assert set(saved) == set(lora_state_dict(trained)) and all(".lora." in name for name in saved)
+    lora_config, base_config = read_lora_config(tmp_path / "adapter.safetensors")
+    assert lora_config == LoRAConfig(r=4, alpha=8, dropout=0.05, query=True, value=True, mlp=True)
+    assert base_config == trained.config
+
+    with lora(**asdict(lora_config)):
+        fresh = load_model(tmp_path)
+    load_lora_checkpoint(fresh, tmp_path / "adapter.safetensors")
+    for name, t in lora_state_dict(fresh).items():
+        assert torch.equal(t, saved[name])
+    x = tokens()
+    assert torch.equal(fresh.eval()(x), trained(x))
+    merged = load_lora_model(tmp_path, tmp_path / "adapter.safetensors", merge=True)
+    torch.testing.assert_close(merged.eval()(x), trained(x), rtol=0, atol=1e-5)
+
+
+def test_saved_norms_round_trip(tmp_path):
+    model = save_adapter(tmp_path)
+    with torch.no_grad():
+        model.norm.weight.fill_(2.0)
+    save_lora_checkpoint(model, tmp_path / "with_norms.safetensors", norms=True)
+    loaded = load_lora_model(tmp_path, tmp_path / "with_norms.safetensors")
+    assert torch.equal(loaded.norm.weight, torch.full_like(loaded.norm.weight, 2.0))
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_mismatched_base_is_named(tmp_path):
+    save_adapter(tmp_path)
+    path = tmp_path / "adapter.safetensors"
+    lora_config, _ = read_lora_config(path)
+    with lora(**asdict(lora_config)):
+        other = LLaMA(Config(**{**TINY, "n_layer": 3, "n_embd": 64}))
+    message = error_of(load_lora_checkpoint, other, path)
+    assert "another base model" in message and "n_layer=2 (model: 3)" in message and "n_embd=32 (model: 64)" in message
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    Config(**{**TINY, "intermediate_size": 64}).to_file(other_dir / "model_config.json")
+    for name in ("lit_model.safetensors", "tokenizer.model"):
+        (other_dir / name).write_bytes(b"")
+    assert "intermediate_size=48 (model: 64)" in error_of(load_lora_model, other_dir, path)
+
+
+def test_mismatched_targets_and_rank_are_named(tmp_path):
+    save_adapter(tmp_path)
+    path = tmp_path / "adapter.safetensors"
+    with lora(r=8, alpha=8, dropout=0.0, query=True, value=False, mlp=True):
+        model = LLaMA(Config(**TINY))
+    message = error_of(load_lora_checkpoint, model, path)
+    assert "r=4 (model: 8)" in message and "value=True (model: False)" in message and "query" not in message
+    assert "without LoRA" not in message
+    assert "no LoRA layers" in error_of(load_lora_checkpoint, LLaMA(Config(**TINY)), path)
+
+
+def test_files_that_are_not_lora_checkpoints_are_refused(tmp_path):
+    assert "not found" in error_of(read_lora_config, tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    assert "import_peft.py" in error_of(read_lora_config, tmp_path / "plain.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    assert "not a safetensors file" in error_of(read_lora_config, tmp_path / "text.safetensors")
+
+
+def test_tampered_tensors_are_named(tmp_path):
+    save_adapter(tmp_path)
+    path = tmp_path / "adapter.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors["blocks.0.attn.q_proj.lora.A"] = torch.zeros(5, 32)
+    save_file(tensors, tmp_path / "bad_shape.safetensors", metadata=metadata)
+    assert "blocks.0.attn.q_proj.lora.A has shape (5, 32), the model's is (4, 32)" in error_of(
+        load_lora_model, tmp_path, tmp_path / "bad_shape.safetensors"
+    )
+    del tensors["blocks.1.mlp.up_proj.lora.B"]
+    save_file(tensors, tmp_path / "missing.safetensors", metadata=metadata)
+    assert "missing: ['blocks.1.mlp.up_proj.lora.B']" in error_of(load_lora_model, tmp_path, tmp_path / "missing.safetensors")
+
+
+def test_invalid_settings_are_refused():
+    assert "rank" in error_of(LoRAConfig, 0)
+    assert "dropout" in error_of(LoRAConfig, 8, 16, 1.5)
