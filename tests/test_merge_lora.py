@@ -1,0 +1,89 @@
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT
+from lora import LoRALinear, load_lora_model, lora, merge_lora_weights, save_lora_checkpoint
+from merge_lora import merge_lora
+from model import LLaMA, Config
+from utils import load_model
+
+TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
+
+
+def base_and_adapter(directory, lora_kwargs, **config):
+    """A base checkpoint directory (as convert_hf_checkpoint.py writes it) and a trained-looking adapter."""
+    torch.manual_seed(0)
+    config = Config(**{**TINY, **config})
+    state_dict = LLaMA(config).state_dict()
+    if config.tie_embeddings:
+        del state_dict["lm_head.weight"]
+    directory.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, directory / "lit_model.safetensors")
+    config.to_file(directory / "model_config.json")
+    (directory / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    with lora(**lora_kwargs):
+        model = load_model(directory)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora.B.normal_(std=0.1)
+    save_lora_checkpoint(model, directory / "adapter.safetensors")
+    return model.eval()
+
+
+def test_merged_checkpoint_is_complete_and_equals_the_lora_model(tmp_path):
+    adapted = base_and_adapter(tmp_path / "base", dict(r=4, alpha=8, dropout=0.05, all_linear=True))
+    merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
+
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["lit_model.safetensors", "model_config.json", "tokenizer.model"]
+    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert Config.from_file(tmp_path / "merged" / "model_config.json") == adapted.config
+    assert load_file(tmp_path / "merged" / "lit_model.safetensors").keys() == load_file(tmp_path / "base" / "lit_model.safetensors").keys()
+
+    merged = load_model(tmp_path / "merged").eval()  # a plain model, as generate.py loads it
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = load_model(tmp_path / "base").eval()
+    assert (adapted(idx) - base(idx)).abs().max() > 1e-2  # the adapter changes the output...
+    torch.testing.assert_close(merged(idx), adapted(idx), rtol=0, atol=1e-5)  # ...and merging keeps that change
+
+
+def test_adapted_head_of_tied_embeddings_is_stored_untied(tmp_path):
+    adapted = base_and_adapter(tmp_path / "base", dict(r=2, alpha=4, dropout=0.0, head=True), tie_embeddings=True)
+    merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
+    assert Config.from_file(tmp_path / "merged" / "model_config.json").tie_embeddings is False
+    assert "lm_head.weight" in load_file(tmp_path / "merged" / "lit_model.safetensors")
+    idx = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(load_model(tmp_path / "merged").eval()(idx), adapted(idx), rtol=0, atol=1e-5)
+
+
+def test_tied_embeddings_stay_tied_when_the_head_is_not_adapted(tmp_path):
+    adapted = base_and_adapter(tmp_path / "base", dict(r=2, alpha=4, dropout=0.0), tie_embeddings=True)
+    merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
+    assert Config.from_file(tmp_path / "merged" / "model_config.json").tie_embeddings is True
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "lit_model.safetensors")
+    idx = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(load_model(tmp_path / "merged").eval()(idx), adapted(idx), rtol=0, atol=1e-5)
+
+
+def test_merging_happens_in_place(tmp_path):
+    """Bounded memory: ΔW is added into each weight's own storage, never into a second copy of the model."""
+    base_and_adapter(tmp_path, dict(r=4, alpha=8, dropout=0.0, all_linear=True, head=True))
+    model = load_lora_model(tmp_path, tmp_path / "adapter.safetensors")
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    merge_lora_weights(model)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == storage
+
+
+def test_cli_refuses_to_overwrite_the_base(tmp_path):
+    base_and_adapter(tmp_path, dict(r=2, alpha=4, dropout=0.0))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "merge_lora.py"), "--checkpoint_dir", str(tmp_path),
+         "--lora_path", str(tmp_path / "adapter.safetensors"), "--out_dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: --out_dir {tmp_path} is the base checkpoint directory; choose a new directory"]
