@@ -1,0 +1,90 @@
+"""Exports a LoRA checkpoint of this repository as a Hugging Face PEFT adapter.
+
+    python scripts/export_peft.py --lora_path out/lora/adapter.safetensors --out_dir out/peft \
+        --base_model_name_or_path meta-llama/Llama-2-7b-hf
+
+Writes `adapter_model.safetensors` and `adapter_config.json`, which `peft.PeftModel.from_pretrained`
+loads onto the transformers `LlamaForCausalLM` of the same base. Our q/k rows are already in the Hub's
+rotary layout (scripts/convert_hf_checkpoint.py copies them unchanged), so the tensors map one to one.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import CLI
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
+sys.path.insert(0, str(Path(__file__).parent))
+from convert_hf_checkpoint import hf_to_lit_name, lit_to_hf_name
+from lora import read_lora_config
+from utils import atomic_path
+
+PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> LlamaForCausalLM
+HUB_MODULES = {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "projection": ["o_proj"],
+               "mlp": ["gate_proj", "up_proj", "down_proj"], "head": ["lm_head"]}
+
+
+def export_peft(lora_path: Path, out_dir: Path, base_model_name_or_path: Optional[str] = None) -> None:
+    """Writes the LoRA checkpoint `lora_path` as a PEFT adapter directory.
+
+    Args:
+        lora_path: a LoRA checkpoint written by finetune_lora.py (lora.save_lora_checkpoint).
+        out_dir: where adapter_model.safetensors and adapter_config.json go; created if needed.
+        base_model_name_or_path: the Hub id of the base model (e.g. meta-llama/Llama-2-7b-hf), recorded in
+            adapter_config.json so that PEFT can find the base on its own.
+    """
+    lora_config, _ = read_lora_config(lora_path)
+    tensors = load_file(lora_path)
+    not_lora = [name for name in tensors if ".lora." not in name]
+    if not_lora:
+        raise SystemExit(
+            f"error: {lora_path} also holds {not_lora[0]} (RMSNorm weights or biases trained with LoRA), which a "
+            "PEFT LoRA adapter cannot carry; export an adapter trained without them"
+        )
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora_config.r,
+        "lora_alpha": lora_config.alpha,
+        "lora_dropout": lora_config.dropout,
+        "target_modules": sorted(name for target in lora_config.targets for name in HUB_MODULES[target]),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "adapter_model.safetensors") as tmp:
+        save_file({lit_to_peft_name(name): t for name, t in tensors.items()}, tmp, metadata={"format": "pt"})
+    with atomic_path(out_dir / "adapter_config.json") as tmp:
+        tmp.write_text(json.dumps(adapter_config, indent=2) + "\n")
+    print(f"Wrote {out_dir}/adapter_model.safetensors and adapter_config.json", file=sys.stderr)
+
+
+def lit_to_peft_name(name: str) -> str:
+    """blocks.0.attn.q_proj.lora.A -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
+    module, _, matrix = name.rpartition(".lora.")
+    return PEFT_PREFIX + lit_to_hf_name(f"{module}.weight").removesuffix("weight") + f"lora_{matrix}.weight"
+
+
+def peft_to_lit_name(name: str) -> Optional[str]:
+    """The reverse of `lit_to_peft_name`; None for a name that is not a LoRA A or B of a module we have."""
+    for matrix in ("A", "B"):
+        suffix = f".lora_{matrix}.weight"
+        if name.startswith(PEFT_PREFIX) and name.endswith(suffix):
+            ours = hf_to_lit_name(name.removeprefix(PEFT_PREFIX).removesuffix(suffix) + ".weight")
+            if ours is not None and not ours.startswith("model."):  # names it does not know come back unchanged
+                return ours.removesuffix("weight") + f"lora.{matrix}"
+    return None
+
+
+if __name__ == "__main__":
+    CLI(export_peft)
