@@ -1,0 +1,127 @@
+"""scripts/convert_hf_checkpoint.py on the layouts the Hub uses: one file, shards, .bin, tied embeddings."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_hf_checkpoint
+from safetensors.torch import load_file
+
+from convert_hf_checkpoint import convert_hf_checkpoint, lit_to_hf_name
+from model import Config
+from utils import load_model
+
+
+def assert_converted_equals(checkpoint_dir, hf_state_dict):
+    """Every converted tensor equals the Hub tensor it came from, and nothing is left out."""
+    converted = load_file(checkpoint_dir / "lit_model.safetensors")
+    assert {lit_to_hf_name(name) for name in converted} == set(hf_state_dict)
+    for name, tensor in converted.items():
+        assert torch.equal(tensor, hf_state_dict[lit_to_hf_name(name)]), name
+
+
+def test_single_safetensors_file(tmp_path):
+    hf = make_hf_checkpoint(tmp_path)
+    convert_hf_checkpoint(tmp_path)
+    assert_converted_equals(tmp_path, hf.state_dict())
+    assert Config.from_file(tmp_path / "model_config.json") == Config.from_hf(tmp_path / "config.json")
+
+
+def test_sharded_safetensors(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, vocab_size=1000)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    (tmp_path / "model.safetensors").unlink()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 3
+    convert_hf_checkpoint(tmp_path)
+    assert_converted_equals(tmp_path, hf.state_dict())
+
+
+def test_sharded_bin_with_index(tmp_path):
+    # transformers 5 always writes safetensors, so the .bin layout of older repositories is written by hand,
+    # with the rotary inv_freq buffers that checkpoints saved before transformers 4.31 hold
+    hf = make_hf_checkpoint(tmp_path, vocab_size=1000)
+    (tmp_path / "model.safetensors").unlink()
+    state_dict = hf.state_dict()
+    names = sorted(state_dict)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2], "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :]}
+    for shard, shard_names in shards.items():
+        tensors = {name: state_dict[name] for name in shard_names}
+        if shard.startswith("pytorch_model-00001"):
+            tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+        torch.save(tensors, tmp_path / shard)
+    weight_map = {name: shard for shard, shard_names in shards.items() for name in shard_names}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    convert_hf_checkpoint(tmp_path)
+    assert_converted_equals(tmp_path, state_dict)
+
+
+def test_prefers_safetensors_over_bin(tmp_path):
+    hf = make_hf_checkpoint(tmp_path)
+    torch.save({name: torch.zeros_like(t) for name, t in hf.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    convert_hf_checkpoint(tmp_path)
+    assert_converted_equals(tmp_path, hf.state_dict())
+
+
+def test_tied_embeddings(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # the Hub stores it once
+    convert_hf_checkpoint(tmp_path)
+    state_dict = {name: t for name, t in hf.state_dict().items() if name != "lm_head.weight"}
+    assert_converted_equals(tmp_path, state_dict)
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.embed.weight
+
+
+def test_dtype_option(tmp_path):
+    hf = make_hf_checkpoint(tmp_path)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16")
+    assert_converted_equals(tmp_path, {name: t.to(torch.bfloat16) for name, t in hf.state_dict().items()})
+
+
+def write_config(directory, **change):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "vocab_size": 1000, **change}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "error: {d} has no config.json; download the checkpoint with scripts/download.py first"),
+        (lambda d: write_config(d), "error: {d} has no model*.safetensors or pytorch_model*.bin weights"),
+        (
+            lambda d: write_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+            "error: cannot use {d}/config.json: {d}/config.json: rope scaling 'llama3' is not implemented; only plain rotary embeddings are",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, setup, message):
+    setup(tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert_hf_checkpoint.py"), "--checkpoint_dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [message.format(d=tmp_path)]
+    assert not (tmp_path / "lit_model.safetensors").exists()
+
+
+def test_index_listing_a_missing_shard(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, vocab_size=1000)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*-of-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(SystemExit, match=f"lists {shard.name}, which is not in .*; download it again"):
+        convert_hf_checkpoint(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    make_hf_checkpoint(tmp_path, vocab_size=1000)
+    write_config(tmp_path, num_hidden_layers=3)  # the weights only have two layers
+    with pytest.raises(SystemExit, match=r"lack 9 tensors, e.g. \['blocks.2.attn.k_proj.weight'"):
+        convert_hf_checkpoint(tmp_path)
+    write_config(tmp_path, num_hidden_layers=1)
+    with pytest.raises(SystemExit, match="holds 'model.layers.1.input_layernorm.weight', which model.py has no place for"):
+        convert_hf_checkpoint(tmp_path)
