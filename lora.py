@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import model as llama
@@ -212,7 +212,7 @@ def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for files that are not safetensors
+    except SafetensorError as e:
         raise SystemExit(f"error: {path} is not a safetensors file ({e})") from None
     if "lora" not in metadata or "model_config" not in metadata:
         raise SystemExit(
@@ -284,7 +284,5 @@ def load_lora_state_dict(model: LLaMA, state_dict: dict[str, torch.Tensor], sour
     for name, tensor in state_dict.items():
         if tensor.shape != allowed[name].shape:
             raise SystemExit(f"error: {source}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(allowed[name].shape)}")
-    for name, tensor in state_dict.items():
-        if not allowed[name].is_meta:  # a base on the meta device takes the tensors as they are
-            state_dict[name] = tensor.to(device=allowed[name].device, dtype=allowed[name].dtype)
-    model.load_state_dict(state_dict, strict=False, assign=True)
+    # copied into the model's own parameters (their device and dtype); a model on the meta device takes them as they are
+    model.load_state_dict(state_dict, strict=False, assign=any(allowed[name].is_meta for name in state_dict))

@@ -27,7 +27,7 @@ HUB_MODULES = {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "pro
                "mlp": ["gate_proj", "up_proj", "down_proj"], "head": ["lm_head"]}
 
 
-def export_peft(lora_path: Path, out_dir: Path, base_model_name_or_path: Optional[str] = None) -> None:
+def export_peft(*, lora_path: Path, out_dir: Path, base_model_name_or_path: Optional[str] = None) -> None:
     """Writes the LoRA checkpoint `lora_path` as a PEFT adapter directory.
 
     Args:

@@ -45,7 +45,7 @@ UNSUPPORTED = {
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
 
 
-def import_peft(adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[Path] = None) -> None:
+def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[Path] = None) -> None:
     """Converts the PEFT LoRA adapter in `adapter_dir` into a LoRA checkpoint at `out_path`.
 
     Args:

@@ -245,6 +245,8 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(fresh.eval()(x), trained(x))
     merged = load_lora_model(tmp_path, tmp_path / "adapter.safetensors", merge=True)
     torch.testing.assert_close(merged.eval()(x), trained(x), rtol=0, atol=1e-5)
+    double = load_lora_model(tmp_path, tmp_path / "adapter.safetensors", dtype=torch.float64)  # cast to the model's dtype
+    assert all(torch.equal(t, saved[name].double()) for name, t in lora_state_dict(double).items())
 
 
 def test_saved_norms_round_trip(tmp_path):

@@ -45,7 +45,7 @@ def test_exported_adapter_gives_peft_the_same_logits_and_imports_back_identicall
     from peft import PeftModel
 
     directory, hf_model, model = trained
-    export_peft(directory / "adapter.safetensors", tmp_path / "peft", base_model_name_or_path="tiny/llama")
+    export_peft(lora_path=directory / "adapter.safetensors", out_dir=tmp_path / "peft", base_model_name_or_path="tiny/llama")
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8 and adapter_config["lora_dropout"] == 0.05
     assert adapter_config["base_model_name_or_path"] == "tiny/llama"
@@ -60,7 +60,7 @@ def test_exported_adapter_gives_peft_the_same_logits_and_imports_back_identicall
     assert (expected - base_logits).abs().max() > 1e-2  # the adapter really changes the output
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
 
-    import_peft(tmp_path / "peft", tmp_path / "imported.safetensors", checkpoint_dir=directory)
+    import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "imported.safetensors", checkpoint_dir=directory)
     original, imported = load_file(directory / "adapter.safetensors"), load_file(tmp_path / "imported.safetensors")
     assert original.keys() == imported.keys()
     assert all(torch.equal(original[name], imported[name]) for name in original)
@@ -81,7 +81,7 @@ def test_adapter_trained_with_peft_imports_and_matches_peft(trained, tmp_path):
             if "lora_B" in name:
                 param.normal_(std=0.1)  # as if trained
     peft_model.save_pretrained(tmp_path / "peft")
-    import_peft(tmp_path / "peft", tmp_path / "imported.safetensors", checkpoint_dir=directory)
+    import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "imported.safetensors", checkpoint_dir=directory)
 
     model = load_lora_model(directory, tmp_path / "imported.safetensors").eval()
     idx = torch.randint(0, 32000, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -92,7 +92,7 @@ def test_adapter_trained_with_peft_imports_and_matches_peft(trained, tmp_path):
 def peft_dir(tmp_path, trained, **changes):
     """The exported adapter with changed adapter_config.json entries (or tensors, via `tensors`)."""
     directory, _, _ = trained
-    export_peft(directory / "adapter.safetensors", tmp_path / "peft")
+    export_peft(lora_path=directory / "adapter.safetensors", out_dir=tmp_path / "peft")
     tensors = changes.pop("tensors", None)
     if tensors is not None:
         save_file(tensors(load_file(tmp_path / "peft" / "adapter_model.safetensors")), tmp_path / "peft" / "adapter_model.safetensors")
@@ -105,7 +105,7 @@ def import_error(tmp_path, trained, **changes) -> str:
     directory, _, _ = trained
     adapter = peft_dir(tmp_path, trained, **changes)
     with pytest.raises(SystemExit) as e:
-        import_peft(adapter, tmp_path / "out.safetensors", checkpoint_dir=directory)
+        import_peft(adapter_dir=adapter, out_path=tmp_path / "out.safetensors", checkpoint_dir=directory)
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
     assert not (tmp_path / "out.safetensors").exists()
     return str(e.value)
@@ -148,4 +148,4 @@ def test_export_refuses_trained_norms(trained, tmp_path):
     model = load_lora_model(directory, directory / "adapter.safetensors")
     save_lora_checkpoint(model, tmp_path / "with_norms.safetensors", norms=True)
     with pytest.raises(SystemExit, match="RMSNorm"):
-        export_peft(tmp_path / "with_norms.safetensors", tmp_path / "peft")
+        export_peft(lora_path=tmp_path / "with_norms.safetensors", out_dir=tmp_path / "peft")
