@@ -88,8 +88,9 @@ class LoRA(nn.Module):
 class LoRALinear(nn.Linear):
     """An nn.Linear (its `weight` frozen and where a checkpoint expects it) plus a LoRA update.
 
-    The LoRA part only uses the base layer's forward, and `merge` only its weight, so a quantized
-    base (e.g. bitsandbytes' Linear4bit, for QLoRA) fits in by subclassing both."""
+    The LoRA part only uses the base layer's forward (`super().forward`) and `merge` only its weight, so a
+    quantized base (bitsandbytes' Linear4bit, for QLoRA) fits in as `class _(LoRALinear, bnb.nn.Linear4bit)`,
+    whose merge adds ΔW to the dequantized weight."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -162,9 +163,9 @@ def get_lora_config(model: LLaMA) -> Optional[LoRAConfig]:
 def mark_only_lora_as_trainable(model: LLaMA, bias: str = "none", norms: bool = False) -> None:
     """Freezes the base model: only LoRA's A and B learn, plus, when asked, biases ("all", or
     "lora_only" for those of LoRA layers; model.py's layers have none) and the RMSNorm weights."""
-    trainable = lora_state_dict(model, bias, norms)
-    for name, param in model.named_parameters():
-        param.requires_grad = name in trainable
+    trainable = {id(param) for param in lora_state_dict(model, bias, norms).values()}
+    for param in model.parameters():
+        param.requires_grad = id(param) in trainable
 
 
 def lora_state_dict(model: LLaMA, bias: str = "none", norms: bool = False) -> dict[str, torch.Tensor]:
@@ -172,13 +173,16 @@ def lora_state_dict(model: LLaMA, bias: str = "none", norms: bool = False) -> di
     `mark_only_lora_as_trainable` was told to train (pass it the same arguments)."""
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', not {bias!r}")
-    state_dict = {}
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(prefix=module_name, recurse=False):
-            is_bias = name.endswith("bias") and (bias == "all" or (bias == "lora_only" and isinstance(module, LoRALinear)))
-            if isinstance(module, LoRA) or is_bias or (norms and isinstance(module, RMSNorm)):
-                state_dict[name] = param
-    return state_dict
+    # the state dict's names are the checkpoint's, also through a wrapper such as Fabric's; keep_vars: the parameters
+    state_dict = model.state_dict(keep_vars=True)
+    adapted = {name.partition(".lora.")[0] for name in state_dict if ".lora." in name}  # blocks.0.attn.q_proj, ...
+    selected = {}
+    for name, param in state_dict.items():
+        module, _, kind = name.rpartition(".")
+        is_bias = kind == "bias" and (bias == "all" or (bias == "lora_only" and module in adapted))
+        if ".lora." in name or is_bias or (norms and module.endswith("norm")):
+            selected[name] = param
+    return selected
 
 
 def merge_lora_weights(model: LLaMA) -> None:

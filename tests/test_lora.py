@@ -320,3 +320,15 @@ def test_tampered_tensors_are_named(tmp_path):
 def test_invalid_settings_are_refused():
     assert "rank" in error_of(LoRAConfig, 0)
     assert "dropout" in error_of(LoRAConfig, 8, 16, 1.5)
+
+
+def test_a_fabric_wrapped_model_saves_the_same_adapter(tmp_path):
+    from lightning.fabric import Fabric
+
+    model = save_adapter(tmp_path)
+    wrapped = Fabric(accelerator="cpu", devices=1).setup(model)
+    mark_only_lora_as_trainable(wrapped)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+    save_lora_checkpoint(wrapped, tmp_path / "wrapped.safetensors")
+    saved, direct = load_file(tmp_path / "wrapped.safetensors"), load_file(tmp_path / "adapter.safetensors")
+    assert saved.keys() == direct.keys() and all(torch.equal(saved[name], direct[name]) for name in saved)
