@@ -1,0 +1,165 @@
+"""LoRA training step: ours vs Hugging Face transformers + PEFT, and merged-model generation speed.
+
+    python benchmarks/lora_vs_peft.py
+
+The 134M config (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000) with the same random
+weights in both, LoRA r=8 on query and value, batch 4 x 256 tokens: the time of one forward + backward +
+AdamW step of ours, of transformers + PEFT, and of ours with the base frozen and no LoRA (gradients
+asked for at the same places, so it runs every matrix product a LoRA step runs except LoRA's own: the
+floor any LoRA implementation sits on). Then greedy decoding with generate.generate (KV cache) from a
+model with the adapter merged in, against the base model.
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from jsonargparse import CLI
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+from convert_hf_checkpoint import hf_to_lit_name
+from export_peft import lit_to_peft_name
+from generate import generate
+from lora import LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
+from model import LLaMA, Config
+
+
+def main(
+    model_name: str = "134M",
+    batch_size: int = 4,
+    seq_len: int = 256,
+    steps: int = 5,
+    new_tokens: int = 100,
+    dtype: str = "float32",
+    threads: Optional[int] = None,
+) -> None:
+    """Times training steps and generation and prints each figure and the ratios.
+
+    Args:
+        model_name: a preset of model.Config.
+        batch_size: sequences per training step.
+        seq_len: tokens per sequence.
+        steps: timed steps per model (after one warm-up step); the best and the median are reported.
+        new_tokens: tokens generated greedily in the generation benchmark (batch 1, after a 16-token prompt).
+        dtype: float32 (bf16 matmuls on most CPUs are hundreds of times slower).
+        threads: CPU threads for PyTorch; by default one per core. On a machine shared with other jobs,
+            1 thread gives steadier figures (waiting threads of a busy machine slow every operation).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = Config.from_name(model_name)
+    dtype = getattr(torch, dtype)
+    print(f"{model_name}: {config.n_layer} layers, n_embd {config.n_embd}; batch {batch_size} x {seq_len} tokens, "
+          f"{dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}", file=sys.stderr)
+
+    hf_model = build_hf_model(config).to(dtype)
+    weights = {hf_to_lit_name(name): t for name, t in hf_model.state_dict().items()}
+    with lora(r=8, alpha=16, dropout=0.05, query=True, value=True):
+        ours = LLaMA(config).to(dtype)
+    ours.load_state_dict(weights, strict=False)  # all but LoRA's A and B
+    base = LLaMA(config).to(dtype)
+    base.load_state_dict(weights)
+    peft_model = build_peft_model(hf_model, ours)
+
+    mark_only_lora_as_trainable(ours)
+    base.requires_grad_(False)
+    hooks = [  # ask for gradients where LoRA's start: the query and value outputs of the first layer
+        layer.register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+        for layer in (base.blocks[0].attn.q_proj, base.blocks[0].attn.v_proj)
+    ]
+
+    tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
+    steppers = {
+        "ours (LoRA)": make_step(ours, lambda idx: ours(idx), tokens),
+        "transformers + peft": make_step(peft_model, lambda idx: peft_model(input_ids=idx).logits, tokens),
+        "ours (frozen base, no LoRA)": make_step(base, lambda idx: base(idx), tokens),
+    }
+    times = {name: [] for name in steppers}
+    for step in range(steps + 1):  # round-robin, so that drift in the machine's speed hits all alike
+        for name, run_step in steppers.items():
+            t0 = time.perf_counter()
+            run_step()
+            if step > 0:
+                times[name].append(time.perf_counter() - t0)
+    print(f"\nforward + backward + AdamW step, best and median of {steps}")
+    best = {name: min(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"  {name:30s} {min(t):6.3f} s  {statistics.median(t):6.3f} s   {batch_size * seq_len / min(t):5.0f} tokens/s")
+    print(f"  transformers + peft / ours:    {best['transformers + peft'] / best['ours (LoRA)']:.2f}x")
+    print(f"  ours / frozen base, no LoRA:   {best['ours (LoRA)'] / best['ours (frozen base, no LoRA)']:.2f}x")
+    print(f"  transformers + peft / floor:   {best['transformers + peft'] / best['ours (frozen base, no LoRA)']:.2f}x"
+          "  (the most any LoRA layer could gain on this model.py)")
+    for hook in hooks:
+        hook.remove()
+
+    # generation: an adapter merged into the weights must cost nothing
+    with torch.no_grad():
+        for module in ours.modules():
+            if isinstance(module, LoRALinear):
+                module.lora.B.normal_(std=0.02)  # a trained-looking, non-zero update
+    merge_lora_weights(ours)
+    prompt = torch.randint(0, config.vocab_size, (16,))
+    models = {"merged LoRA model": ours.eval(), "base model": base.eval()}
+    gen_times = {name: [] for name in models}
+    for rep in range(4):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            generate(model, prompt, new_tokens, temperature=0.0)
+            if rep > 0:
+                gen_times[name].append(time.perf_counter() - t0)
+    print(f"\ngreedy decoding, batch 1, 16-token prompt + {new_tokens} new tokens, best of 3")
+    gen_best = {name: min(t) for name, t in gen_times.items()}
+    for name, t in gen_best.items():
+        print(f"  {name:30s} {new_tokens / t:7.1f} tokens/s")
+    print(f"  merged / base time:            {gen_best['merged LoRA model'] / gen_best['base model']:.3f}x")
+
+
+def build_hf_model(config: Config) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_query_groups,
+        max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_base,
+        tie_word_embeddings=config.tie_embeddings, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(hf_config)
+
+
+def build_peft_model(hf_model: torch.nn.Module, ours: LLaMA) -> torch.nn.Module:
+    """transformers + PEFT with the same LoRA settings and the same LoRA weights as ours."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(hf_model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    peft_state = peft_model.state_dict()
+    for name, param in ours.named_parameters():
+        if ".lora." in name:
+            peft_state[lit_to_peft_name(name).replace(".weight", ".default.weight")].copy_(param.detach())
+    return peft_model
+
+
+def make_step(model: torch.nn.Module, logits_of: Callable, tokens: torch.Tensor) -> Callable[[], None]:
+    """One training step as a fine-tuning script does it, with the same loss for every model."""
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable or [torch.zeros(1, requires_grad=True)], lr=3e-4)  # frozen base: a no-op
+    idx, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        logits = logits_of(idx)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+if __name__ == "__main__":
+    CLI(main)
