@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -129,6 +130,9 @@ class LLaMA(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the input's device
+        # Gradient checkpointing (the fine-tuning scripts' --gradient_checkpointing): in training, keep only each
+        # block's input and recompute its activations during backward; about 1/3 more compute for far less memory
+        self.gradient_checkpointing = False
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, or None for a
@@ -146,7 +150,10 @@ class LLaMA(nn.Module):
 
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
-            x = block(x, cos, sin, input_pos)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, input_pos)
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
