@@ -1,4 +1,5 @@
-"""Pieces every script needs: choosing a precision, loading a checkpoint directory, writing files atomically."""
+"""Pieces the scripts share: choosing a precision, loading a checkpoint directory, writing files atomically, and
+the batches and loss of fine-tuning (finetune_lora.py, finetune_full.py, benchmarks/finetune_vs_hf.py)."""
 
 import os
 from contextlib import contextmanager
@@ -6,7 +7,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.nn.utils.rnn import pad_sequence
 
 from model import LLaMA, Config
 
@@ -91,3 +94,69 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def pad_batch(
+    samples: list[dict[str, torch.Tensor]], max_seq_length: int, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (B, T) and next-token targets (B, T) of a micro-batch of prepared records (prepare_alpaca.py's
+    {"input_ids", "labels"}, labels not shifted), each cut to `max_seq_length` tokens.
+
+    The batch is padded to its longest record, not to `max_seq_length`: a padding position costs as much
+    compute as a token. Padding goes on the right, where causal attention keeps it from affecting the real
+    tokens, and its targets are `ignore_index`, so the loss skips it."""
+    ids = pad_sequence([s["input_ids"][:max_seq_length] for s in samples], batch_first=True, padding_value=0)
+    labels = pad_sequence([s["labels"][:max_seq_length] for s in samples], batch_first=True, padding_value=ignore_index)
+    return ids[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+
+
+
+
+def cross_entropy_sum(model: LLaMA, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The model's cross-entropy on `input_ids` (B, T), summed over the `targets` (B, T) that are not `ignore_index`.
+
+    A sum, not a mean: the fine-tuning loops divide by the number of targets in the whole batch, which spans
+    micro-batches and devices. Two things make it cheaper than F.cross_entropy over model(input_ids), with the
+    same value and gradient: the output head, a step's largest matrix product at a vocabulary of 32000, only
+    computes logits where there is a target (in instruction data the prompt and the padding, often more than
+    half of the positions, have none), and CrossEntropySum keeps one tensor of the logits' size instead of three."""
+    where = targets != ignore_index
+    # the head's input (B, T, n_embd) -> (n_targets, n_embd); `model` may be a Fabric, DDP or FSDP wrapper
+    hook = model.lm_head.register_forward_pre_hook(lambda head, args: (args[0][where],))
+    try:
+        logits = model(input_ids)  # (n_targets, vocab_size)
+    finally:
+        hook.remove()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return CrossEntropySum.apply(logits, targets[where])
+    return F.cross_entropy(logits.float(), targets[where], reduction="sum")  # evaluation: no gradient to keep
+
+
+class CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of logits (N, vocab) and targets (N,) that computes its gradient, softmax minus
+    one-hot, already in the forward pass, a chunk of rows at a time.
+
+    F.cross_entropy keeps a log-softmax as large as the logits for the backward pass and allocates two more
+    tensors that size in it (the gradients of the log-softmax and of the logits), in fp32 even for bf16 logits.
+    Here the gradient, in the logits' dtype, is the only one; fp32 temporaries exist for one chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        grad = torch.empty_like(logits)
+        loss = torch.zeros((), device=logits.device, dtype=torch.float32)
+        chunk_size = max(1, 2**22 // logits.size(1))  # rows per chunk: 16 MB in fp32
+        for start in range(0, logits.size(0), chunk_size):
+            x, target = logits[start : start + chunk_size].float(), targets[start : start + chunk_size]
+            log_z = torch.logsumexp(x, dim=1)
+            loss += (log_z - x.gather(1, target[:, None]).squeeze(1)).sum()
+            softmax = (x - log_z[:, None]).exp_()
+            softmax[torch.arange(len(target), device=x.device), target] -= 1
+            grad[start : start + chunk_size] = softmax
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output.to(grad.dtype)), None  # in place: the graph is backpropagated once

@@ -1,0 +1,335 @@
+"""finetune_lora.py and the training helpers of utils.py: overfitting with a frozen base, the adapter it saves, a
+killed run resumed to the same losses, DDP on two CPU processes against one, and one-line errors on bad input.
+
+All on the tiny config of conftest.make_checkpoint (real 32000-token tokenizer), fp32 on CPU, with records of
+../shared/data/alpaca_en_demo.json prepared by prepare_alpaca.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import finetune_lora
+from conftest import ROOT, make_checkpoint, shared_file
+from finetune_lora import batch_indices, lr_schedule, setup
+from lora import lora, mark_only_lora_as_trainable, read_lora_config
+from model import LLaMA, Config
+from prepare_alpaca import setup as prepare
+from utils import cross_entropy_sum, pad_batch
+
+TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
+# a short run: tests pass what they are about on top
+QUICK = dict(batch_size=4, micro_batch_size=2, max_iters=3, warmup_steps=1, eval_interval=1000, eval_iters=1,
+             save_interval=1000, max_seq_length=96)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("checkpoint")
+    make_checkpoint(directory)  # the "tiny" shapes: 2 layers, n_embd 64, vocab 32000
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, checkpoint_dir) -> Path:
+    """The 999 shared records, prepared with max_seq_length 128."""
+    directory = tmp_path_factory.mktemp("alpaca")
+    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=shared_file("alpaca_en_demo.json"),
+            max_seq_length=128)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
+    """The 9 shortest shared records, prepared whole: 8 to train on, 1 to test."""
+    directory = tmp_path_factory.mktemp("eight")
+    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
+    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
+    (directory / "records.json").write_text(json.dumps(records))
+    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
+            test_split_fraction=0.12, max_seq_length=128)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, checkpoint_dir, eight_records):
+    """80 steps on the 8 records, with the model finetune_lora.py trained (caught where it is loaded)."""
+    out_dir = tmp_path_factory.mktemp("overfit")
+    models = []
+    load_model = finetune_lora.load_model
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(finetune_lora, "load_model", lambda *args, **kwargs: models.append(load_model(*args, **kwargs)) or models[-1])
+        setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, **{
+            **QUICK, "batch_size": 8, "micro_batch_size": 4, "max_iters": 80, "warmup_steps": 5, "learning_rate": 3e-2,
+            "lora_dropout": 0.0, "lora_head": True, "max_seq_length": 128, "eval_interval": 40, "save_interval": 40,
+        })
+    return out_dir, models[0]
+
+
+def train_state(out_dir: Path) -> dict:
+    return torch.load(out_dir / "train_state.pt", weights_only=True)
+
+
+def losses(state: dict) -> list[float]:
+    return [loss for _, loss in state["history"]["train"]]
+
+
+def command(data_dir: Path, checkpoint_dir: Path, out_dir: Path, **settings) -> list[str]:
+    args = [sys.executable, "finetune_lora.py", "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint_dir),
+            "--out_dir", str(out_dir)]
+    for key, value in settings.items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def run_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Runs a command in its own process group, killed whole (Fabric's DDP workers too) if it overruns."""
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(args)} ran longer than {timeout} s\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def test_pad_batch_pads_to_the_longest_record_and_shifts_the_targets():
+    records = [
+        {"input_ids": torch.tensor([1, 5, 6, 7, 2]), "labels": torch.tensor([-100, -100, 6, 7, 2])},
+        {"input_ids": torch.tensor([1, 8, 2]), "labels": torch.tensor([-100, 8, 2])},
+    ]
+    input_ids, targets = pad_batch(records, max_seq_length=512)
+    assert input_ids.tolist() == [[1, 5, 6, 7], [1, 8, 2, 0]]  # the longest record sets T, the last token is no input
+    assert targets.tolist() == [[-100, 6, 7, 2], [8, 2, -100, -100]]  # position t predicts token t + 1
+    input_ids, targets = pad_batch(records, max_seq_length=3)
+    assert input_ids.tolist() == [[1, 5], [1, 8]] and targets.tolist() == [[-100, 6], [8, 2]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_sum_equals_f_cross_entropy_over_the_logits_in_value_and_gradient(dtype):
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.0, query=True, value=True, head=True):
+        model = LLaMA(Config(**TINY)).to(dtype)
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(std=0.1)
+    input_ids = torch.randint(0, 100, (3, 20))
+    targets = torch.randint(0, 100, (3, 20))
+    targets[0, :7] = targets[2, 12:] = -100  # a prompt, padding
+
+    loss = cross_entropy_sum(model, input_ids, targets)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    expected = F.cross_entropy(model(input_ids).float().flatten(0, 1), targets.flatten(), reduction="sum")
+    expected.backward()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss, expected, **tolerance)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, **tolerance)
+    assert not model.lm_head._forward_pre_hooks  # the head is back to computing every position
+    with torch.no_grad():
+        torch.testing.assert_close(cross_entropy_sum(model, input_ids, targets), expected.detach(), **tolerance)
+        assert cross_entropy_sum(model, input_ids, torch.full_like(targets, -100)).item() == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.1, all_linear=True):
+        model = LLaMA(Config(**TINY))
+    mark_only_lora_as_trainable(model)
+    input_ids = torch.randint(0, 100, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays the RNG in the recomputation
+        model(input_ids).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_each_epoch_reads_every_record_once_in_an_order_fixed_by_seed_and_epoch():
+    first, second = ([i for step in range(steps, steps + 5) for i in batch_indices(step, 4, 20, seed=7)] for steps in (0, 5))
+    assert sorted(first) == sorted(second) == list(range(20))
+    assert first != second and first != list(range(20))
+    assert batch_indices(6, 4, 20, seed=7) == second[4:8]  # a step's batch follows from its number alone
+    assert batch_indices(0, 4, 20, seed=8) != first[:4]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero():
+    fraction = lr_schedule(warmup_steps=4, max_steps=14)
+    assert [fraction(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert fraction(9) == pytest.approx(0.5)  # half way through the decay
+    assert fraction(13) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.9 * torch.pi)).item()))
+    assert fraction(14) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lora_overfits_eight_records_while_the_base_weights_stay_bitwise_unchanged(overfit, checkpoint_dir):
+    out_dir, model = overfit
+    state = train_state(out_dir)
+    assert state["step"] == 80 and losses(state)[0] > 10 and losses(state)[-1] < 0.5
+    base = load_file(checkpoint_dir / "lit_model.safetensors")
+    trained = dict(model.named_parameters())
+    assert {name for name in trained if ".lora." not in name} == set(base)
+    for name, weight in base.items():
+        assert torch.equal(trained[name], weight), name
+        assert not trained[name].requires_grad
+    assert all(trained[name].requires_grad for name in trained if ".lora." in name)
+
+    # the logs: a CSV row per step and evaluation, and the loss curve
+    csv = (out_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in csv[1:]]
+    assert [float(r["train_loss"]) for r in rows if r["train_loss"]] == pytest.approx(losses(state))
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [40, 80]
+    assert (out_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_saved_adapter_holds_only_lora_tensors_and_its_settings(overfit, checkpoint_dir):
+    out_dir, model = overfit
+    expected = {name: param for name, param in model.named_parameters() if ".lora." in name}
+    assert len(expected) == 2 * (2 * 2 + 1)  # A and B of query and value in 2 layers, and of the head
+    for path in (out_dir / "lit_model_lora_finetuned.safetensors", out_dir / "lora_step-000040.safetensors"):
+        assert set(load_file(path)) == set(expected)
+    for name, tensor in load_file(out_dir / "lit_model_lora_finetuned.safetensors").items():
+        assert torch.equal(tensor, expected[name].detach())
+    assert set(train_state(out_dir)["model"]) == set(expected)  # the resumable state: no base weights either
+    lora_config, base_config = read_lora_config(out_dir / "lit_model_lora_finetuned.safetensors")
+    assert (lora_config.r, lora_config.alpha, lora_config.targets) == (8, 16, ["query", "value", "head"])
+    assert base_config == Config.from_file(checkpoint_dir / "model_config.json")
+
+
+def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_dir, data_dir, tmp_path):
+    # LoRA dropout is on (the default 0.05), so the resumed run must also restore the RNG it draws from
+    settings = {**QUICK, "batch_size": 4, "micro_batch_size": 1, "max_iters": 16, "save_interval": 4, "eval_interval": 8}
+    setup(data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "whole", **settings)
+    whole = train_state(tmp_path / "whole")
+
+    process = subprocess.Popen(command(data_dir, checkpoint_dir, tmp_path / "killed", **settings), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed" / "train_state.pt").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    stopped_at = train_state(tmp_path / "killed")["step"]
+    assert stopped_at in (4, 8, 12)
+
+    setup(data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "killed", resume="auto", **settings)
+    resumed = train_state(tmp_path / "killed")
+    assert resumed["step"] == 16
+    assert losses(resumed) == pytest.approx(losses(whole), abs=1e-5)
+    assert resumed["history"]["val"] == pytest.approx(whole["history"]["val"], abs=1e-5)
+    for name, tensor in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-5)
+
+
+def test_ddp_on_two_cpu_processes_gives_the_loss_of_one_process(checkpoint_dir, data_dir, tmp_path):
+    settings = {**QUICK, "batch_size": 8, "micro_batch_size": 2, "max_iters": 3, "eval_interval": 3, "eval_iters": 4,
+                "lora_dropout": 0.0, "learning_rate": 1e-2}
+    setup(data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "one", **settings)
+    result = run_command(command(data_dir, checkpoint_dir, tmp_path / "two", devices=2, strategy="ddp", **settings), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 device(s)" in result.stdout
+    one, two = train_state(tmp_path / "one"), train_state(tmp_path / "two")
+    assert two["step"] == 3 and len(two["rng"]) == 2
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    assert losses(one)[-1] < losses(one)[0]  # three steps that change something
+    assert two["history"]["val"] == pytest.approx(one["history"]["val"], abs=1e-4)  # after the third update
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(checkpoint_dir, eight_records, tmp_path):
+    with pytest.raises(SystemExit) as raised:  # a learning rate that blows the LoRA weights up in a step or two
+        setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **{
+            **QUICK, "max_iters": 10, "save_interval": 1, "learning_rate": 1e30, "lora_head": True})
+    state = train_state(tmp_path)
+    message = str(raised.value.code)
+    assert message.startswith("error: the loss (") and "is not finite at step" in message
+    assert message.endswith(f"The last good checkpoint is {tmp_path / 'train_state.pt'}: resume from it with a lower --learning_rate")
+    assert f"at step {state['step'] + 1};" in message and "\n" not in message
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert all(torch.isfinite(torch.tensor(losses(state))))
+
+
+def link_checkpoint(source: Path, destination: Path, **changes) -> Path:
+    """A copy of a checkpoint directory (weights linked, not copied) with changed files."""
+    destination.mkdir()
+    for path in source.iterdir():
+        (destination / path.name).symlink_to(path)
+    for name, content in changes.items():
+        (destination / name).unlink()
+        (destination / name).write_bytes(content)
+    return destination
+
+
+def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, tmp_path):
+    def error(**settings) -> str:
+        arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out", **QUICK, **settings}
+        with pytest.raises(SystemExit) as raised:
+            setup(**arguments)
+        assert "\n" not in str(raised.value.code)
+        return str(raised.value.code)
+
+    assert error(data_dir=tmp_path / "missing") == (
+        f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
+    tokenizer = (checkpoint_dir / "tokenizer.model").read_bytes()
+    other_tokenizer = link_checkpoint(checkpoint_dir, tmp_path / "other_tokenizer", **{"tokenizer.model": tokenizer + b"\0"})
+    assert error(checkpoint_dir=other_tokenizer).startswith(
+        f"error: {eight_records} was tokenized with another tokenizer than {other_tokenizer / 'tokenizer.model'}")
+    config = json.loads((checkpoint_dir / "model_config.json").read_text())
+    small_vocab = link_checkpoint(checkpoint_dir, tmp_path / "small_vocab",
+                                  **{"model_config.json": json.dumps({**config, "vocab_size": 1000}).encode()})
+    assert error(checkpoint_dir=small_vocab) == (
+        f"error: {eight_records} holds token ids up to 31999, but the model's vocabulary has 1000; "
+        "prepare the data with this checkpoint's tokenizer")
+    assert error(checkpoint_dir=tmp_path / "nothing").startswith(f"error: checkpoint directory {tmp_path / 'nothing'} does not exist")
+    assert error(batch_size=4, micro_batch_size=8) == "error: --micro_batch_size 8 must be between 1 and --batch_size 4"
+    assert error(batch_size=6, micro_batch_size=4) == "error: --batch_size 6 must be a multiple of --micro_batch_size 4 x 1 devices"
+    assert error(resume=str(tmp_path / "nope.pt")) == (
+        f"error: --resume {tmp_path / 'nope.pt'}: no such file (use --resume auto for the latest in --out_dir)")
+
+    out_dir, _ = overfit  # a state of LoRA r=8 on query, value and the head, batches of 8
+    fitting = dict(resume=str(out_dir / "train_state.pt"), batch_size=8, lora_head=True, lora_dropout=0.0)
+    assert error(**{**fitting, "lora_r": 4}) == (
+        f"error: --resume {out_dir / 'train_state.pt'} was saved by a run with other settings: "
+        "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'query': True, 'key': False, 'value': True, 'projection': False, "
+        "'mlp': False, 'head': True} (now: {'r': 4, 'alpha': 16, 'dropout': 0.0, 'query': True, 'key': False, "
+        "'value': True, 'projection': False, 'mlp': False, 'head': True}); "
+        "resume with the same checkpoint, data, LoRA and batch settings")
+    assert error(**{**fitting, "batch_size": 4}).endswith("batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings")
+    assert error(**{**fitting, "resume": str(out_dir / "lit_model_lora_finetuned.safetensors")}).startswith(
+        f"error: --resume {out_dir / 'lit_model_lora_finetuned.safetensors'} is not a train_state.pt of finetune_lora.py (")
+
+
+def test_command_line_errors_are_one_line_on_stderr_with_nonzero_exit(checkpoint_dir, tmp_path):
+    result = run_command(command(tmp_path / "missing", checkpoint_dir, tmp_path / "out"), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_flag_with_its_explanation():
+    result = subprocess.run([sys.executable, "finetune_lora.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--lora_r", "--lora_alpha", "--lora_dropout",
+                 "--lora_query", "--lora_key", "--lora_value", "--lora_projection", "--lora_mlp", "--lora_head",
+                 "--lora_all_linear", "--micro_batch_size", "--batch_size", "--learning_rate", "--weight_decay",
+                 "--warmup_steps", "--max_iters", "--epochs", "--max_seq_length", "--eval_interval", "--eval_iters",
+                 "--save_interval", "--seed", "--resume", "--gradient_checkpointing"):
+        assert f"  {flag} " in result.stdout, flag
+    assert "Fine-tune a checkpoint with LoRA on data prepared by prepare_alpaca.py." in result.stdout
