@@ -1,0 +1,91 @@
+"""Answers an instruction with a base checkpoint and a LoRA adapter from finetune_lora.py.
+
+    python generate_lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
+        --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --prompt "What do llamas eat?"
+
+Wraps the instruction (and --input) in the Alpaca template the adapter was trained with (prepare_alpaca.py),
+reads r, alpha and the adapted layers from the adapter itself, and by default merges it into the weights, so
+generation runs at the base model's speed. Prints only the response to stdout; load time, tokens/sec and peak
+memory go to stderr. Greedy output (--temperature 0) equals generate.py's on the directory that
+scripts/merge_lora.py writes from the same adapter.
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from jsonargparse import CLI
+
+from generate import generate, peak_memory_gb, use_cpu_decode_layout
+from lora import load_lora_model, read_lora_config
+from prepare_alpaca import generate_prompt
+from tokenizer import Tokenizer
+from utils import default_precision, load_config, precision_to_dtype
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
+    lora_path: Path = Path("out/lora/alpaca/lit_model_lora_finetuned.safetensors"),
+    prompt: str = "What food do llamas eat?",
+    input: str = "",
+    merge: bool = True,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    seed: int = 1234,
+    precision: Optional[str] = None,
+) -> None:
+    """Generates the response of the fine-tuned model to an instruction.
+
+    Args:
+        checkpoint_dir: the base checkpoint the adapter was trained on (lit_model.safetensors, model_config.json,
+            tokenizer.model).
+        lora_path: the adapter written by finetune_lora.py; its LoRA settings are read from it.
+        prompt: the instruction, put into the Alpaca template as in training.
+        input: optional context for the instruction (the template's "### Input:" section).
+        merge: fold the adapter into the weights before generating (no extra cost per token); false keeps the
+            LoRA layers separate, e.g. to check that both give the same text.
+        max_new_tokens: how many tokens to generate at most; generation also stops at the EOS token.
+        temperature: 0 picks the most likely token every step (greedy); higher values sample more freely.
+        top_k: sample only among the k most likely tokens; None samples from the whole vocabulary.
+        seed: random seed, so that a command line gives the same text every time.
+        precision: "bf16-true", "16-true" or "32-true"; by default bf16-true on GPUs that support it and
+            32-true elsewhere (on CPUs bf16 matrix products are often hundreds of times slower).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = precision_to_dtype(precision or default_precision())
+    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    encoded = tokenizer.encode(generate_prompt({"instruction": prompt, "input": input}), bos=True).to(device)
+    if len(encoded) + max_new_tokens > config.block_size:
+        raise SystemExit(
+            f"error: the prompt ({len(encoded)} tokens with the template) plus --max_new_tokens {max_new_tokens} "
+            f"exceeds the model's block_size {config.block_size}; shorten the prompt or lower --max_new_tokens"
+        )
+
+    t0 = time.perf_counter()
+    model = load_lora_model(checkpoint_dir, lora_path, device=device, dtype=dtype, merge=merge).eval()
+    if device.type == "cpu":
+        use_cpu_decode_layout(model)
+    print(f"Loaded {checkpoint_dir} with {lora_path} ({'merged' if merge else 'not merged'}) in "
+          f"{time.perf_counter() - t0:.2f} s ({dtype}, {device})", file=sys.stderr)
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    output = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id)
+    t = time.perf_counter() - t0
+    response = output[len(encoded) :]
+    if len(response) and response[-1] == tokenizer.eos_id:
+        response = response[:-1]
+    print(tokenizer.decode(response), flush=True)
+    n_new = len(output) - len(encoded)
+    print(f"{n_new} tokens in {t:.2f} s, {n_new / t:.2f} tokens/sec", file=sys.stderr)
+    print(f"Peak memory: {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    CLI(main)

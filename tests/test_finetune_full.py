@@ -1,0 +1,91 @@
+"""finetune_full.py on the tiny config (real tokenizer, fp32 on CPU): every weight learns, the loss falls, and the
+directory it writes is a checkpoint generate.py loads, holding the trained weights; bad input in one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_checkpoint, shared_file
+from finetune_full import setup
+from generate import generate
+from model import LLaMA, Config
+from prepare_alpaca import generate_prompt
+from prepare_alpaca import setup as prepare
+from tokenizer import Tokenizer
+
+RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("checkpoint")
+    make_checkpoint(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
+    """The 9 shortest shared records, prepared whole: 8 to train on, 1 to test."""
+    directory = tmp_path_factory.mktemp("eight")
+    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
+    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
+    (directory / "records.json").write_text(json.dumps(records))
+    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
+            test_split_fraction=0.12, max_seq_length=128)
+    return directory
+
+
+def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(checkpoint_dir, eight_records, tmp_path):
+    out_dir = tmp_path / "full"
+    setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, batch_size=8, micro_batch_size=4,
+          max_iters=12, warmup_steps=2, learning_rate=1e-2, eval_interval=6, eval_iters=1, save_interval=6,
+          max_seq_length=128)  # with gradient checkpointing, the default
+    state = torch.load(out_dir / "train_state.pt", weights_only=True)
+    losses = [loss for _, loss in state["history"]["train"]]
+    assert state["step"] == 12 and losses[0] > 10 and losses[-1] < 7
+
+    for directory in (out_dir, out_dir / "step-000006"):
+        assert {"lit_model.safetensors", "model_config.json", "tokenizer.model"} <= {p.name for p in directory.iterdir()}
+        assert (directory / "tokenizer.model").read_bytes() == (checkpoint_dir / "tokenizer.model").read_bytes()
+        assert Config.from_file(directory / "model_config.json") == Config.from_file(checkpoint_dir / "model_config.json")
+    saved, base = load_file(out_dir / "lit_model.safetensors"), load_file(checkpoint_dir / "lit_model.safetensors")
+    assert saved.keys() == base.keys() and saved.keys() == state["model"].keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, state["model"][name])  # the trained weights, in the base's dtype (fp32)
+        if name != "embed.weight":  # rows of tokens that never occur get no gradient
+            assert not torch.equal(tensor, base[name]), name
+    assert not torch.equal(saved["embed.weight"], base["embed.weight"])
+
+    # generate.py on the new directory answers as the trained weights do
+    with torch.device("meta"):
+        model = LLaMA(Config.from_file(out_dir / "model_config.json"))
+    model.load_state_dict(state["model"], assign=True)
+    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    prompt = generate_prompt(RECORD)
+    expected = tokenizer.decode(generate(model.eval(), tokenizer.encode(prompt), 20, temperature=0.0, eos_id=tokenizer.eos_id))
+    result = subprocess.run([sys.executable, "generate.py", "--checkpoint_dir", str(out_dir), "--prompt", prompt,
+                             "--temperature", "0", "--max_new_tokens", "20"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
+    def error(**settings) -> str:
+        arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out",
+                     "batch_size": 4, "micro_batch_size": 2, "max_iters": 1, **settings}
+        with pytest.raises(SystemExit) as raised:
+            setup(**arguments)
+        return str(raised.value.code)
+
+    assert error(micro_batch_size=8) == "error: --micro_batch_size 8 must be between 1 and --batch_size 4"
+    assert error(out_dir=checkpoint_dir) == f"error: --out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory"
+    assert error(data_dir=tmp_path / "missing") == (
+        f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    assert error(resume=str(tmp_path / "state.pt")).startswith(
+        f"error: --resume {tmp_path / 'state.pt'} is not a train_state.pt of finetune_full.py (")
