@@ -157,10 +157,11 @@ class LLaMA(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
-        """Allocates key/value caches for incremental decoding with `forward(idx, input_pos)`."""
+        """Allocates key/value caches for incremental decoding with `forward(idx, input_pos)`, in the dtype of the
+        activations, the embedding's (the projections' weights may be integer codes: utils.load_model's `quantize`)."""
         max_seq_length = max_seq_length or self.config.block_size
         for block in self.blocks:
-            block.attn.set_kv_cache(batch_size, max_seq_length)
+            block.attn.set_kv_cache(batch_size, max_seq_length, self.embed.weight.device, self.embed.weight.dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
@@ -221,13 +222,9 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
 
-    def set_kv_cache(self, batch_size: int, max_seq_length: int) -> None:
-        weight = self.k_proj.weight
+    def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch_size, self.n_query_groups, max_seq_length, self.head_size)
-        self.kv_cache = (
-            torch.zeros(shape, device=weight.device, dtype=weight.dtype),
-            torch.zeros(shape, device=weight.device, dtype=weight.dtype),
-        )
+        self.kv_cache = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
 
 class MLP(nn.Module):
