@@ -88,12 +88,14 @@ class LoRA(nn.Module):
 class LoRALinear(nn.Linear):
     """An nn.Linear (its `weight` frozen and where a checkpoint expects it) plus a LoRA update.
 
-    The LoRA part only uses the base layer's forward (`super().forward`) and `merge` only its weight, so a
-    quantized base (bitsandbytes' Linear4bit, for QLoRA) fits in as `class _(LoRALinear, bnb.nn.Linear4bit)`,
-    whose merge adds ΔW to the dequantized weight."""
+    The LoRA part only uses the base layer's forward (`super().forward`), so a quantized base fits in as a subclass of
+    LoRALinear and bitsandbytes' Linear4bit or Linear8bitLt, `base_settings` going to the latter: that is QLoRA, made
+    by utils.load_model(..., quantize=...). Its weight holds 4- or 8-bit codes, which `merge` refuses to add ΔW to."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, bias: bool = False) -> None:
-        super().__init__(in_features, out_features, bias=bias)
+    def __init__(
+        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, bias: bool = False, **base_settings
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, **base_settings)
         self.lora = LoRA(in_features, out_features, r, alpha, dropout)
         self.merged = False
 
@@ -105,6 +107,12 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """W += ΔW in place; the forward pass is then a plain linear layer."""
+        if not self.weight.is_floating_point():
+            raise SystemExit(
+                "error: cannot merge LoRA into a quantized base (--quantize): its 4- or 8-bit weights would round the "
+                "small update away; keep LoRA separate (--merge false), or merge into the full-precision checkpoint "
+                "with scripts/merge_lora.py and quantize that"
+            )
         if not self.merged:
             self.weight += self.lora.delta_weight().to(self.weight.dtype)
             self.merged = True
@@ -227,14 +235,20 @@ def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:
 
 
 def load_lora_model(
-    checkpoint_dir: Path, lora_path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None, merge: bool = False
+    checkpoint_dir: Path,
+    lora_path: Path,
+    device: torch.device | str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    merge: bool = False,
+    quantize: Optional[str] = None,
 ) -> LLaMA:
     """The base model of `checkpoint_dir` with LoRA where the adapter at `lora_path` says, the adapter
-    loaded, and merged into the weights when `merge` (for inference at the base model's speed)."""
+    loaded, and merged into the weights when `merge` (for inference at the base model's speed). `quantize` holds the
+    base in 4 or 8 bits (utils.QUANTIZE_MODES), LoRA on top; an adapter trained with or without it fits either way."""
     lora_config, base_config = read_lora_config(lora_path)
     check_same_base(base_config, load_config(checkpoint_dir), lora_path)  # before the slow part
     with lora(**asdict(lora_config)):
-        model = load_model(checkpoint_dir, device, dtype)
+        model = load_model(checkpoint_dir, device, dtype, quantize)
     load_lora_checkpoint(model, lora_path)
     if merge:
         merge_lora_weights(model)

@@ -1,13 +1,21 @@
-"""Pieces the scripts share: choosing a precision, loading a checkpoint directory, writing files atomically, and
-the batches and loss of fine-tuning (finetune_lora.py, finetune_full.py, benchmarks/finetune_vs_hf.py)."""
+"""Pieces the scripts share: choosing a precision, loading a checkpoint directory (quantized if asked), writing files
+atomically, and the optimizer, batches and loss of fine-tuning (finetune_lora.py, finetune_full.py,
+benchmarks/finetune_vs_hf.py)."""
 
+import logging
 import os
+import sys
+import warnings
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import Iterator, Optional
+from types import ModuleType
+from typing import Iterable, Iterator, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.nn.utils.rnn import pad_sequence
 
@@ -48,17 +56,29 @@ def load_config(checkpoint_dir: Path) -> Config:
     return Config.from_file(Path(checkpoint_dir) / "model_config.json")
 
 
-def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> LLaMA:
+def load_model(
+    checkpoint_dir: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None
+) -> LLaMA:
     """Builds the model on the meta device (no memory) and assigns the checkpoint's tensors to it, so
-    peak memory stays close to the weights' size instead of twice that."""
+    peak memory stays close to the weights' size instead of twice that.
+
+    `quantize` (one of QUANTIZE_MODES) holds the projections in 4 or 8 bits with bitsandbytes: they are swapped for
+    bitsandbytes' layers while still on the meta device, and each weight is quantized as it is moved to `device`, one
+    tensor at a time, so the full-precision model never exists there, nor in CPU memory. See howto/quantize.md."""
     config = load_config(checkpoint_dir)
+    path = Path(checkpoint_dir) / "lit_model.safetensors"
     with torch.device("meta"):
         model = LLaMA(config)
-    state_dict = load_file(Path(checkpoint_dir) / "lit_model.safetensors", device=str(device))
+        if quantize is not None:
+            use_bitsandbytes_layers(model, quantize, dtype)
+    if quantize is not None:
+        load_weights(model, load_quantized(model, path, device, dtype), path)
+        return model
+    state_dict = load_file(path, device=str(device))
     if dtype is not None:
         for name in state_dict:  # one tensor at a time, so two copies of the model never coexist
             state_dict[name] = state_dict[name].to(dtype)
-    load_weights(model, state_dict, Path(checkpoint_dir) / "lit_model.safetensors")
+    load_weights(model, state_dict, path)
     return model
 
 
@@ -81,6 +101,99 @@ def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path
         raise SystemExit(
             f"error: {source} does not match model_config.json (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
         )
+
+
+# --quantize: how bitsandbytes holds the frozen projections. nf4 (QLoRA's 4-bit NormalFloat) and fp4 store 4 bits per
+# weight plus one scale per block of 64; "-dq" quantizes those scales too (double quantization); int8 is LLM.int8()
+QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
+
+
+def use_bitsandbytes_layers(model: LLaMA, mode: str, dtype: Optional[torch.dtype] = None) -> None:
+    """Swaps every projection of a model on the meta device for an empty bitsandbytes layer: Linear4bit, computing in
+    `dtype` (by default the input's), or Linear8bitLt for int8. A LoRA layer (lora.LoRALinear, whose forward adds its
+    update to super().forward) becomes a LoRALinear on the bitsandbytes layer instead of nn.Linear (QLoRA). A head tied
+    to the embedding stays as it is: its weight is the embedding's. The weights are quantized by `load_quantized`."""
+    if mode not in QUANTIZE_MODES:
+        raise SystemExit(f"error: --quantize {mode!r} is not one of {', '.join(QUANTIZE_MODES)}")
+    bnb = import_bitsandbytes()
+    if mode == "bnb.int8":  # threshold 6: input columns with outliers are multiplied in 16 bits, as in the paper
+        base, settings = bnb.nn.Linear8bitLt, dict(has_fp16_weights=False, threshold=6.0)
+    else:
+        quant_type, compress_statistics = mode.removeprefix("bnb.").removesuffix("-dq"), mode.endswith("-dq")
+        base, settings = bnb.nn.Linear4bit, dict(compute_dtype=dtype, quant_type=quant_type, compress_statistics=compress_statistics)
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, nn.Linear) or (name == "lm_head" and model.config.tie_embeddings):
+            continue
+        if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
+            lora = layer.lora
+            quantized = on_base(type(layer), base)(layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout.p, **settings)
+        else:
+            quantized = base(layer.in_features, layer.out_features, bias=False, **settings)
+        model.set_submodule(name, quantized)
+
+
+@cache
+def on_base(layer_class: type, base: type) -> type:
+    """`layer_class` (an nn.Linear subclass) with `base` (a bitsandbytes layer) between it and nn.Linear."""
+    return type(f"{layer_class.__name__}_{base.__name__}", (layer_class, base), {})
+
+
+def load_quantized(model: LLaMA, path: Path, device: torch.device | str, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """Reads the checkpoint one tensor at a time: the weight of each bitsandbytes layer is quantized as it moves to
+    `device` (on the GPU, only that one layer is there in full precision, for a moment); returns the other tensors
+    (embedding, norms), on `device` in `dtype`, for load_weights."""
+    bnb = import_bitsandbytes()
+    quantized = {f"{name}.weight": layer for name, layer in model.named_modules() if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    rest = {}
+    with safe_open(path, framework="pt") as f:
+        names = list(f.keys())
+    for name in names:
+        # the file is opened anew for each tensor: the pages of an open (memory-mapped) file that were read count as the
+        # process's memory until it is closed, and would add up to the whole full-precision checkpoint
+        with safe_open(path, framework="pt") as f:
+            tensor = f.get_tensor(name) if dtype is None else f.get_tensor(name).to(dtype)
+        layer = quantized.get(name)
+        if isinstance(layer, bnb.nn.Linear4bit):  # the meta weight knows the mode's settings
+            old = layer.weight
+            layer.weight = bnb.nn.Params4bit(
+                tensor, requires_grad=False, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+                quant_type=old.quant_type, quant_storage=old.quant_storage, module=layer,
+            ).to(device)  # quantizes
+        elif layer is not None:
+            layer.weight = bnb.nn.Int8Params(tensor, requires_grad=False, has_fp16_weights=False).to(device)  # quantizes
+        else:
+            rest[name] = tensor.to(device)
+    return rest
+
+
+def import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, imported only where it is used: the import alone takes seconds."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise SystemExit(f"error: --quantize and the 8-bit optimizers need bitsandbytes ({e}); pip install bitsandbytes") from None
+    # LLM.int8() multiplies in fp16 by design; bitsandbytes would log that at every product of fp32 or bf16 inputs
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return bitsandbytes
+
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW")
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, from torch, or one of bitsandbytes' variants. AdamW8bit holds the two moments in 8 bits per value (one
+    quarter of AdamW's optimizer memory; tensors under 4096 values keep 32 bits). The paged ones (CUDA only) keep
+    their state in memory that the driver pages out to the CPU when the GPU runs out, instead of failing; on CPU
+    bitsandbytes runs them unpaged (PagedAdamW8bit = AdamW8bit there)."""
+    if name not in OPTIMIZERS:
+        raise SystemExit(f"error: --optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    params = list(params)
+    if name.startswith("Paged") and params[0].device.type != "cuda":
+        print(f"note: --optimizer {name} pages its state only on CUDA; on {params[0].device.type} it runs unpaged", file=sys.stderr)
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")  # bitsandbytes' own note
+    return getattr(import_bitsandbytes().optim, name)(params, lr=lr, weight_decay=weight_decay)
 
 
 @contextmanager

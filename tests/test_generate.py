@@ -1,0 +1,150 @@
+"""generate.py: the decoding loop, sampling, the CPU weight layout and the command line.
+
+Parity of greedy decoding with transformers' generate is in tests/test_model.py, per model config."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_checkpoint
+
+import lora
+from generate import generate, sample, use_cpu_decode_layout
+from model import LLaMA, Config
+from tokenizer import Tokenizer
+from utils import load_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = Config(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=86)
+    return LLaMA(config).eval()
+
+
+def decode_without_cache(model, idx, max_new_tokens, temperature, top_k):
+    """The reference: recompute the whole sequence for every new token."""
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(idx.view(1, -1))[0, -1]
+            idx = torch.cat([idx, sample(logits, temperature, top_k)])
+    return idx
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (0.8, 20), (1.0, None)])
+def test_cached_decoding_equals_full_recomputation(model, temperature, top_k):
+    prompt = torch.tensor([1, 5, 7, 11, 13])
+    torch.manual_seed(42)
+    expected = decode_without_cache(model, prompt, 24, temperature, top_k)
+    torch.manual_seed(42)
+    assert generate(model, prompt, 24, temperature=temperature, top_k=top_k).tolist() == expected.tolist()
+    assert all(block.attn.kv_cache is None for block in model.blocks)  # freed for the caller
+
+
+def test_stops_after_eos(model):
+    prompt = torch.tensor([1, 5, 7])
+    greedy = generate(model, prompt, 20, temperature=0.0).tolist()
+    eos_id = greedy[3 + 5]  # pretend the 6th new token is EOS
+    stop = greedy.index(eos_id, 3)
+    assert generate(model, prompt, 20, temperature=0.0, eos_id=eos_id).tolist() == greedy[: stop + 1]
+
+
+def test_zero_new_tokens_returns_the_prompt(model):
+    assert generate(model, torch.tensor([1, 2, 3]), 0).tolist() == [1, 2, 3]
+
+
+def test_prompt_must_be_1d(model):
+    with pytest.raises(ValueError, match=r"1-D tensor, not of shape \(1, 3\)"):
+        generate(model, torch.tensor([[1, 2, 3]]), 5)
+
+
+def test_too_long_is_refused(model):
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_new_tokens \(5\) exceeds block_size 64"):
+        generate(model, torch.ones(60, dtype=torch.long), 5)
+
+
+def test_sample_follows_softmax_of_the_top_k():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 3.0])
+    assert sample(logits, 0.0, None).tolist() == [4]
+    torch.manual_seed(0)
+    draws = torch.cat([sample(logits, 0.5, 2) for _ in range(4000)])
+    # only ids 4 and 0 are among the top 2; p(4) = e^(3/0.5) / (e^(3/0.5) + e^(2/0.5)) = 1 / (1 + e^-2)
+    assert set(draws.tolist()) == {0, 4}
+    assert abs((draws == 4).float().mean().item() - 1 / (1 + torch.e**-2)) < 0.02
+    draws = torch.cat([sample(logits, 1.0, None) for _ in range(4000)])
+    frequencies = torch.bincount(draws, minlength=5).float() / 4000
+    assert (frequencies - torch.softmax(logits, -1)).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_decode_layout_changes_strides_not_results(tied):
+    torch.manual_seed(0)
+    config = Config(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=86, tie_embeddings=tied)
+    model = LLaMA(config).eval()
+    idx = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        expected = model(idx)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    use_cpu_decode_layout(model)
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+    q, down = model.blocks[0].attn.q_proj.weight, model.blocks[0].mlp.down_proj.weight
+    assert q.stride() == (1, 32)  # (out, in) stored column-major: each input's column is contiguous
+    assert down.stride() == (86, 1)  # out < in: kept row-major
+    assert (model.lm_head.weight is model.embed.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_decode_layout_with_lora_before_and_after_merging(tmp_path):
+    make_checkpoint(tmp_path, vocab_size=1000)
+    with lora.lora(r=4, alpha=8, dropout=0.0, all_linear=True):
+        model = load_model(tmp_path).eval()
+    for module in model.modules():
+        if isinstance(module, lora.LoRA):
+            torch.nn.init.normal_(module.B, std=0.1)  # a trained-looking update, not B = 0
+    idx = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        expected = model(idx)
+        use_cpu_decode_layout(model)
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+        lora.merge_lora_weights(model)
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_prints_the_greedy_continuation_of_transformers(tmp_path):
+    hf = make_checkpoint(tmp_path)
+    prompt = "Hello, my name is"
+    tokenizer = Tokenizer(tmp_path / "tokenizer.model")
+    idx = tokenizer.encode(prompt).view(1, -1)
+    hf.generation_config.pad_token_id = 0
+    expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False, eos_token_id=2)[0]
+    result = run_cli("--checkpoint_dir", tmp_path, "--prompt", prompt, "--max_new_tokens", 12, "--temperature", 0, "--num_samples", 2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 2 * (tokenizer.decode(expected) + "\n")
+    assert f"Loaded {tmp_path} in " in result.stderr
+    assert result.stderr.count("tokens/sec") == 2
+    assert "Peak memory: " in result.stderr
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (lambda d: None, ["--max_new_tokens", 300], "error: the prompt (6 tokens) plus --max_new_tokens 300 exceeds the model's block_size 256; shorten the prompt or lower --max_new_tokens"),
+        (lambda d: (d / "lit_model.safetensors").unlink(), [], "error: {d} has no lit_model.safetensors; run scripts/convert_hf_checkpoint.py --checkpoint_dir {d} first"),
+        (lambda d: d.rename(d.with_name("elsewhere")), [], "error: checkpoint directory {d} does not exist; see howto/download_weights.md"),
+        (lambda d: None, ["--precision", "bf16-mixed"], "error: precision 'bf16-mixed' is not one of bf16-true, 16-true, 32-true"),
+        (lambda d: None, ["--top_k", 0], "error: --temperature must be >= 0 and --top_k >= 1 (or null), not 0.8 and 0"),
+    ],
+    ids=["too long", "not converted", "no directory", "bad precision", "bad top_k"],
+)
+def test_cli_errors_are_one_line(tmp_path, setup, args, message):
+    make_checkpoint(tmp_path)  # block_size 256
+    setup(tmp_path)
+    result = run_cli("--checkpoint_dir", tmp_path, "--prompt", "Hello, my name is", *args)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [message.format(d=tmp_path)]

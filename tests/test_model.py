@@ -1,0 +1,193 @@
+"""model.py against Hugging Face's LlamaForCausalLM and against a real pretrained model (stories260K)."""
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_checkpoint, shared_file
+from safetensors.torch import save_file
+
+from convert_hf_checkpoint import convert_hf_checkpoint
+from generate import generate
+from model import Config, LLaMA
+from utils import load_model
+
+# Small random LlamaForCausalLM configs, each exercising one feature of model.py
+PARITY_CONFIGS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=8, num_key_value_heads=2),
+    "tied": dict(tie_word_embeddings=True),
+    "rope_theta_500000": dict(rope_theta=500000.0),
+    "odd_sizes": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=90, num_hidden_layers=3, vocab_size=1000),
+}
+
+
+@pytest.mark.parametrize("name", PARITY_CONFIGS)
+def test_matches_transformers(tmp_path, name):
+    """Same logits, and the same greedy tokens from generate.py as from transformers' generate."""
+    hf = make_checkpoint(tmp_path, **PARITY_CONFIGS[name])  # saved in Hub format, converted by the script
+    ours = load_model(tmp_path).eval()
+    idx = torch.randint(0, hf.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        actual = ours(idx)
+    assert actual.shape == expected.shape == (2, 19, hf.config.vocab_size)
+    assert (actual - expected).abs().max() <= 1e-4
+
+    hf.generation_config.eos_token_id = None  # both generate all 32 tokens
+    hf.generation_config.pad_token_id = 0
+    expected = hf.generate(idx[:1], attention_mask=torch.ones_like(idx[:1]), max_new_tokens=32, do_sample=False)[0]
+    assert generate(ours, idx[0], max_new_tokens=32, temperature=0.0).tolist() == expected.tolist()
+
+
+def test_kv_cache_equals_full_recomputation(tmp_path):
+    make_checkpoint(tmp_path)
+    model = load_model(tmp_path).eval()
+    idx = torch.randint(0, 32000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=2, max_seq_length=16)
+        chunks = [model(idx[:, :5], torch.arange(0, 5))]  # a prompt
+        chunks += [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(5, 9)]  # single tokens
+        chunks.append(model(idx[:, 9:], torch.arange(9, 12)))  # a chunk after cached tokens
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_config_from_hf_old_style(tmp_path):
+    # as in most Llama-2 repositories: top-level rope_theta and torch_dtype, no head_dim
+    hf = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "vocab_size": 32000, "hidden_act": "silu",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert Config.from_hf(tmp_path / "config.json") == Config.from_name("Llama-2-7b-hf")
+
+
+def test_config_from_hf_transformers_5_style(tmp_path):
+    # as transformers 5 writes it: rope_parameters, dtype and head_dim
+    hf = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
+        "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4, "head_dim": 64,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-05, "dtype": "bfloat16", "vocab_size": 32000,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "tie_word_embeddings": True,
+        "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    expected = Config(
+        block_size=2048, vocab_size=32000, n_layer=22, n_head=32, n_query_groups=4, n_embd=2048,
+        intermediate_size=5632, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=True,
+    )
+    assert Config.from_hf(tmp_path / "config.json") == expected
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope scaling 'llama3'"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ],
+)
+def test_config_from_hf_refuses_unsupported_features(tmp_path, change, message):
+    hf = {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "vocab_size": 100, "rope_theta": 10000.0, **change,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        Config.from_hf(tmp_path / "config.json")
+
+
+# Greedy decoding from BOS with the reference C implementation (llama2.c), from ../shared/data/README.md
+STORIES_REFERENCE_IDS = [461, 461, 401, 401, 401, 461, 378, 455, 473, 456, 435, 299, 362, 409, 283, 264, 283, 452, 288, 13]
+
+
+def test_stories260K_greedy_decoding_matches_llama2c(tmp_path):
+    write_stories260K_hub_checkpoint(shared_file("stories260K.bin"), tmp_path)
+    convert_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path).eval()
+    assert model.config == Config.from_name("stories260K")
+    out = generate(model, torch.tensor([1]), max_new_tokens=20, temperature=0.0)
+    assert out.tolist() == [1] + STORIES_REFERENCE_IDS
+
+
+def write_stories260K_hub_checkpoint(path: Path, directory: Path) -> None:
+    """Writes a llama2.c checkpoint as the Hub would hold it: config.json, model.safetensors and a
+    tokenizer.model (a 512-piece sentencepiece model trained here: the original is not available)."""
+    data = path.read_bytes()
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = struct.unpack("<7i", data[:28])
+    tied = vocab_size > 0
+    vocab_size, head_dim = abs(vocab_size), dim // n_heads
+    weights = torch.frombuffer(bytearray(data[28:]), dtype=torch.float32)
+    offset = 0
+
+    def take(*shape: int) -> torch.Tensor:
+        nonlocal offset
+        n = torch.Size(shape).numel()
+        offset += n
+        return weights[offset - n : offset].view(shape)
+
+    def meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+        # Meta rotates interleaved pairs (2i, 2i+1), the Hub halves (i, i + head_dim/2): reorder each
+        # head's rows, exactly as transformers' convert_llama_weights_to_hf.permute does
+        return w.view(n_heads, w.size(0) // n_heads // 2, 2, w.size(1)).transpose(1, 2).reshape(w.shape)
+
+    embed = take(vocab_size, dim)
+    attn_norm = take(n_layers, dim)
+    wq = take(n_layers, dim, dim)
+    wk = take(n_layers, n_kv_heads * head_dim, dim)
+    wv = take(n_layers, n_kv_heads * head_dim, dim)
+    wo = take(n_layers, dim, dim)
+    mlp_norm = take(n_layers, dim)
+    w1, w2, w3 = take(n_layers, hidden_dim, dim), take(n_layers, dim, hidden_dim), take(n_layers, hidden_dim, dim)
+    norm = take(dim)
+    take(seq_len, head_dim // 2), take(seq_len, head_dim // 2)  # precomputed RoPE tables: not needed
+    state_dict = {"model.embed_tokens.weight": embed, "model.norm.weight": norm}
+    if not tied:
+        state_dict["lm_head.weight"] = take(vocab_size, dim)
+    assert offset == weights.numel()
+    for i in range(n_layers):
+        layer = f"model.layers.{i}."
+        state_dict |= {
+            layer + "input_layernorm.weight": attn_norm[i],
+            layer + "self_attn.q_proj.weight": meta_to_hf(wq[i], n_heads),
+            layer + "self_attn.k_proj.weight": meta_to_hf(wk[i], n_kv_heads),
+            layer + "self_attn.v_proj.weight": wv[i],
+            layer + "self_attn.o_proj.weight": wo[i],
+            layer + "post_attention_layernorm.weight": mlp_norm[i],
+            layer + "mlp.gate_proj.weight": w1[i],
+            layer + "mlp.up_proj.weight": w3[i],
+            layer + "mlp.down_proj.weight": w2[i],
+        }
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, directory / "model.safetensors")
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim, "intermediate_size": hidden_dim,
+        "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads,
+        "vocab_size": vocab_size, "max_position_embeddings": seq_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": tied, "hidden_act": "silu",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    write_sentencepiece_model(directory / "tokenizer.model", vocab_size)
+
+
+def write_sentencepiece_model(path: Path, vocab_size: int) -> None:
+    import sentencepiece as spm
+
+    texts = [record["output"] for record in json.loads(shared_file("alpaca_en_demo.json").read_text())]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, minloglevel=2)
+    path.write_bytes(model.getvalue())
+
+
+def test_meta_device_construction_allocates_nothing():
+    # utils.load_model relies on it to keep peak memory near the checkpoint's size
+    with torch.device("meta"):
+        model = LLaMA(Config.from_name("Llama-2-7b-hf"))
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616  # Llama-2-7b's published parameter count
