@@ -96,6 +96,7 @@ def write_config(directory, **change):
             "error: cannot use {d}/config.json: {d}/config.json: rope scaling 'llama3' is not implemented; only plain rotary embeddings are",
         ),
     ],
+    ids=["no config.json", "no weights", "rope scaling"],
 )
 def test_cli_errors_are_one_line(tmp_path, setup, message):
     setup(tmp_path)
