@@ -20,7 +20,7 @@ from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from lightning.fabric import Fabric
@@ -33,7 +33,9 @@ from generate import generate, peak_memory_gb
 from model import LLaMA, Block
 from prepare_alpaca import check_prepared_data, generate_prompt
 from tokenizer import Tokenizer
-from utils import atomic_path, cross_entropy_sum, default_precision, load_config, load_model, pad_batch, precision_to_dtype
+from utils import (
+    atomic_path, cross_entropy_sum, default_precision, load_config, load_model, make_optimizer, pad_batch, precision_to_dtype,
+)
 
 STATE_NAME = "train_state.pt"
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
@@ -49,6 +51,7 @@ def setup(
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     batch_size: int = 128,
     micro_batch_size: int = 4,
+    optimizer: Literal["AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW"] = "AdamW",
     learning_rate: float = 2e-5,
     weight_decay: float = 0.0,
     warmup_steps: int = 100,
@@ -80,7 +83,10 @@ def setup(
         batch_size: records per optimizer step, all devices together.
         micro_batch_size: records per forward and backward pass on one device; gradients are accumulated over
             batch_size / (micro_batch_size x devices) of them. Lower it when memory runs out.
-        learning_rate: peak learning rate of AdamW (2e-5: Stanford Alpaca's full fine-tuning).
+        optimizer: "AdamW" (torch), or bitsandbytes' "AdamW8bit" (its two moments in 8 bits: 1/4 of the 8 bytes per
+            parameter they take in fp32), "PagedAdamW8bit" or "PagedAdamW" (state paged out to CPU memory when the
+            GPU runs out; CUDA only). See howto/quantize.md.
+        learning_rate: peak learning rate of the optimizer (2e-5: Stanford Alpaca's full fine-tuning).
         weight_decay: AdamW's decoupled weight decay.
         warmup_steps: optimizer steps of linear warmup to `learning_rate`; then it decays along a cosine to 0
             at the last step.
@@ -152,17 +158,16 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     fabric.print(f"Trainable parameters: {sum(param.numel() for param in model.parameters()):,} (all)")
     model = fabric.setup_module(model)
 
-    # The optimizer: AdamW over all weights, and its learning-rate schedule
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # The optimizer (AdamW or one of bitsandbytes' variants) over all weights, and its learning-rate schedule
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay)
     optimizer = fabric.setup_optimizers(optimizer)
     max_steps = args.max_iters or math.ceil(args.epochs * len(train_data) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_steps, max_steps))
 
     state = {"step": 0, "history": {"train": [], "val": []}}
     settings = {"model": asdict(model.config), "batch_size": args.batch_size, "seed": args.seed,
-                "train_records": len(train_data)}  # what a resumed run must share with the one it continues
+                "train_records": len(train_data), "optimizer": args.optimizer}  # what a resumed run must share with the one it continues
     if args.resume:
-        state = load_train_state(fabric, args.resume, model, optimizer, scheduler, settings)
+        state = load_train_state(fabric, args.resume, model, optimizer, settings)
         fabric.print(f"Resuming from {args.resume} at step {state['step']}")
     fabric.print(
         f"Training {len(train_data)} records for {max_steps} steps of {args.batch_size} records "
@@ -170,9 +175,9 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
         f"{fabric.world_size} device(s), {args.precision}"
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    train(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, state, settings, max_steps, args)
+    train(fabric, model, optimizer, train_data, val_data, tokenizer, state, settings, max_steps, args)
 
-    save(fabric, model, optimizer, scheduler, state, settings, args.out_dir, args)
+    save(fabric, model, optimizer, state, settings, args.out_dir, args)
     fabric.print(f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, tokenizer.model)")
     if fabric.global_rank == 0:
         plot_losses(state["history"], args.out_dir / "loss.png")
@@ -184,7 +189,6 @@ def train(
     fabric: Fabric,
     model: LLaMA,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     train_data: list[dict[str, torch.Tensor]],
     val_data: list[dict[str, torch.Tensor]],
     tokenizer: Tokenizer,
@@ -227,16 +231,18 @@ def train(
                 + (f"The last good checkpoint is {saved}: resume from it with a lower --learning_rate"
                    if saved.is_file() else "Nothing was saved; try a lower --learning_rate")
             )
+        lr = learning_rate(state["step"], args.learning_rate, args.warmup_steps, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         state["step"] += 1
         step = state["step"]
 
         state["history"]["train"].append((step, loss))
         tokens += sum(min(len(record["input_ids"]), max_seq_length) for record in batch)
         tokens_per_sec = tokens / (time.perf_counter() - t0)
-        fabric.log_dict({"train_loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_sec": tokens_per_sec}, step)
+        fabric.log_dict({"train_loss": loss, "learning_rate": lr, "tokens_per_sec": tokens_per_sec}, step)
         progress.set_postfix(
             loss=f"{loss:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}", peak_memory=f"{peak_memory_gb(fabric.device):.2f} GB",
             refresh=False,
@@ -248,7 +254,7 @@ def train(
             state["history"]["val"].append((step, val_loss))
             fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
         if step % args.save_interval == 0 and step < max_steps:  # the end is saved by main
-            save(fabric, model, optimizer, scheduler, state, settings, args.out_dir / f"step-{step:06d}", args)
+            save(fabric, model, optimizer, state, settings, args.out_dir / f"step-{step:06d}", args)
     progress.close()
 
 
@@ -294,19 +300,18 @@ def save(
     fabric: Fabric,
     model: LLaMA,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     state: dict,
     settings: dict,
     checkpoint_dir: Path,
     args: SimpleNamespace,
 ) -> None:
-    """Writes out_dir/train_state.pt (weights, optimizer, scheduler, step, loss history: what --resume needs),
+    """Writes out_dir/train_state.pt (weights, optimizer, step, loss history: what --resume needs),
     then a checkpoint directory for generate.py at `checkpoint_dir` from the weights just saved in it. Every file
     is written under a temporary name and renamed when complete: a run killed while saving keeps the previous
     checkpoint. fabric.save gathers FSDP's shards into one file, on the first process."""
     path = args.out_dir / STATE_NAME
     state_tmp = path.with_name(f".{path.name}.tmp")
-    fabric.save(state_tmp, {"model": model, "optimizer": optimizer, "scheduler": scheduler, **state, "settings": settings})
+    fabric.save(state_tmp, {"model": model, "optimizer": optimizer, **state, "settings": settings})
     if fabric.global_rank == 0:
         os.replace(state_tmp, path)
         weights = torch.load(path, weights_only=True, mmap=True)["model"]  # mmap: read from disk as they are written
@@ -327,11 +332,10 @@ def load_train_state(
     path: Path,
     model: LLaMA,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     settings: dict,
 ) -> dict:
-    """Restores what `save` wrote into the model, optimizer and scheduler; returns the step and loss history.
-    The data position follows from the step (see `batch_indices`)."""
+    """Restores what `save` wrote into the model and optimizer; returns the step and loss history. The data
+    position and the learning rate follow from the step."""
     try:
         saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
     except Exception as e:  # not a file torch.save wrote, or not one of ours
@@ -343,7 +347,7 @@ def load_train_state(
             "resume with the same checkpoint, data and batch settings"
         )
     try:
-        rest = fabric.load(path, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, weights_only=True)
+        rest = fabric.load(path, {"model": model, "optimizer": optimizer}, weights_only=True)
     except Exception as e:  # e.g. a state of another version of this script
         raise SystemExit(f"error: --resume {path} does not fit this run ({one_line(e)})") from None
     step, history = rest["step"], rest["history"]
@@ -370,17 +374,14 @@ def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def lr_schedule(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """The learning rate of each optimizer step as a fraction of the peak: a linear warmup over `warmup_steps`,
-    then a cosine decay to 0 at `max_steps`."""
-
-    def fraction(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return fraction
+def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> float:
+    """The learning rate of optimizer step `step` (counted from 0): a linear warmup to `peak` over `warmup_steps`,
+    then a cosine decay to 0 at `max_steps`. A function of the step alone, so a resumed run needs nothing else,
+    and may lower `peak`, e.g. after a NaN."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None:

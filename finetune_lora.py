@@ -4,6 +4,8 @@
 
 The base model stays frozen and only LoRA's small A and B matrices learn. On GPUs the base is held in bf16 and
 LoRA in fp32 under bf16 mixed precision; the defaults (the Alpaca-LoRA recipe) fit LLaMA-7B on one 24 GB GPU.
+With --quantize bnb.nf4 (QLoRA) the base is held in 4 bits, and --optimizer AdamW8bit saves optimizer memory:
+see howto/quantize.md.
 Every --save_interval steps and at the end, out_dir receives the adapter (a few MB, for generate_lora.py and
 scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also
 logs/ (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_lora.md.
@@ -17,7 +19,7 @@ from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from lightning.fabric import Fabric
@@ -30,7 +32,9 @@ from lora import load_lora_state_dict, lora, mark_only_lora_as_trainable, save_l
 from model import LLaMA, Block
 from prepare_alpaca import check_prepared_data, generate_prompt
 from tokenizer import Tokenizer
-from utils import cross_entropy_sum, default_precision, load_config, load_model, pad_batch, precision_to_dtype
+from utils import (
+    cross_entropy_sum, default_precision, load_config, load_model, make_optimizer, pad_batch, precision_to_dtype,
+)
 
 ADAPTER_NAME = "lit_model_lora_finetuned.safetensors"  # the final adapter; scripts/merge_lora.py's default
 STATE_NAME = "train_state.pt"
@@ -42,6 +46,7 @@ def setup(
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
     out_dir: Path = Path("out/lora/alpaca"),
     precision: Optional[Literal["bf16-mixed", "bf16-true", "32-true"]] = None,
+    quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]] = None,
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
@@ -57,6 +62,7 @@ def setup(
     lora_all_linear: bool = False,
     batch_size: int = 128,
     micro_batch_size: int = 4,
+    optimizer: Literal["AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW"] = "AdamW",
     learning_rate: float = 3e-4,
     weight_decay: float = 0.0,
     warmup_steps: int = 100,
@@ -80,6 +86,9 @@ def setup(
         out_dir: receives the adapters, train_state.pt, logs/ and loss.png.
         precision: "bf16-mixed" (bf16 base, fp32 LoRA), "bf16-true" (all bf16, least memory) or "32-true";
             by default bf16-mixed on GPUs with bf16 and 32-true elsewhere (bf16 on CPUs is very slow).
+        quantize: hold the frozen base in 4 bits ("bnb.nf4": QLoRA; "bnb.fp4"; "-dq" quantizes their scales too) or
+            8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading; LoRA stays in fp32 on top,
+            and the adapter is the same as without (see howto/quantize.md). Not with --strategy fsdp.
         devices: devices (GPUs, or processes on CPU) per node.
         num_nodes: machines to train on, `devices` each.
         strategy: "auto" (one device, DDP for several), "ddp" (a copy of the model per device) or "fsdp"
@@ -97,7 +106,9 @@ def setup(
         batch_size: records per optimizer step, all devices together.
         micro_batch_size: records per forward and backward pass on one device; gradients are accumulated over
             batch_size / (micro_batch_size x devices) of them. Lower it when memory runs out.
-        learning_rate: peak learning rate of AdamW.
+        optimizer: "AdamW" (torch), or bitsandbytes' "AdamW8bit" (its two moments in 8 bits: 1/4 of the memory),
+            "PagedAdamW8bit" or "PagedAdamW" (state paged out to CPU memory when the GPU runs out; CUDA only).
+        learning_rate: peak learning rate of the optimizer.
         weight_decay: AdamW's decoupled weight decay of the LoRA weights.
         warmup_steps: optimizer steps of linear warmup to `learning_rate`; then it decays along a cosine to 0
             at the last step.
@@ -123,6 +134,9 @@ def setup(
             f"error: --batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
             f"x {devices * num_nodes} devices"
         )
+    if quantize and strategy == "fsdp":
+        raise SystemExit("error: --quantize does not work with --strategy fsdp, which shards floating-point weights; "
+                         "use --strategy ddp or one device")
     config = load_config(args.checkpoint_dir)
     args.metadata = check_prepared_data(args.data_dir, args.checkpoint_dir)
     if args.metadata["vocab_size"] > config.vocab_size:
@@ -166,7 +180,9 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
         value=args.lora_value, projection=args.lora_projection, mlp=args.lora_mlp, head=args.lora_head,
         all_linear=args.lora_all_linear,
     ) as lora_config:
-        model = load_model(args.checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype)
+        model = load_model(
+            args.checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype, quantize=args.quantize
+        )
     mark_only_lora_as_trainable(model)
     trainable = [param for param in model.parameters() if param.requires_grad]
     if mixed:
@@ -178,19 +194,18 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     fabric.print(f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), LoRA {lora_config}")
     model = fabric.setup_module(model)
 
-    # The optimizer: AdamW over the LoRA weights only, and its learning-rate schedule
-    optimizer = torch.optim.AdamW(
-        (param for param in model.parameters() if param.requires_grad), lr=args.learning_rate, weight_decay=args.weight_decay
+    # The optimizer (AdamW or one of bitsandbytes' variants) over the LoRA weights only, and its learning-rate schedule
+    optimizer = make_optimizer(
+        args.optimizer, (param for param in model.parameters() if param.requires_grad), args.learning_rate, args.weight_decay
     )
     optimizer = fabric.setup_optimizers(optimizer)
     max_steps = args.max_iters or math.ceil(args.epochs * len(train_data) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_steps, max_steps))
 
     state = {"step": 0, "history": {"train": [], "val": []}}
     settings = {"model": asdict(model.config), "lora": asdict(lora_config), "batch_size": args.batch_size, "seed": args.seed,
-                "train_records": len(train_data)}  # what a resumed run must share with the one it continues
+                "train_records": len(train_data), "optimizer": args.optimizer}  # what a resumed run must share with the one it continues
     if args.resume:
-        state = load_train_state(fabric, args.resume, model, optimizer, scheduler, settings)
+        state = load_train_state(fabric, args.resume, model, optimizer, settings)
         fabric.print(f"Resuming from {args.resume} at step {state['step']}")
     fabric.print(
         f"Training {len(train_data)} records for {max_steps} steps of {args.batch_size} records "
@@ -198,9 +213,9 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
         f"{fabric.world_size} device(s), {args.precision}"
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    train(fabric, model, optimizer, scheduler, train_data, val_data, tokenizer, state, settings, max_steps, args)
+    train(fabric, model, optimizer, train_data, val_data, tokenizer, state, settings, max_steps, args)
 
-    save(fabric, model, optimizer, scheduler, state, settings, args.out_dir / ADAPTER_NAME)
+    save(fabric, model, optimizer, state, settings, args.out_dir / ADAPTER_NAME)
     fabric.print(f"Saved the adapter to {args.out_dir / ADAPTER_NAME}")
     if fabric.global_rank == 0:
         plot_losses(state["history"], args.out_dir / "loss.png")
@@ -212,7 +227,6 @@ def train(
     fabric: Fabric,
     model: LLaMA,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     train_data: list[dict[str, torch.Tensor]],
     val_data: list[dict[str, torch.Tensor]],
     tokenizer: Tokenizer,
@@ -255,16 +269,18 @@ def train(
                 + (f"The last good checkpoint is {saved}: resume from it with a lower --learning_rate"
                    if saved.is_file() else "Nothing was saved; try a lower --learning_rate")
             )
+        lr = learning_rate(state["step"], args.learning_rate, args.warmup_steps, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         state["step"] += 1
         step = state["step"]
 
         state["history"]["train"].append((step, loss))
         tokens += sum(min(len(record["input_ids"]), max_seq_length) for record in batch)
         tokens_per_sec = tokens / (time.perf_counter() - t0)
-        fabric.log_dict({"train_loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_sec": tokens_per_sec}, step)
+        fabric.log_dict({"train_loss": loss, "learning_rate": lr, "tokens_per_sec": tokens_per_sec}, step)
         progress.set_postfix(
             loss=f"{loss:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}", peak_memory=f"{peak_memory_gb(fabric.device):.2f} GB",
             refresh=False,
@@ -276,7 +292,7 @@ def train(
             state["history"]["val"].append((step, val_loss))
             fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
         if step % args.save_interval == 0 and step < max_steps:  # the end is saved by main
-            save(fabric, model, optimizer, scheduler, state, settings, args.out_dir / f"lora_step-{step:06d}.safetensors")
+            save(fabric, model, optimizer, state, settings, args.out_dir / f"lora_step-{step:06d}.safetensors")
     progress.close()
 
 
@@ -322,19 +338,17 @@ def save(
     fabric: Fabric,
     model: LLaMA,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     state: dict,
     settings: dict,
     adapter_path: Path,
 ) -> None:
-    """Writes train_state.pt (LoRA weights, optimizer, scheduler, step, RNG states, loss history: what --resume
-    needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always agree.
-    Both are written under a temporary name and renamed when complete: a run killed while saving keeps the
-    previous checkpoint. fabric.save gathers FSDP's shards into one file."""
+    """Writes train_state.pt (LoRA weights, optimizer, step, RNG states, loss history: what --resume needs), then
+    the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always agree. Both are
+    written under a temporary name and renamed when complete: a run killed while saving keeps the previous
+    checkpoint. fabric.save gathers FSDP's shards into one file."""
     path = adapter_path.parent / STATE_NAME
     tmp = path.with_name(f".{path.name}.tmp")
-    train_state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **state, "settings": settings,
-                   "rng": rng_states(fabric)}
+    train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings, "rng": rng_states(fabric)}
     fabric.save(tmp, train_state, filter={"model": lambda name, _: ".lora." in name})
     if fabric.global_rank == 0:
         os.replace(tmp, path)
@@ -350,11 +364,10 @@ def load_train_state(
     path: Path,
     model: LLaMA,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     settings: dict,
 ) -> dict:
-    """Restores what `save` wrote into the model, optimizer and scheduler, and the RNG states; returns the step
-    and loss history. The data position follows from the step (see `batch_indices`)."""
+    """Restores what `save` wrote into the model and optimizer, and the RNG states; returns the step and
+    loss history. The data position and the learning rate follow from the step."""
     try:
         saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
     except Exception as e:  # not a file torch.save wrote, or not one of ours
@@ -366,7 +379,7 @@ def load_train_state(
             "resume with the same checkpoint, data, LoRA and batch settings"
         )
     try:
-        rest = fabric.load(path, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, strict=False, weights_only=True)
+        rest = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
     except Exception as e:  # e.g. a state of another version of this script
         raise SystemExit(f"error: --resume {path} does not fit this run ({one_line(e)})") from None
     step, history, rng = rest["step"], rest["history"], rest["rng"]
@@ -408,17 +421,14 @@ def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def lr_schedule(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """The learning rate of each optimizer step as a fraction of the peak: a linear warmup over `warmup_steps`,
-    then a cosine decay to 0 at `max_steps`."""
-
-    def fraction(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return fraction
+def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> float:
+    """The learning rate of optimizer step `step` (counted from 0): a linear warmup to `peak` over `warmup_steps`,
+    then a cosine decay to 0 at `max_steps`. A function of the step alone, so a resumed run needs nothing else,
+    and may lower `peak`, e.g. after a NaN."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None:

@@ -36,6 +36,7 @@ def main(
     top_k: Optional[int] = 200,
     seed: int = 1234,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
 ) -> None:
     """Generates the response of the fine-tuned model to an instruction.
 
@@ -53,10 +54,18 @@ def main(
         seed: random seed, so that a command line gives the same text every time.
         precision: "bf16-true", "16-true" or "32-true"; by default bf16-true on GPUs that support it and
             32-true elsewhere (on CPUs bf16 matrix products are often hundreds of times slower).
+        quantize: hold the base's projections in 4 bits ("bnb.nf4", "bnb.fp4"; "-dq" quantizes their scales too)
+            or 8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading, LoRA on top
+            unmerged: it needs --merge false (see howto/quantize.md).
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
+    if quantize and merge:
+        raise SystemExit(
+            f"error: --quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
+            "update away; pass --merge false to apply LoRA on top of the quantized base"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision_to_dtype(precision or default_precision())
     tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
@@ -68,11 +77,11 @@ def main(
         )
 
     t0 = time.perf_counter()
-    model = load_lora_model(checkpoint_dir, lora_path, device=device, dtype=dtype, merge=merge).eval()
+    model = load_lora_model(checkpoint_dir, lora_path, device=device, dtype=dtype, merge=merge, quantize=quantize).eval()
     if device.type == "cpu":
         use_cpu_decode_layout(model)
     print(f"Loaded {checkpoint_dir} with {lora_path} ({'merged' if merge else 'not merged'}) in "
-          f"{time.perf_counter() - t0:.2f} s ({dtype}, {device})", file=sys.stderr)
+          f"{time.perf_counter() - t0:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})", file=sys.stderr)
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
