@@ -29,6 +29,7 @@ def main(
     num_samples: int = 1,
     seed: int = 1234,
     precision: Optional[str] = None,
+    quantize: Optional[str] = None,
     compile: bool = False,
 ) -> None:
     """Generates `num_samples` continuations of a prompt with a converted checkpoint.
@@ -44,6 +45,9 @@ def main(
         seed: random seed, so that a command line gives the same text every time.
         precision: "bf16-true", "16-true" or "32-true"; by default bf16-true on GPUs that support it and
             32-true elsewhere (on CPUs bf16 matrix products are often hundreds of times slower).
+        quantize: hold the weights of every projection in 4 bits ("bnb.nf4", "bnb.fp4"; "-dq" quantizes their scales
+            too) or 8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading: a fraction of
+            the memory, slightly less accurate (see howto/quantize.md).
         compile: run the model through torch.compile (slow to start; no faster on CPU with this model.py).
     """
     if temperature < 0 or (top_k is not None and top_k < 1):
@@ -60,12 +64,13 @@ def main(
         )
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=dtype).eval()
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize).eval()
     if device.type == "cpu":
         use_cpu_decode_layout(model)
     if compile:
         model = torch.compile(model)
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({dtype}, {device})", file=sys.stderr)
+    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})",
+          file=sys.stderr)
 
     torch.manual_seed(seed)
     for i in range(num_samples):
