@@ -247,25 +247,27 @@ def cross_entropy_sum(model: LLaMA, input_ids: torch.Tensor, targets: torch.Tens
 
 class CrossEntropySum(torch.autograd.Function):
     """Summed cross-entropy of logits (N, vocab) and targets (N,) that computes its gradient, softmax minus
-    one-hot, already in the forward pass, a chunk of rows at a time.
+    one-hot, already in the forward pass, a chunk of rows at a time, into the logits' own memory.
 
     F.cross_entropy keeps a log-softmax as large as the logits for the backward pass and allocates two more
     tensors that size in it (the gradients of the log-softmax and of the logits), in fp32 even for bf16 logits.
-    Here the gradient, in the logits' dtype, is the only one; fp32 temporaries exist for one chunk at a time."""
+    Here the logits' memory is the only one: it ends up holding the gradient, in the logits' dtype, and fp32
+    temporaries exist for one chunk at a time. The logits are `cross_entropy_sum`'s own, needed by nothing else
+    (a later use would be caught: the in-place writes advance their version counter)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        grad = torch.empty_like(logits)
         loss = torch.zeros((), device=logits.device, dtype=torch.float32)
         chunk_size = max(1, 2**22 // logits.size(1))  # rows per chunk: 16 MB in fp32
         for start in range(0, logits.size(0), chunk_size):
-            x, target = logits[start : start + chunk_size].float(), targets[start : start + chunk_size]
+            chunk, target = logits[start : start + chunk_size], targets[start : start + chunk_size]
+            x = chunk.float()  # the chunk itself when the logits are fp32, else an fp32 copy of it
             log_z = torch.logsumexp(x, dim=1)
             loss += (log_z - x.gather(1, target[:, None]).squeeze(1)).sum()
-            softmax = (x - log_z[:, None]).exp_()
-            softmax[torch.arange(len(target), device=x.device), target] -= 1
-            grad[start : start + chunk_size] = softmax
-        ctx.save_for_backward(grad)
+            x = x.sub_(log_z[:, None]).exp_()  # softmax
+            x[torch.arange(len(target), device=x.device), target] -= 1
+            chunk.copy_(x)  # the gradient, where the logits were
+        ctx.save_for_backward(logits)
         return loss
 
     @staticmethod
