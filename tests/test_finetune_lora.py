@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import finetune_lora
 from conftest import ROOT, make_checkpoint, shared_file
-from finetune_lora import batch_indices, lr_schedule, setup
+from finetune_lora import batch_indices, learning_rate, setup
 from lora import lora, mark_only_lora_as_trainable, read_lora_config
 from model import LLaMA, Config
 from prepare_alpaca import setup as prepare
@@ -171,11 +171,11 @@ def test_each_epoch_reads_every_record_once_in_an_order_fixed_by_seed_and_epoch(
 
 
 def test_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero():
-    fraction = lr_schedule(warmup_steps=4, max_steps=14)
-    assert [fraction(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert fraction(9) == pytest.approx(0.5)  # half way through the decay
-    assert fraction(13) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.9 * torch.pi)).item()))
-    assert fraction(14) == pytest.approx(0.0, abs=1e-12)
+    rates = [learning_rate(step, 2.0, warmup_steps=4, max_steps=14) for step in range(15)]
+    assert rates[:4] == [0.5, 1.0, 1.5, 2.0]
+    assert rates[9] == pytest.approx(1.0)  # half way through the decay
+    assert rates[13] == pytest.approx(1 + torch.cos(torch.tensor(0.9 * torch.pi)).item())
+    assert rates[14] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_lora_overfits_eight_records_while_the_base_weights_stay_bitwise_unchanged(overfit, checkpoint_dir):
