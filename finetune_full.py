@@ -305,16 +305,21 @@ def save(
     checkpoint_dir: Path,
     args: SimpleNamespace,
 ) -> None:
-    """Writes out_dir/train_state.pt (weights, optimizer, step, loss history: what --resume needs),
-    then a checkpoint directory for generate.py at `checkpoint_dir` from the weights just saved in it. Every file
-    is written under a temporary name and renamed when complete: a run killed while saving keeps the previous
-    checkpoint. fabric.save gathers FSDP's shards into one file, on the first process."""
+    """Writes out_dir/train_state.pt (weights, optimizer, step, loss history: what --resume needs), then a
+    checkpoint directory for generate.py at `checkpoint_dir`. Every file is written under a temporary name and
+    renamed when complete: a run killed while saving keeps the previous checkpoint."""
+    fsdp = isinstance(fabric.strategy, FSDPStrategy)
     path = args.out_dir / STATE_NAME
     state_tmp = path.with_name(f".{path.name}.tmp")
-    fabric.save(state_tmp, {"model": model, "optimizer": optimizer, **state, "settings": settings})
+    train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings}
+    if fsdp:
+        fabric.save(state_tmp, train_state)  # gathers the shards, a Block at a time, into one file on rank 0
+    elif fabric.global_rank == 0:  # directly: fabric.save would first serialise the whole state into memory
+        torch.save({**train_state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, state_tmp)
     if fabric.global_rank == 0:
         os.replace(state_tmp, path)
-        weights = torch.load(path, weights_only=True, mmap=True)["model"]  # mmap: read from disk as they are written
+        # the weights: under FSDP the gathered ones in the file just written (mmap: read as they are written)
+        weights = torch.load(path, weights_only=True, mmap=True)["model"] if fsdp else model.state_dict()
         if model.config.tie_embeddings:
             del weights["lm_head.weight"]  # the embedding's, stored once
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
