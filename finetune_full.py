@@ -34,7 +34,8 @@ from model import LLaMA, Block
 from prepare_alpaca import check_prepared_data, generate_prompt
 from tokenizer import Tokenizer
 from utils import (
-    atomic_path, cross_entropy_sum, default_precision, load_config, load_model, make_optimizer, pad_batch, precision_to_dtype,
+    atomic_path, cross_entropy_sum, default_precision, load_config, load_model, make_optimizer, pad_batch,
+    precision_to_dtype,
 )
 
 STATE_NAME = "train_state.pt"
@@ -107,7 +108,9 @@ def setup(
     args.data_dir, args.checkpoint_dir, args.out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     # everything that can be wrong with the input is found here, before any model is loaded or process started
     if micro_batch_size < 1 or micro_batch_size > batch_size:
-        raise SystemExit(f"error: --micro_batch_size {micro_batch_size} must be between 1 and --batch_size {batch_size}")
+        raise SystemExit(
+            f"error: --micro_batch_size {micro_batch_size} must be between 1 and --batch_size {batch_size}"
+        )
     if batch_size % (micro_batch_size * devices * num_nodes):
         raise SystemExit(
             f"error: --batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
@@ -158,14 +161,14 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     fabric.print(f"Trainable parameters: {sum(param.numel() for param in model.parameters()):,} (all)")
     model = fabric.setup_module(model)
 
-    # The optimizer (AdamW or one of bitsandbytes' variants) over all weights, and its learning-rate schedule
+    # The optimizer (AdamW or one of bitsandbytes' variants) over all weights; `train` sets its learning rate
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay)
     optimizer = fabric.setup_optimizers(optimizer)
     max_steps = args.max_iters or math.ceil(args.epochs * len(train_data) / args.batch_size)
 
     state = {"step": 0, "history": {"train": [], "val": []}}
     settings = {"model": asdict(model.config), "batch_size": args.batch_size, "seed": args.seed,
-                "train_records": len(train_data), "optimizer": args.optimizer}  # what a resumed run must share with the one it continues
+                "train_records": len(train_data), "optimizer": args.optimizer}  # what a resumed run must share
     if args.resume:
         state = load_train_state(fabric, args.resume, model, optimizer, settings)
         fabric.print(f"Resuming from {args.resume} at step {state['step']}")
@@ -178,7 +181,8 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     train(fabric, model, optimizer, train_data, val_data, tokenizer, state, settings, max_steps, args)
 
     save(fabric, model, optimizer, state, settings, args.out_dir, args)
-    fabric.print(f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, tokenizer.model)")
+    fabric.print(f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, "
+                 "tokenizer.model)")
     if fabric.global_rank == 0:
         plot_losses(state["history"], args.out_dir / "loss.png")
     for logger in fabric.loggers:
@@ -199,7 +203,9 @@ def train(
 ) -> None:
     ignore_index = args.metadata["ignore_index"]
     max_seq_length = min(args.max_seq_length, model.config.block_size)
-    progress = tqdm(total=max_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True)
+    progress = tqdm(
+        total=max_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True
+    )
     t0, tokens = time.perf_counter(), 0
     model.train()
     while state["step"] < max_steps:
@@ -243,9 +249,9 @@ def train(
         tokens += sum(min(len(record["input_ids"]), max_seq_length) for record in batch)
         tokens_per_sec = tokens / (time.perf_counter() - t0)
         fabric.log_dict({"train_loss": loss, "learning_rate": lr, "tokens_per_sec": tokens_per_sec}, step)
+        memory = peak_memory_gb(fabric.device)
         progress.set_postfix(
-            loss=f"{loss:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}", peak_memory=f"{peak_memory_gb(fabric.device):.2f} GB",
-            refresh=False,
+            loss=f"{loss:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}", peak_memory=f"{memory:.2f} GB", refresh=False
         )
         progress.update()
 
@@ -344,8 +350,11 @@ def load_train_state(
     try:
         saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
     except Exception as e:  # not a file torch.save wrote, or not one of ours
-        raise SystemExit(f"error: --resume {path} is not a train_state.pt of finetune_full.py ({one_line(e)})") from None
-    differences = [f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value]
+        message = f"error: --resume {path} is not a train_state.pt of finetune_full.py ({one_line(e)})"
+        raise SystemExit(message) from None
+    differences = [
+        f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
+    ]
     if differences:
         raise SystemExit(
             f"error: --resume {path} was saved by a run with other settings: {'; '.join(differences)}; "

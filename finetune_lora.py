@@ -87,8 +87,8 @@ def setup(
         precision: "bf16-mixed" (bf16 base, fp32 LoRA), "bf16-true" (all bf16, least memory) or "32-true";
             by default bf16-mixed on GPUs with bf16 and 32-true elsewhere (bf16 on CPUs is very slow).
         quantize: hold the frozen base in 4 bits ("bnb.nf4": QLoRA; "bnb.fp4"; "-dq" quantizes their scales too) or
-            8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading; LoRA stays in fp32 on top,
-            and the adapter is the same as without (see howto/quantize.md). Not with --strategy fsdp.
+            8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading; LoRA stays in fp32
+            on top, and the adapter is the same as without (see howto/quantize.md). Not with --strategy fsdp.
         devices: devices (GPUs, or processes on CPU) per node.
         num_nodes: machines to train on, `devices` each.
         strategy: "auto" (one device, DDP for several), "ddp" (a copy of the model per device) or "fsdp"
@@ -128,7 +128,9 @@ def setup(
     args.data_dir, args.checkpoint_dir, args.out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     # everything that can be wrong with the input is found here, before any model is loaded or process started
     if micro_batch_size < 1 or micro_batch_size > batch_size:
-        raise SystemExit(f"error: --micro_batch_size {micro_batch_size} must be between 1 and --batch_size {batch_size}")
+        raise SystemExit(
+            f"error: --micro_batch_size {micro_batch_size} must be between 1 and --batch_size {batch_size}"
+        )
     if batch_size % (micro_batch_size * devices * num_nodes):
         raise SystemExit(
             f"error: --batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} "
@@ -191,19 +193,22 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     model.gradient_checkpointing = args.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
     total = sum(param.numel() for param in model.parameters())
     n_trainable = sum(param.numel() for param in trainable)
-    fabric.print(f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), LoRA {lora_config}")
+    fabric.print(
+        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), LoRA {lora_config}"
+    )
     model = fabric.setup_module(model)
 
-    # The optimizer (AdamW or one of bitsandbytes' variants) over the LoRA weights only, and its learning-rate schedule
-    optimizer = make_optimizer(
-        args.optimizer, (param for param in model.parameters() if param.requires_grad), args.learning_rate, args.weight_decay
-    )
+    # The optimizer (AdamW or one of bitsandbytes' variants) over the LoRA weights only; `train` sets its learning rate
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = make_optimizer(args.optimizer, trainable, args.learning_rate, args.weight_decay)
     optimizer = fabric.setup_optimizers(optimizer)
     max_steps = args.max_iters or math.ceil(args.epochs * len(train_data) / args.batch_size)
 
     state = {"step": 0, "history": {"train": [], "val": []}}
-    settings = {"model": asdict(model.config), "lora": asdict(lora_config), "batch_size": args.batch_size, "seed": args.seed,
-                "train_records": len(train_data), "optimizer": args.optimizer}  # what a resumed run must share with the one it continues
+    settings = {  # what a resumed run must share with the run it continues
+        "model": asdict(model.config), "lora": asdict(lora_config), "batch_size": args.batch_size, "seed": args.seed,
+        "train_records": len(train_data), "optimizer": args.optimizer,
+    }
     if args.resume:
         state = load_train_state(fabric, args.resume, model, optimizer, settings)
         fabric.print(f"Resuming from {args.resume} at step {state['step']}")
@@ -237,7 +242,9 @@ def train(
 ) -> None:
     ignore_index = args.metadata["ignore_index"]
     max_seq_length = min(args.max_seq_length, model.config.block_size)
-    progress = tqdm(total=max_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True)
+    progress = tqdm(
+        total=max_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True
+    )
     t0, tokens = time.perf_counter(), 0
     model.train()
     while state["step"] < max_steps:
@@ -281,9 +288,9 @@ def train(
         tokens += sum(min(len(record["input_ids"]), max_seq_length) for record in batch)
         tokens_per_sec = tokens / (time.perf_counter() - t0)
         fabric.log_dict({"train_loss": loss, "learning_rate": lr, "tokens_per_sec": tokens_per_sec}, step)
+        memory = peak_memory_gb(fabric.device)
         progress.set_postfix(
-            loss=f"{loss:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}", peak_memory=f"{peak_memory_gb(fabric.device):.2f} GB",
-            refresh=False,
+            loss=f"{loss:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}", peak_memory=f"{memory:.2f} GB", refresh=False
         )
         progress.update()
 
@@ -371,8 +378,11 @@ def load_train_state(
     try:
         saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
     except Exception as e:  # not a file torch.save wrote, or not one of ours
-        raise SystemExit(f"error: --resume {path} is not a train_state.pt of finetune_lora.py ({one_line(e)})") from None
-    differences = [f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value]
+        message = f"error: --resume {path} is not a train_state.pt of finetune_lora.py ({one_line(e)})"
+        raise SystemExit(message) from None
+    differences = [
+        f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
+    ]
     if differences:
         raise SystemExit(
             f"error: --resume {path} was saved by a run with other settings: {'; '.join(differences)}; "

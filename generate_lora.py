@@ -77,7 +77,8 @@ def main(
         )
 
     t0 = time.perf_counter()
-    model = load_lora_model(checkpoint_dir, lora_path, device=device, dtype=dtype, merge=merge, quantize=quantize).eval()
+    model = load_lora_model(checkpoint_dir, lora_path, device=device, dtype=dtype, merge=merge, quantize=quantize)
+    model.eval()
     if device.type == "cpu":
         use_cpu_decode_layout(model)
     print(f"Loaded {checkpoint_dir} with {lora_path} ({'merged' if merge else 'not merged'}) in "

@@ -225,7 +225,9 @@ def pad_batch(
 
 
 
-def cross_entropy_sum(model: LLaMA, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy_sum(
+    model: LLaMA, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """The model's cross-entropy on `input_ids` (B, T), summed over the `targets` (B, T) that are not `ignore_index`.
 
     A sum, not a mean: the fine-tuning loops divide by the number of targets in the whole batch, which spans

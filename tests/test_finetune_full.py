@@ -67,7 +67,8 @@ def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(chec
     model.load_state_dict(state["model"], assign=True)
     tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
     prompt = generate_prompt(RECORD)
-    expected = tokenizer.decode(generate(model.eval(), tokenizer.encode(prompt), 20, temperature=0.0, eos_id=tokenizer.eos_id))
+    output = generate(model.eval(), tokenizer.encode(prompt), 20, temperature=0.0, eos_id=tokenizer.eos_id)
+    expected = tokenizer.decode(output)
     result = subprocess.run([sys.executable, "generate.py", "--checkpoint_dir", str(out_dir), "--prompt", prompt,
                              "--temperature", "0", "--max_new_tokens", "20"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -83,7 +84,8 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
         return str(raised.value.code)
 
     assert error(micro_batch_size=8) == "error: --micro_batch_size 8 must be between 1 and --batch_size 4"
-    assert error(out_dir=checkpoint_dir) == f"error: --out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory"
+    assert error(out_dir=checkpoint_dir) == (
+        f"error: --out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory")
     assert error(data_dir=tmp_path / "missing") == (
         f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
     (tmp_path / "state.pt").write_bytes(b"not a checkpoint")

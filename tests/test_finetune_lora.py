@@ -66,7 +66,11 @@ def overfit(tmp_path_factory, checkpoint_dir, eight_records):
     models = []
     load_model = finetune_lora.load_model
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(finetune_lora, "load_model", lambda *args, **kwargs: models.append(load_model(*args, **kwargs)) or models[-1])
+        def caught(*args, **kwargs):
+            models.append(load_model(*args, **kwargs))
+            return models[-1]
+
+        monkeypatch.setattr(finetune_lora, "load_model", caught)
         setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, **{
             **QUICK, "batch_size": 8, "micro_batch_size": 4, "max_iters": 80, "warmup_steps": 5, "learning_rate": 3e-2,
             "lora_dropout": 0.0, "lora_head": True, "max_seq_length": 128, "eval_interval": 40, "save_interval": 40,
@@ -92,7 +96,8 @@ def command(data_dir: Path, checkpoint_dir: Path, out_dir: Path, **settings) -> 
 
 def run_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Runs a command in its own process group, killed whole (Fabric's DDP workers too) if it overruns."""
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -163,7 +168,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_each_epoch_reads_every_record_once_in_an_order_fixed_by_seed_and_epoch():
-    first, second = ([i for step in range(steps, steps + 5) for i in batch_indices(step, 4, 20, seed=7)] for steps in (0, 5))
+    first = [i for step in range(0, 5) for i in batch_indices(step, 4, 20, seed=7)]
+    second = [i for step in range(5, 10) for i in batch_indices(step, 4, 20, seed=7)]
     assert sorted(first) == sorted(second) == list(range(20))
     assert first != second and first != list(range(20))
     assert batch_indices(6, 4, 20, seed=7) == second[4:8]  # a step's batch follows from its number alone
@@ -244,7 +250,8 @@ def test_ddp_on_two_cpu_processes_gives_the_loss_of_one_process(checkpoint_dir, 
     settings = {**QUICK, "batch_size": 8, "micro_batch_size": 2, "max_iters": 3, "eval_interval": 3, "eval_iters": 4,
                 "lora_dropout": 0.0, "learning_rate": 1e-2}
     setup(data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "one", **settings)
-    result = run_command(command(data_dir, checkpoint_dir, tmp_path / "two", devices=2, strategy="ddp", **settings), timeout=300)
+    two_processes = command(data_dir, checkpoint_dir, tmp_path / "two", devices=2, strategy="ddp", **settings)
+    result = run_command(two_processes, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 device(s)" in result.stdout
     one, two = train_state(tmp_path / "one"), train_state(tmp_path / "two")
@@ -261,7 +268,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(checkpo
     state = train_state(tmp_path)
     message = str(raised.value.code)
     assert message.startswith("error: the loss (") and "is not finite at step" in message
-    assert message.endswith(f"The last good checkpoint is {tmp_path / 'train_state.pt'}: resume from it with a lower --learning_rate")
+    assert message.endswith(
+        f"The last good checkpoint is {tmp_path / 'train_state.pt'}: resume from it with a lower --learning_rate")
     assert f"at step {state['step'] + 1};" in message and "\n" not in message
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert all(torch.isfinite(torch.tensor(losses(state))))
@@ -280,7 +288,8 @@ def link_checkpoint(source: Path, destination: Path, **changes) -> Path:
 
 def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, tmp_path):
     def error(**settings) -> str:
-        arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out", **QUICK, **settings}
+        arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out",
+                     **QUICK, **settings}
         with pytest.raises(SystemExit) as raised:
             setup(**arguments)
         assert "\n" not in str(raised.value.code)
@@ -289,7 +298,8 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
     assert error(data_dir=tmp_path / "missing") == (
         f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
     tokenizer = (checkpoint_dir / "tokenizer.model").read_bytes()
-    other_tokenizer = link_checkpoint(checkpoint_dir, tmp_path / "other_tokenizer", **{"tokenizer.model": tokenizer + b"\0"})
+    other_tokenizer = link_checkpoint(checkpoint_dir, tmp_path / "other_tokenizer",
+                                      **{"tokenizer.model": tokenizer + b"\0"})
     assert error(checkpoint_dir=other_tokenizer).startswith(
         f"error: {eight_records} was tokenized with another tokenizer than {other_tokenizer / 'tokenizer.model'}")
     config = json.loads((checkpoint_dir / "model_config.json").read_text())
@@ -298,9 +308,11 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
     assert error(checkpoint_dir=small_vocab) == (
         f"error: {eight_records} holds token ids up to 31999, but the model's vocabulary has 1000; "
         "prepare the data with this checkpoint's tokenizer")
-    assert error(checkpoint_dir=tmp_path / "nothing").startswith(f"error: checkpoint directory {tmp_path / 'nothing'} does not exist")
+    assert error(checkpoint_dir=tmp_path / "nothing").startswith(
+        f"error: checkpoint directory {tmp_path / 'nothing'} does not exist")
     assert error(batch_size=4, micro_batch_size=8) == "error: --micro_batch_size 8 must be between 1 and --batch_size 4"
-    assert error(batch_size=6, micro_batch_size=4) == "error: --batch_size 6 must be a multiple of --micro_batch_size 4 x 1 devices"
+    assert error(batch_size=6, micro_batch_size=4) == (
+        "error: --batch_size 6 must be a multiple of --micro_batch_size 4 x 1 devices")
     assert error(resume=str(tmp_path / "nope.pt")) == (
         f"error: --resume {tmp_path / 'nope.pt'}: no such file (use --resume auto for the latest in --out_dir)")
 
@@ -312,7 +324,8 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
         "'mlp': False, 'head': True} (now: {'r': 4, 'alpha': 16, 'dropout': 0.0, 'query': True, 'key': False, "
         "'value': True, 'projection': False, 'mlp': False, 'head': True}); "
         "resume with the same checkpoint, data, LoRA and batch settings")
-    assert error(**{**fitting, "batch_size": 4}).endswith("batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings")
+    assert error(**{**fitting, "batch_size": 4}).endswith(
+        "batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings")
     assert error(**{**fitting, "resume": str(out_dir / "lit_model_lora_finetuned.safetensors")}).startswith(
         f"error: --resume {out_dir / 'lit_model_lora_finetuned.safetensors'} is not a train_state.pt of finetune_lora.py (")
 
@@ -320,12 +333,14 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
 def test_command_line_errors_are_one_line_on_stderr_with_nonzero_exit(checkpoint_dir, tmp_path):
     result = run_command(command(tmp_path / "missing", checkpoint_dir, tmp_path / "out"), timeout=120)
     assert result.returncode == 1
-    assert result.stderr == f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first\n"
+    assert result.stderr == (
+        f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first\n")
     assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_every_flag_with_its_explanation():
-    result = subprocess.run([sys.executable, "finetune_lora.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "finetune_lora.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
     for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--lora_r", "--lora_alpha", "--lora_dropout",
                  "--lora_query", "--lora_key", "--lora_value", "--lora_projection", "--lora_mlp", "--lora_head",
                  "--lora_all_linear", "--micro_batch_size", "--batch_size", "--learning_rate", "--weight_decay",

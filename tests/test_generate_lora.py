@@ -50,7 +50,8 @@ def test_greedy_answer_equals_generate_py_on_the_merged_checkpoint(checkpoint_di
                  "--out_dir", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr
     ours = run("generate_lora.py", "--checkpoint_dir", str(checkpoint_dir), "--lora_path", str(adapter),
-               "--prompt", RECORD["instruction"], "--input", RECORD["input"], "--temperature", "0", "--max_new_tokens", "40")
+               "--prompt", RECORD["instruction"], "--input", RECORD["input"],
+               "--temperature", "0", "--max_new_tokens", "40")
     prompt = generate_prompt(RECORD)
     reference = run("generate.py", "--checkpoint_dir", str(tmp_path / "merged"), "--prompt", prompt,
                     "--temperature", "0", "--max_new_tokens", "40")
@@ -78,7 +79,8 @@ def test_merged_and_separate_adapter_give_the_same_text(checkpoint_dir, adapter,
 
 
 def test_bad_input_is_one_line_with_nonzero_exit(checkpoint_dir, adapter, tmp_path):
-    missing = run("generate_lora.py", "--checkpoint_dir", str(checkpoint_dir), "--lora_path", str(tmp_path / "nope.safetensors"))
+    missing = run("generate_lora.py", "--checkpoint_dir", str(checkpoint_dir),
+                  "--lora_path", str(tmp_path / "nope.safetensors"))
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr == f"error: LoRA checkpoint {tmp_path / 'nope.safetensors'} not found\n"
 

@@ -1,0 +1,211 @@
+"""LoRA fine-tuning throughput and memory: ours vs Hugging Face transformers + PEFT, on CPU in fp32.
+
+    python benchmarks/finetune_vs_hf.py
+
+Builds a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000) with transformers,
+saves it in Hub format and converts it, so both sides hold the same weights; writes one initial LoRA adapter
+(r=8, alpha=16, dropout 0.05, query and value) and exports it with scripts/export_peft.py, so both start from
+the same LoRA weights; prepares real Alpaca records (../shared/data/alpaca_en_demo.json, prepare_alpaca.py's
+default max_seq_length 256) and takes the same micro-batches of 4 for both, each padded to its longest record.
+
+Each side trains in its own process, so that its peak resident memory (max RSS) is its own: ours as
+finetune_lora.py does a step (utils.pad_batch, utils.cross_entropy_sum, AdamW over the LoRA weights), and
+transformers + PEFT as its documentation does (PeftModel, the model's own loss from `labels`, no KV cache).
+The two processes take turns, one step each, so that both meet the same load on a shared machine; tokens/sec
+counts the records' real tokens (padding excluded) over every step but the first, and the step-time ratio is
+also given as the median of the ratios of the paired steps, which load spikes disturb least, and as the ratio
+of the CPU time the processes spent (with --threads 1, nearly free of other jobs' influence).
+"""
+
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+from jsonargparse import CLI
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+LORA = dict(r=8, alpha=16, dropout=0.05, query=True, value=True)
+NAMES = {"ours": "ours (finetune_lora.py's step)", "hf": "transformers + peft"}
+
+
+def main(
+    steps: int = 8,
+    micro_batch_size: int = 4,
+    rounds: int = 2,
+    threads: Optional[int] = None,
+    side: Optional[Literal["ours", "hf"]] = None,
+    workdir: Optional[Path] = None,
+) -> None:
+    """Times LoRA training steps of ours and of transformers + PEFT on the same weights and records.
+
+    Args:
+        steps: micro-batches (one optimizer step each) per round.
+        micro_batch_size: records per step.
+        rounds: passes over the micro-batches; the sides alternate step by step.
+        threads: CPU threads for PyTorch; by default one per core.
+        side: internal: serve the steps of one side in this process.
+        workdir: internal: the directory with the checkpoint, adapters and batches.
+    """
+    if side is not None:
+        if threads:
+            torch.set_num_threads(threads)
+        serve(workdir, train_ours if side == "ours" else train_hf)
+        return
+
+    with tempfile.TemporaryDirectory() as workdir:
+        workdir = Path(workdir)
+        lengths = make_inputs(workdir, steps, micro_batch_size)
+        command = [sys.executable, __file__, "--workdir", str(workdir)]
+        command += ["--threads", str(threads)] if threads else []
+        processes = {name: subprocess.Popen(command + ["--side", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            text=True) for name in NAMES}
+        reports = {name: json.loads(process.stdout.readline()) for name, process in processes.items()}  # loaded
+        times, cpu_times, losses = ({name: [] for name in NAMES} for _ in range(3))
+        for step in range(rounds * steps):
+            order = list(NAMES) if step % 2 == 0 else list(reversed(NAMES))  # neither side always goes first
+            for name in order:
+                processes[name].stdin.write(f"{step % steps}\n")
+                processes[name].stdin.flush()
+                result = json.loads(processes[name].stdout.readline())
+                times[name].append(result["time"])
+                cpu_times[name].append(result["cpu"])
+                losses[name].append(result["loss"])
+        for name, process in processes.items():
+            process.stdin.close()
+            reports[name].update(json.loads(process.stdout.readline()))
+            process.wait()
+
+    tokens = [lengths[step % steps][0] for step in range(rounds * steps)][1:]  # the first step warms up
+    speed = {name: sum(tokens) / sum(times[name][1:]) for name in NAMES}
+    paired = statistics.median(hf / ours for hf, ours in zip(times["hf"][1:], times["ours"][1:]))
+    print(f"134M LLaMA, LoRA r=8 on query and value, fp32, CPU ({reports['ours']['threads']} threads), "
+          f"{rounds} x {steps} "
+          f"steps of {micro_batch_size} Alpaca records ({sum(tokens)} tokens, padded to {min(l for _, l in lengths)}-"
+          f"{max(l for _, l in lengths)} per record), the sides taking turns:")
+    for name in NAMES:
+        print(f"  {NAMES[name]:32s} {speed[name]:6.0f} tokens/s   max RSS {reports[name]['max_rss_gb']:.2f} GB "
+              f"(after loading: {reports[name]['loaded_rss_gb']:.2f} GB)")
+    print(f"  throughput ours / transformers + peft: {speed['ours'] / speed['hf']:.2f}x "
+          f"(median of paired steps: {paired:.2f}x; "
+          f"CPU time per step: {sum(cpu_times['hf'][1:]) / sum(cpu_times['ours'][1:]):.2f}x)")
+    memory = reports["ours"]["max_rss_gb"] / reports["hf"]["max_rss_gb"]
+    print(f"  max RSS ours / transformers + peft:    {memory:.2f}x")
+    # LoRA's B starts at 0, so the first loss is the base model's and dropout cannot change it
+    print(f"  first-step loss: ours {losses['ours'][0]:.5f}, transformers + peft {losses['hf'][0]:.5f}")
+
+
+def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tuple[int, int]]:
+    """The checkpoint (Hub format and converted), the initial adapter in both formats, and the micro-batches."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert_hf_checkpoint import convert_hf_checkpoint
+    from export_peft import export_peft
+    from lora import lora, save_lora_checkpoint
+    from model import Config
+    from prepare_alpaca import setup as prepare
+    from utils import load_model
+
+    config = Config.from_name("134M")
+    checkpoint_dir = workdir / "checkpoint"
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_query_groups,
+        max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_base,
+        tie_word_embeddings=config.tie_embeddings,
+    ))
+    hf.save_pretrained(checkpoint_dir)
+    del hf
+    shutil.copyfile(SHARED_DATA / "tokenizer.model", checkpoint_dir / "tokenizer.model")
+    convert_hf_checkpoint(checkpoint_dir)
+
+    with lora(**LORA):
+        model = load_model(checkpoint_dir)  # A random (seeded above), B zero
+    save_lora_checkpoint(model, workdir / "adapter.safetensors")
+    export_peft(lora_path=workdir / "adapter.safetensors", out_dir=workdir / "peft")
+
+    prepare(destination_path=workdir / "data", checkpoint_dir=checkpoint_dir,
+            data_file_path=SHARED_DATA / "alpaca_en_demo.json")
+    records = torch.load(workdir / "data" / "train.pt", weights_only=True)  # already in random order
+    batches = [records[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(n_batches)]
+    torch.save(batches, workdir / "batches.pt")
+    # (real tokens, padded length) of each micro-batch
+    return [(sum(len(r["input_ids"]) for r in batch), max(len(r["input_ids"]) for r in batch)) for batch in batches]
+
+
+def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
+    from lora import load_lora_checkpoint, lora, mark_only_lora_as_trainable
+    from utils import cross_entropy_sum, load_model, pad_batch
+
+    with lora(**LORA):
+        model = load_model(workdir / "checkpoint")
+    load_lora_checkpoint(model, workdir / "adapter.safetensors")
+    mark_only_lora_as_trainable(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    model.train()
+
+    def step(records: list[dict]) -> float:
+        input_ids, targets = pad_batch(records, max_seq_length=256)
+        loss = cross_entropy_sum(model, input_ids, targets) / (targets != -100).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def train_hf(workdir: Path) -> Callable[[list[dict]], float]:
+    from peft import PeftModel
+    from torch.nn.utils.rnn import pad_sequence
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(workdir / "checkpoint", dtype=torch.float32, attn_implementation="sdpa")
+    model = PeftModel.from_pretrained(model, workdir / "peft", is_trainable=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    model.train()
+
+    def step(records: list[dict]) -> float:
+        input_ids = pad_sequence([r["input_ids"] for r in records], batch_first=True, padding_value=0)
+        labels = pad_sequence([r["labels"] for r in records], batch_first=True, padding_value=-100)
+        # right padding under causal attention needs no attention mask; the labels skip it
+        loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def serve(workdir: Path, build: Callable[[Path], Callable[[list[dict]], float]]) -> None:
+    """Builds one side, then runs the micro-batch whose index arrives on stdin, answering with its time and loss
+    on stdout, until stdin closes; then reports the peak memory."""
+    step = build(workdir)
+    batches = torch.load(workdir / "batches.pt", weights_only=True)
+    print(json.dumps({"loaded_rss_gb": max_rss_gb(), "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        loss = step(batches[int(line)])
+        result = {"time": time.perf_counter() - t0, "cpu": time.process_time() - cpu0, "loss": loss}
+        print(json.dumps(result), flush=True)
+    print(json.dumps({"max_rss_gb": max_rss_gb()}), flush=True)
+
+
+def max_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+if __name__ == "__main__":
+    CLI(main)
