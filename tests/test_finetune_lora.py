@@ -205,6 +205,29 @@ def test_lora_overfits_eight_records_while_the_base_weights_stay_bitwise_unchang
     assert (out_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_bf16_mixed_precision_holds_the_base_in_bf16_and_lora_in_fp32(checkpoint_dir, eight_records, tmp_path):
+    models, losses_by_precision = [], {}
+    load_model = finetune_lora.load_model
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        def caught(*args, **kwargs):
+            models.append(load_model(*args, **kwargs))
+            return models[-1]
+
+        monkeypatch.setattr(finetune_lora, "load_model", caught)
+        # the sample answer is not what this is about, and decoding in bf16 on a CPU takes half a minute
+        monkeypatch.setattr(finetune_lora, "generate", lambda model, prompt, *args, **kwargs: prompt)
+        for precision in ("bf16-mixed", "32-true"):
+            setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / precision,
+                  precision=precision, **{**QUICK, "batch_size": 2, "max_iters": 2, "max_seq_length": 64})
+            losses_by_precision[precision] = losses(train_state(tmp_path / precision))
+    parameters = dict(models[0].named_parameters())
+    assert {p.dtype for name, p in parameters.items() if ".lora." in name} == {torch.float32}
+    assert {p.dtype for name, p in parameters.items() if ".lora." not in name} == {torch.bfloat16}
+    adapter = load_file(tmp_path / "bf16-mixed" / "lit_model_lora_finetuned.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    assert losses_by_precision["bf16-mixed"] == pytest.approx(losses_by_precision["32-true"], abs=0.05)
+
+
 def test_the_saved_adapter_holds_only_lora_tensors_and_its_settings(overfit, checkpoint_dir):
     out_dir, model = overfit
     expected = {name: param for name, param in model.named_parameters() if ".lora." in name}
