@@ -44,7 +44,7 @@ def main(
         num_samples: how many continuations to generate, one after another.
         seed: random seed, so that a command line gives the same text every time.
         precision: "bf16-true", "16-true" or "32-true"; by default bf16-true on GPUs that support it and
-            32-true elsewhere (on CPUs bf16 matrix products are often hundreds of times slower).
+            32-true elsewhere (CPUs without bf16 instructions process prompts several times slower in bf16).
         quantize: hold the weights of every projection in 4 bits ("bnb.nf4", "bnb.fp4"; "-dq" quantizes their scales
             too) or 8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading: a fraction of
             the memory, slightly less accurate (see howto/quantize.md).
@@ -134,17 +134,17 @@ def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> to
 
 
 def use_cpu_decode_layout(model: torch.nn.Module) -> None:
-    """Stores the Linear weights with at least as many outputs as inputs column-major, for decoding on CPU.
+    """Stores the float32 Linear weights with at least as many outputs as inputs column-major, for decoding on CPU.
 
     Decoding multiplies a single row by each weight. On CPU (MKL, measured on an AVX2 EPYC) that product
-    reads a weight with out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out) than in
-    nn.Linear's (out, in): the head 1.6x, gate/up 1.3x, square ones about the same. A weight with out < in
-    (down_proj) is 1.2x slower that way, so it stays as it is. `t().contiguous().t()` keeps the shape (out, in)
-    and only changes the strides, so F.linear, LoRA layers and merging work unchanged; a tied head re-lays
-    out the embedding it shares, which lookups do not mind.
+    reads a float32 weight with out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out)
+    than in nn.Linear's (out, in): the head 1.6x, gate/up 1.3x, square ones about the same. A weight with
+    out < in (down_proj) is 1.2x slower that way, and a bfloat16 one 15x slower, so those stay as they are.
+    `t().contiguous().t()` keeps the shape (out, in) and only changes the strides, so F.linear, LoRA layers
+    and merging work unchanged; a tied head re-lays out the embedding it shares, which lookups do not mind.
     """
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_floating_point():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
             if module.out_features >= module.in_features:
                 module.weight.data = module.weight.data.t().contiguous().t()
 
