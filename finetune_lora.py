@@ -33,7 +33,7 @@ from model import LLaMA, Block
 from prepare_alpaca import check_prepared_data, generate_prompt
 from tokenizer import Tokenizer
 from utils import (
-    cross_entropy_sum, default_precision, load_config, load_model, make_optimizer, pad_batch, precision_to_dtype,
+    cross_entropy_sum, default_precision, load_config, load_model, make_optimizer, pack_batch, precision_to_dtype,
 )
 
 ADAPTER_NAME = "lit_model_lora_finetuned.safetensors"  # the final adapter; scripts/merge_lora.py's default
@@ -248,21 +248,19 @@ def train(
     t0, tokens = time.perf_counter(), 0
     model.train()
     while state["step"] < max_steps:
-        # The batch, shortest record first, cut into micro-batches: records of like length share a micro-batch, so
-        # less compute goes to padding. The loss is the mean over all the batch's target tokens, whichever
-        # micro-batch and device they are in, so this grouping leaves the gradient as it is.
+        # The batch, cut into micro-batches of records packed without padding (utils.pack_batch). The loss is the
+        # mean over all the batch's target tokens, whichever micro-batch and device they are in.
         batch = [train_data[j] for j in batch_indices(state["step"], args.batch_size, len(train_data), args.seed)]
-        batch.sort(key=lambda record: len(record["input_ids"]))
         n_targets = sum(int((record["labels"][1:max_seq_length] != ignore_index).sum()) for record in batch)
         micro_batches = [batch[i : i + args.micro_batch_size] for i in range(0, args.batch_size, args.micro_batch_size)]
         micro_batches = micro_batches[fabric.global_rank :: fabric.world_size]  # micro-batch k to device k % devices
         loss_sum = torch.zeros((), device=fabric.device)
         for i, micro_batch in enumerate(micro_batches):
-            input_ids, targets = pad_batch(micro_batch, max_seq_length, ignore_index)
+            input_ids, targets, lengths = pack_batch(micro_batch, max_seq_length)
             input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
             # under DDP, gradients are averaged across devices once per step, after the last micro-batch
             with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                loss = cross_entropy_sum(model, input_ids, targets, ignore_index) / max(n_targets, 1)
+                loss = cross_entropy_sum(model, input_ids, targets, ignore_index, lengths) / max(n_targets, 1)
                 fabric.backward(loss * fabric.world_size)  # DDP and FSDP average gradients; we want their sum
             loss_sum += loss.detach()
         loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
@@ -323,9 +321,9 @@ def validate(
         micro_batches = micro_batches[: max(len(micro_batches) // fabric.world_size, 1) * fabric.world_size]
     totals = torch.zeros(2, device=fabric.device)  # summed loss, target tokens
     for micro_batch in micro_batches[fabric.global_rank :: fabric.world_size]:
-        input_ids, targets = pad_batch([val_data[j] for j in micro_batch], max_seq_length, ignore_index)
+        input_ids, targets, lengths = pack_batch([val_data[j] for j in micro_batch], max_seq_length)
         input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
-        totals[0] += cross_entropy_sum(model, input_ids, targets, ignore_index)
+        totals[0] += cross_entropy_sum(model, input_ids, targets, ignore_index, lengths)
         totals[1] += (targets != ignore_index).sum()
     totals = fabric.all_reduce(totals, reduce_op="sum")
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()

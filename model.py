@@ -134,14 +134,24 @@ class LLaMA(nn.Module):
         # block's input and recompute its activations during backward; about 1/3 more compute for far less memory
         self.gradient_checkpointing = False
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, lengths: Optional[list[int]] = None
+    ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, or None for a
-        plain causal pass over positions 0..T-1 without a cache. Returns logits (B, T, vocab_size)."""
+        plain causal pass over positions 0..T-1 without a cache. lengths: for training on several sequences
+        packed into one row without padding (B = 1, T = sum(lengths)): each attends only to itself and its
+        positions start at 0, so every position is a real token. Returns logits (B, T, vocab_size)."""
         T = idx.size(1)
         if self.rope_cache is None or self.rope_cache[0].device != idx.device:
             self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, idx.device)
         cos, sin = self.rope_cache
-        if input_pos is None:
+        if lengths is not None:
+            if input_pos is not None or idx.size(0) != 1 or sum(lengths) != T or max(lengths) > self.config.block_size:
+                raise ValueError(f"lengths {lengths} must add up to the one row of {T} tokens, each at most block_size "
+                                 f"{self.config.block_size}, without input_pos")
+            positions = torch.cat([torch.arange(n, device=idx.device) for n in lengths])
+            cos, sin = cos[positions], sin[positions]
+        elif input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             cos, sin = cos[:T], sin[:T]
@@ -151,9 +161,9 @@ class LLaMA(nn.Module):
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, lengths, use_reentrant=False)
             else:
-                x = block(x, cos, sin, input_pos)
+                x = block(x, cos, sin, input_pos, lengths)
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
@@ -176,8 +186,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]]
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, lengths)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -195,7 +207,9 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = linear(config.n_embd, config.n_embd, "projection")
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]]
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
         k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_query_groups, T, head_size)
@@ -216,9 +230,15 @@ class CausalSelfAttention(nn.Module):
             mask = None if T == 1 else input_pos[:, None] >= torch.arange(end, device=x.device)[None, :]
             is_causal = False
 
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_query_groups != self.n_head
-        )  # (B, n_head, T, head_size)
+        gqa = self.n_query_groups != self.n_head
+        if lengths is not None:  # sequences packed into one row: each is causal attention over its own tokens only
+            y = torch.cat([
+                F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=gqa)
+                for q_i, k_i, v_i in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+            ], dim=2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        # y: (B, n_head, T, head_size)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
 

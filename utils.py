@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.nn.utils.rnn import pad_sequence
 
 from model import LLaMA, Config
 
@@ -209,26 +208,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def pad_batch(
-    samples: list[dict[str, torch.Tensor]], max_seq_length: int, ignore_index: int = -100
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (B, T) and next-token targets (B, T) of a micro-batch of prepared records (prepare_alpaca.py's
-    {"input_ids", "labels"}, labels not shifted), each cut to `max_seq_length` tokens.
+def pack_batch(
+    samples: list[dict[str, torch.Tensor]], max_seq_length: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Inputs (1, N) and next-token targets (1, N) of a micro-batch of prepared records (prepare_alpaca.py's
+    {"input_ids", "labels"}, labels not shifted), each cut to `max_seq_length` tokens and then packed one after
+    another into a single row, and the length of each record's part (`LLaMA.forward`'s `lengths`).
 
-    The batch is padded to its longest record, not to `max_seq_length`: a padding position costs as much
-    compute as a token. Padding goes on the right, where causal attention keeps it from affecting the real
-    tokens, and its targets are `ignore_index`, so the loss skips it."""
-    ids = pad_sequence([s["input_ids"][:max_seq_length] for s in samples], batch_first=True, padding_value=0)
-    labels = pad_sequence([s["labels"][:max_seq_length] for s in samples], batch_first=True, padding_value=ignore_index)
-    return ids[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-
-
+    Packed, not padded to the longest record: a padding position costs as much compute and memory as a token,
+    and in a micro-batch of instruction records of mixed lengths a third of the positions would be padding.
+    The model keeps the records apart (each attends only to itself, from position 0), so the logits are those
+    of each record on its own."""
+    samples = [{key: sample[key][:max_seq_length] for key in ("input_ids", "labels")} for sample in samples]
+    input_ids = torch.cat([sample["input_ids"][:-1] for sample in samples])
+    targets = torch.cat([sample["labels"][1:] for sample in samples])  # position t predicts token t + 1
+    return input_ids[None], targets[None], [len(sample["input_ids"]) - 1 for sample in samples]
 
 
 def cross_entropy_sum(
-    model: LLaMA, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+    model: LLaMA, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    lengths: Optional[list[int]] = None,
 ) -> torch.Tensor:
-    """The model's cross-entropy on `input_ids` (B, T), summed over the `targets` (B, T) that are not `ignore_index`.
+    """The model's cross-entropy on `input_ids` (B, T), summed over the `targets` (B, T) that are not `ignore_index`;
+    `lengths` as `pack_batch` returns them for packed records.
 
     A sum, not a mean: the fine-tuning loops divide by the number of targets in the whole batch, which spans
     micro-batches and devices. Two things make it cheaper than F.cross_entropy over model(input_ids), with the
@@ -239,7 +241,7 @@ def cross_entropy_sum(
     # the head's input (B, T, n_embd) -> (n_targets, n_embd); `model` may be a Fabric, DDP or FSDP wrapper
     hook = model.lm_head.register_forward_pre_hook(lambda head, args: (args[0][where],))
     try:
-        logits = model(input_ids)  # (n_targets, vocab_size)
+        logits = model(input_ids, lengths=lengths)  # (n_targets, vocab_size)
     finally:
         hook.remove()
     if torch.is_grad_enabled() and logits.requires_grad:

@@ -6,10 +6,11 @@ Builds a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, 
 saves it in Hub format and converts it, so both sides hold the same weights; writes one initial LoRA adapter
 (r=8, alpha=16, dropout 0.05, query and value) and exports it with scripts/export_peft.py, so both start from
 the same LoRA weights; prepares real Alpaca records (../shared/data/alpaca_en_demo.json, prepare_alpaca.py's
-default max_seq_length 256) and takes the same micro-batches of 4 for both, each padded to its longest record.
+default max_seq_length 256) and takes the same micro-batches of 4 for both: transformers pads each to its longest record (its
+documented way), ours packs the records into one row without padding (finetune_lora.py's way).
 
-Each side trains in its own process, so that its peak resident memory (max RSS) is its own: ours as
-finetune_lora.py does a step (utils.pad_batch, utils.cross_entropy_sum, AdamW over the LoRA weights), and
+Each side trains in its own process, so that its peak resident memory (VmHWM, Linux) is its own: ours as
+finetune_lora.py does a step (utils.pack_batch, utils.cross_entropy_sum, AdamW over the LoRA weights), and
 transformers + PEFT as its documentation does (PeftModel, the model's own loss from `labels`, no KV cache).
 The two processes take turns, one step each, so that both meet the same load on a shared machine; tokens/sec
 counts the records' real tokens (padding excluded) over every step but the first, and the step-time ratio is
@@ -18,7 +19,6 @@ of the CPU time the processes spent (with --threads 1, nearly free of other jobs
 """
 
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -146,7 +146,7 @@ def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tu
 
 def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
     from lora import load_lora_checkpoint, lora, mark_only_lora_as_trainable
-    from utils import cross_entropy_sum, load_model, pad_batch
+    from utils import cross_entropy_sum, load_model, pack_batch
 
     with lora(**LORA):
         model = load_model(workdir / "checkpoint")
@@ -156,8 +156,8 @@ def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
     model.train()
 
     def step(records: list[dict]) -> float:
-        input_ids, targets = pad_batch(records, max_seq_length=256)
-        loss = cross_entropy_sum(model, input_ids, targets) / (targets != -100).sum()
+        input_ids, targets, lengths = pack_batch(records, max_seq_length=256)
+        loss = cross_entropy_sum(model, input_ids, targets, lengths=lengths) / (targets != -100).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -204,7 +204,10 @@ def serve(workdir: Path, build: Callable[[Path], Callable[[list[dict]], float]])
 
 
 def max_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+    """This process's peak resident memory (VmHWM) from /proc: getrusage's ru_maxrss is carried over from the parent
+    through fork and exec on Linux, so each side would report at least this benchmark's main process's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e6  # kB
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from finetune_lora import batch_indices, learning_rate, setup
 from lora import lora, mark_only_lora_as_trainable, read_lora_config
 from model import LLaMA, Config
 from prepare_alpaca import setup as prepare
-from utils import cross_entropy_sum, pad_batch
+from utils import cross_entropy_sum, pack_batch
 
 TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
 # a short run: tests pass what they are about on top
@@ -107,16 +107,55 @@ def run_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
-def test_pad_batch_pads_to_the_longest_record_and_shifts_the_targets():
+def test_pack_batch_packs_the_records_into_one_row_and_shifts_the_targets():
     records = [
         {"input_ids": torch.tensor([1, 5, 6, 7, 2]), "labels": torch.tensor([-100, -100, 6, 7, 2])},
         {"input_ids": torch.tensor([1, 8, 2]), "labels": torch.tensor([-100, 8, 2])},
     ]
-    input_ids, targets = pad_batch(records, max_seq_length=512)
-    assert input_ids.tolist() == [[1, 5, 6, 7], [1, 8, 2, 0]]  # the longest record sets T, the last token is no input
-    assert targets.tolist() == [[-100, 6, 7, 2], [8, 2, -100, -100]]  # position t predicts token t + 1
-    input_ids, targets = pad_batch(records, max_seq_length=3)
-    assert input_ids.tolist() == [[1, 5], [1, 8]] and targets.tolist() == [[-100, 6], [8, 2]]
+    input_ids, targets, lengths = pack_batch(records, max_seq_length=512)
+    assert input_ids.tolist() == [[1, 5, 6, 7, 1, 8]]  # no padding; a record's last token is no input
+    assert targets.tolist() == [[-100, 6, 7, 2, 8, 2]]  # position t predicts token t + 1 of the same record
+    assert lengths == [4, 2]
+    input_ids, targets, lengths = pack_batch(records, max_seq_length=3)
+    assert input_ids.tolist() == [[1, 5, 1, 8]] and targets.tolist() == [[-100, 6, 8, 2]] and lengths == [2, 2]
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_packed_records_give_each_records_own_logits_loss_and_gradients(gradient_checkpointing):
+    """Packing is only a cheaper layout: every record attends to itself alone, from position 0."""
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.0, query=True, value=True):
+        model = LLaMA(Config(**TINY))
+    mark_only_lora_as_trainable(model)
+    model.gradient_checkpointing = gradient_checkpointing
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(std=0.1)
+    records = []
+    for length in (9, 3, 14):
+        ids = torch.randint(3, 100, (length,))
+        records.append({"input_ids": ids, "labels": torch.cat([torch.full((2,), -100), ids[2:]])})
+
+    input_ids, targets, lengths = pack_batch(records, max_seq_length=12)
+    logits = model(input_ids, lengths=lengths)[0]
+    alone = torch.cat([model(record["input_ids"][None, :12][:, :-1])[0] for record in records])
+    torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+
+    loss = cross_entropy_sum(model, input_ids, targets, lengths=lengths)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    expected = sum(
+        F.cross_entropy(model(r["input_ids"][None, :12][:, :-1])[0], r["labels"][1:12], reduction="sum") for r in records
+    )
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must add up"):
+        model(input_ids, lengths=[1, 2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
