@@ -222,12 +222,10 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
             k_cache, v_cache = self.kv_cache
-            k_cache[:B, :, input_pos] = k
-            v_cache[:B, :, input_pos] = v
-            end = int(input_pos[-1]) + 1
-            k, v = k_cache[:B, :, :end], v_cache[:B, :, :end]  # (B, n_query_groups, end, head_size)
-            # a single new token sees every cached position; a chunk of several needs a causal mask
-            mask = None if T == 1 else input_pos[:, None] >= torch.arange(end, device=x.device)[None, :]
+            k, v = k_cache[:B].index_copy_(2, input_pos, k), v_cache[:B].index_copy_(2, input_pos, v)
+            # attend over the whole cache (B, n_query_groups, cache length, head_size), masking the positions after
+            # each query's own: no shape depends on how full the cache is, so torch.compile needs no graph break
+            mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)[None, :]
             is_causal = False
 
         gqa = self.n_query_groups != self.n_head

@@ -5,7 +5,7 @@
 Builds a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000) with
 transformers, saves it in Hub format, converts it with scripts/convert_hf_checkpoint.py and loads it with
 utils.load_model, so both sides hold the same weights. Then greedily decodes 128 tokens after a 16-token
-prompt with each, in turns, timing only runs during which no other process was busy, and prints tokens/sec,
+prompt with each (ours also through torch.compile, as generate.py --compile true does), in turns, timing only runs during which no other process was busy, and prints tokens/sec,
 whether the greedy tokens are identical, and the bound memory bandwidth puts on decoding: every new token
 reads every weight once, so tokens/sec <= bandwidth / weight bytes.
 """
@@ -73,7 +73,9 @@ def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, s
         )[0],
         "ours": lambda: generate(ours, prompt, max_new_tokens, temperature=0.0),
         "ours, nn.Linear layout": lambda: generate(plain, prompt, max_new_tokens, temperature=0.0),
+        "ours, torch.compile": lambda: generate(compiled, prompt, max_new_tokens, temperature=0.0),
     }
+    compiled = torch.compile(ours)  # generate.py --compile true; the first (warm-up) run compiles
     outputs = {name: run() for name, run in runs.items()}  # warm-up
     speeds = {name: [] for name in runs}
     for _ in range(repeats):
@@ -84,9 +86,10 @@ def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, s
           f"{max_new_tokens} greedy new tokens; best (median) of {repeats} runs:")
     for name, values in speeds.items():
         print(f"  {name:24s} {max(values):5.1f} tokens/s ({statistics.median(values):.1f})")
-    best, median = (max(speeds["ours"]) / max(speeds["transformers"]),
-                    statistics.median(speeds["ours"]) / statistics.median(speeds["transformers"]))
-    print(f"  ours / transformers: {best:.2f}x ({median:.2f}x)")
+    for name in ("ours", "ours, torch.compile"):
+        best, median = (max(speeds[name]) / max(speeds["transformers"]),
+                        statistics.median(speeds[name]) / statistics.median(speeds["transformers"]))
+        print(f"  {name} / transformers: {best:.2f}x ({median:.2f}x)")
     identical = all(torch.equal(outputs["transformers"], out) for out in outputs.values())
     print(f"  greedy tokens identical: {identical}")
 

@@ -6,10 +6,14 @@ The 134M config (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000
 weights in both, LoRA r=8 on query and value, batch 4 x 256 tokens: the time of one forward + backward +
 AdamW step of ours, of transformers + PEFT, and of ours with the base frozen and no LoRA (gradients
 asked for at the same places, so it runs every matrix product a LoRA step runs except LoRA's own: the
-floor any LoRA implementation sits on). Then greedy decoding with generate.generate (KV cache) from a
+floor any LoRA implementation sits on). Two batches: random tokens with a target at every position, and real
+Alpaca records (../shared/data, cut to 257 tokens so none is padding) whose prompts have no target, as in
+fine-tuning; ours computes the loss as finetune_lora.py does (utils.cross_entropy_sum: the output head only
+where there is a target), transformers + PEFT over all the logits, as its `labels` loss does. Then greedy decoding with generate.generate (KV cache) from a
 model with the adapter merged in, against the base model.
 """
 
+import json
 import statistics
 import sys
 import time
@@ -27,6 +31,9 @@ from export_peft import lit_to_peft_name
 from generate import generate
 from lora import LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
 from model import LLaMA, Config
+from utils import cross_entropy_sum
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def main(
@@ -74,27 +81,37 @@ def main(
         for layer in (base.blocks[0].attn.q_proj, base.blocks[0].attn.v_proj)
     ]
 
-    tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
-    steppers = {
-        "ours (LoRA)": make_step(ours, lambda idx: ours(idx), tokens),
-        "transformers + peft": make_step(peft_model, lambda idx: peft_model(input_ids=idx).logits, tokens),
-        "ours (frozen base, no LoRA)": make_step(base, lambda idx: base(idx), tokens),
+    batches = {"random tokens, a target at every position": random_batch(config, batch_size, seq_len)}
+    if SHARED_DATA.is_dir():
+        batches["Alpaca records, the prompt masked"] = alpaca_batch(batch_size, seq_len)
+    else:
+        print(f"{SHARED_DATA} not found: skipping the Alpaca batch", file=sys.stderr)
+    losses = {  # ours as finetune_lora.py computes it; transformers' over all the logits, as its `labels` loss does
+        "ours (LoRA)": lambda idx, targets: cross_entropy_sum(ours, idx, targets),
+        "transformers + peft": lambda idx, targets: F.cross_entropy(
+            peft_model(input_ids=idx).logits.flatten(0, 1), targets.flatten(), reduction="sum"),
+        "ours (frozen base, no LoRA)": lambda idx, targets: cross_entropy_sum(base, idx, targets),
     }
-    times = {name: [] for name in steppers}
-    for step in range(steps + 1):  # round-robin, so that drift in the machine's speed hits all alike
-        for name, run_step in steppers.items():
-            t0 = time.perf_counter()
-            run_step()
-            if step > 0:
-                times[name].append(time.perf_counter() - t0)
-    print(f"\nforward + backward + AdamW step, best and median of {steps}")
-    best = {name: min(t) for name, t in times.items()}
-    for name, t in times.items():
-        print(f"  {name:30s} {min(t):6.3f} s  {statistics.median(t):6.3f} s   {batch_size * seq_len / min(t):5.0f} tokens/s")
-    print(f"  transformers + peft / ours:    {best['transformers + peft'] / best['ours (LoRA)']:.2f}x")
-    print(f"  ours / frozen base, no LoRA:   {best['ours (LoRA)'] / best['ours (frozen base, no LoRA)']:.2f}x")
-    print(f"  transformers + peft / floor:   {best['transformers + peft'] / best['ours (frozen base, no LoRA)']:.2f}x"
-          "  (the most any LoRA layer could gain on this model.py)")
+    for batch_name, (idx, targets) in batches.items():
+        n_targets = int((targets != -100).sum())
+        steppers = {name: make_step(model, loss_of, idx, targets)
+                    for (name, loss_of), model in zip(losses.items(), (ours, peft_model, base))}
+        times = {name: [] for name in steppers}
+        for step in range(steps + 1):  # round-robin, so that drift in the machine's speed hits all alike
+            for name, run_step in steppers.items():
+                t0 = time.perf_counter()
+                run_step()
+                if step > 0:
+                    times[name].append(time.perf_counter() - t0)
+        print(f"\n{batch_name} ({n_targets} of {idx.numel()} positions): forward + backward + AdamW step, "
+              f"best and median of {steps}")
+        best = {name: min(t) for name, t in times.items()}
+        for name, t in times.items():
+            print(f"  {name:30s} {min(t):6.3f} s  {statistics.median(t):6.3f} s   {idx.numel() / min(t):5.0f} tokens/s")
+        print(f"  transformers + peft / ours:    {best['transformers + peft'] / best['ours (LoRA)']:.2f}x")
+        print(f"  ours / frozen base, no LoRA:   {best['ours (LoRA)'] / best['ours (frozen base, no LoRA)']:.2f}x")
+        print(f"  transformers + peft / floor:   {best['transformers + peft'] / best['ours (frozen base, no LoRA)']:.2f}x"
+              "  (the most any LoRA layer could gain on this model.py)")
     for hook in hooks:
         hook.remove()
 
@@ -144,16 +161,34 @@ def build_peft_model(hf_model: torch.nn.Module, ours: LLaMA) -> torch.nn.Module:
     return peft_model
 
 
-def make_step(model: torch.nn.Module, logits_of: Callable, tokens: torch.Tensor) -> Callable[[], None]:
-    """One training step as a fine-tuning script does it, with the same loss for every model."""
+def random_batch(config: Config, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def alpaca_batch(batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `batch_size` shared Alpaca records of at least seq_len + 1 tokens, cut to that, so no position is
+    padding; their targets, as prepare_alpaca.py makes them, skip BOS and the prompt (-100)."""
+    from prepare_alpaca import tokenize
+    from tokenizer import Tokenizer
+
+    examples = json.loads((SHARED_DATA / "alpaca_en_demo.json").read_text())
+    samples, lengths, _, _ = tokenize(examples, Tokenizer(SHARED_DATA / "tokenizer.model"), seq_len + 1,
+                                      mask_inputs=True, ignore_index=-100)
+    chosen = [sample for sample, length in zip(samples, lengths) if sample is not None and length > seq_len][:batch_size]
+    ids, labels = torch.stack([s["input_ids"] for s in chosen]), torch.stack([s["labels"] for s in chosen])
+    return ids[:, :-1], labels[:, 1:]
+
+
+def make_step(model: torch.nn.Module, loss_of: Callable, idx: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+    """One training step as a fine-tuning script does it: the loss is the mean over the targets."""
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable or [torch.zeros(1, requires_grad=True)], lr=3e-4)  # frozen base: a no-op
-    idx, targets = tokens[:, :-1], tokens[:, 1:]
+    n_targets = (targets != -100).sum()
 
     def step() -> None:
-        logits = logits_of(idx)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss = loss_of(idx, targets) / n_targets
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

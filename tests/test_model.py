@@ -56,6 +56,16 @@ def test_kv_cache_equals_full_recomputation(tmp_path):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_decoding_with_the_kv_cache_traces_into_one_graph():
+    """generate.py --compile: no shape depends on how full the cache is, so torch.compile has no graph break."""
+    model = LLaMA(Config.from_name("tiny")).eval()
+    model.set_kv_cache(batch_size=1, max_seq_length=8)
+    with torch.no_grad():
+        for idx, input_pos in ((torch.tensor([[1, 5, 9]]), torch.arange(3)), (torch.tensor([[4]]), torch.tensor([3]))):
+            explanation = torch._dynamo.explain(model)(idx, input_pos)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_config_from_hf_old_style(tmp_path):
     # as in most Llama-2 repositories: top-level rope_theta and torch_dtype, no head_dim
     hf = {
