@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import model as llama
-from model import LLaMA, Config, RMSNorm
+from model import LLaMA, Config
 from utils import atomic_path, load_config, load_model
 
 # What each projection of model.py is called by the `lora()` flags (model.linear's `role`)

@@ -1,5 +1,7 @@
-"""Shared test helpers: paths to ../shared/data and tiny Hub-format checkpoints built on the fly."""
+"""Shared test helpers: paths to ../shared/data, tiny Hub-format checkpoints built on the fly, and the fixtures of the
+fine-tuning tests (a tiny converted checkpoint, 9 short real records prepared for it)."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -45,3 +47,25 @@ def make_checkpoint(directory: Path, seed: int = 0, **config):
     model = make_hf_checkpoint(directory, seed=seed, **config)
     convert_hf_checkpoint(directory)
     return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """A converted checkpoint of the "tiny" shapes (2 layers, n_embd 64, vocab 32000), weights from N(0, 0.02)."""
+    directory = tmp_path_factory.mktemp("checkpoint")
+    make_checkpoint(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
+    """The 9 shortest shared records, prepared whole: 8 to train on, 1 to test."""
+    from prepare_alpaca import setup as prepare
+
+    directory = tmp_path_factory.mktemp("eight")
+    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
+    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
+    (directory / "records.json").write_text(json.dumps(records))
+    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
+            test_split_fraction=0.12, max_seq_length=128)
+    return directory

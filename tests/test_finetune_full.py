@@ -1,43 +1,21 @@
 """finetune_full.py on the tiny config (real tokenizer, fp32 on CPU): every weight learns, the loss falls, and the
 directory it writes is a checkpoint generate.py loads, holding the trained weights; bad input in one line."""
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_checkpoint, shared_file
+from conftest import ROOT
 from finetune_full import setup
 from generate import generate
 from model import LLaMA, Config
 from prepare_alpaca import generate_prompt
-from prepare_alpaca import setup as prepare
 from tokenizer import Tokenizer
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("checkpoint")
-    make_checkpoint(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
-    """The 9 shortest shared records, prepared whole: 8 to train on, 1 to test."""
-    directory = tmp_path_factory.mktemp("eight")
-    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
-    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
-    (directory / "records.json").write_text(json.dumps(records))
-    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
-            test_split_fraction=0.12, max_seq_length=128)
-    return directory
 
 
 def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(checkpoint_dir, eight_records, tmp_path):

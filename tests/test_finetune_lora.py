@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import finetune_lora
-from conftest import ROOT, make_checkpoint, shared_file
+from conftest import ROOT, shared_file
 from finetune_lora import batch_indices, learning_rate, setup
 from lora import lora, mark_only_lora_as_trainable, read_lora_config
 from model import LLaMA, Config
@@ -32,30 +32,11 @@ QUICK = dict(batch_size=4, micro_batch_size=2, max_iters=3, warmup_steps=1, eval
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("checkpoint")
-    make_checkpoint(directory)  # the "tiny" shapes: 2 layers, n_embd 64, vocab 32000
-    return directory
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, checkpoint_dir) -> Path:
     """The 999 shared records, prepared with max_seq_length 128."""
     directory = tmp_path_factory.mktemp("alpaca")
     prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=shared_file("alpaca_en_demo.json"),
             max_seq_length=128)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
-    """The 9 shortest shared records, prepared whole: 8 to train on, 1 to test."""
-    directory = tmp_path_factory.mktemp("eight")
-    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
-    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
-    (directory / "records.json").write_text(json.dumps(records))
-    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
-            test_split_fraction=0.12, max_seq_length=128)
     return directory
 
 

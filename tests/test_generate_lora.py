@@ -9,33 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_checkpoint, shared_file
+from conftest import ROOT, make_checkpoint
 from finetune_lora import setup as finetune
 from generate_lora import main as generate_lora
 from prepare_alpaca import generate_prompt
-from prepare_alpaca import setup as prepare
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5", "output": "The sum of the numbers is 10."}
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("checkpoint")
-    make_checkpoint(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, checkpoint_dir) -> Path:
+def adapter(tmp_path_factory, checkpoint_dir, eight_records) -> Path:
     """LoRA trained until it has memorised 8 short records of the shared data, RECORD among them."""
     directory = tmp_path_factory.mktemp("pipeline")
-    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
-    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
-    assert RECORD in records
-    (directory / "records.json").write_text(json.dumps(records))
-    prepare(destination_path=directory / "data", checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
-            test_split_fraction=0.12, max_seq_length=128)
-    finetune(data_dir=directory / "data", checkpoint_dir=checkpoint_dir, out_dir=directory / "out", batch_size=8,
+    assert RECORD in json.loads((eight_records / "records.json").read_text())
+    finetune(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=directory / "out", batch_size=8,
              micro_batch_size=4, max_iters=80, warmup_steps=5, learning_rate=3e-2, lora_dropout=0.0, lora_head=True,
              eval_interval=1000, eval_iters=1, save_interval=1000, max_seq_length=128)
     return directory / "out" / "lit_model_lora_finetuned.safetensors"

@@ -5,7 +5,6 @@ scripts/merge_lora.py, the optimizers against torch's AdamW, the scripts' flags,
 
 All on the tiny config of conftest.make_checkpoint (2 layers, n_embd 64, the real 32000-token tokenizer), fp32."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 import finetune_lora
 import generate as generate_py
 import utils
-from conftest import ROOT, make_checkpoint, shared_file
+from conftest import ROOT
 from finetune_full import setup as finetune_full
 from generate import generate
 from generate_lora import main as generate_lora
@@ -26,31 +25,11 @@ from lora import LoRALinear, load_lora_model, lora, lora_state_dict, save_lora_c
 from merge_lora import merge_lora
 from model import LLaMA
 from prepare_alpaca import generate_prompt
-from prepare_alpaca import setup as prepare
 from tokenizer import Tokenizer
 from utils import QUANTIZE_MODES, load_model, make_optimizer
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
 QUANTIZED = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("checkpoint")
-    make_checkpoint(directory)  # weights drawn from N(0, 0.02), as transformers initialises LLaMA
-    return directory
-
-
-@pytest.fixture(scope="module")
-def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
-    """The 9 shortest shared records, prepared whole: 8 to train on, 1 to test."""
-    directory = tmp_path_factory.mktemp("eight")
-    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
-    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
-    (directory / "records.json").write_text(json.dumps(records))
-    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
-            test_split_fraction=0.12, max_seq_length=128)
-    return directory
 
 
 @pytest.fixture(scope="module")
