@@ -142,9 +142,7 @@ class LLaMA(nn.Module):
         packed into one row without padding (B = 1, T = sum(lengths)): each attends only to itself and its
         positions start at 0, so every position is a real token. Returns logits (B, T, vocab_size)."""
         T = idx.size(1)
-        if self.rope_cache is None or self.rope_cache[0].device != idx.device:
-            self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, idx.device)
-        cos, sin = self.rope_cache
+        cos, sin = self.rope(idx.device)
         if lengths is not None:
             if input_pos is not None or idx.size(0) != 1 or sum(lengths) != T or max(lengths) > self.config.block_size:
                 raise ValueError(f"lengths {lengths} must add up to the one row of {T} tokens, each at most block_size "
@@ -165,6 +163,13 @@ class LLaMA(nn.Module):
             else:
                 x = block(x, cos, sin, input_pos, lengths)
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
+        device and then loaded, as utils.load_model does, has no device for them before its first input)."""
+        if self.rope_cache is None or self.rope_cache[0].device != device:
+            self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+        return self.rope_cache
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
         """Allocates key/value caches for incremental decoding with `forward(idx, input_pos)`, in the dtype of the
@@ -239,6 +244,13 @@ class CausalSelfAttention(nn.Module):
         # y: (B, n_head, T, head_size)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
+        device and then loaded, as utils.load_model does, has no device for them before its first input)."""
+        if self.rope_cache is None or self.rope_cache[0].device != device:
+            self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+        return self.rope_cache
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch_size, self.n_query_groups, max_seq_length, self.head_size)
