@@ -245,13 +245,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
 
-    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
-        device and then loaded, as utils.load_model does, has no device for them before its first input)."""
-        if self.rope_cache is None or self.rope_cache[0].device != device:
-            self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
-        return self.rope_cache
-
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch_size, self.n_query_groups, max_seq_length, self.head_size)
         self.kv_cache = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))

@@ -235,8 +235,8 @@ def cross_entropy_sum(
     A sum, not a mean: the fine-tuning loops divide by the number of targets in the whole batch, which spans
     micro-batches and devices. Two things make it cheaper than F.cross_entropy over model(input_ids), with the
     same value and gradient: the output head, a step's largest matrix product at a vocabulary of 32000, only
-    computes logits where there is a target (in instruction data the prompt and the padding, often more than
-    half of the positions, have none), and CrossEntropySum keeps one tensor of the logits' size instead of three."""
+    computes logits where there is a target (in instruction data the prompt, and padding if any, have none:
+    often more than half of the positions), and CrossEntropySum keeps one tensor of the logits' size instead of three."""
     where = targets != ignore_index
     # the head's input (B, T, n_embd) -> (n_targets, n_embd); `model` may be a Fabric, DDP or FSDP wrapper
     hook = model.lm_head.register_forward_pre_hook(lambda head, args: (args[0][where],))

@@ -5,9 +5,10 @@
 Builds a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000) with
 transformers, saves it in Hub format, converts it with scripts/convert_hf_checkpoint.py and loads it with
 utils.load_model, so both sides hold the same weights. Then greedily decodes 128 tokens after a 16-token
-prompt with each (ours also through torch.compile, as generate.py --compile true does), in turns, timing only runs during which no other process was busy, and prints tokens/sec,
-whether the greedy tokens are identical, and the bound memory bandwidth puts on decoding: every new token
-reads every weight once, so tokens/sec <= bandwidth / weight bytes.
+prompt with each (ours also through torch.compile, as generate.py --compile true does), in turns, timing
+only runs during which no other process was busy, and prints tokens/sec, whether the greedy tokens are
+identical, and the bound memory bandwidth puts on decoding: every new token reads every weight once, so
+tokens/sec <= bandwidth / weight bytes.
 """
 
 import os
@@ -66,6 +67,8 @@ def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, s
     use_cpu_decode_layout(ours)  # as generate.py does on CPU
 
     prompt = torch.randint(0, config.vocab_size, (prompt_length,))
+    ours.rope(prompt.device)  # as generate.py --compile true does; the warm-up run below compiles
+    compiled = torch.compile(ours)
     runs = {
         "transformers": lambda: hf.generate(
             prompt.view(1, -1), attention_mask=torch.ones(1, prompt_length, dtype=torch.long),
@@ -75,7 +78,6 @@ def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, s
         "ours, nn.Linear layout": lambda: generate(plain, prompt, max_new_tokens, temperature=0.0),
         "ours, torch.compile": lambda: generate(compiled, prompt, max_new_tokens, temperature=0.0),
     }
-    compiled = torch.compile(ours)  # generate.py --compile true; the first (warm-up) run compiles
     outputs = {name: run() for name, run in runs.items()}  # warm-up
     speeds = {name: [] for name in runs}
     for _ in range(repeats):
