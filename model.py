@@ -227,7 +227,9 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
             k_cache, v_cache = self.kv_cache
-            k, v = k_cache[:B].index_copy_(2, input_pos, k), v_cache[:B].index_copy_(2, input_pos, v)
+            # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
+            k = k_cache[:B].index_copy_(2, input_pos, k.to(k_cache.dtype))
+            v = v_cache[:B].index_copy_(2, input_pos, v.to(v_cache.dtype))
             # attend over the whole cache (B, n_query_groups, cache length, head_size), masking the positions after
             # each query's own: no shape depends on how full the cache is, so torch.compile needs no graph break
             mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)[None, :]

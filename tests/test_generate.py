@@ -42,6 +42,15 @@ def test_cached_decoding_equals_full_recomputation(model, temperature, top_k):
     assert all(block.attn.kv_cache is None for block in model.blocks)  # freed for the caller
 
 
+def test_decoding_under_autocast_with_fp32_weights(model):
+    """As finetune_full.py's bf16-mixed samples an answer: fp32 weights and caches, bf16 activations."""
+    prompt = torch.tensor([1, 5, 9])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = generate(model, prompt, max_new_tokens=4, temperature=0.0)
+        expected = decode_without_cache(model, prompt, max_new_tokens=4, temperature=0.0, top_k=None)
+    assert tokens.tolist() == expected.tolist()
+
+
 def test_stops_after_eos(model):
     prompt = torch.tensor([1, 5, 7])
     greedy = generate(model, prompt, 20, temperature=0.0).tolist()
