@@ -11,12 +11,16 @@ Alpaca records (../shared/data, cut to 257 tokens so none is padding) whose prom
 fine-tuning; ours computes the loss as finetune_lora.py does (utils.cross_entropy_sum: the output head only
 where there is a target), transformers + PEFT over all the logits, as its `labels` loss does. Then greedy decoding with generate.generate (KV cache) from a
 model with the adapter merged in, against the base model.
+
+On a GPU (--device cuda) as finetune_lora.py's bf16-mixed trains: the frozen base in bf16, LoRA's A and B in fp32,
+under bf16 autocast, on both sides (PEFT keeps its adapters in fp32 itself). --model_name Llama-2-7b-hf fits there.
 """
 
 import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,6 +48,7 @@ def main(
     new_tokens: int = 100,
     dtype: str = "float32",
     threads: Optional[int] = None,
+    device: str = "cpu",
 ) -> None:
     """Times training steps and generation and prints each figure and the ratios.
 
@@ -53,28 +58,40 @@ def main(
         seq_len: tokens per sequence.
         steps: timed steps per model (after one warm-up step); the best and the median are reported.
         new_tokens: tokens generated greedily in the generation benchmark (batch 1, after a 16-token prompt).
-        dtype: float32 (bf16 matmuls on most CPUs are hundreds of times slower).
+        dtype: the weights' dtype on CPU: float32 (bf16 matmuls on most CPUs are hundreds of times slower).
         threads: CPU threads for PyTorch; by default one per core. On a machine shared with other jobs,
             1 thread gives steadier figures (waiting threads of a busy machine slow every operation).
+        device: "cpu", or "cuda": the base in bf16 and LoRA in fp32 under bf16 autocast (bf16-mixed).
     """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = Config.from_name(model_name)
-    dtype = getattr(torch, dtype)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else getattr(torch, dtype)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(f"{model_name}: {config.n_layer} layers, n_embd {config.n_embd}; batch {batch_size} x {seq_len} tokens, "
-          f"{dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}", file=sys.stderr)
+          f"{'bf16-mixed' if cuda else dtype}, {where}, torch {torch.__version__}", file=sys.stderr)
 
-    hf_model = build_hf_model(config).to(dtype)
-    weights = {hf_to_lit_name(name): t for name, t in hf_model.state_dict().items()}
-    with lora(r=8, alpha=16, dropout=0.05, query=True, value=True):
-        ours = LLaMA(config).to(dtype)
-    ours.load_state_dict(weights, strict=False)  # all but LoRA's A and B
-    base = LLaMA(config).to(dtype)
-    base.load_state_dict(weights)
-    peft_model = build_peft_model(hf_model, ours)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # every model is built in place, in its dtype: a 7B model in fp32 would not fit twice
+    with device:
+        hf_model = build_hf_model(config)
+        weights = {hf_to_lit_name(name): t for name, t in hf_model.state_dict().items()}
+        with lora(r=8, alpha=16, dropout=0.05, query=True, value=True):
+            ours = LLaMA(config)
+        ours.load_state_dict(weights, strict=False)  # all but LoRA's A and B
+        base = LLaMA(config)
+        base.load_state_dict(weights)
+        peft_model = build_peft_model(hf_model, ours)
+    torch.set_default_dtype(default_dtype)
 
     mark_only_lora_as_trainable(ours)
+    for param in ours.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # as finetune_lora.py holds them (PEFT does the same with its own)
     base.requires_grad_(False)
     hooks = [  # ask for gradients where LoRA's start: the query and value outputs of the first layer
         layer.register_forward_hook(lambda module, inputs, output: output.requires_grad_())
@@ -82,7 +99,7 @@ def main(
     ]
 
     batches = {"random tokens, a target at every position": random_batch(config, batch_size, seq_len)}
-    if SHARED_DATA.is_dir():
+    if SHARED_DATA.is_dir() and config.vocab_size == 32000:
         batches["Alpaca records, the prompt masked"] = alpaca_batch(batch_size, seq_len)
     else:
         print(f"{SHARED_DATA} not found: skipping the Alpaca batch", file=sys.stderr)
@@ -93,14 +110,17 @@ def main(
         "ours (frozen base, no LoRA)": lambda idx, targets: cross_entropy_sum(base, idx, targets),
     }
     for batch_name, (idx, targets) in batches.items():
+        idx, targets = idx.to(device), targets.to(device)
         n_targets = int((targets != -100).sum())
-        steppers = {name: make_step(model, loss_of, idx, targets)
+        steppers = {name: make_step(model, loss_of, idx, targets, autocast)
                     for (name, loss_of), model in zip(losses.items(), (ours, peft_model, base))}
         times = {name: [] for name in steppers}
         for step in range(steps + 1):  # round-robin, so that drift in the machine's speed hits all alike
             for name, run_step in steppers.items():
+                synchronize(device)
                 t0 = time.perf_counter()
                 run_step()
+                synchronize(device)
                 if step > 0:
                     times[name].append(time.perf_counter() - t0)
         print(f"\n{batch_name} ({n_targets} of {idx.numel()} positions): forward + backward + AdamW step, "
@@ -121,13 +141,16 @@ def main(
             if isinstance(module, LoRALinear):
                 module.lora.B.normal_(std=0.02)  # a trained-looking, non-zero update
     merge_lora_weights(ours)
-    prompt = torch.randint(0, config.vocab_size, (16,))
+    prompt = torch.randint(0, config.vocab_size, (16,), device=device)
     models = {"merged LoRA model": ours.eval(), "base model": base.eval()}
     gen_times = {name: [] for name in models}
     for rep in range(4):
         for name, model in models.items():
+            synchronize(device)
             t0 = time.perf_counter()
-            generate(model, prompt, new_tokens, temperature=0.0)
+            with autocast:
+                generate(model, prompt, new_tokens, temperature=0.0)
+            synchronize(device)
             if rep > 0:
                 gen_times[name].append(time.perf_counter() - t0)
     print(f"\ngreedy decoding, batch 1, 16-token prompt + {new_tokens} new tokens, best of 3")
@@ -146,7 +169,7 @@ def build_hf_model(config: Config) -> torch.nn.Module:
         max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_base,
         tie_word_embeddings=config.tie_embeddings, attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(hf_config)
+    return LlamaForCausalLM(hf_config).to(torch.get_default_dtype())
 
 
 def build_peft_model(hf_model: torch.nn.Module, ours: LLaMA) -> torch.nn.Module:
@@ -180,7 +203,14 @@ def alpaca_batch(batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Ten
     return ids[:, :-1], labels[:, 1:]
 
 
-def make_step(model: torch.nn.Module, loss_of: Callable, idx: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
+
+
+def make_step(
+    model: torch.nn.Module, loss_of: Callable, idx: torch.Tensor, targets: torch.Tensor, autocast
+) -> Callable[[], None]:
     """One training step as a fine-tuning script does it: the loss is the mean over the targets."""
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -188,7 +218,8 @@ def make_step(model: torch.nn.Module, loss_of: Callable, idx: torch.Tensor, targ
     n_targets = (targets != -100).sum()
 
     def step() -> None:
-        loss = loss_of(idx, targets) / n_targets
+        with autocast:
+            loss = loss_of(idx, targets) / n_targets
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
+REAL_CUDA = {"is_available": torch.cuda.is_available, "device_count": torch.cuda.device_count}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_only():
+    """The suite checks the CPU path (fp32, exact comparisons with references computed on the CPU), the same on a
+    machine with a GPU, where the scripts would pick the GPU and bf16 themselves: the GPU is hidden from torch,
+    Lightning and subprocesses. tests/test_gpu.py shows it again for its own checks."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
 
 
 def shared_file(name: str) -> Path:
