@@ -116,7 +116,7 @@ def generate(
             logits = model(x, input_pos)[0, -1]  # (vocab_size,): only the last position predicts the next token
             next_token = sample(logits, temperature, top_k)  # (1,)
             tokens.append(next_token)
-            if next_token.item() == eos_id:  # a host sync per token; model.py already makes one per layer
+            if eos_id is not None and next_token.item() == eos_id:  # a host sync per token, only to look for EOS
                 break
             x, input_pos = next_token.view(1, 1), input_pos[-1:] + 1
     finally:

@@ -129,7 +129,7 @@ def measure_gpu(gpu_model: str, seq_len: int) -> None:
               f"under bf16 autocast, AdamW, 1 x {seq_len} tokens")
         row = run("lora", checkpoint_dir, quantize="bnb.nf4-dq", optimizer="AdamW", seq_len=seq_len, device="cuda")
         print(f"  peak GPU memory {row['cuda_peak_gb']:.2f} GB (target <= 8 GB), of which weights {row['weight_mb'] / 1e3:.2f} GB; "
-              f"{row['step_s']:.2f} s for the step")
+              f"{row['step_s']:.2f} s for the step, the first (warm-up included)")
 
 
 def make_checkpoint(directory: Path, name: str, dtype: torch.dtype) -> None:
