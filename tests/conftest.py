@@ -4,7 +4,9 @@ fine-tuning tests (a tiny converted checkpoint, 9 short real records prepared fo
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -50,6 +52,20 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, **config):
     model.save_pretrained(directory)
     shutil.copy(shared_file("tokenizer.model"), Path(directory) / "tokenizer.model")
     return model
+
+
+@contextmanager
+def caught_models(monkeypatch: pytest.MonkeyPatch, script) -> Iterator[list]:
+    """Within it, every model that `script` (a fine-tuning module) loads through its `load_model` is also appended
+    to the list it yields, so that a test can look at the model the script trained."""
+    models, load_model = [], script.load_model
+
+    def loading(*args, **kwargs):
+        models.append(load_model(*args, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(script, "load_model", loading)
+    yield models
 
 
 def make_checkpoint(directory: Path, seed: int = 0, **config):

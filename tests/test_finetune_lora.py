@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import finetune_lora
-from conftest import ROOT, shared_file
+from conftest import ROOT, caught_models, shared_file
 from finetune_lora import batch_indices, learning_rate, setup
 from lora import lora, mark_only_lora_as_trainable, read_lora_config
 from model import LLaMA, Config
@@ -44,14 +44,7 @@ def data_dir(tmp_path_factory, checkpoint_dir) -> Path:
 def overfit(tmp_path_factory, checkpoint_dir, eight_records):
     """80 steps on the 8 records, with the model finetune_lora.py trained (caught where it is loaded)."""
     out_dir = tmp_path_factory.mktemp("overfit")
-    models = []
-    load_model = finetune_lora.load_model
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        def caught(*args, **kwargs):
-            models.append(load_model(*args, **kwargs))
-            return models[-1]
-
-        monkeypatch.setattr(finetune_lora, "load_model", caught)
+    with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
         setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, **{
             **QUICK, "batch_size": 8, "micro_batch_size": 4, "max_iters": 80, "warmup_steps": 5, "learning_rate": 3e-2,
             "lora_dropout": 0.0, "lora_head": True, "max_seq_length": 128, "eval_interval": 40, "save_interval": 40,
@@ -226,14 +219,8 @@ def test_lora_overfits_eight_records_while_the_base_weights_stay_bitwise_unchang
 
 
 def test_bf16_mixed_precision_holds_the_base_in_bf16_and_lora_in_fp32(checkpoint_dir, eight_records, tmp_path):
-    models, losses_by_precision = [], {}
-    load_model = finetune_lora.load_model
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        def caught(*args, **kwargs):
-            models.append(load_model(*args, **kwargs))
-            return models[-1]
-
-        monkeypatch.setattr(finetune_lora, "load_model", caught)
+    losses_by_precision = {}
+    with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
         # the sample answer is not what this is about, and decoding in bf16 on a CPU takes half a minute
         monkeypatch.setattr(finetune_lora, "generate", lambda model, prompt, *args, **kwargs: prompt)
         for precision in ("bf16-mixed", "32-true"):

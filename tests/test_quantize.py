@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import finetune_lora
 import generate as generate_py
 import utils
-from conftest import ROOT
+from conftest import ROOT, caught_models
 from finetune_full import setup as finetune_full
 from generate import generate
 from generate_lora import main as generate_lora
@@ -37,9 +37,7 @@ def qlora(tmp_path_factory, checkpoint_dir, eight_records):
     """finetune_lora.py with --quantize bnb.nf4 --optimizer AdamW8bit, 8 steps on the 8 records; returns the output
     directory and the model it trained (caught where finetune_lora.py loads it)."""
     out_dir = tmp_path_factory.mktemp("qlora")
-    models = []
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(finetune_lora, "load_model", lambda *args, **kwargs: models.append(load_model(*args, **kwargs)) or models[-1])
+    with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
         finetune_lora.setup(
             data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, quantize="bnb.nf4", optimizer="AdamW8bit",
             batch_size=8, micro_batch_size=8, max_iters=8, warmup_steps=2, learning_rate=3e-2, lora_dropout=0.0,
