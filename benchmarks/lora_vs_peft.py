@@ -99,10 +99,12 @@ def main(
     ]
 
     batches = {"random tokens, a target at every position": random_batch(config, batch_size, seq_len)}
-    if SHARED_DATA.is_dir() and config.vocab_size == 32000:
-        batches["Alpaca records, the prompt masked"] = alpaca_batch(batch_size, seq_len)
-    else:
+    if not SHARED_DATA.is_dir():
         print(f"{SHARED_DATA} not found: skipping the Alpaca batch", file=sys.stderr)
+    elif config.vocab_size != 32000:
+        print(f"vocab_size {config.vocab_size} is not the shared tokenizer's 32000: skipping the Alpaca batch", file=sys.stderr)
+    else:
+        batches["Alpaca records, the prompt masked"] = alpaca_batch(batch_size, seq_len)
     losses = {  # ours as finetune_lora.py computes it; transformers' over all the logits, as its `labels` loss does
         "ours (LoRA)": lambda idx, targets: cross_entropy_sum(ours, idx, targets),
         "transformers + peft": lambda idx, targets: F.cross_entropy(
