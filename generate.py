@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from jsonargparse import CLI
 
 from model import LLaMA
 from tokenizer import Tokenizer
-from utils import default_precision, load_config, load_model, precision_to_dtype
+from utils import cli, default_precision, load_config, load_model, precision_to_dtype
 
 
 def main(
@@ -52,15 +51,15 @@ def main(
             time the prompt length changes), then faster decoding (1.16x measured on CPU; howto/inference.md).
     """
     if temperature < 0 or (top_k is not None and top_k < 1):
-        raise SystemExit(f"error: --temperature must be >= 0 and --top_k >= 1 (or null), not {temperature} and {top_k}")
+        raise ValueError(f"--temperature must be >= 0 and --top_k >= 1 (or null), not {temperature} and {top_k}")
     config = load_config(checkpoint_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision_to_dtype(precision or default_precision())
     tokenizer = Tokenizer(Path(checkpoint_dir) / "tokenizer.model")
     encoded = tokenizer.encode(prompt, bos=True).to(device)
     if len(encoded) + max_new_tokens > config.block_size:
-        raise SystemExit(
-            f"error: the prompt ({len(encoded)} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's "
+        raise ValueError(
+            f"the prompt ({len(encoded)} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's "
             f"block_size {config.block_size}; shorten the prompt or lower --max_new_tokens"
         )
 
@@ -161,4 +160,4 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 if __name__ == "__main__":
-    CLI(main)
+    cli(main)

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from jsonargparse import CLI
 
 from generate import generate, peak_memory_gb, use_cpu_decode_layout
 from lora import load_lora_model, read_lora_config
 from prepare_alpaca import generate_prompt
 from tokenizer import Tokenizer
-from utils import default_precision, load_config, precision_to_dtype
+from utils import cli, default_precision, load_config, precision_to_dtype
 
 
 def main(
@@ -62,8 +61,8 @@ def main(
     config = load_config(checkpoint_dir)
     read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
     if quantize and merge:
-        raise SystemExit(
-            f"error: --quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
+        raise ValueError(
+            f"--quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
             "update away; pass --merge false to apply LoRA on top of the quantized base"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,8 +70,8 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
     encoded = tokenizer.encode(generate_prompt({"instruction": prompt, "input": input}), bos=True).to(device)
     if len(encoded) + max_new_tokens > config.block_size:
-        raise SystemExit(
-            f"error: the prompt ({len(encoded)} tokens with the template) plus --max_new_tokens {max_new_tokens} "
+        raise ValueError(
+            f"the prompt ({len(encoded)} tokens with the template) plus --max_new_tokens {max_new_tokens} "
             f"exceeds the model's block_size {config.block_size}; shorten the prompt or lower --max_new_tokens"
         )
 
@@ -98,4 +97,4 @@ def main(
 
 
 if __name__ == "__main__":
-    CLI(main)
+    cli(main)

@@ -5,7 +5,7 @@ A LoRA layer keeps the pretrained weight W (out x in) frozen and learns a low-ra
 base model exactly. After training ΔW can be folded into W (`merge_lora_weights`) so inference costs
 nothing extra, or kept apart so one base model serves many small adapters.
 
-    with lora(r=8, alpha=16, dropout=0.05, query=True, value=True):
+    with lora(r=8, alpha=16, dropout=0.05, targets=("query", "value")):
         model = load_model(checkpoint_dir)  # the base weights; LoRA's A and B get their initial values
     mark_only_lora_as_trainable(model)
     ...  # train
@@ -18,7 +18,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,17 @@ import model as llama
 from model import LLaMA, Config
 from utils import atomic_path, load_config, load_model
 
-# What each projection of model.py is called by the `lora()` flags (model.linear's `role`)
-TARGETS = ("query", "key", "value", "projection", "mlp", "head")
-ROLES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "projection",
-         "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "lm_head": "head"}
+# The places LoRA can adapt, as lora(targets=...), the --lora_targets flag and adapter files name them, and the
+# projections of model.py (model.linear's `name`, also the Hugging Face / PEFT module names) each one covers
+TARGETS = {
+    "query": ("q_proj",),
+    "key": ("k_proj",),
+    "value": ("v_proj",),
+    "projection": ("o_proj",),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "head": ("lm_head",),
+}
+ALL_LINEAR = ("query", "key", "value", "projection", "mlp")  # "all_linear": every projection but the head
 
 
 @dataclass
@@ -42,22 +49,32 @@ class LoRAConfig:
     r: int = 8  # rank of the update: trainable parameters grow linearly with it
     alpha: float = 16  # the update is scaled by alpha / r, so changing r keeps the step size comparable
     dropout: float = 0.05  # dropout on the LoRA branch's input, during training only
-    query: bool = True
-    key: bool = False
-    value: bool = True
-    projection: bool = False  # the attention output projection
-    mlp: bool = False  # gate, up and down projections
-    head: bool = False  # the output head
+    targets: tuple[str, ...] = ("query", "value")  # keys of TARGETS; "all_linear" stands for ALL_LINEAR
 
     def __post_init__(self):
         if self.r < 1:
-            raise SystemExit(f"error: the LoRA rank r must be at least 1, not {self.r}")
+            raise ValueError(f"the LoRA rank r must be at least 1, not {self.r}")
         if not 0 <= self.dropout < 1:
-            raise SystemExit(f"error: the LoRA dropout must be in [0, 1), not {self.dropout}")
+            raise ValueError(f"the LoRA dropout must be in [0, 1), not {self.dropout}")
+        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        if "all_linear" in targets:
+            targets += ALL_LINEAR
+        unknown = [target for target in targets if target not in TARGETS and target != "all_linear"]
+        if unknown or not targets:
+            raise ValueError(f"LoRA targets {list(self.targets)} must be some of {', '.join(TARGETS)}, all_linear")
+        self.targets = tuple(target for target in TARGETS if target in targets)  # one spelling: TARGETS' order
 
-    @property
-    def targets(self) -> list[str]:
-        return [target for target in TARGETS if getattr(self, target)]
+    @classmethod
+    def from_dict(cls, values: dict) -> "LoRAConfig":
+        """From asdict() of one, or from an adapter written before `targets` existed (a flag per target)."""
+        if "targets" not in values:
+            values = {**{key: values[key] for key in ("r", "alpha", "dropout")},
+                      "targets": [target for target in TARGETS if values.get(target)]}
+        return cls(**values)
+
+    def adapts(self, module_name: str) -> bool:
+        """Whether a projection of model.py ("q_proj", ...) gets a LoRA layer."""
+        return any(module_name in TARGETS[target] for target in self.targets)
 
 
 class LoRA(nn.Module):
@@ -93,9 +110,9 @@ class LoRALinear(nn.Linear):
     by utils.load_model(..., quantize=...). Its weight holds 4- or 8-bit codes, which `merge` refuses to add ΔW to."""
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, bias: bool = False, **base_settings
+        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, **base_settings
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias, **base_settings)
+        super().__init__(in_features, out_features, bias=False, **base_settings)
         self.lora = LoRA(in_features, out_features, r, alpha, dropout)
         self.merged = False
 
@@ -108,8 +125,8 @@ class LoRALinear(nn.Linear):
     def merge(self) -> None:
         """W += ΔW in place; the forward pass is then a plain linear layer."""
         if not self.weight.is_floating_point():
-            raise SystemExit(
-                "error: cannot merge LoRA into a quantized base (--quantize): its 4- or 8-bit weights would round the "
+            raise ValueError(
+                "cannot merge LoRA into a quantized base (--quantize): its 4- or 8-bit weights would round the "
                 "small update away; keep LoRA separate (--merge false), or merge into the full-precision checkpoint "
                 "with scripts/merge_lora.py and quantize that"
             )
@@ -126,30 +143,16 @@ class LoRALinear(nn.Linear):
 
 
 @contextmanager
-def lora(
-    r: int,
-    alpha: float,
-    dropout: float,
-    enabled: bool = True,
-    query: bool = True,
-    key: bool = False,
-    value: bool = True,
-    projection: bool = False,
-    mlp: bool = False,
-    head: bool = False,
-    all_linear: bool = False,
-) -> Iterator[LoRAConfig]:
-    """A `LLaMA(config)` built inside this context has LoRA layers in the chosen places. `all_linear`
-    adapts every projection of attention and MLP (today's common practice; the head only with `head`)."""
-    if all_linear:
-        query = key = value = projection = mlp = True
-    config = LoRAConfig(r, alpha, dropout, query, key, value, projection, mlp, head)
+def lora(r: int, alpha: float, dropout: float, targets: Sequence[str] = ("query", "value")) -> Iterator[LoRAConfig]:
+    """A `LLaMA(config)` built inside this context has LoRA layers on the `targets` (keys of TARGETS, or
+    "all_linear": every projection of attention and MLP, today's common practice)."""
+    config = LoRAConfig(r, alpha, dropout, tuple(targets))
     plain_linear = llama.linear
 
-    def linear(in_features: int, out_features: int, role: str) -> nn.Linear:
-        if enabled and getattr(config, role):
+    def linear(in_features: int, out_features: int, name: str) -> nn.Linear:
+        if config.adapts(name):
             return LoRALinear(in_features, out_features, r, alpha, dropout)
-        return plain_linear(in_features, out_features, role)
+        return plain_linear(in_features, out_features, name)
 
     llama.linear = linear
     try:
@@ -160,37 +163,24 @@ def lora(
 
 def get_lora_config(model: LLaMA) -> Optional[LoRAConfig]:
     """The LoRA settings a model was built with, read off its layers; None for a model without LoRA."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    layers = {name.rpartition(".")[2]: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
         return None
     first = next(iter(layers.values())).lora
-    targets = {ROLES[name.rpartition(".")[2]] for name in layers}
-    return LoRAConfig(first.r, first.alpha, first.dropout.p, **{target: target in targets for target in TARGETS})
+    targets = [target for target, names in TARGETS.items() if any(name in layers for name in names)]
+    return LoRAConfig(first.r, first.alpha, first.dropout.p, tuple(targets))
 
 
-def mark_only_lora_as_trainable(model: LLaMA, bias: str = "none", norms: bool = False) -> None:
-    """Freezes the base model: only LoRA's A and B learn, plus, when asked, biases ("all", or
-    "lora_only" for those of LoRA layers; model.py's layers have none) and the RMSNorm weights."""
-    trainable = {id(param) for param in lora_state_dict(model, bias, norms).values()}
-    for param in model.parameters():
-        param.requires_grad = id(param) in trainable
+def mark_only_lora_as_trainable(model: LLaMA) -> None:
+    """Freezes the base model: only LoRA's A and B learn."""
+    for name, param in model.named_parameters():
+        param.requires_grad = ".lora." in name
 
 
-def lora_state_dict(model: LLaMA, bias: str = "none", norms: bool = False) -> dict[str, torch.Tensor]:
-    """What an adapter consists of: every LoRA A and B, plus the biases and RMSNorm weights that
-    `mark_only_lora_as_trainable` was told to train (pass it the same arguments)."""
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', not {bias!r}")
-    # the state dict's names are the checkpoint's, also through a wrapper such as Fabric's; keep_vars: the parameters
-    state_dict = model.state_dict(keep_vars=True)
-    adapted = {name.partition(".lora.")[0] for name in state_dict if ".lora." in name}  # blocks.0.attn.q_proj, ...
-    selected = {}
-    for name, param in state_dict.items():
-        module, _, kind = name.rpartition(".")
-        is_bias = kind == "bias" and (bias == "all" or (bias == "lora_only" and module in adapted))
-        if ".lora." in name or is_bias or (norms and module.endswith("norm")):
-            selected[name] = param
-    return selected
+def lora_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
+    """What an adapter consists of: every LoRA A and B, by its name in the checkpoint (also through a wrapper such
+    as Fabric's); the parameters themselves (keep_vars)."""
+    return {name: param for name, param in model.state_dict(keep_vars=True).items() if ".lora." in name}
 
 
 def merge_lora_weights(model: LLaMA) -> None:
@@ -204,13 +194,13 @@ def merge_lora_weights(model: LLaMA) -> None:
             module.merge()
 
 
-def save_lora_checkpoint(model: LLaMA, path: Path, bias: str = "none", norms: bool = False) -> None:
+def save_lora_checkpoint(model: LLaMA, path: Path) -> None:
     """Writes the adapter (`lora_state_dict`) to a safetensors file whose metadata holds the LoRA settings
     and the base model's config, so that loading it never asks for r, alpha or the targets again."""
     lora_config = get_lora_config(model)
     if lora_config is None:
         raise ValueError("the model has no LoRA layers to save; build it inside lora()")
-    state_dict = {name: param.detach().cpu().contiguous() for name, param in lora_state_dict(model, bias, norms).items()}
+    state_dict = {name: param.detach().cpu().contiguous() for name, param in lora_state_dict(model).items()}
     metadata = {"format": "pt", "lora": json.dumps(asdict(lora_config)), "model_config": json.dumps(asdict(model.config))}
     with atomic_path(path) as tmp:
         save_file(state_dict, tmp, metadata=metadata)
@@ -220,18 +210,18 @@ def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:
     """The LoRA settings and the base model's config recorded in a LoRA checkpoint, read without its tensors."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: LoRA checkpoint {path} not found")
+        raise FileNotFoundError(f"LoRA checkpoint {path} not found")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
     except SafetensorError as e:
-        raise SystemExit(f"error: {path} is not a safetensors file ({e})") from None
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
     if "lora" not in metadata or "model_config" not in metadata:
-        raise SystemExit(
-            f"error: {path} has no LoRA settings in its metadata; it was not written by lora.save_lora_checkpoint "
+        raise ValueError(
+            f"{path} has no LoRA settings in its metadata; it was not written by lora.save_lora_checkpoint "
             "(for an adapter trained with Hugging Face PEFT, run scripts/import_peft.py first)"
         )
-    return LoRAConfig(**json.loads(metadata["lora"])), Config(**json.loads(metadata["model_config"]))
+    return LoRAConfig.from_dict(json.loads(metadata["lora"])), Config(**json.loads(metadata["model_config"]))
 
 
 def load_lora_model(
@@ -244,7 +234,7 @@ def load_lora_model(
 ) -> LLaMA:
     """The base model of `checkpoint_dir` with LoRA where the adapter at `lora_path` says, the adapter
     loaded, and merged into the weights when `merge` (for inference at the base model's speed). `quantize` holds the
-    base in 4 or 8 bits (utils.QUANTIZE_MODES), LoRA on top; an adapter trained with or without it fits either way."""
+    base in 4 or 8 bits (quantize.QUANTIZE_MODES), LoRA on top; an adapter trained with or without it fits either way."""
     lora_config, base_config = read_lora_config(lora_path)
     check_same_base(base_config, load_config(checkpoint_dir), lora_path)  # before the slow part
     with lora(**asdict(lora_config)):
@@ -257,23 +247,27 @@ def load_lora_model(
 
 def load_lora_checkpoint(model: LLaMA, path: Path) -> None:
     """Loads an adapter written by `save_lora_checkpoint` into a model built inside `lora()` with the
-    same settings on the same base; any mismatch exits with one line that names it."""
+    same settings on the same base; a mismatch raises a ValueError that names it."""
     lora_config, base_config = read_lora_config(path)
     check_same_base(base_config, model.config, path)
     ours = get_lora_config(model)
     if ours is None:
-        raise SystemExit(f"error: the model has no LoRA layers for {path}; build it with lora.load_lora_model")
+        raise ValueError(f"the model has no LoRA layers for {path}; build it with lora.load_lora_model")
     differences = [
         f"{field}={getattr(lora_config, field)} (model: {getattr(ours, field)})"
-        for field in ("r", "alpha", *TARGETS)
+        for field in ("r", "alpha", "targets")
         if getattr(lora_config, field) != getattr(ours, field)
     ]
     if differences:
-        raise SystemExit(
-            f"error: {path} holds LoRA with other settings than the model's: {', '.join(differences)}; "
+        raise ValueError(
+            f"{path} holds LoRA with other settings than the model's: {', '.join(differences)}; "
             "build the model with lora.load_lora_model, which reads them from the checkpoint"
         )
-    load_lora_state_dict(model, load_file(path), path)
+    try:
+        state_dict = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a complete safetensors file ({e})") from None
+    load_lora_state_dict(model, state_dict, path)
 
 
 def check_same_base(adapter_base: Config, model_config: Config, path: Path) -> None:
@@ -284,23 +278,22 @@ def check_same_base(adapter_base: Config, model_config: Config, path: Path) -> N
         if field != "block_size" and value != getattr(model_config, field)
     ]
     if differences:
-        raise SystemExit(
-            f"error: {path} was trained on another base model: {', '.join(differences)}; "
+        raise ValueError(
+            f"{path} was trained on another base model: {', '.join(differences)}; "
             "use the checkpoint directory it was trained on"
         )
 
 
 def load_lora_state_dict(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path) -> None:
-    """Assigns adapter tensors to the model's LoRA parameters (and RMSNorm weights or biases trained
-    with them), after checking every name and shape; also works for a base left on the meta device."""
-    required = lora_state_dict(model)
-    allowed = lora_state_dict(model, bias="all", norms=True)
-    missing = [name for name in required if name not in state_dict]
+    """Assigns adapter tensors to the model's LoRA parameters, after checking every name and shape; also works for
+    a base left on the meta device."""
+    allowed = lora_state_dict(model)
+    missing = [name for name in allowed if name not in state_dict]
     unexpected = [name for name in state_dict if name not in allowed]
     if missing or unexpected:
-        raise SystemExit(f"error: {source} does not fit the model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+        raise ValueError(f"{source} does not fit the model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     for name, tensor in state_dict.items():
         if tensor.shape != allowed[name].shape:
-            raise SystemExit(f"error: {source}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(allowed[name].shape)}")
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(allowed[name].shape)}")
     # copied into the model's own parameters (their device and dtype); a model on the meta device takes them as they are
     model.load_state_dict(state_dict, strict=False, assign=any(allowed[name].is_meta for name in state_dict))

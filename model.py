@@ -5,7 +5,7 @@ are our own; scripts/convert_hf_checkpoint.py maps the Hub's names onto them.
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +46,16 @@ class Config:
 
     @classmethod
     def from_file(cls, path: Path) -> "Config":
-        return cls(**json.loads(Path(path).read_text()))
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); convert the checkpoint again") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of Config fields; convert the checkpoint again")
+        unknown = sorted(set(values) - {field.name for field in fields(cls)})
+        if unknown:
+            raise ValueError(f"{path} has keys model.Config does not know: {', '.join(unknown)}; convert the checkpoint again")
+        return cls(**values)
 
     def to_file(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -113,9 +122,9 @@ configs = {
 }
 
 
-def linear(in_features: int, out_features: int, role: str) -> nn.Linear:
-    """Builds every projection of the model. `role` says which one ("query", "key", "value",
-    "projection", "mlp", "head") so that lora.lora() can swap in LoRA layers where it is asked to."""
+def linear(in_features: int, out_features: int, name: str) -> nn.Linear:
+    """Builds every projection of the model. `name` is the module's own ("q_proj", ..., "lm_head"), so that
+    lora.lora() can swap in LoRA layers where it is asked to (lora.TARGETS maps its target names onto these)."""
     return nn.Linear(in_features, out_features, bias=False)
 
 
@@ -126,21 +135,28 @@ class LLaMA(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = linear(config.n_embd, config.vocab_size, "head")
+        self.lm_head = linear(config.n_embd, config.vocab_size, "lm_head")
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the input's device
-        # Gradient checkpointing (the fine-tuning scripts' --gradient_checkpointing): in training, keep only each
+        # Gradient checkpointing (the fine-tuning scripts' --train.gradient_checkpointing): in training, keep only each
         # block's input and recompute its activations during backward; about 1/3 more compute for far less memory
         self.gradient_checkpointing = False
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, lengths: Optional[list[int]] = None
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        lengths: Optional[list[int]] = None,
+        logits_at: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, or None for a
         plain causal pass over positions 0..T-1 without a cache. lengths: for training on several sequences
         packed into one row without padding (B = 1, T = sum(lengths)): each attends only to itself and its
-        positions start at 0, so every position is a real token. Returns logits (B, T, vocab_size)."""
+        positions start at 0, so every position is a real token. logits_at: a (B, T) boolean mask of the positions
+        whose logits are wanted: the output head, the largest matrix product at a large vocabulary, then runs on
+        those positions only (the fine-tuning loss needs them only where there is a target).
+        Returns logits (B, T, vocab_size), or (number of True in logits_at, vocab_size) with logits_at."""
         T = idx.size(1)
         cos, sin = self.rope(idx.device)
         if lengths is not None:
@@ -162,7 +178,9 @@ class LLaMA(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, lengths, use_reentrant=False)
             else:
                 x = block(x, cos, sin, input_pos, lengths)
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        if logits_at is not None:
+            x = x[logits_at]  # (n, n_embd): RMSNorm and the head work position by position
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size), or (n, vocab_size)
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
@@ -206,10 +224,10 @@ class CausalSelfAttention(nn.Module):
         self.head_size = config.head_size
         kv_size = config.n_query_groups * config.head_size
         # separate projections, so that LoRA can adapt each one on its own
-        self.q_proj = linear(config.n_embd, config.n_embd, "query")
-        self.k_proj = linear(config.n_embd, kv_size, "key")
-        self.v_proj = linear(config.n_embd, kv_size, "value")
-        self.o_proj = linear(config.n_embd, config.n_embd, "projection")
+        self.q_proj = linear(config.n_embd, config.n_embd, "q_proj")
+        self.k_proj = linear(config.n_embd, kv_size, "k_proj")
+        self.v_proj = linear(config.n_embd, kv_size, "v_proj")
+        self.o_proj = linear(config.n_embd, config.n_embd, "o_proj")
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(
@@ -257,9 +275,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = linear(config.n_embd, config.intermediate_size, "mlp")
-        self.up_proj = linear(config.n_embd, config.intermediate_size, "mlp")
-        self.down_proj = linear(config.intermediate_size, config.n_embd, "mlp")
+        self.gate_proj = linear(config.n_embd, config.intermediate_size, "gate_proj")
+        self.up_proj = linear(config.n_embd, config.intermediate_size, "up_proj")
+        self.down_proj = linear(config.intermediate_size, config.n_embd, "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

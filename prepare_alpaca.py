@@ -85,14 +85,14 @@ def main(
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
     tokenizer_path = checkpoint_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
-        raise SystemExit(f"error: {checkpoint_dir} has no tokenizer.model; see howto/download_weights.md")
+        raise ValueError(f"{checkpoint_dir} has no tokenizer.model; see howto/download_weights.md")
     if not 0 < test_split_fraction < 1:
-        raise SystemExit(f"error: --test_split_fraction must be between 0 and 1, not {test_split_fraction}")
+        raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
     if max_seq_length < 2:
-        raise SystemExit(f"error: --max_seq_length must be at least 2, not {max_seq_length}")
+        raise ValueError(f"--max_seq_length must be at least 2, not {max_seq_length}")
     tokenizer = Tokenizer(tokenizer_path)
     if 0 <= ignore_index < tokenizer.vocab_size:
-        raise SystemExit(f"error: --ignore_index {ignore_index} is a token id; use a negative value such as -100")
+        raise ValueError(f"--ignore_index {ignore_index} is a token id; use a negative value such as -100")
 
     if data_file_path is None:
         data_file_path = download(data_repo_id, data_file_name)
@@ -105,13 +105,13 @@ def main(
     if invalid:
         print(f"Left out {len(invalid)} invalid records (--skip_invalid), e.g. {invalid[0]}")
     if not examples:
-        raise SystemExit(f"error: {data_file_path} has no valid records")
+        raise ValueError(f"{data_file_path} has no valid records")
 
     # split before tokenizing, so the test set stays the same whatever max_seq_length is chosen
     n_test = int(len(examples) * test_split_fraction)
     if n_test == 0 or n_test == len(examples):
-        raise SystemExit(
-            f"error: {len(examples)} records with --test_split_fraction {test_split_fraction} leave a split empty"
+        raise ValueError(
+            f"{len(examples)} records with --test_split_fraction {test_split_fraction} leave a split empty"
         )
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -120,7 +120,7 @@ def main(
     test_set = [samples[i] for i in order[:n_test] if samples[i] is not None]
     train_set = [samples[i] for i in order[n_test:] if samples[i] is not None]
     if not train_set or not test_set:
-        raise SystemExit(f"error: every prompt of a split fills --max_seq_length {max_seq_length}; raise it")
+        raise ValueError(f"every prompt of a split fills --max_seq_length {max_seq_length}; raise it")
     metadata = {
         "format": METADATA_FORMAT,
         "template": "alpaca",
@@ -170,8 +170,8 @@ def download(repo_id: str, file_name: str) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     finally:
         hub_logger.setLevel(level)
-    raise SystemExit(
-        f"error: cannot download {file_name} from the Hub dataset {repo_id}: {reason}; "
+    raise ValueError(
+        f"cannot download {file_name} from the Hub dataset {repo_id}: {reason}; "
         "pass a local copy with --data_file_path"
     )
 
@@ -180,23 +180,23 @@ def load_records(path: Path) -> list[tuple[str, Any]]:
     """(where, record) pairs from a JSON array or a JSONL file; `where` ("record index 3" or "line 4")
     is how errors point at a record."""
     if not path.is_file():
-        raise SystemExit(f"error: data file {path} does not exist")
+        raise ValueError(f"data file {path} does not exist")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise SystemExit(f"error: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line})") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line})") from None
     if not text.strip():
-        raise SystemExit(f"error: {path} is empty")
+        raise ValueError(f"{path} is empty")
 
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if not records:
-            raise SystemExit(f"error: {path} holds an empty JSON array")
+            raise ValueError(f"{path} holds an empty JSON array")
         return [(f"record index {i}", record) for i, record in enumerate(records)]
 
     pairs = []
@@ -206,8 +206,8 @@ def load_records(path: Path) -> list[tuple[str, Any]]:
         try:
             pairs.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise SystemExit(
-                f"error: {path}: malformed JSON on line {number} column {e.colno}: {e.msg} "
+            raise ValueError(
+                f"{path}: malformed JSON on line {number} column {e.colno}: {e.msg} "
                 "(a .jsonl file holds one record per line; a .json file one array)"
             ) from None
     return pairs
@@ -231,8 +231,8 @@ def to_examples(
         elif skip_invalid:
             invalid.append(f"{where} {problem}")
         else:
-            raise SystemExit(
-                f"error: {path} {where} {problem}; fix it or pass --skip_invalid to leave such records out"
+            raise ValueError(
+                f"{path} {where} {problem}; fix it or pass --skip_invalid to leave such records out"
             )
     return examples, wheres, invalid
 
@@ -341,25 +341,25 @@ def check_prepared_data(data_dir: Path, checkpoint_dir: Path) -> dict:
     data_dir, checkpoint_dir = Path(data_dir), Path(checkpoint_dir)
     path = data_dir / "metadata.json"
     if not (checkpoint_dir / "tokenizer.model").is_file():
-        raise SystemExit(f"error: {checkpoint_dir} has no tokenizer.model; see howto/download_weights.md")
+        raise ValueError(f"{checkpoint_dir} has no tokenizer.model; see howto/download_weights.md")
     if not path.is_file():
-        raise SystemExit(f"error: {data_dir} has no metadata.json; prepare the data with prepare_alpaca.py first")
+        raise ValueError(f"{data_dir} has no metadata.json; prepare the data with prepare_alpaca.py first")
     metadata = json.loads(path.read_text())
     if metadata.get("format") != METADATA_FORMAT:
-        raise SystemExit(f"error: {path} is from another version of prepare_alpaca.py; prepare the data again")
+        raise ValueError(f"{path} is from another version of prepare_alpaca.py; prepare the data again")
     if metadata["tokenizer_sha256"] != file_sha256(checkpoint_dir / "tokenizer.model"):
-        raise SystemExit(
-            f"error: {data_dir} was tokenized with another tokenizer than {checkpoint_dir / 'tokenizer.model'}; "
+        raise ValueError(
+            f"{data_dir} was tokenized with another tokenizer than {checkpoint_dir / 'tokenizer.model'}; "
             f"prepare it again with --checkpoint_dir {checkpoint_dir}"
         )
     if metadata["prompt_with_input"] != generate_prompt({"instruction": "{instruction}", "input": "{input}"}) or (
         metadata["prompt_without_input"] != generate_prompt({"instruction": "{instruction}", "input": ""})
     ):
-        raise SystemExit(f"error: {data_dir} was prepared with another prompt template; prepare it again")
+        raise ValueError(f"{data_dir} was prepared with another prompt template; prepare it again")
     return metadata
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from utils import cli
 
-    CLI(setup)
+    cli(setup)

@@ -11,12 +11,12 @@ class Tokenizer:
     def __init__(self, path: Union[str, Path]) -> None:
         path = Path(path)
         if not path.is_file():
-            raise SystemExit(f"error: tokenizer file {path} not found; a checkpoint directory needs its tokenizer.model")
+            raise ValueError(f"tokenizer file {path} not found; a checkpoint directory needs its tokenizer.model")
         self.processor = spm.SentencePieceProcessor()
         try:
             self.processor.Load(str(path))
         except (RuntimeError, OSError) as e:
-            raise SystemExit(f"error: {path} is not a sentencepiece model ({e}); LLaMA checkpoints need tokenizer.model") from None
+            raise ValueError(f"{path} is not a sentencepiece model ({e}); LLaMA checkpoints need tokenizer.model") from None
         self.bos_id = self.processor.bos_id()
         self.eos_id = self.processor.eos_id()
         self.vocab_size = self.processor.vocab_size()

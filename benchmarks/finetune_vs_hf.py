@@ -10,7 +10,7 @@ default max_seq_length 256) and takes the same micro-batches of 4 for both: tran
 documented way), ours packs the records into one row without padding (finetune_lora.py's way).
 
 Each side trains in its own process, so that its peak resident memory (VmHWM, Linux) is its own: ours as
-finetune_lora.py does a step (utils.pack_batch, utils.cross_entropy_sum, AdamW over the LoRA weights), and
+finetune_lora.py does a step (training.pack_batch, training.cross_entropy_sum, AdamW over the LoRA weights), and
 transformers + PEFT as its documentation does (PeftModel, the model's own loss from `labels`, no KV cache).
 The two processes take turns, one step each, so that both meet the same load on a shared machine; tokens/sec
 counts the records' real tokens (padding excluded) over every step but the first, and the step-time ratio is
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
-LORA = dict(r=8, alpha=16, dropout=0.05, query=True, value=True)
+LORA = dict(r=8, alpha=16, dropout=0.05, targets=("query", "value"))
 NAMES = {"ours": "ours (finetune_lora.py's step)", "hf": "transformers + peft"}
 
 
@@ -146,7 +146,8 @@ def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tu
 
 def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
     from lora import load_lora_checkpoint, lora, mark_only_lora_as_trainable
-    from utils import cross_entropy_sum, load_model, pack_batch
+    from training import cross_entropy_sum, pack_batch
+    from utils import load_model
 
     with lora(**LORA):
         model = load_model(workdir / "checkpoint")

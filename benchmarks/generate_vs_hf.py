@@ -132,7 +132,7 @@ def timed_on_idle_cpus(run: Callable[[], object], patience_s: float = 1800) -> f
         seconds = time.perf_counter() - t0
         if not others_busy(seconds, busy_ticks() - ticks):
             return seconds
-    raise SystemExit(f"error: other processes kept the CPUs busy for {patience_s:.0f} s; benchmark on an idle machine")
+    raise ValueError(f"other processes kept the CPUs busy for {patience_s:.0f} s; benchmark on an idle machine")
 
 
 def write_tokenizer(checkpoint_dir: Path) -> None:

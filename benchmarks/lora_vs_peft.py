@@ -8,7 +8,7 @@ AdamW step of ours, of transformers + PEFT, and of ours with the base frozen and
 asked for at the same places, so it runs every matrix product a LoRA step runs except LoRA's own: the
 floor any LoRA implementation sits on). Two batches: random tokens with a target at every position, and real
 Alpaca records (../shared/data, cut to 257 tokens so none is padding) whose prompts have no target, as in
-fine-tuning; ours computes the loss as finetune_lora.py does (utils.cross_entropy_sum: the output head only
+fine-tuning; ours computes the loss as finetune_lora.py does (training.cross_entropy_sum: the output head only
 where there is a target), transformers + PEFT over all the logits, as its `labels` loss does. Then greedy decoding with generate.generate (KV cache) from a
 model with the adapter merged in, against the base model.
 
@@ -35,7 +35,7 @@ from export_peft import lit_to_peft_name
 from generate import generate
 from lora import LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
 from model import LLaMA, Config
-from utils import cross_entropy_sum
+from training import cross_entropy_sum
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -80,7 +80,7 @@ def main(
     with device:
         hf_model = build_hf_model(config)
         weights = {hf_to_lit_name(name): t for name, t in hf_model.state_dict().items()}
-        with lora(r=8, alpha=16, dropout=0.05, query=True, value=True):
+        with lora(r=8, alpha=16, dropout=0.05, targets=("query", "value")):
             ours = LLaMA(config)
         ours.load_state_dict(weights, strict=False)  # all but LoRA's A and B
         base = LLaMA(config)

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from jsonargparse import CLI
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from model import LLaMA, Config
-from utils import atomic_path
+from utils import atomic_path, cli
 
 # Hub tensor names -> ours; per-layer names follow `model.layers.{i}.` -> `blocks.{i}.`
 TOP_LEVEL_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
@@ -45,16 +44,16 @@ def convert_hf_checkpoint(checkpoint_dir: Path = Path("checkpoints/meta-llama/Ll
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "config.json").is_file():
-        raise SystemExit(f"error: {checkpoint_dir} has no config.json; download the checkpoint with scripts/download.py first")
+        raise ValueError(f"{checkpoint_dir} has no config.json; download the checkpoint with scripts/download.py first")
     target_dtype = None
     if dtype is not None:
         if dtype not in ("bfloat16", "float16", "float32"):
-            raise SystemExit(f"error: --dtype must be bfloat16, float16 or float32, not {dtype!r}")
+            raise ValueError(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
         target_dtype = getattr(torch, dtype)
     try:
         config = Config.from_hf(checkpoint_dir / "config.json")
     except (ValueError, KeyError) as e:
-        raise SystemExit(f"error: cannot use {checkpoint_dir / 'config.json'}: {e}") from None
+        raise ValueError(f"cannot use {checkpoint_dir / 'config.json'}: {e}") from None
 
     with torch.device("meta"):
         expected = set(LLaMA(config).state_dict())
@@ -68,11 +67,11 @@ def convert_hf_checkpoint(checkpoint_dir: Path = Path("checkpoints/meta-llama/Ll
             if name is None or (config.tie_embeddings and name == "lm_head.weight"):
                 continue
             if name not in expected:
-                raise SystemExit(f"error: {shard.name} holds {hf_name!r}, which model.py has no place for")
+                raise ValueError(f"{shard.name} holds {hf_name!r}, which model.py has no place for")
             converted[name] = (tensor.to(target_dtype) if target_dtype else tensor).contiguous()
     missing = expected - set(converted)
     if missing:
-        raise SystemExit(f"error: the weights in {checkpoint_dir} lack {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        raise ValueError(f"the weights in {checkpoint_dir} lack {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
     with atomic_path(checkpoint_dir / "lit_model.safetensors") as tmp:
         save_file(converted, tmp, metadata={"format": "pt"})
@@ -93,11 +92,11 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [name for name in shards if not (checkpoint_dir / name).is_file()]
             if missing:
-                raise SystemExit(f"error: {index} lists {missing[0]}, which is not in {checkpoint_dir}; download it again")
+                raise ValueError(f"{index} lists {missing[0]}, which is not in {checkpoint_dir}; download it again")
             return [checkpoint_dir / name for name in shards]
         if (checkpoint_dir / single_name).is_file():
             return [checkpoint_dir / single_name]
-    raise SystemExit(f"error: {checkpoint_dir} has no model*.safetensors or pytorch_model*.bin weights")
+    raise ValueError(f"{checkpoint_dir} has no model*.safetensors or pytorch_model*.bin weights")
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -130,4 +129,4 @@ def rename(name: str, top_level: dict[str, str], layer: dict[str, str], prefix: 
 
 
 if __name__ == "__main__":
-    CLI(convert_hf_checkpoint)
+    cli(convert_hf_checkpoint)

@@ -22,10 +22,10 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from model import Config
+from utils import cli
 
 try:  # the HTTP client's "cannot connect" errors: httpx2 from huggingface_hub 2.0, httpx in 1.x
     from httpx2 import TransportError
@@ -53,7 +53,7 @@ def download(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: P
         checkpoint_dir: the files go into <checkpoint_dir>/<org>/<name>.
     """
     if repo_id.count("/") != 1:
-        raise SystemExit(f"error: --repo_id must look like <org>/<name> (e.g. meta-llama/Llama-2-7b-hf), not {repo_id!r}")
+        raise ValueError(f"--repo_id must look like <org>/<name> (e.g. meta-llama/Llama-2-7b-hf), not {repo_id!r}")
     token = access_token or os.environ.get("HF_TOKEN")
     local_dir = Path(checkpoint_dir) / repo_id
 
@@ -65,32 +65,32 @@ def download(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: P
         try:
             Config.from_hf(config_path)
         except (ValueError, KeyError) as e:
-            raise SystemExit(f"error: {repo_id} is not a model this toolkit can run: {e}") from None
+            raise ValueError(f"{repo_id} is not a model this toolkit can run: {e}") from None
         print(f"Downloading {len(files)} files of {repo_id} into {local_dir}", file=sys.stderr)
         snapshot_download(repo_id, allow_patterns=files, local_dir=local_dir, token=token)
 
     # offline, snapshot_download returns an existing local_dir as it is instead of failing
     missing = [name for name in files if not (local_dir / name).is_file()]
     if missing:
-        raise SystemExit(f"error: {missing[0]} did not arrive in {local_dir}; check your connection and run the command again")
+        raise ValueError(f"{missing[0]} did not arrive in {local_dir}; check your connection and run the command again")
     print(f"Done. Next: python scripts/convert_hf_checkpoint.py --checkpoint_dir {local_dir}", file=sys.stderr)
 
 
 def files_to_download(repo_id: str, repo_files: list[str]) -> list[str]:
     """config.json, tokenizer.model and one format of the weights (with its index if sharded)."""
     if "config.json" not in repo_files:
-        raise SystemExit(f"error: {repo_id} has no config.json; this toolkit needs a repository in Hugging Face format")
+        raise ValueError(f"{repo_id} has no config.json; this toolkit needs a repository in Hugging Face format")
     if "tokenizer.model" not in repo_files:
-        raise SystemExit(
-            f"error: {repo_id} has no tokenizer.model, so it is not a sentencepiece model; this toolkit needs one "
+        raise ValueError(
+            f"{repo_id} has no tokenizer.model, so it is not a sentencepiece model; this toolkit needs one "
             "(LLaMA 1 and 2, Mistral-7B-v0.1, TinyLlama and OpenLLaMA have one; Llama 3 does not)"
         )
     for weights, index in WEIGHT_PATTERNS:
         matches = sorted(name for name in repo_files if fnmatch.fnmatch(name, weights))
         if matches:
             return ["config.json", "tokenizer.model", *matches, *([index] if index in repo_files else [])]
-    raise SystemExit(
-        f"error: {repo_id} has no model*.safetensors or pytorch_model*.bin weights; pick the repository in "
+    raise ValueError(
+        f"{repo_id} has no model*.safetensors or pytorch_model*.bin weights; pick the repository in "
         "Hugging Face format (for Meta's models, the one whose name ends in -hf)"
     )
 
@@ -103,29 +103,29 @@ def explain_hub_errors(repo_id: str, token: Optional[str]) -> Iterator[None]:
         yield
     except GatedRepoError:  # before RepositoryNotFoundError, its parent class
         if token is None:
-            raise SystemExit(
-                f"error: {repo_id} is gated: accept its license on {url}, then pass --access_token "
+            raise ValueError(
+                f"{repo_id} is gated: accept its license on {url}, then pass --access_token "
                 "(or set HF_TOKEN) with a token from https://huggingface.co/settings/tokens"
             ) from None
-        raise SystemExit(
-            f"error: {repo_id} is gated and your token has no access to it yet: accept its license on {url} "
+        raise ValueError(
+            f"{repo_id} is gated and your token has no access to it yet: accept its license on {url} "
             "with the account the token belongs to (approval can take a while)"
         ) from None
     except RepositoryNotFoundError:
         hint = "your token cannot see it" if token else "it is private or gated and needs --access_token"
-        raise SystemExit(f"error: {repo_id} was not found on the Hub; check the name, or {hint}") from None
+        raise ValueError(f"{repo_id} was not found on the Hub; check the name, or {hint}") from None
     except HfHubHTTPError as e:
         if getattr(e.response, "status_code", None) == 401:
-            raise SystemExit("error: the Hub refused the access token; create a new one at https://huggingface.co/settings/tokens") from None
-        raise SystemExit(f"error: the Hub answered {str(e).splitlines()[0]}") from None
+            raise ValueError("the Hub refused the access token; create a new one at https://huggingface.co/settings/tokens") from None
+        raise ValueError(f"the Hub answered {str(e).splitlines()[0]}") from None
     except OfflineModeIsEnabled:
-        raise SystemExit("error: huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); unset it to download") from None
+        raise ValueError("huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); unset it to download") from None
     except (LocalEntryNotFoundError, TransportError, ConnectionError) as e:
-        raise SystemExit(
-            f"error: cannot reach the Hugging Face Hub ({type(e).__name__}); check your connection, or without "
+        raise ValueError(
+            f"cannot reach the Hugging Face Hub ({type(e).__name__}); check your connection, or without "
             "network copy a Hub-format directory over and convert it (see howto/download_weights.md)"
         ) from None
 
 
 if __name__ == "__main__":
-    CLI(download, as_positional=False)  # --repo_id, not a bare positional argument
+    cli(download, as_positional=False)  # --repo_id, not a bare positional argument

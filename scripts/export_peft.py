@@ -13,18 +13,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
 from convert_hf_checkpoint import hf_to_lit_name, lit_to_hf_name
-from lora import read_lora_config
-from utils import atomic_path
+from lora import TARGETS, read_lora_config
+from utils import atomic_path, cli
 
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> LlamaForCausalLM
-HUB_MODULES = {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "projection": ["o_proj"],
-               "mlp": ["gate_proj", "up_proj", "down_proj"], "head": ["lm_head"]}
 
 
 def export_peft(*, lora_path: Path, out_dir: Path, base_model_name_or_path: Optional[str] = None) -> None:
@@ -38,12 +35,6 @@ def export_peft(*, lora_path: Path, out_dir: Path, base_model_name_or_path: Opti
     """
     lora_config, _ = read_lora_config(lora_path)
     tensors = load_file(lora_path)
-    not_lora = [name for name in tensors if ".lora." not in name]
-    if not_lora:
-        raise SystemExit(
-            f"error: {lora_path} also holds {not_lora[0]} (RMSNorm weights or biases trained with LoRA), which a "
-            "PEFT LoRA adapter cannot carry; export an adapter trained without them"
-        )
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -51,7 +42,7 @@ def export_peft(*, lora_path: Path, out_dir: Path, base_model_name_or_path: Opti
         "r": lora_config.r,
         "lora_alpha": lora_config.alpha,
         "lora_dropout": lora_config.dropout,
-        "target_modules": sorted(name for target in lora_config.targets for name in HUB_MODULES[target]),
+        "target_modules": sorted(name for target in lora_config.targets for name in TARGETS[target]),  # Hub names
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -87,4 +78,4 @@ def peft_to_lit_name(name: str) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    CLI(export_peft)
+    cli(export_peft)

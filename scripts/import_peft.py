@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from jsonargparse import CLI
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
-from export_peft import HUB_MODULES, peft_to_lit_name
-from lora import ROLES, TARGETS, LoRAConfig, load_lora_state_dict, lora, save_lora_checkpoint
+from export_peft import peft_to_lit_name
+from lora import TARGETS, LoRAConfig, load_lora_state_dict, lora, save_lora_checkpoint
 from model import LLaMA
-from utils import load_config
+from utils import cli, load_config
 
 # adapter_config.json settings that lora.py has no equivalent for (unset, empty, false or "none" means unused)
 UNSUPPORTED = {
@@ -56,22 +55,22 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise SystemExit(f"error: {adapter_dir} has no adapter_config.json; pass the directory PEFT's save_pretrained wrote")
+        raise ValueError(f"{adapter_dir} has no adapter_config.json; pass the directory PEFT's save_pretrained wrote")
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if peft_config.get("peft_type") != "LORA":
-        raise SystemExit(f"error: {adapter_dir} holds a {peft_config.get('peft_type')} adapter; only LoRA can be imported")
+        raise ValueError(f"{adapter_dir} holds a {peft_config.get('peft_type')} adapter; only LoRA can be imported")
     for key, what in UNSUPPORTED.items():
         if peft_config.get(key) and peft_config[key] != "none":
-            raise SystemExit(f"error: {adapter_dir} uses {what} ({key}={peft_config[key]!r}), which lora.py cannot represent")
+            raise ValueError(f"{adapter_dir} uses {what} ({key}={peft_config[key]!r}), which lora.py cannot represent")
     if str(peft_config.get("init_lora_weights")).lower().startswith(BASE_CHANGING_INITS):
-        raise SystemExit(
-            f"error: {adapter_dir} was initialised with {peft_config['init_lora_weights']!r}, which also changes the base "
+        raise ValueError(
+            f"{adapter_dir} was initialised with {peft_config['init_lora_weights']!r}, which also changes the base "
             "weights; convert it to a plain LoRA adapter with PEFT (path_initial_model_for_weight_conversion) first"
         )
 
     if checkpoint_dir is None:
         if not peft_config.get("base_model_name_or_path"):
-            raise SystemExit("error: adapter_config.json names no base model; pass --checkpoint_dir")
+            raise ValueError("adapter_config.json names no base model; pass --checkpoint_dir")
         checkpoint_dir = Path("checkpoints") / peft_config["base_model_name_or_path"]
     base_config = load_config(checkpoint_dir)
 
@@ -80,18 +79,18 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     for name, tensor in weights.items():
         ours = peft_to_lit_name(name)
         if ours is None:
-            raise SystemExit(f"error: {adapter_dir} holds {name!r}, which is not the LoRA A or B of a LLaMA projection")
+            raise ValueError(f"{adapter_dir} holds {name!r}, which is not the LoRA A or B of a LLaMA projection")
         state_dict[ours] = tensor
     adapted = {name.rpartition(".lora.")[0].rpartition(".")[2] for name in state_dict}  # q_proj, v_proj, ...
-    for target, modules in HUB_MODULES.items():
+    for target, modules in TARGETS.items():  # our module names are the Hub's
         if 0 < len(adapted & set(modules)) < len(modules):
-            raise SystemExit(
-                f"error: {adapter_dir} adapts {', '.join(sorted(adapted & set(modules)))} but not all of "
+            raise ValueError(
+                f"{adapter_dir} adapts {', '.join(sorted(adapted & set(modules)))} but not all of "
                 f"{', '.join(modules)}; lora.py adapts these together"
             )
 
-    targets = {target: target in {ROLES[module] for module in adapted} for target in TARGETS}
-    lora_config = LoRAConfig(r=peft_config["r"], alpha=peft_config["lora_alpha"], dropout=peft_config.get("lora_dropout", 0.0), **targets)
+    targets = tuple(target for target, modules in TARGETS.items() if adapted & set(modules))
+    lora_config = LoRAConfig(peft_config["r"], peft_config["lora_alpha"], peft_config.get("lora_dropout", 0.0), targets)
     with lora(**asdict(lora_config)), torch.device("meta"):
         model = LLaMA(base_config)  # the base stays on the meta device: only its LoRA tensors are real
     load_lora_state_dict(model, state_dict, adapter_dir)
@@ -104,8 +103,8 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
         return load_file(adapter_dir / "adapter_model.safetensors")
     if (adapter_dir / "adapter_model.bin").is_file():
         return torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-    raise SystemExit(f"error: {adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
+    raise ValueError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
 
 
 if __name__ == "__main__":
-    CLI(import_peft)
+    cli(import_peft)

@@ -12,12 +12,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from jsonargparse import CLI
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from lora import load_lora_model
-from utils import atomic_path, check_checkpoint_dir
+from utils import atomic_path, check_checkpoint_dir, cli
 
 
 def merge_lora(
@@ -35,7 +34,7 @@ def merge_lora(
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_checkpoint_dir(checkpoint_dir)
     if out_dir.resolve() == checkpoint_dir.resolve():
-        raise SystemExit(f"error: --out_dir {out_dir} is the base checkpoint directory; choose a new directory")
+        raise ValueError(f"--out_dir {out_dir} is the base checkpoint directory; choose a new directory")
     model = load_lora_model(checkpoint_dir, lora_path, merge=True)
 
     # the base's tensor names only: no LoRA A and B, and a head tied to the embedding stored once
@@ -53,4 +52,4 @@ def merge_lora(
 
 
 if __name__ == "__main__":
-    CLI(merge_lora)
+    cli(merge_lora)

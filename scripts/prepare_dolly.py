@@ -55,6 +55,6 @@ def setup(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from utils import cli
 
-    CLI(setup)
+    cli(setup)

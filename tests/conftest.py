@@ -98,3 +98,16 @@ def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
     prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
             test_split_fraction=0.12, max_seq_length=128)
     return directory
+
+
+def finetune(setup, **flags) -> None:
+    """Calls a fine-tuning script's `setup` with flat flags, as a command line lists them: the fields of
+    training.TrainArgs go into its `train` argument, over the script's own defaults."""
+    import inspect
+    from dataclasses import fields, replace
+
+    from training import TrainArgs
+
+    names = {field.name for field in fields(TrainArgs)}
+    train = replace(inspect.signature(setup).parameters["train"].default, **{k: v for k, v in flags.items() if k in names})
+    setup(**{k: v for k, v in flags.items() if k not in names}, train=train)

@@ -114,15 +114,15 @@ def test_index_listing_a_missing_shard(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     shard = sorted(tmp_path.glob("model-*-of-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(SystemExit, match=f"lists {shard.name}, which is not in .*; download it again"):
+    with pytest.raises(ValueError, match=f"lists {shard.name}, which is not in .*; download it again"):
         convert_hf_checkpoint(tmp_path)
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path):
     make_hf_checkpoint(tmp_path, vocab_size=1000)
     write_config(tmp_path, num_hidden_layers=3)  # the weights only have two layers
-    with pytest.raises(SystemExit, match=r"lack 9 tensors, e.g. \['blocks.2.attn.k_proj.weight'"):
+    with pytest.raises(ValueError, match=r"lack 9 tensors, e.g. \['blocks.2.attn.k_proj.weight'"):
         convert_hf_checkpoint(tmp_path)
     write_config(tmp_path, num_hidden_layers=1)
-    with pytest.raises(SystemExit, match="holds 'model.layers.1.input_layernorm.weight', which model.py has no place for"):
+    with pytest.raises(ValueError, match="holds 'model.layers.1.input_layernorm.weight', which model.py has no place for"):
         convert_hf_checkpoint(tmp_path)

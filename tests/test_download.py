@@ -93,21 +93,21 @@ def test_token_comes_from_hf_token_when_not_passed(tmp_path, monkeypatch):
 
 def test_refuses_repo_without_tokenizer_model(tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch, ["config.json", "tokenizer.json", "model.safetensors"])
-    with pytest.raises(SystemExit, match="org/name has no tokenizer.model, so it is not a sentencepiece model"):
+    with pytest.raises(ValueError, match="org/name has no tokenizer.model, so it is not a sentencepiece model"):
         download.download("org/name", checkpoint_dir=tmp_path)
     assert [name for name, _ in hub.calls] == ["list_repo_files"]  # nothing downloaded
 
 
 def test_refuses_repo_without_hub_format_weights(tmp_path, monkeypatch):
     FakeHub(monkeypatch, ["config.json", "tokenizer.model", "consolidated.00.pth", "params.json"])
-    with pytest.raises(SystemExit, match="no model\\*.safetensors or pytorch_model\\*.bin weights"):
+    with pytest.raises(ValueError, match="no model\\*.safetensors or pytorch_model\\*.bin weights"):
         download.download("meta-llama/Llama-2-7b", checkpoint_dir=tmp_path)
 
 
 def test_refuses_unsupported_config_before_downloading_weights(tmp_path, monkeypatch):
     config = {**LLAMA_CONFIG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     hub = FakeHub(monkeypatch, ["config.json", "tokenizer.model", "model.safetensors"], config=config)
-    with pytest.raises(SystemExit, match="not a model this toolkit can run: .*rope scaling 'llama3'"):
+    with pytest.raises(ValueError, match="not a model this toolkit can run: .*rope scaling 'llama3'"):
         download.download("org/name", checkpoint_dir=tmp_path)
     assert "snapshot_download" not in [name for name, _ in hub.calls]
 
@@ -128,7 +128,7 @@ def test_refuses_unsupported_config_before_downloading_weights(tmp_path, monkeyp
 def test_hub_errors_become_one_line(tmp_path, monkeypatch, token, error, message):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     FakeHub(monkeypatch, ["config.json", "tokenizer.model", "model.safetensors"], error=error)
-    with pytest.raises(SystemExit, match=f"^error: {message}") as exc:
+    with pytest.raises(ValueError, match=f"^{message}") as exc:
         download.download("org/name", access_token=token, checkpoint_dir=tmp_path)
     assert "\n" not in str(exc.value)
 
@@ -136,7 +136,7 @@ def test_hub_errors_become_one_line(tmp_path, monkeypatch, token, error, message
 def test_no_network_while_listing(tmp_path, monkeypatch):
     error = download.TransportError("[Errno -2] Name or service not known")
     FakeHub(monkeypatch, [], error=error, error_in="list_repo_files")
-    with pytest.raises(SystemExit, match="cannot reach the Hugging Face Hub .*howto/download_weights.md"):
+    with pytest.raises(ValueError, match="cannot reach the Hugging Face Hub .*howto/download_weights.md"):
         download.download("org/name", checkpoint_dir=tmp_path)
 
 
@@ -144,7 +144,7 @@ def test_files_missing_after_download_are_reported(tmp_path, monkeypatch):
     # offline, snapshot_download hands back an existing local_dir without fetching anything
     hub = FakeHub(monkeypatch, ["config.json", "tokenizer.model", "model.safetensors"])
     monkeypatch.setattr(download, "snapshot_download", lambda repo_id, allow_patterns, local_dir, token: str(local_dir))
-    with pytest.raises(SystemExit, match="tokenizer.model did not arrive in"):
+    with pytest.raises(ValueError, match="tokenizer.model did not arrive in"):
         download.download("org/name", checkpoint_dir=tmp_path)
     assert hub.calls[0][0] == "list_repo_files"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, finetune
 from finetune_full import setup
 from generate import generate
 from model import LLaMA, Config
@@ -20,8 +20,8 @@ RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
 
 def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(checkpoint_dir, eight_records, tmp_path):
     out_dir = tmp_path / "full"
-    setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, batch_size=8, micro_batch_size=4,
-          max_iters=12, warmup_steps=2, learning_rate=1e-2, eval_interval=6, eval_iters=1, save_interval=6,
+    finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, batch_size=8, micro_batch_size=4,
+          max_steps=12, warmup_steps=2, learning_rate=1e-2, eval_interval=6, eval_batches=1, save_interval=6,
           max_seq_length=128)  # with gradient checkpointing, the default
     state = torch.load(out_dir / "train_state.pt", weights_only=True)
     losses = [loss for _, loss in state["history"]["train"]]
@@ -56,16 +56,17 @@ def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(chec
 def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
     def error(**settings) -> str:
         arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out",
-                     "batch_size": 4, "micro_batch_size": 2, "max_iters": 1, **settings}
-        with pytest.raises(SystemExit) as raised:
-            setup(**arguments)
-        return str(raised.value.code)
+                     "batch_size": 4, "micro_batch_size": 2, "max_steps": 1, **settings}
+        with pytest.raises((ValueError, OSError)) as raised:
+            finetune(setup, **arguments)
+        assert "\n" not in str(raised.value)
+        return str(raised.value)
 
-    assert error(micro_batch_size=8) == "error: --micro_batch_size 8 must be between 1 and --batch_size 4"
+    assert error(micro_batch_size=8) == "--train.micro_batch_size 8 must be between 1 and --train.batch_size 4"
     assert error(out_dir=checkpoint_dir) == (
-        f"error: --out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory")
+        f"--out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory")
     assert error(data_dir=tmp_path / "missing") == (
-        f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
+        f"{tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
     (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
     assert error(resume=str(tmp_path / "state.pt")).startswith(
-        f"error: --resume {tmp_path / 'state.pt'} is not a train_state.pt of finetune_full.py (")
+        f"--resume {tmp_path / 'state.pt'} is not a train_state.pt of a fine-tuning script (")

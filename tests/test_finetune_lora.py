@@ -1,15 +1,18 @@
-"""finetune_lora.py and the training helpers of utils.py: overfitting with a frozen base, the adapter it saves, a
+"""finetune_lora.py and the training machinery of training.py: overfitting with a frozen base, the adapter it saves, a
 killed run resumed to the same losses, DDP on two CPU processes against one, and one-line errors on bad input.
 
 All on the tiny config of conftest.make_checkpoint (real 32000-token tokenizer), fp32 on CPU, with records of
 ../shared/data/alpaca_en_demo.json prepared by prepare_alpaca.py."""
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -18,16 +21,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import finetune_lora
-from conftest import ROOT, caught_models, shared_file
-from finetune_lora import batch_indices, learning_rate, setup
+import training
+from conftest import ROOT, caught_models, finetune, shared_file
+from finetune_lora import setup
 from lora import lora, mark_only_lora_as_trainable, read_lora_config
 from model import LLaMA, Config
 from prepare_alpaca import setup as prepare
-from utils import cross_entropy_sum, pack_batch
+from training import TrainArgs, batch_indices, cross_entropy_sum, learning_rate, pack_batch
 
 TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
 # a short run: tests pass what they are about on top
-QUICK = dict(batch_size=4, micro_batch_size=2, max_iters=3, warmup_steps=1, eval_interval=1000, eval_iters=1,
+QUICK = dict(batch_size=4, micro_batch_size=2, max_steps=3, warmup_steps=1, eval_interval=1000, eval_batches=1,
              save_interval=1000, max_seq_length=96)
 
 
@@ -45,9 +49,9 @@ def overfit(tmp_path_factory, checkpoint_dir, eight_records):
     """80 steps on the 8 records, with the model finetune_lora.py trained (caught where it is loaded)."""
     out_dir = tmp_path_factory.mktemp("overfit")
     with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
-        setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, **{
-            **QUICK, "batch_size": 8, "micro_batch_size": 4, "max_iters": 80, "warmup_steps": 5, "learning_rate": 3e-2,
-            "lora_dropout": 0.0, "lora_head": True, "max_seq_length": 128, "eval_interval": 40, "save_interval": 40,
+        finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, **{
+            **QUICK, "batch_size": 8, "micro_batch_size": 4, "max_steps": 80, "warmup_steps": 5, "learning_rate": 3e-2,
+            "lora_dropout": 0.0, "lora_targets": ["query", "value", "head"], "max_seq_length": 128, "eval_interval": 40, "save_interval": 40,
         })
     return out_dir, models[0]
 
@@ -63,8 +67,10 @@ def losses(state: dict) -> list[float]:
 def command(data_dir: Path, checkpoint_dir: Path, out_dir: Path, **settings) -> list[str]:
     args = [sys.executable, "finetune_lora.py", "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint_dir),
             "--out_dir", str(out_dir)]
+    train_fields = {field.name for field in fields(TrainArgs)}
     for key, value in settings.items():
-        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        flag = f"--train.{key}" if key in train_fields else f"--{key}"
+        args += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
     return args
 
 
@@ -98,7 +104,7 @@ def test_pack_batch_packs_the_records_into_one_row_and_shifts_the_targets():
 def test_packed_records_give_each_records_own_logits_loss_and_gradients(gradient_checkpointing):
     """Packing is only a cheaper layout: every record attends to itself alone, from position 0."""
     torch.manual_seed(0)
-    with lora(r=4, alpha=8, dropout=0.0, query=True, value=True):
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value")):
         model = LLaMA(Config(**TINY))
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = gradient_checkpointing
@@ -135,7 +141,7 @@ def test_packed_records_give_each_records_own_logits_loss_and_gradients(gradient
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_sum_equals_f_cross_entropy_over_the_logits_in_value_and_gradient(dtype):
     torch.manual_seed(0)
-    with lora(r=4, alpha=8, dropout=0.0, query=True, value=True, head=True):
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "head")):
         model = LLaMA(Config(**TINY)).to(dtype)
     mark_only_lora_as_trainable(model)
     with torch.no_grad():
@@ -165,7 +171,7 @@ def test_cross_entropy_sum_equals_f_cross_entropy_over_the_logits_in_value_and_g
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    with lora(r=4, alpha=8, dropout=0.1, all_linear=True):
+    with lora(r=4, alpha=8, dropout=0.1, targets=("all_linear",)):
         model = LLaMA(Config(**TINY))
     mark_only_lora_as_trainable(model)
     input_ids = torch.randint(0, 100, (2, 16))
@@ -222,10 +228,10 @@ def test_bf16_mixed_precision_holds_the_base_in_bf16_and_lora_in_fp32(checkpoint
     losses_by_precision = {}
     with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
         # the sample answer is not what this is about, and decoding in bf16 on a CPU takes half a minute
-        monkeypatch.setattr(finetune_lora, "generate", lambda model, prompt, *args, **kwargs: prompt)
+        monkeypatch.setattr(training, "generate", lambda model, prompt, *args, **kwargs: prompt)
         for precision in ("bf16-mixed", "32-true"):
-            setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / precision,
-                  precision=precision, **{**QUICK, "batch_size": 2, "max_iters": 2, "max_seq_length": 64})
+            finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / precision,
+                  precision=precision, **{**QUICK, "batch_size": 2, "max_steps": 2, "max_seq_length": 64})
             losses_by_precision[precision] = losses(train_state(tmp_path / precision))
     parameters = dict(models[0].named_parameters())
     assert {p.dtype for name, p in parameters.items() if ".lora." in name} == {torch.float32}
@@ -245,14 +251,14 @@ def test_the_saved_adapter_holds_only_lora_tensors_and_its_settings(overfit, che
         assert torch.equal(tensor, expected[name].detach())
     assert set(train_state(out_dir)["model"]) == set(expected)  # the resumable state: no base weights either
     lora_config, base_config = read_lora_config(out_dir / "lit_model_lora_finetuned.safetensors")
-    assert (lora_config.r, lora_config.alpha, lora_config.targets) == (8, 16, ["query", "value", "head"])
+    assert (lora_config.r, lora_config.alpha, lora_config.targets) == (8, 16, ("query", "value", "head"))
     assert base_config == Config.from_file(checkpoint_dir / "model_config.json")
 
 
 def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_dir, data_dir, tmp_path):
     # LoRA dropout is on (the default 0.05), so the resumed run must also restore the RNG it draws from
-    settings = {**QUICK, "batch_size": 4, "micro_batch_size": 1, "max_iters": 16, "save_interval": 4, "eval_interval": 8}
-    setup(data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "whole", **settings)
+    settings = {**QUICK, "batch_size": 4, "micro_batch_size": 1, "max_steps": 16, "save_interval": 4, "eval_interval": 8}
+    finetune(setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "whole", **settings)
     whole = train_state(tmp_path / "whole")
 
     process = subprocess.Popen(command(data_dir, checkpoint_dir, tmp_path / "killed", **settings), cwd=ROOT,
@@ -267,7 +273,7 @@ def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_d
     stopped_at = train_state(tmp_path / "killed")["step"]
     assert stopped_at in (4, 8, 12)
 
-    setup(data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "killed", resume="auto", **settings)
+    finetune(setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "killed", resume="auto", **settings)
     resumed = train_state(tmp_path / "killed")
     assert resumed["step"] == 16
     assert losses(resumed) == pytest.approx(losses(whole), abs=1e-5)
@@ -277,9 +283,9 @@ def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_d
 
 
 def test_ddp_on_two_cpu_processes_gives_the_loss_of_one_process(checkpoint_dir, data_dir, tmp_path):
-    settings = {**QUICK, "batch_size": 8, "micro_batch_size": 2, "max_iters": 3, "eval_interval": 3, "eval_iters": 4,
+    settings = {**QUICK, "batch_size": 8, "micro_batch_size": 2, "max_steps": 3, "eval_interval": 3, "eval_batches": 4,
                 "lora_dropout": 0.0, "learning_rate": 1e-2}
-    setup(data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "one", **settings)
+    finetune(setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "one", **settings)
     two_processes = command(data_dir, checkpoint_dir, tmp_path / "two", devices=2, strategy="ddp", **settings)
     result = run_command(two_processes, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -292,14 +298,14 @@ def test_ddp_on_two_cpu_processes_gives_the_loss_of_one_process(checkpoint_dir, 
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(checkpoint_dir, eight_records, tmp_path):
-    with pytest.raises(SystemExit) as raised:  # a learning rate that blows the LoRA weights up in a step or two
-        setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **{
-            **QUICK, "max_iters": 10, "save_interval": 1, "learning_rate": 1e30, "lora_head": True})
+    with pytest.raises(FloatingPointError) as raised:  # a learning rate that blows the LoRA weights up in a step or two
+        finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **{
+            **QUICK, "max_steps": 10, "save_interval": 1, "learning_rate": 1e30, "lora_targets": ["query", "value", "head"]})
     state = train_state(tmp_path)
-    message = str(raised.value.code)
-    assert message.startswith("error: the loss (") and "is not finite at step" in message
+    message = str(raised.value)
+    assert message.startswith("the loss (") and "is not finite at step" in message
     assert message.endswith(
-        f"The last good checkpoint is {tmp_path / 'train_state.pt'}: resume from it with a lower --learning_rate")
+        f"The last good checkpoint is {tmp_path / 'train_state.pt'}: resume from it with a lower --train.learning_rate")
     assert f"at step {state['step'] + 1};" in message and "\n" not in message
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert all(torch.isfinite(torch.tensor(losses(state))))
@@ -320,44 +326,43 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
     def error(**settings) -> str:
         arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out",
                      **QUICK, **settings}
-        with pytest.raises(SystemExit) as raised:
-            setup(**arguments)
-        assert "\n" not in str(raised.value.code)
-        return str(raised.value.code)
+        with pytest.raises((ValueError, OSError)) as raised:
+            finetune(setup, **arguments)
+        assert "\n" not in str(raised.value)
+        return str(raised.value)
 
     assert error(data_dir=tmp_path / "missing") == (
-        f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
+        f"{tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
     tokenizer = (checkpoint_dir / "tokenizer.model").read_bytes()
     other_tokenizer = link_checkpoint(checkpoint_dir, tmp_path / "other_tokenizer",
                                       **{"tokenizer.model": tokenizer + b"\0"})
     assert error(checkpoint_dir=other_tokenizer).startswith(
-        f"error: {eight_records} was tokenized with another tokenizer than {other_tokenizer / 'tokenizer.model'}")
+        f"{eight_records} was tokenized with another tokenizer than {other_tokenizer / 'tokenizer.model'}")
     config = json.loads((checkpoint_dir / "model_config.json").read_text())
     small_vocab = link_checkpoint(checkpoint_dir, tmp_path / "small_vocab",
                                   **{"model_config.json": json.dumps({**config, "vocab_size": 1000}).encode()})
     assert error(checkpoint_dir=small_vocab) == (
-        f"error: {eight_records} holds token ids up to 31999, but the model's vocabulary has 1000; "
+        f"{eight_records} holds token ids up to 31999, but the model's vocabulary has 1000; "
         "prepare the data with this checkpoint's tokenizer")
     assert error(checkpoint_dir=tmp_path / "nothing").startswith(
-        f"error: checkpoint directory {tmp_path / 'nothing'} does not exist")
-    assert error(batch_size=4, micro_batch_size=8) == "error: --micro_batch_size 8 must be between 1 and --batch_size 4"
+        f"checkpoint directory {tmp_path / 'nothing'} does not exist")
+    assert error(batch_size=4, micro_batch_size=8) == "--train.micro_batch_size 8 must be between 1 and --train.batch_size 4"
     assert error(batch_size=6, micro_batch_size=4) == (
-        "error: --batch_size 6 must be a multiple of --micro_batch_size 4 x 1 devices")
+        "--train.batch_size 6 must be a multiple of --train.micro_batch_size 4 x 1 devices")
     assert error(resume=str(tmp_path / "nope.pt")) == (
-        f"error: --resume {tmp_path / 'nope.pt'}: no such file (use --resume auto for the latest in --out_dir)")
+        f"--resume {tmp_path / 'nope.pt'}: no such file (use --resume auto for the latest in --out_dir)")
 
     out_dir, _ = overfit  # a state of LoRA r=8 on query, value and the head, batches of 8
-    fitting = dict(resume=str(out_dir / "train_state.pt"), batch_size=8, lora_head=True, lora_dropout=0.0)
+    fitting = dict(resume=str(out_dir / "train_state.pt"), batch_size=8, lora_targets=["query", "value", "head"], lora_dropout=0.0)
     assert error(**{**fitting, "lora_r": 4}) == (
-        f"error: --resume {out_dir / 'train_state.pt'} was saved by a run with other settings: "
-        "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'query': True, 'key': False, 'value': True, 'projection': False, "
-        "'mlp': False, 'head': True} (now: {'r': 4, 'alpha': 16, 'dropout': 0.0, 'query': True, 'key': False, "
-        "'value': True, 'projection': False, 'mlp': False, 'head': True}); "
+        f"--resume {out_dir / 'train_state.pt'} was saved by a run with other settings: "
+        "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head')} "
+        "(now: {'r': 4, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head')}); "
         "resume with the same checkpoint, data, LoRA and batch settings")
     assert error(**{**fitting, "batch_size": 4}).endswith(
         "batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings")
     assert error(**{**fitting, "resume": str(out_dir / "lit_model_lora_finetuned.safetensors")}).startswith(
-        f"error: --resume {out_dir / 'lit_model_lora_finetuned.safetensors'} is not a train_state.pt of finetune_lora.py (")
+        f"--resume {out_dir / 'lit_model_lora_finetuned.safetensors'} is not a train_state.pt of a fine-tuning script (")
 
 
 def test_command_line_errors_are_one_line_on_stderr_with_nonzero_exit(checkpoint_dir, tmp_path):
@@ -371,10 +376,30 @@ def test_command_line_errors_are_one_line_on_stderr_with_nonzero_exit(checkpoint
 def test_help_lists_every_flag_with_its_explanation():
     result = subprocess.run([sys.executable, "finetune_lora.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             check=True)
-    for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--lora_r", "--lora_alpha", "--lora_dropout",
-                 "--lora_query", "--lora_key", "--lora_value", "--lora_projection", "--lora_mlp", "--lora_head",
-                 "--lora_all_linear", "--micro_batch_size", "--batch_size", "--learning_rate", "--weight_decay",
-                 "--warmup_steps", "--max_iters", "--epochs", "--max_seq_length", "--eval_interval", "--eval_iters",
-                 "--save_interval", "--seed", "--resume", "--gradient_checkpointing"):
+    train_flags = ("micro_batch_size", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "epochs",
+                   "max_seq_length", "eval_interval", "eval_batches", "save_interval", "seed", "gradient_checkpointing",
+                   "optimizer", "grad_clip")
+    for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--quantize", "--lora_r", "--lora_alpha",
+                 "--lora_dropout", "--lora_targets", "--resume", *(f"--train.{name}" for name in train_flags)):
         assert f"  {flag} " in result.stdout, flag
     assert "Fine-tune a checkpoint with LoRA on data prepared by prepare_alpaca.py." in result.stdout
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda path: path.write_bytes(b"not a torch file"), "is not data prepared by prepare_alpaca.py ("),
+        (lambda path: torch.save([argparse.Namespace(input_ids=1)], path), "is not data prepared by prepare_alpaca.py ("),
+        (lambda path: torch.save({"input_ids": torch.ones(3)}, path), "does not hold a list of input_ids/labels records"),
+    ],
+    ids=["not torch.save", "a pickled object", "not records"],
+)
+def test_a_damaged_train_pt_is_one_line_and_nothing_is_written(checkpoint_dir, eight_records, tmp_path, content, message):
+    """train.pt is read with weights_only=True: a pickled object other than tensors is refused, in one line."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(eight_records, data_dir)
+    content(data_dir / "train.pt")
+    result = run_command(command(data_dir, checkpoint_dir, tmp_path / "out", **QUICK), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"error: {data_dir / 'train.pt'} {message}" + result.stderr.partition(message)[2]
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()

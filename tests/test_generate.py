@@ -2,8 +2,10 @@
 
 Parity of greedy decoding with transformers' generate is in tests/test_model.py, per model config."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,7 +117,7 @@ def test_cpu_decode_layout_leaves_bfloat16_alone():
 
 def test_cpu_decode_layout_with_lora_before_and_after_merging(tmp_path):
     make_checkpoint(tmp_path, vocab_size=1000)
-    with lora.lora(r=4, alpha=8, dropout=0.0, all_linear=True):
+    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("all_linear",)):
         model = load_model(tmp_path).eval()
     for module in model.modules():
         if isinstance(module, lora.LoRA):
@@ -165,3 +167,32 @@ def test_cli_errors_are_one_line(tmp_path, setup, args, message):
     result = run_cli("--checkpoint_dir", tmp_path, "--prompt", "Hello, my name is", *args)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [message.format(d=tmp_path)]
+
+
+def truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def add_config_key(directory: Path) -> None:
+    config = json.loads((directory / "model_config.json").read_text())
+    (directory / "model_config.json").write_text(json.dumps({**config, "rope_scaling": None}))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: truncate(d / "lit_model.safetensors", 4), "{d}/lit_model.safetensors is not a complete safetensors file ("),
+        (lambda d: truncate(d / "lit_model.safetensors", 100_000), "{d}/lit_model.safetensors is not a complete safetensors file ("),
+        (lambda d: (d / "model_config.json").write_text('{"n_layer": 2,'), "{d}/model_config.json is not valid JSON ("),
+        (lambda d: (d / "model_config.json").write_text("[2]"), "{d}/model_config.json must hold a JSON object of Config fields"),
+        (add_config_key, "{d}/model_config.json has keys model.Config does not know: rope_scaling; convert the checkpoint again"),
+    ],
+    ids=["truncated header", "truncated tensors", "config not JSON", "config not an object", "config with unknown key"],
+)
+def test_damaged_checkpoint_files_are_one_line(tmp_path, damage, message):
+    make_checkpoint(tmp_path)
+    damage(tmp_path)
+    result = run_cli("--checkpoint_dir", tmp_path, "--prompt", "Hello")
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + message.format(d=tmp_path)), result.stderr

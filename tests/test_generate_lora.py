@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_checkpoint
-from finetune_lora import setup as finetune
+from conftest import ROOT, finetune, make_checkpoint
+from finetune_lora import setup
 from generate_lora import main as generate_lora
 from prepare_alpaca import generate_prompt
 
@@ -22,9 +22,9 @@ def adapter(tmp_path_factory, checkpoint_dir, eight_records) -> Path:
     """LoRA trained until it has memorised 8 short records of the shared data, RECORD among them."""
     directory = tmp_path_factory.mktemp("pipeline")
     assert RECORD in json.loads((eight_records / "records.json").read_text())
-    finetune(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=directory / "out", batch_size=8,
-             micro_batch_size=4, max_iters=80, warmup_steps=5, learning_rate=3e-2, lora_dropout=0.0, lora_head=True,
-             eval_interval=1000, eval_iters=1, save_interval=1000, max_seq_length=128)
+    finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=directory / "out", batch_size=8,
+             micro_batch_size=4, max_steps=80, warmup_steps=5, learning_rate=3e-2, lora_dropout=0.0, lora_targets=["query", "value", "head"],
+             eval_interval=1000, eval_batches=1, save_interval=1000, max_seq_length=128)
     return directory / "out" / "lit_model_lora_finetuned.safetensors"
 
 
@@ -71,12 +71,12 @@ def test_bad_input_is_one_line_with_nonzero_exit(checkpoint_dir, adapter, tmp_pa
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr == f"error: LoRA checkpoint {tmp_path / 'nope.safetensors'} not found\n"
 
-    with pytest.raises(SystemExit, match=r"^error: the prompt \(\d+ tokens with the template\) plus --max_new_tokens 250 "
+    with pytest.raises(ValueError, match=r"^the prompt \(\d+ tokens with the template\) plus --max_new_tokens 250 "
                                          r"exceeds the model's block_size 256; shorten the prompt or lower --max_new_tokens$"):
         generate_lora(checkpoint_dir=checkpoint_dir, lora_path=adapter, max_new_tokens=250)
-    with pytest.raises(SystemExit, match=f"^error: checkpoint directory {tmp_path / 'nothing'} does not exist"):
+    with pytest.raises(ValueError, match=f"^checkpoint directory {tmp_path / 'nothing'} does not exist"):
         generate_lora(checkpoint_dir=tmp_path / "nothing", lora_path=adapter)
     other = tmp_path / "other"
     make_checkpoint(other, hidden_size=32)
-    with pytest.raises(SystemExit, match=f"^error: {adapter} was trained on another base model: n_embd=64 \\(model: 32\\)"):
+    with pytest.raises(ValueError, match=f"^{adapter} was trained on another base model: n_embd=64 \\(model: 32\\)"):
         generate_lora(checkpoint_dir=other, lora_path=adapter)

@@ -4,11 +4,12 @@ the suite checks the CPU path, also on a GPU machine (conftest.cpu_only hides th
 
 import pytest
 import torch
-from conftest import REAL_CUDA, make_checkpoint
+from conftest import REAL_CUDA, finetune, make_checkpoint
 
 from generate import generate
 from lora import LoRALinear, lora, mark_only_lora_as_trainable
-from utils import cross_entropy_sum, load_model, pack_batch
+from training import cross_entropy_sum, pack_batch
+from utils import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GQA = dict(num_attention_heads=8, num_key_value_heads=2)
@@ -102,8 +103,8 @@ def test_finetune_lora_trains_in_bf16_mixed_on_cuda_by_default(checkpoint_dir, e
 
     from finetune_lora import ADAPTER_NAME, setup
 
-    setup(data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, batch_size=4, micro_batch_size=2,
-          max_iters=3, eval_interval=3, eval_iters=1, save_interval=3, warmup_steps=1, max_seq_length=64)
+    finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, batch_size=4, micro_batch_size=2,
+          max_steps=3, eval_interval=3, eval_batches=1, save_interval=3, warmup_steps=1, max_seq_length=64)
     assert "1 device(s), bf16-mixed" in capsys.readouterr().out
     adapter = load_file(tmp_path / ADAPTER_NAME)
     assert adapter and all(t.dtype == torch.float32 and t.isfinite().all() for t in adapter.values())

@@ -35,7 +35,7 @@ def base_and_adapter(directory, lora_kwargs, **config):
 
 
 def test_merged_checkpoint_is_complete_and_equals_the_lora_model(tmp_path):
-    adapted = base_and_adapter(tmp_path / "base", dict(r=4, alpha=8, dropout=0.05, all_linear=True))
+    adapted = base_and_adapter(tmp_path / "base", dict(r=4, alpha=8, dropout=0.05, targets=("all_linear",)))
     merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
 
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["lit_model.safetensors", "model_config.json", "tokenizer.model"]
@@ -52,7 +52,7 @@ def test_merged_checkpoint_is_complete_and_equals_the_lora_model(tmp_path):
 
 
 def test_adapted_head_of_tied_embeddings_is_stored_untied(tmp_path):
-    adapted = base_and_adapter(tmp_path / "base", dict(r=2, alpha=4, dropout=0.0, head=True), tie_embeddings=True)
+    adapted = base_and_adapter(tmp_path / "base", dict(r=2, alpha=4, dropout=0.0, targets=("query", "value", "head")), tie_embeddings=True)
     merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
     assert Config.from_file(tmp_path / "merged" / "model_config.json").tie_embeddings is False
     assert "lm_head.weight" in load_file(tmp_path / "merged" / "lit_model.safetensors")
@@ -71,7 +71,7 @@ def test_tied_embeddings_stay_tied_when_the_head_is_not_adapted(tmp_path):
 
 def test_merging_happens_in_place(tmp_path):
     """Bounded memory: ΔW is added into each weight's own storage, never into a second copy of the model."""
-    base_and_adapter(tmp_path, dict(r=4, alpha=8, dropout=0.0, all_linear=True, head=True))
+    base_and_adapter(tmp_path, dict(r=4, alpha=8, dropout=0.0, targets=("all_linear", "head")))
     model = load_lora_model(tmp_path, tmp_path / "adapter.safetensors")
     storage = {name: p.data_ptr() for name, p in model.named_parameters()}
     merge_lora_weights(model)

@@ -201,3 +201,18 @@ def test_meta_device_construction_allocates_nothing():
         model = LLaMA(Config.from_name("Llama-2-7b-hf"))
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616  # Llama-2-7b's published parameter count
+
+
+def test_logits_at_computes_the_head_only_at_the_chosen_positions():
+    torch.manual_seed(0)
+    model = LLaMA(Config(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64))
+    idx = torch.randint(0, 100, (2, 10))
+    where = torch.rand(2, 10) < 0.5
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda head, args, out: head_rows.append(args[0].shape[0]))
+    chosen = model(idx, logits_at=where)
+    full = model(idx)
+    assert chosen.shape == (int(where.sum()), 100) and head_rows == [int(where.sum()), 2]
+    torch.testing.assert_close(chosen, full[where], rtol=0, atol=1e-6)
+    packed = model(idx[:1], lengths=[4, 6], logits_at=where[:1])  # with packed records too
+    torch.testing.assert_close(packed, torch.cat([model(idx[:1, :4]), model(idx[:1, 4:])], dim=1)[where[:1]], rtol=0, atol=1e-5)

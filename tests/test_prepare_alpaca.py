@@ -199,22 +199,22 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 )
 def test_bad_input_stops_with_one_line_and_writes_nothing(checkpoint_dir, tmp_path, content, message):
     (tmp_path / "data.json").write_bytes(content)
-    with pytest.raises(SystemExit, match="^error: ") as error:
+    with pytest.raises(ValueError) as error:
         setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir, data_file_path=tmp_path / "data.json")
-    assert message in str(error.value.code) and "\n" not in str(error.value.code)
+    assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_settings_and_missing_tokenizer_stop_before_reading_anything(checkpoint_dir, tmp_path):
     data = write_json(tmp_path / "d.json", [GOOD] * 10)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=f"error: {tmp_path} has no tokenizer.model"):
+    with pytest.raises(ValueError, match=f"^{tmp_path} has no tokenizer.model"):
         setup(destination_path=out, checkpoint_dir=tmp_path, data_file_path=data)
-    with pytest.raises(SystemExit, match="--ignore_index 5 is a token id"):
+    with pytest.raises(ValueError, match="--ignore_index 5 is a token id"):
         setup(destination_path=out, checkpoint_dir=checkpoint_dir, data_file_path=data, ignore_index=5)
-    with pytest.raises(SystemExit, match="--test_split_fraction must be between 0 and 1"):
+    with pytest.raises(ValueError, match="--test_split_fraction must be between 0 and 1"):
         setup(destination_path=out, checkpoint_dir=checkpoint_dir, data_file_path=data, test_split_fraction=0.0)
-    with pytest.raises(SystemExit, match="10 records with --test_split_fraction 0.05 leave a split empty"):
+    with pytest.raises(ValueError, match="10 records with --test_split_fraction 0.05 leave a split empty"):
         setup(destination_path=out, checkpoint_dir=checkpoint_dir, data_file_path=data, test_split_fraction=0.05)
     assert not out.exists()
 
@@ -225,7 +225,7 @@ def test_bad_input_leaves_an_earlier_preparation_untouched(checkpoint_dir, tmp_p
     setup(destination_path=out, checkpoint_dir=checkpoint_dir, data_file_path=data, test_split_fraction=0.2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (tmp_path / "bad.json").write_text('[{"instruction": "a"}]')
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError):
         setup(destination_path=out, checkpoint_dir=checkpoint_dir, data_file_path=tmp_path / "bad.json")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -297,10 +297,10 @@ def test_a_failed_download_is_one_clear_line(checkpoint_dir, tmp_path, monkeypat
         raise LocalEntryNotFoundError("An error happened...\nMore text.") if error == "offline" else error
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
-    with pytest.raises(SystemExit) as raised:
+    with pytest.raises(ValueError) as raised:
         setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir)
-    assert str(raised.value.code) == (
-        f"error: cannot download alpaca_data_cleaned.json from the Hub dataset yahma/alpaca-cleaned: {reason}; "
+    assert str(raised.value) == (
+        f"cannot download alpaca_data_cleaned.json from the Hub dataset yahma/alpaca-cleaned: {reason}; "
         "pass a local copy with --data_file_path"
     )
     assert not (tmp_path / "out").exists()
@@ -318,9 +318,9 @@ def test_metadata_lets_fine_tuning_refuse_data_from_another_tokenizer(prepared, 
     other = tmp_path / "other"
     other.mkdir()
     (other / "tokenizer.model").write_bytes(tokenizer_bytes + b"\0")
-    with pytest.raises(SystemExit, match="was tokenized with another tokenizer"):
+    with pytest.raises(ValueError, match="was tokenized with another tokenizer"):
         check_prepared_data(prepared, other)
-    with pytest.raises(SystemExit, match="has no metadata.json"):
+    with pytest.raises(ValueError, match="has no metadata.json"):
         check_prepared_data(tmp_path, checkpoint_dir)
 
 

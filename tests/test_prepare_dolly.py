@@ -87,7 +87,7 @@ def test_without_a_data_file_dolly_is_downloaded_from_the_hub(checkpoint_dir, tm
 
 def test_a_record_without_response_is_named_by_its_line_and_dolly_key(checkpoint_dir, tmp_path):
     records = RECORDS[:2] + [{"instruction": "Tell me a joke.", "context": "", "category": "brainstorming"}]
-    with pytest.raises(SystemExit, match=r"line 3 has no 'response'; fix it or pass --skip_invalid"):
+    with pytest.raises(ValueError, match=r"line 3 has no 'response'; fix it or pass --skip_invalid"):
         setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
               data_file_path=write_jsonl(tmp_path / "dolly.jsonl", records))
     assert not (tmp_path / "out").exists()

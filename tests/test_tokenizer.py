@@ -36,7 +36,7 @@ def test_encode_batch_equals_encode_without_bos(tokenizer):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(SystemExit, match=f"^error: tokenizer file {tmp_path / 'tokenizer.model'} not found") as exc:
+    with pytest.raises(ValueError, match=f"^tokenizer file {tmp_path / 'tokenizer.model'} not found") as exc:
         Tokenizer(tmp_path / "tokenizer.model")
     assert "\n" not in str(exc.value)
 
@@ -44,6 +44,6 @@ def test_missing_file(tmp_path):
 def test_file_that_is_not_sentencepiece(tmp_path):
     path = tmp_path / "tokenizer.model"
     path.write_text('{"version": "1.0", "model": {"type": "BPE"}}')  # e.g. a tokenizer.json renamed
-    with pytest.raises(SystemExit, match=f"^error: {path} is not a sentencepiece model") as exc:
+    with pytest.raises(ValueError, match=f"^{path} is not a sentencepiece model") as exc:
         Tokenizer(path)
     assert "\n" not in str(exc.value)

@@ -1,0 +1,111 @@
+"""Quantization with bitsandbytes: the frozen projections held in 4 or 8 bits (--quantize, QLoRA) and the 8-bit and
+paged AdamW optimizers (--train.optimizer). See howto/quantize.md.
+
+bitsandbytes' own layers and optimizers, not a re-implementation: they are what QLoRA was published with, what
+PEFT and transformers use, and they run on CUDA and (slower) on the CPU. utils.load_model calls `swap_in_layers`
+on a model still on the meta device, then `quantize_weight` for each projection's weight as it reads the checkpoint.
+"""
+
+import logging
+import sys
+import warnings
+from functools import cache
+from types import ModuleType
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+# how bitsandbytes holds the frozen projections. nf4 (QLoRA's 4-bit NormalFloat) and fp4 store 4 bits per weight plus
+# one scale per block of 64; "-dq" quantizes those scales too (double quantization); int8 is LLM.int8()
+QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
+BNB_OPTIMIZERS = ("AdamW8bit", "PagedAdamW8bit", "PagedAdamW")
+# Shapes bitsandbytes' 4-bit layers take on every device: on a CPU with AVX512-BF16 (bitsandbytes 0.50) a weight
+# is repacked into tiles of 32 output rows, each row a whole number of 64-weight blocks. Real models' widths
+# (4096, 5632, 11008, 14336, ...) are multiples of both; checked here so that a model that is not gets one clear line.
+OUT_MULTIPLE, IN_MULTIPLE = 32, 64
+
+
+def check_mode(mode: str) -> None:
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"--quantize {mode!r} is not one of {', '.join(QUANTIZE_MODES)}")
+
+
+def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = None) -> None:
+    """Swaps every projection of a model on the meta device for an empty bitsandbytes layer: Linear4bit, computing in
+    `dtype` (by default the input's), or Linear8bitLt for int8. A LoRA layer (lora.LoRALinear, whose forward adds its
+    update to super().forward) becomes a LoRALinear on the bitsandbytes layer instead of nn.Linear (QLoRA). A head tied
+    to the embedding stays as it is: its weight is the embedding's. `quantize_weight` fills in the weights."""
+    check_mode(mode)
+    bnb = import_bitsandbytes()
+    if mode == "bnb.int8":  # threshold 6: input columns with outliers are multiplied in 16 bits, as in the paper
+        base, settings = bnb.nn.Linear8bitLt, dict(has_fp16_weights=False, threshold=6.0)
+    else:
+        quant_type, compress_statistics = mode.removeprefix("bnb.").removesuffix("-dq"), mode.endswith("-dq")
+        base, settings = bnb.nn.Linear4bit, dict(compute_dtype=dtype, quant_type=quant_type, compress_statistics=compress_statistics)
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, nn.Linear) or (name == "lm_head" and model.config.tie_embeddings):
+            continue
+        if mode != "bnb.int8" and (layer.out_features % OUT_MULTIPLE or layer.in_features % IN_MULTIPLE):
+            raise ValueError(
+                f"--quantize {mode} needs projections of out_features a multiple of {OUT_MULTIPLE} and in_features a "
+                f"multiple of {IN_MULTIPLE}, as real models have; {name} is {layer.out_features} x {layer.in_features}"
+            )
+        if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
+            lora = layer.lora
+            quantized = on_base(type(layer), base)(layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout.p, **settings)
+        else:
+            quantized = base(layer.in_features, layer.out_features, bias=False, **settings)
+        model.set_submodule(name, quantized)
+
+
+@cache
+def on_base(layer_class: type, base: type) -> type:
+    """`layer_class` (an nn.Linear subclass) with `base` (a bitsandbytes layer) between it and nn.Linear."""
+    return type(f"{layer_class.__name__}_{base.__name__}", (layer_class, base), {})
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The bitsandbytes layers `swap_in_layers` put in, by the name of their weight in a checkpoint."""
+    bnb = import_bitsandbytes()
+    layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return {f"{name}.weight": layer for name, layer in model.named_modules() if isinstance(layer, layers)}
+
+
+def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device | str) -> None:
+    """Gives a bitsandbytes layer its weight, quantized as it moves to `device` (on a GPU only that one weight is
+    there in full precision, for a moment)."""
+    bnb = import_bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear4bit):  # the meta weight knows the mode's settings
+        old = layer.weight
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type, quant_storage=old.quant_storage, module=layer,
+        ).to(device)
+    else:
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+
+
+def make_bnb_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """One of bitsandbytes' AdamW variants. AdamW8bit holds the two moments in 8 bits per value (one quarter of
+    AdamW's optimizer memory; tensors under 4096 values keep 32 bits). The paged ones (CUDA only) keep their state in
+    memory that the driver pages out to the CPU when the GPU runs out, instead of failing; on CPU bitsandbytes runs
+    them unpaged (PagedAdamW8bit = AdamW8bit there)."""
+    if name not in BNB_OPTIMIZERS:
+        raise ValueError(f"--train.optimizer {name!r} is not one of AdamW, {', '.join(BNB_OPTIMIZERS)}")
+    params = list(params)
+    if name.startswith("Paged") and params[0].device.type != "cuda":
+        print(f"note: --train.optimizer {name} pages its state only on CUDA; on {params[0].device.type} it runs unpaged", file=sys.stderr)
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")  # bitsandbytes' own note
+    return getattr(import_bitsandbytes().optim, name)(params, lr=lr, weight_decay=weight_decay)
+
+
+def import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, imported only where it is used: the import alone takes seconds."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(f"--quantize and the 8-bit optimizers need bitsandbytes ({e}); pip install bitsandbytes") from None
+    # LLM.int8() multiplies in fp16 by design; bitsandbytes would log that at every product of fp32 or bf16 inputs
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return bitsandbytes

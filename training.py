@@ -1,0 +1,456 @@
+"""The training machinery finetune_lora.py and finetune_full.py share: each script tells its own story (setup -> main
+-> train -> save) and imports the parts from here, in the order a run uses them:
+
+- `TrainArgs`: the training flags both scripts take (--train.batch_size, ...);
+- before anything is loaded: `check_batch_sizes`, `check_data`, `find_resume`, then `make_fabric`;
+- the data and the optimizer: `load_data`, `make_optimizer`;
+- one optimizer step: `train_step` (the step's records from `batch_indices`, its learning rate from `learning_rate`,
+  the loss and gradients of its micro-batches, packed by `pack_batch` and scored by `cross_entropy_sum`, the NaN
+  stop, the update), reported by `Progress`;
+- `validate`: the validation loss and a sample answer;
+- `save_train_state` / `load_train_state`: what --resume needs, and the check that a resumed run fits it;
+- `finish`: the loss plot and the loggers.
+"""
+
+import importlib.util
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.strategies import FSDPStrategy
+from tqdm import tqdm
+
+from generate import generate, peak_memory_gb
+from model import Block, Config, LLaMA
+from prepare_alpaca import check_prepared_data, generate_prompt
+from quantize import BNB_OPTIMIZERS, make_bnb_optimizer
+from tokenizer import Tokenizer
+from utils import one_line
+
+STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from
+SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
+
+
+@dataclass
+class TrainArgs:
+    """How to train, the same for LoRA and full fine-tuning: on the command line --train.NAME, in a --config file
+    a `train:` section. Each script sets its own defaults (learning rate, checkpoint interval, ...).
+
+    Args:
+        batch_size: records per optimizer step, all devices together.
+        micro_batch_size: records per forward and backward pass on one device; gradients are accumulated over
+            batch_size / (micro_batch_size x devices) of them. Lower it when memory runs out.
+        max_steps: optimizer steps to train for; when left out, `epochs` passes over the training records.
+        epochs: passes over the training records, used when max_steps is not given.
+        max_seq_length: records are cut to this many tokens (at most the model's block_size).
+        optimizer: "AdamW" (torch), or bitsandbytes' "AdamW8bit" (its two moments in 8 bits: 1/4 of the memory),
+            "PagedAdamW8bit" or "PagedAdamW" (state paged out to CPU memory when the GPU runs out; CUDA only).
+        learning_rate: peak learning rate of the optimizer.
+        weight_decay: AdamW's decoupled weight decay of the trained weights.
+        warmup_steps: optimizer steps of linear warmup to learning_rate; then it decays along a cosine to 0 at the
+            last step.
+        grad_clip: the gradient norm is clipped to this value (a large value turns clipping off).
+        gradient_checkpointing: recompute each Block's activations in the backward pass: far less memory for about
+            1/3 more time.
+        eval_interval: optimizer steps between evaluations (validation loss and a sample answer); also at the end.
+        eval_batches: micro-batches of the test set each evaluation uses: always the same records.
+        save_interval: optimizer steps between checkpoints (with train_state.pt for --resume); also at the end.
+        seed: seed of the order of the records and of initialisation and dropout, where there are any.
+    """
+
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    max_steps: Optional[int] = None
+    epochs: int = 3
+    max_seq_length: int = 512
+    optimizer: Literal["AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW"] = "AdamW"
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    eval_interval: int = 100
+    eval_batches: int = 100
+    save_interval: int = 100
+    seed: int = 1337
+
+
+def check_batch_sizes(train: TrainArgs, devices: int) -> None:
+    if train.micro_batch_size < 1 or train.micro_batch_size > train.batch_size:
+        raise ValueError(
+            f"--train.micro_batch_size {train.micro_batch_size} must be between 1 and --train.batch_size {train.batch_size}"
+        )
+    if train.batch_size % (train.micro_batch_size * devices):
+        raise ValueError(
+            f"--train.batch_size {train.batch_size} must be a multiple of --train.micro_batch_size "
+            f"{train.micro_batch_size} x {devices} devices"
+        )
+
+
+def check_data(data_dir: Path, checkpoint_dir: Path, config: Config) -> dict:
+    """The prepared data's metadata, after checking it was tokenized for this checkpoint (prepare_alpaca.py)."""
+    metadata = check_prepared_data(data_dir, checkpoint_dir)
+    if metadata["vocab_size"] > config.vocab_size:
+        raise ValueError(
+            f"{data_dir} holds token ids up to {metadata['vocab_size'] - 1}, but the model's vocabulary has "
+            f"{config.vocab_size}; prepare the data with this checkpoint's tokenizer"
+        )
+    return metadata
+
+
+def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
+    """--resume: a train_state.pt, or "auto" for out_dir's when there is one."""
+    if resume == "auto":
+        return out_dir / STATE_NAME if (out_dir / STATE_NAME).is_file() else None
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such file (use --resume auto for the latest in --out_dir)")
+    return None if resume is None else Path(resume)
+
+
+def make_fabric(
+    devices: int, num_nodes: int, strategy: str, precision: str, gradient_checkpointing: bool, out_dir: Path
+) -> Fabric:
+    """A Fabric logging to out_dir/logs (CSV, and TensorBoard when installed). FSDP shards each Block (and, with
+    gradient checkpointing, recomputes each Block's activations itself)."""
+    if strategy == "fsdp":
+        strategy = FSDPStrategy(
+            auto_wrap_policy={Block}, activation_checkpointing_policy={Block} if gradient_checkpointing else None,
+            state_dict_type="full", limit_all_gathers=True,
+        )
+    loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=10)]
+    if importlib.util.find_spec("tensorboard"):
+        loggers.append(TensorBoardLogger(out_dir, name="logs"))
+    return Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=loggers)
+
+
+def load_data(data_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """train.pt and test.pt of prepare_alpaca.py: lists of {"input_ids", "labels"} tensors. Read with
+    weights_only=True: plain tensors and containers only, never arbitrary pickled objects."""
+    splits = []
+    for name in ("train.pt", "test.pt"):
+        path = Path(data_dir) / name
+        try:
+            records = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found; prepare the data with prepare_alpaca.py") from None
+        except Exception as e:  # not a file torch.save wrote, or one holding objects that are not plain tensors
+            raise ValueError(f"{path} is not data prepared by prepare_alpaca.py ({one_line(e)}); prepare it again") from None
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("input_ids"), torch.Tensor) and isinstance(r.get("labels"), torch.Tensor)
+            for r in records
+        ):
+            raise ValueError(f"{path} does not hold a list of input_ids/labels records; prepare the data again")
+        splits.append(records)
+    return splits[0], splits[1]
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """--train.optimizer: torch's AdamW, or one of bitsandbytes' 8-bit or paged variants (quantize.make_bnb_optimizer)."""
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return make_bnb_optimizer(name, params, lr, weight_decay)
+
+
+def batch_indices(step: int, batch_size: int, n_records: int, seed: int) -> list[int]:
+    """The training records of optimizer step `step`: the records are read in a new random order every epoch,
+    drawn from (seed, epoch). Any step's batch follows from its number alone, so a resumed run reads exactly
+    the records an uninterrupted one would have."""
+    indices = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, position = divmod(i, n_records)
+        indices.append(epoch_order(n_records, seed, epoch)[position])
+    return indices
+
+
+@lru_cache(maxsize=2)
+def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> float:
+    """The learning rate of optimizer step `step` (counted from 0): a linear warmup to `peak` over `warmup_steps`,
+    then a cosine decay to 0 at `max_steps`. A function of the step alone, so a resumed run needs nothing else,
+    and may lower `peak`, e.g. after a NaN."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    train_data: list[dict[str, torch.Tensor]],
+    state: dict,
+    train: TrainArgs,
+    ignore_index: int,
+    out_dir: Path,
+) -> dict[str, float]:
+    """One optimizer step, number state["step"] (then counted up): its batch of train.batch_size records, cut into
+    micro-batches of records packed without padding (`pack_batch`), each device taking every world_size-th; the loss,
+    the mean over all the batch's target tokens whichever micro-batch and device they are in, and its gradients; the
+    update, unless the loss or gradients are not finite. Returns the step's loss, learning rate and tokens."""
+    max_seq_length = min(train.max_seq_length, model.config.block_size)
+    batch = [train_data[i] for i in batch_indices(state["step"], train.batch_size, len(train_data), train.seed)]
+    n_targets = sum(int((record["labels"][1:max_seq_length] != ignore_index).sum()) for record in batch)
+    micro_batches = [batch[i : i + train.micro_batch_size] for i in range(0, train.batch_size, train.micro_batch_size)]
+    micro_batches = micro_batches[fabric.global_rank :: fabric.world_size]  # micro-batch k to device k % devices
+    loss_sum = torch.zeros((), device=fabric.device)
+    for i, micro_batch in enumerate(micro_batches):
+        input_ids, targets, lengths = pack_batch(micro_batch, max_seq_length)
+        input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
+        # under DDP, gradients are averaged across devices once per step, after the last micro-batch
+        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+            loss = cross_entropy_sum(model, input_ids, targets, ignore_index, lengths) / max(n_targets, 1)
+            fabric.backward(loss * fabric.world_size)  # DDP and FSDP average gradients; we want their sum
+        loss_sum += loss.detach()
+    loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
+    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        saved = out_dir / STATE_NAME
+        raise FloatingPointError(
+            f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {state['step'] + 1}; "
+            "stopped before updating the weights. "
+            + (f"The last good checkpoint is {saved}: resume from it with a lower --train.learning_rate"
+               if saved.is_file() else "Nothing was saved; try a lower --train.learning_rate")
+        )
+    lr = learning_rate(state["step"], train.learning_rate, train.warmup_steps, train.max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["history"]["train"].append((state["step"], loss))
+    return {"train_loss": loss, "learning_rate": lr, "tokens": sum(min(len(r["input_ids"]), max_seq_length) for r in batch)}
+
+
+def pack_batch(
+    samples: list[dict[str, torch.Tensor]], max_seq_length: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Inputs (1, N) and next-token targets (1, N) of a micro-batch of prepared records (prepare_alpaca.py's
+    {"input_ids", "labels"}, labels not shifted), each cut to `max_seq_length` tokens and then packed one after
+    another into a single row, and the length of each record's part (`LLaMA.forward`'s `lengths`).
+
+    Packed, not padded to the longest record: a padding position costs as much compute and memory as a token,
+    and in a micro-batch of instruction records of mixed lengths a third of the positions would be padding.
+    The model keeps the records apart (each attends only to itself, from position 0), so the logits are those
+    of each record on its own."""
+    samples = [{key: sample[key][:max_seq_length] for key in ("input_ids", "labels")} for sample in samples]
+    input_ids = torch.cat([sample["input_ids"][:-1] for sample in samples])
+    targets = torch.cat([sample["labels"][1:] for sample in samples])  # position t predicts token t + 1
+    return input_ids[None], targets[None], [len(sample["input_ids"]) - 1 for sample in samples]
+
+
+def cross_entropy_sum(
+    model: LLaMA, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    lengths: Optional[list[int]] = None,
+) -> torch.Tensor:
+    """The model's cross-entropy on `input_ids` (B, T), summed over the `targets` (B, T) that are not `ignore_index`;
+    `lengths` as `pack_batch` returns them for packed records.
+
+    A sum, not a mean: the fine-tuning loops divide by the number of targets in the whole batch, which spans
+    micro-batches and devices. Two things make it cheaper than F.cross_entropy over model(input_ids), with the
+    same value and gradient: the output head, a step's largest matrix product at a vocabulary of 32000, only
+    computes logits where there is a target (in instruction data the prompt, and padding if any, have none:
+    often more than half of the positions), and CrossEntropySum keeps one tensor of the logits' size instead of three."""
+    where = targets != ignore_index
+    logits = model(input_ids, lengths=lengths, logits_at=where)  # (n_targets, vocab_size)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return CrossEntropySum.apply(logits, targets[where])
+    return F.cross_entropy(logits.float(), targets[where], reduction="sum")  # evaluation: no gradient to keep
+
+
+class CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of logits (N, vocab) and targets (N,) that computes its gradient, softmax minus
+    one-hot, already in the forward pass, a chunk of rows at a time, into the logits' own memory.
+
+    F.cross_entropy keeps a log-softmax as large as the logits for the backward pass and allocates two more
+    tensors that size in it (the gradients of the log-softmax and of the logits), in fp32 even for bf16 logits.
+    Here the logits' memory is the only one: it ends up holding the gradient, in the logits' dtype, and fp32
+    temporaries exist for one chunk at a time. The logits are `cross_entropy_sum`'s own, needed by nothing else
+    (a later use would be caught: the in-place writes advance their version counter)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = torch.zeros((), device=logits.device, dtype=torch.float32)
+        chunk_size = max(1, 2**22 // logits.size(1))  # rows per chunk: 16 MB in fp32
+        for start in range(0, logits.size(0), chunk_size):
+            chunk, target = logits[start : start + chunk_size], targets[start : start + chunk_size]
+            x = chunk.float()  # the chunk itself when the logits are fp32, else an fp32 copy of it
+            log_z = torch.logsumexp(x, dim=1)
+            loss += (log_z - x.gather(1, target[:, None]).squeeze(1)).sum()
+            x = x.sub_(log_z[:, None]).exp_()  # softmax
+            x[torch.arange(len(target), device=x.device), target] -= 1
+            chunk.copy_(x)  # the gradient, where the logits were
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output.to(grad.dtype)), None  # in place: the graph is backpropagated once
+
+
+class Progress:
+    """The progress bar of a run (rank 0's) and what is logged each step: loss, learning rate, tokens/s."""
+
+    def __init__(self, fabric: Fabric, max_steps: int, first_step: int) -> None:
+        self.fabric, self.t0, self.tokens = fabric, time.perf_counter(), 0
+        self.bar = tqdm(total=max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True)
+
+    def update(self, step: int, figures: dict[str, float]) -> None:
+        self.tokens += figures["tokens"]
+        tokens_per_sec = self.tokens / (time.perf_counter() - self.t0)
+        self.fabric.log_dict({"train_loss": figures["train_loss"], "learning_rate": figures["learning_rate"],
+                              "tokens_per_sec": tokens_per_sec}, step)
+        memory = peak_memory_gb(self.fabric.device)
+        self.bar.set_postfix(loss=f"{figures['train_loss']:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}",
+                             peak_memory=f"{memory:.2f} GB", refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@torch.no_grad()
+def validate(
+    fabric: Fabric,
+    model: LLaMA,
+    val_data: list[dict[str, torch.Tensor]],
+    tokenizer: Tokenizer,
+    state: dict,
+    train: TrainArgs,
+    ignore_index: int,
+) -> None:
+    """The loss per target token over the first train.eval_batches micro-batches of the test set (the same records
+    every time, so the numbers compare), logged and added to state["history"], and an answer to SAMPLE_INSTRUCTION,
+    greedy, to read how training goes."""
+    max_seq_length = min(train.max_seq_length, model.config.block_size)
+    model.eval()
+    n = min(len(val_data), train.eval_batches * train.micro_batch_size)
+    micro_batches = [range(i, min(i + train.micro_batch_size, n)) for i in range(0, n, train.micro_batch_size)]
+    if fabric.world_size > 1:  # every device runs as many forward passes (FSDP gathers weights in each)
+        micro_batches = micro_batches[: max(len(micro_batches) // fabric.world_size, 1) * fabric.world_size]
+    totals = torch.zeros(2, device=fabric.device)  # summed loss, target tokens
+    for micro_batch in micro_batches[fabric.global_rank :: fabric.world_size]:
+        input_ids, targets, lengths = pack_batch([val_data[j] for j in micro_batch], max_seq_length)
+        input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
+        totals[0] += cross_entropy_sum(model, input_ids, targets, ignore_index, lengths)
+        totals[1] += (targets != ignore_index).sum()
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    val_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    answer = ""
+    if not isinstance(fabric.strategy, FSDPStrategy):  # under FSDP every new token would gather the whole model
+        prompt = tokenizer.encode(generate_prompt({"instruction": SAMPLE_INSTRUCTION, "input": ""}), bos=True)
+        max_new_tokens = min(100, model.config.block_size - len(prompt))
+        output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
+        answer = tokenizer.decode(output[len(prompt) :])
+    step = state["step"]
+    fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+    fabric.print(f"{SAMPLE_INSTRUCTION} -> {answer!r}")
+    state["history"]["val"].append((step, val_loss))
+    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
+    model.train()
+
+
+def save_train_state(
+    fabric: Fabric,
+    path: Path,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    settings: dict,
+    lora_only: bool = False,
+) -> None:
+    """Writes what --resume needs to `path`: the trained weights (with `lora_only`, LoRA's A and B alone), the
+    optimizer state, the step and loss history, the `settings` a resumed run must share, and every device's RNG
+    state (LoRA dropout draws from it). Under a temporary name, renamed when complete: a run killed while saving
+    keeps the previous one. Under FSDP fabric.save gathers the shards a Block at a time into one file on rank 0;
+    otherwise rank 0 writes it with torch.save (fabric.save would first serialise the whole state into memory)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    keep = (lambda name, _: ".lora." in name) if lora_only else (lambda name, _: True)
+    train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings, "rng": rng_states(fabric)}
+    if isinstance(fabric.strategy, FSDPStrategy):
+        fabric.save(tmp, train_state, filter={"model": keep})
+    elif fabric.global_rank == 0:
+        weights = {name: tensor for name, tensor in model.state_dict().items() if keep(name, tensor)}
+        torch.save({**train_state, "model": weights, "optimizer": optimizer.state_dict()}, tmp)
+    if fabric.global_rank == 0:
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def rng_states(fabric: Fabric) -> torch.Tensor:
+    """Every device's RNG state, one row per rank."""
+    if fabric.device.type == "cuda":
+        rng = torch.cuda.get_rng_state(fabric.device)
+    else:
+        rng = torch.get_rng_state()
+    return fabric.all_gather(rng.to(fabric.device)).reshape(fabric.world_size, -1).cpu()
+
+
+def load_train_state(
+    fabric: Fabric,
+    path: Path,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    settings: dict,
+) -> dict:
+    """Restores what `save_train_state` wrote into the model and optimizer, and the RNG states; returns the step and
+    loss history. The data position and the learning rate follow from the step. A file of a run with other
+    `settings` is refused, naming the differences."""
+    try:
+        saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
+    except Exception as e:  # not a file torch.save wrote, or not one of ours
+        raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
+    differences = [f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value]
+    if differences:
+        raise ValueError(
+            f"--resume {path} was saved by a run with other settings: {'; '.join(differences)}; "
+            "resume with the same checkpoint, data, LoRA and batch settings"
+        )
+    try:  # strict=False: a LoRA run's file holds LoRA's weights only
+        rest = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
+    except Exception as e:  # e.g. a state of another version of this script
+        raise ValueError(f"--resume {path} does not fit this run ({one_line(e)})") from None
+    # the RNG as each device left it (with another device count, the nearest)
+    rng = rest["rng"][fabric.global_rank % len(rest["rng"])]
+    if fabric.device.type == "cuda":
+        torch.cuda.set_rng_state(rng, fabric.device)
+    else:
+        torch.set_rng_state(rng)
+    return {"step": rest["step"], "history": rest["history"]}
+
+
+def finish(fabric: Fabric, history: dict[str, list[tuple[int, float]]], out_dir: Path) -> None:
+    """The end of a run: out_dir/loss.png, and the loggers flushed."""
+    if fabric.global_rank == 0:
+        plot_losses(history, out_dir / "loss.png")
+    for logger in fabric.loggers:
+        logger.finalize("success")
+
+
+def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
+
+    figure = Figure(figsize=(8, 5))
+    ax = figure.subplots()
+    ax.plot(*zip(*history["train"]), label="train", linewidth=1)
+    if history["val"]:
+        ax.plot(*zip(*history["val"]), "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.savefig(path, dpi=100, bbox_inches="tight")
