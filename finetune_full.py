@@ -11,25 +11,23 @@ receives step-NNNNNN/ and, at the end, out_dir itself: a complete checkpoint dir
 model_config.json, tokenizer.model) for generate.py, and each time train_state.pt, from which --resume continues.
 """
 
-import math
 import shutil
-from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import FSDPStrategy
 from safetensors.torch import save_file
+from torch.optim import Optimizer
 
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
-    STATE_NAME, Progress, TrainArgs, check_batch_sizes, check_data, find_resume, finish, load_data, load_train_state, make_fabric,
-    make_optimizer, save_train_state, train_step, validate,
+    STATE_NAME, TrainArgs, check_batch_sizes, find_resume, finish, is_fsdp, launch, load_data,
+    make_optimizer, resume_settings, save_train_state, start_state, train_steps, validate,
 )
-from utils import atomic_path, cli, default_precision, load_config, load_model, precision_to_dtype
+from utils import atomic_path, cli, load_model, precision_to_dtype
 
 
 def setup(
@@ -60,29 +58,23 @@ def setup(
         train: how to train (training.TrainArgs: --train.batch_size, --train.max_steps, ...).
         resume: a train_state.pt to continue from, or "auto" for out_dir/train_state.pt when there is one.
     """
-    args = SimpleNamespace(**locals())
-    args.precision = precision or default_precision(training=True)
-    args.data_dir, args.checkpoint_dir, args.out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     # everything that can be wrong with the input is found here, before any model is loaded or process started
     check_batch_sizes(train, devices * num_nodes)
-    if args.out_dir.resolve() == args.checkpoint_dir.resolve():
+    data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
+    if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {out_dir} is the checkpoint directory; choose a new directory")
-    args.ignore_index = check_data(args.data_dir, args.checkpoint_dir, load_config(args.checkpoint_dir))["ignore_index"]
-    args.resume = find_resume(resume, args.out_dir)
-    args.train_data, args.val_data = load_data(args.data_dir)  # ~25 s for 50k records: read once
-    fabric = make_fabric(devices, num_nodes, strategy, args.precision, train.gradient_checkpointing, args.out_dir)
-    fabric.launch(main, args)
+    train_data, val_data, ignore_index = load_data(data_dir, checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")  # for the sample answers of validate
+    resume = find_resume(resume, out_dir)
+    train = train.for_records(len(train_data))  # max_steps from epochs, unless given
+    launch(main, SimpleNamespace(**locals()))  # main on every device, seeded, in --precision (by device by default)
 
 
 def main(fabric: Fabric, args: SimpleNamespace) -> None:
-    fabric.seed_everything(args.train.seed)
-    train_data, val_data = args.train_data, args.val_data
-    tokenizer = Tokenizer(args.checkpoint_dir / "tokenizer.model")
-
     # The model, every weight trainable. Under mixed precision the weights stay in fp32 (bf16 would round small
     # updates away) and Fabric computes in bf16. FSDP starts from a copy on the CPU and moves each Block's shard
     # to its device. The result is saved in the dtype the checkpoint came in.
-    fsdp = isinstance(fabric.strategy, FSDPStrategy)
+    fsdp = is_fsdp(fabric)
     model = load_model(args.checkpoint_dir, device="cpu" if fsdp else fabric.device)
     args.save_dtype = model.embed.weight.dtype
     model = model.to(precision_to_dtype(args.precision.replace("bf16-mixed", "32-true")))
@@ -91,23 +83,18 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     model = fabric.setup_module(model)
 
     # The optimizer (AdamW or one of bitsandbytes' variants) over all weights; train_step sets its learning rate
-    optimizer = make_optimizer(args.train.optimizer, model.parameters(), args.train.learning_rate, args.train.weight_decay)
-    optimizer = fabric.setup_optimizers(optimizer)
-    steps = args.train.max_steps or math.ceil(args.train.epochs * len(train_data) / args.train.batch_size)
-    args.train = replace(args.train, max_steps=steps)
+    train = args.train
+    optimizer = fabric.setup_optimizers(make_optimizer(train.optimizer, model.parameters(), train.learning_rate, train.weight_decay))
 
-    state = {"step": 0, "history": {"train": [], "val": []}}
-    settings = {"model": asdict(model.config), "batch_size": args.train.batch_size, "seed": args.train.seed,
-                "train_records": len(train_data), "optimizer": args.train.optimizer}  # what a resumed run must share
-    if args.resume:
-        state = load_train_state(fabric, args.resume, model, optimizer, settings)
-        fabric.print(f"Resuming from {args.resume} at step {state['step']}")
-    fabric.print(
-        f"Training {len(train_data)} records for {args.train.max_steps} steps of {args.train.batch_size} records, "
-        f"micro-batches of {args.train.micro_batch_size}, {fabric.world_size} device(s), {args.precision}"
-    )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    train(fabric, model, optimizer, train_data, val_data, tokenizer, state, settings, args)
+    settings = resume_settings(model, train, len(args.train_data))
+    state = start_state(fabric, args.resume, model, optimizer, settings)
+
+    # The training loop; each step (training.train_step) is a batch, its loss and gradients, and every weight's update
+    for step in train_steps(fabric, model, optimizer, state, args.train_data, train, args.ignore_index, args.out_dir):
+        if step % train.eval_interval == 0 or step == train.max_steps:
+            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index)
+        if step % train.save_interval == 0 and step < train.max_steps:  # a checkpoint directory and train_state.pt
+            save(fabric, model, optimizer, state, settings, args.out_dir / f"step-{step:06d}", args)
 
     save(fabric, model, optimizer, state, settings, args.out_dir, args)
     fabric.print(f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, "
@@ -115,40 +102,8 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     finish(fabric, state["history"], args.out_dir)
 
 
-def train(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: torch.optim.Optimizer,
-    train_data: list[dict[str, torch.Tensor]],
-    val_data: list[dict[str, torch.Tensor]],
-    tokenizer: Tokenizer,
-    state: dict,
-    settings: dict,
-    args: SimpleNamespace,
-) -> None:
-    """Optimizer steps (training.train_step: a batch, its loss and gradients, the update of every weight) until
-    --max_steps; every --train.eval_interval steps the validation loss and a sample answer, every --train.save_interval a
-    checkpoint directory step-NNNNNN/ and train_state.pt."""
-    progress = Progress(fabric, args.train.max_steps, state["step"])
-    model.train()
-    while state["step"] < args.train.max_steps:
-        figures = train_step(fabric, model, optimizer, train_data, state, args.train, args.ignore_index, args.out_dir)
-        progress.update(state["step"], figures)
-        if state["step"] % args.train.eval_interval == 0 or state["step"] == args.train.max_steps:
-            validate(fabric, model, val_data, tokenizer, state, args.train, args.ignore_index)
-        if state["step"] % args.train.save_interval == 0 and state["step"] < args.train.max_steps:  # the end is saved by main
-            save(fabric, model, optimizer, state, settings, args.out_dir / f"step-{state['step']:06d}", args)
-    progress.close()
-
-
 def save(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    settings: dict,
-    checkpoint_dir: Path,
-    args: SimpleNamespace,
+    fabric: Fabric, model: LLaMA, optimizer: Optimizer, state: dict, settings: dict, checkpoint_dir: Path, args: SimpleNamespace
 ) -> None:
     """Writes out_dir/train_state.pt (training.save_train_state: every weight and what --resume needs), then a
     checkpoint directory for generate.py at `checkpoint_dir`, in the dtype the run started from. Every file is written
@@ -157,7 +112,7 @@ def save(
     save_train_state(fabric, path, model, optimizer, state, settings)
     if fabric.global_rank == 0:
         # under FSDP only the file just written holds the gathered weights (mmap: read as they are written out)
-        fsdp = isinstance(fabric.strategy, FSDPStrategy)
+        fsdp = is_fsdp(fabric)
         weights = torch.load(path, weights_only=True, mmap=True)["model"] if fsdp else model.state_dict()
         if model.config.tie_embeddings:
             del weights["lm_head.weight"]  # the embedding's, stored once

@@ -11,24 +11,23 @@ scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly
 logs/ (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_lora.md.
 """
 
-import math
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import FSDPStrategy
+from torch.optim import Optimizer
 
 from lora import LoRAConfig, load_lora_state_dict, lora, mark_only_lora_as_trainable, save_lora_checkpoint
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
-    STATE_NAME, Progress, TrainArgs, check_batch_sizes, check_data, find_resume, finish, load_data, load_train_state, make_fabric,
-    make_optimizer, save_train_state, train_step, validate,
+    STATE_NAME, TrainArgs, check_batch_sizes, find_resume, finish, is_fsdp, launch, load_data,
+    make_optimizer, resume_settings, save_train_state, start_state, train_steps, validate,
 )
-from utils import cli, default_precision, load_config, load_model, precision_to_dtype
+from utils import cli, load_model, precision_to_dtype
 
 ADAPTER_NAME = "lit_model_lora_finetuned.safetensors"  # the final adapter; scripts/merge_lora.py's default
 
@@ -74,37 +73,30 @@ def setup(
         train: how to train (training.TrainArgs: --train.batch_size, --train.max_steps, ...).
         resume: a train_state.pt to continue from, or "auto" for out_dir/train_state.pt when there is one.
     """
-    args = SimpleNamespace(**locals())
-    args.precision = precision or default_precision(training=True)
-    args.data_dir, args.checkpoint_dir, args.out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     # everything that can be wrong with the input is found here, before any model is loaded or process started
     check_batch_sizes(train, devices * num_nodes)
     if quantize and strategy == "fsdp":
         raise ValueError("--quantize does not work with --strategy fsdp, which shards floating-point weights; "
                          "use --strategy ddp or one device")
-    args.lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, tuple(lora_targets))
-    args.ignore_index = check_data(args.data_dir, args.checkpoint_dir, load_config(args.checkpoint_dir))["ignore_index"]
-    args.resume = find_resume(resume, args.out_dir)
-    args.train_data, args.val_data = load_data(args.data_dir)  # ~25 s for 50k records: read once
-    fabric = make_fabric(devices, num_nodes, strategy, args.precision, train.gradient_checkpointing, args.out_dir)
-    fabric.launch(main, args)
+    data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
+    train_data, val_data, ignore_index = load_data(data_dir, checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")  # for the sample answers of validate
+    lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets)
+    resume = find_resume(resume, out_dir)
+    train = train.for_records(len(train_data))  # max_steps from epochs, unless given
+    launch(main, SimpleNamespace(**locals()))  # main on every device, seeded, in --precision (by device by default)
 
 
 def main(fabric: Fabric, args: SimpleNamespace) -> None:
-    fabric.seed_everything(args.train.seed)
-    train_data, val_data = args.train_data, args.val_data
-    tokenizer = Tokenizer(args.checkpoint_dir / "tokenizer.model")
-
     # The model: the frozen base with LoRA layers on --lora_targets. Under mixed precision the base is held in the
     # low dtype and LoRA in fp32, whose small updates bf16 would round away. FSDP shards each Block's weights
     # together, which needs one dtype: it keeps them all in fp32 and computes in bf16 itself.
-    fsdp = isinstance(fabric.strategy, FSDPStrategy)
+    fsdp = is_fsdp(fabric)
     mixed = args.precision.endswith("-mixed")
     base_dtype = torch.float32 if fsdp and mixed else precision_to_dtype(args.precision.replace("-mixed", "-true"))
-    with lora(**asdict(args.lora)):
-        model = load_model(
-            args.checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype, quantize=args.quantize
-        )
+    with lora(**asdict(args.lora_config)):
+        device = "cpu" if fsdp else fabric.device
+        model = load_model(args.checkpoint_dir, device=device, dtype=base_dtype, quantize=args.quantize)
     mark_only_lora_as_trainable(model)
     trainable = [param for param in model.parameters() if param.requires_grad]
     if mixed:
@@ -114,70 +106,31 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     total = sum(param.numel() for param in model.parameters())
     n_trainable = sum(param.numel() for param in trainable)
     fabric.print(
-        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), LoRA {args.lora}"
+        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), LoRA {args.lora_config}"
     )
     model = fabric.setup_module(model)
 
     # The optimizer (AdamW or one of bitsandbytes' variants) over the LoRA weights only; train_step sets its rate
+    train = args.train
     trainable = [param for param in model.parameters() if param.requires_grad]
-    optimizer = fabric.setup_optimizers(make_optimizer(args.train.optimizer, trainable, args.train.learning_rate, args.train.weight_decay))
-    steps = args.train.max_steps or math.ceil(args.train.epochs * len(train_data) / args.train.batch_size)
-    args.train = replace(args.train, max_steps=steps)
+    optimizer = fabric.setup_optimizers(make_optimizer(train.optimizer, trainable, train.learning_rate, train.weight_decay))
 
-    state = {"step": 0, "history": {"train": [], "val": []}}
-    settings = {  # what a resumed run must share with the run it continues
-        "model": asdict(model.config), "lora": asdict(args.lora), "batch_size": args.train.batch_size, "seed": args.train.seed,
-        "train_records": len(train_data), "optimizer": args.train.optimizer,
-    }
-    if args.resume:
-        state = load_train_state(fabric, args.resume, model, optimizer, settings)
-        fabric.print(f"Resuming from {args.resume} at step {state['step']}")
-    fabric.print(
-        f"Training {len(train_data)} records for {args.train.max_steps} steps of {args.train.batch_size} records "
-        f"({args.train.max_steps * args.train.batch_size / len(train_data):.2f} epochs), micro-batches of {args.train.micro_batch_size}, "
-        f"{fabric.world_size} device(s), {args.precision}"
-    )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    train(fabric, model, optimizer, train_data, val_data, tokenizer, state, settings, args)
+    settings = resume_settings(model, train, len(args.train_data), lora=asdict(args.lora_config))
+    state = start_state(fabric, args.resume, model, optimizer, settings)
+
+    # The training loop; each step (training.train_step) is a batch, its loss and gradients, and LoRA's update
+    for step in train_steps(fabric, model, optimizer, state, args.train_data, train, args.ignore_index, args.out_dir):
+        if step % train.eval_interval == 0 or step == train.max_steps:
+            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index)
+        if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
+            save(fabric, model, optimizer, state, settings, args.out_dir / f"lora_step-{step:06d}.safetensors")
 
     save(fabric, model, optimizer, state, settings, args.out_dir / ADAPTER_NAME)
     fabric.print(f"Saved the adapter to {args.out_dir / ADAPTER_NAME}")
     finish(fabric, state["history"], args.out_dir)
 
 
-def train(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: torch.optim.Optimizer,
-    train_data: list[dict[str, torch.Tensor]],
-    val_data: list[dict[str, torch.Tensor]],
-    tokenizer: Tokenizer,
-    state: dict,
-    settings: dict,
-    args: SimpleNamespace,
-) -> None:
-    """Optimizer steps (training.train_step: a batch, its loss and gradients, the update) until --max_steps; every
-    --train.eval_interval steps the validation loss and a sample answer, every --train.save_interval an adapter and train_state.pt."""
-    progress = Progress(fabric, args.train.max_steps, state["step"])
-    model.train()
-    while state["step"] < args.train.max_steps:
-        figures = train_step(fabric, model, optimizer, train_data, state, args.train, args.ignore_index, args.out_dir)  # counts state["step"] up
-        progress.update(state["step"], figures)
-        if state["step"] % args.train.eval_interval == 0 or state["step"] == args.train.max_steps:
-            validate(fabric, model, val_data, tokenizer, state, args.train, args.ignore_index)
-        if state["step"] % args.train.save_interval == 0 and state["step"] < args.train.max_steps:  # the end is saved by main
-            save(fabric, model, optimizer, state, settings, args.out_dir / f"lora_step-{state['step']:06d}.safetensors")
-    progress.close()
-
-
-def save(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    settings: dict,
-    adapter_path: Path,
-) -> None:
+def save(fabric: Fabric, model: LLaMA, optimizer: Optimizer, state: dict, settings: dict, adapter_path: Path) -> None:
     """Writes train_state.pt beside `adapter_path` (training.save_train_state: the LoRA weights and what --resume
     needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always agree.
     Both are written under a temporary name and renamed when complete."""

@@ -2,13 +2,15 @@
 -> train -> save) and imports the parts from here, in the order a run uses them:
 
 - `TrainArgs`: the training flags both scripts take (--train.batch_size, ...);
-- before anything is loaded: `check_batch_sizes`, `check_data`, `find_resume`, then `make_fabric`;
-- the data and the optimizer: `load_data`, `make_optimizer`;
-- one optimizer step: `train_step` (the step's records from `batch_indices`, its learning rate from `learning_rate`,
+- before any model is loaded or process started: `check_batch_sizes`, `load_data` (checked against the
+  checkpoint), `find_resume`; then `launch` runs the script's main on every device (`is_fsdp`: sharded or not);
+- the optimizer: `make_optimizer`;
+- the optimizer steps: `train_steps`, each a `train_step` (the step's records from `batch_indices`, its learning rate from `learning_rate`,
   the loss and gradients of its micro-batches, packed by `pack_batch` and scored by `cross_entropy_sum`, the NaN
   stop, the update), reported by `Progress`;
 - `validate`: the validation loss and a sample answer;
-- `save_train_state` / `load_train_state`: what --resume needs, and the check that a resumed run fits it;
+- `resume_settings`, `start_state`, `save_train_state` / `load_train_state`: what --resume needs, and the check
+  that a resumed run fits it;
 - `finish`: the loss plot and the loggers.
 """
 
@@ -16,10 +18,11 @@ import importlib.util
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from types import SimpleNamespace
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -30,11 +33,11 @@ from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
 from generate import generate, peak_memory_gb
-from model import Block, Config, LLaMA
+from model import Block, LLaMA
 from prepare_alpaca import check_prepared_data, generate_prompt
-from quantize import BNB_OPTIMIZERS, make_bnb_optimizer
+from quantize import make_bnb_optimizer
 from tokenizer import Tokenizer
-from utils import one_line
+from utils import default_precision, load_config, one_line
 
 STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
@@ -83,6 +86,10 @@ class TrainArgs:
     save_interval: int = 100
     seed: int = 1337
 
+    def for_records(self, n_records: int) -> "TrainArgs":
+        """These settings with max_steps filled in: when only `epochs` is given, as many steps as they take."""
+        return replace(self, max_steps=self.max_steps or math.ceil(self.epochs * n_records / self.batch_size))
+
 
 def check_batch_sizes(train: TrainArgs, devices: int) -> None:
     if train.micro_batch_size < 1 or train.micro_batch_size > train.batch_size:
@@ -96,17 +103,6 @@ def check_batch_sizes(train: TrainArgs, devices: int) -> None:
         )
 
 
-def check_data(data_dir: Path, checkpoint_dir: Path, config: Config) -> dict:
-    """The prepared data's metadata, after checking it was tokenized for this checkpoint (prepare_alpaca.py)."""
-    metadata = check_prepared_data(data_dir, checkpoint_dir)
-    if metadata["vocab_size"] > config.vocab_size:
-        raise ValueError(
-            f"{data_dir} holds token ids up to {metadata['vocab_size'] - 1}, but the model's vocabulary has "
-            f"{config.vocab_size}; prepare the data with this checkpoint's tokenizer"
-        )
-    return metadata
-
-
 def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
     """--resume: a train_state.pt, or "auto" for out_dir's when there is one."""
     if resume == "auto":
@@ -116,25 +112,42 @@ def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
     return None if resume is None else Path(resume)
 
 
-def make_fabric(
-    devices: int, num_nodes: int, strategy: str, precision: str, gradient_checkpointing: bool, out_dir: Path
-) -> Fabric:
-    """A Fabric logging to out_dir/logs (CSV, and TensorBoard when installed). FSDP shards each Block (and, with
+def launch(main: Callable[[Fabric, SimpleNamespace], None], args: SimpleNamespace) -> None:
+    """Runs main(fabric, args) on each of args.devices x args.num_nodes devices with args.strategy: a Fabric in
+    args.precision (by default bf16-mixed on GPUs with bf16, else 32-true: bf16 on CPUs is very slow), logging to
+    out_dir/logs (CSV, and TensorBoard when installed), seeded with train.seed. FSDP shards each Block (and, with
     gradient checkpointing, recomputes each Block's activations itself)."""
+    args.precision = args.precision or default_precision(training=True)
+    strategy = args.strategy
     if strategy == "fsdp":
-        strategy = FSDPStrategy(
-            auto_wrap_policy={Block}, activation_checkpointing_policy={Block} if gradient_checkpointing else None,
-            state_dict_type="full", limit_all_gathers=True,
-        )
-    loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=10)]
+        checkpointing = {Block} if args.train.gradient_checkpointing else None
+        strategy = FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy=checkpointing,
+                                state_dict_type="full", limit_all_gathers=True)
+    loggers = [CSVLogger(args.out_dir, name="logs", flush_logs_every_n_steps=10)]
     if importlib.util.find_spec("tensorboard"):
-        loggers.append(TensorBoardLogger(out_dir, name="logs"))
-    return Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=loggers)
+        loggers.append(TensorBoardLogger(args.out_dir, name="logs"))
+    fabric = Fabric(devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
+                    loggers=loggers)
+    fabric.seed_everything(args.train.seed)  # in every process: the DDP/FSDP workers run the script anew
+    fabric.launch(main, args)
 
 
-def load_data(data_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    """train.pt and test.pt of prepare_alpaca.py: lists of {"input_ids", "labels"} tensors. Read with
-    weights_only=True: plain tensors and containers only, never arbitrary pickled objects."""
+def is_fsdp(fabric: Fabric) -> bool:
+    """Whether the model is sharded (--strategy fsdp): then each device holds part of every Block's weights."""
+    return isinstance(fabric.strategy, FSDPStrategy)
+
+
+def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], int]:
+    """train.pt and test.pt of prepare_alpaca.py (lists of {"input_ids", "labels"} tensors) and the ignore_index of
+    their labels, after checking that they were tokenized for this checkpoint. Read with weights_only=True: plain
+    tensors and containers only, never arbitrary pickled objects. ~25 s for 50k records: read once."""
+    metadata = check_prepared_data(data_dir, checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    if metadata["vocab_size"] > config.vocab_size:
+        raise ValueError(
+            f"{data_dir} holds token ids up to {metadata['vocab_size'] - 1}, but the model's vocabulary has "
+            f"{config.vocab_size}; prepare the data with this checkpoint's tokenizer"
+        )
     splits = []
     for name in ("train.pt", "test.pt"):
         path = Path(data_dir) / name
@@ -150,7 +163,7 @@ def load_data(data_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[
         ):
             raise ValueError(f"{path} does not hold a list of input_ids/labels records; prepare the data again")
         splits.append(records)
-    return splits[0], splits[1]
+    return splits[0], splits[1], metadata["ignore_index"]
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -199,7 +212,8 @@ def train_step(
     """One optimizer step, number state["step"] (then counted up): its batch of train.batch_size records, cut into
     micro-batches of records packed without padding (`pack_batch`), each device taking every world_size-th; the loss,
     the mean over all the batch's target tokens whichever micro-batch and device they are in, and its gradients; the
-    update, unless the loss or gradients are not finite. Returns the step's loss, learning rate and tokens."""
+    update, unless the loss or gradients are not finite. Returns the step's number, loss, learning rate and tokens."""
+    model.train()  # validate() leaves it so too
     max_seq_length = min(train.max_seq_length, model.config.block_size)
     batch = [train_data[i] for i in batch_indices(state["step"], train.batch_size, len(train_data), train.seed)]
     n_targets = sum(int((record["labels"][1:max_seq_length] != ignore_index).sum()) for record in batch)
@@ -231,7 +245,27 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     state["step"] += 1
     state["history"]["train"].append((state["step"], loss))
-    return {"train_loss": loss, "learning_rate": lr, "tokens": sum(min(len(r["input_ids"]), max_seq_length) for r in batch)}
+    tokens = sum(min(len(record["input_ids"]), max_seq_length) for record in batch)
+    return {"step": state["step"], "train_loss": loss, "learning_rate": lr, "tokens": tokens}
+
+
+def train_steps(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    train_data: list[dict[str, torch.Tensor]],
+    train: TrainArgs,
+    ignore_index: int,
+    out_dir: Path,
+) -> Iterator[int]:
+    """Takes optimizer steps (`train_step`) from state["step"] until train.max_steps, with a progress bar, and yields
+    each step's number after it: the scripts' loops evaluate and save between steps."""
+    progress = Progress(fabric, train, len(train_data), state["step"])
+    while state["step"] < train.max_steps:
+        progress.update(train_step(fabric, model, optimizer, train_data, state, train, ignore_index, out_dir))
+        yield state["step"]
+    progress.close()
 
 
 def pack_batch(
@@ -303,13 +337,22 @@ class CrossEntropySum(torch.autograd.Function):
 
 
 class Progress:
-    """The progress bar of a run (rank 0's) and what is logged each step: loss, learning rate, tokens/s."""
+    """What a run says as it goes: the plan at the start, then the progress bar (rank 0's) and what is logged each
+    step: loss, learning rate, tokens/s."""
 
-    def __init__(self, fabric: Fabric, max_steps: int, first_step: int) -> None:
+    def __init__(self, fabric: Fabric, train: TrainArgs, n_records: int, first_step: int) -> None:
+        fabric.print(
+            f"Training {n_records} records for {train.max_steps} steps of {train.batch_size} records "
+            f"({train.max_steps * train.batch_size / n_records:.2f} epochs), micro-batches of {train.micro_batch_size}, "
+            f"{fabric.world_size} device(s), {fabric.strategy.precision.precision}"
+        )
         self.fabric, self.t0, self.tokens = fabric, time.perf_counter(), 0
-        self.bar = tqdm(total=max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True)
+        self.bar = tqdm(total=train.max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0,
+                        dynamic_ncols=True)
 
-    def update(self, step: int, figures: dict[str, float]) -> None:
+    def update(self, figures: dict[str, float]) -> None:
+        """After a step, with what train_step returned."""
+        step = figures["step"]
         self.tokens += figures["tokens"]
         tokens_per_sec = self.tokens / (time.perf_counter() - self.t0)
         self.fabric.log_dict({"train_loss": figures["train_loss"], "learning_rate": figures["learning_rate"],
@@ -351,7 +394,7 @@ def validate(
     totals = fabric.all_reduce(totals, reduce_op="sum")
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
     answer = ""
-    if not isinstance(fabric.strategy, FSDPStrategy):  # under FSDP every new token would gather the whole model
+    if not is_fsdp(fabric):  # under FSDP every new token would gather the whole model
         prompt = tokenizer.encode(generate_prompt({"instruction": SAMPLE_INSTRUCTION, "input": ""}), bos=True)
         max_new_tokens = min(100, model.config.block_size - len(prompt))
         output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
@@ -362,6 +405,13 @@ def validate(
     state["history"]["val"].append((step, val_loss))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
     model.train()
+
+
+def resume_settings(model: LLaMA, train: TrainArgs, n_records: int, **extra) -> dict:
+    """What a resumed run must share with the run it continues (`load_train_state` checks it): the model's config, what
+    decides the batches (their size, the seed, the number of records), the optimizer, and the script's `extra`."""
+    return {"model": asdict(model.config), "batch_size": train.batch_size, "seed": train.seed,
+            "train_records": n_records, "optimizer": train.optimizer, **extra}
 
 
 def save_train_state(
@@ -378,10 +428,11 @@ def save_train_state(
     state (LoRA dropout draws from it). Under a temporary name, renamed when complete: a run killed while saving
     keeps the previous one. Under FSDP fabric.save gathers the shards a Block at a time into one file on rank 0;
     otherwise rank 0 writes it with torch.save (fabric.save would first serialise the whole state into memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     keep = (lambda name, _: ".lora." in name) if lora_only else (lambda name, _: True)
     train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings, "rng": rng_states(fabric)}
-    if isinstance(fabric.strategy, FSDPStrategy):
+    if is_fsdp(fabric):
         fabric.save(tmp, train_state, filter={"model": keep})
     elif fabric.global_rank == 0:
         weights = {name: tensor for name, tensor in model.state_dict().items() if keep(name, tensor)}
@@ -398,6 +449,15 @@ def rng_states(fabric: Fabric) -> torch.Tensor:
     else:
         rng = torch.get_rng_state()
     return fabric.all_gather(rng.to(fabric.device)).reshape(fabric.world_size, -1).cpu()
+
+
+def start_state(
+    fabric: Fabric, resume: Optional[Path], model: LLaMA, optimizer: torch.optim.Optimizer, settings: dict
+) -> dict:
+    """A new run's step and loss history, or, with --resume, those `load_train_state` restores."""
+    if resume is None:
+        return {"step": 0, "history": {"train": [], "val": []}}
+    return load_train_state(fabric, resume, model, optimizer, settings)
 
 
 def load_train_state(
@@ -424,6 +484,7 @@ def load_train_state(
         rest = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
     except Exception as e:  # e.g. a state of another version of this script
         raise ValueError(f"--resume {path} does not fit this run ({one_line(e)})") from None
+    fabric.print(f"Resuming from {path} at step {rest['step']}")
     # the RNG as each device left it (with another device count, the nearest)
     rng = rest["rng"][fabric.global_rank % len(rest["rng"])]
     if fabric.device.type == "cuda":
