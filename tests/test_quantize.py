@@ -3,7 +3,8 @@ AdamW), on CPU: what the quantized model computes and how far that is from fp32,
 weight memory, a QLoRA fine-tune through finetune_lora.py, adapters across quantized and full-precision bases and
 scripts/merge_lora.py, the optimizers against torch's AdamW, the scripts' flags, and one-line errors.
 
-All on the tiny config of conftest.make_checkpoint (2 layers, n_embd 64, the real 32000-token tokenizer), fp32."""
+All on the tiny config of conftest.make_checkpoint (2 layers, n_embd 64, the real 32000-token tokenizer), fp32, with an
+MLP 192 wide instead of 172 (see the checkpoint_dir fixture below)."""
 
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 import finetune_lora
 import generate as generate_py
 import utils
-from conftest import ROOT, caught_models
+from conftest import ROOT, caught_models, make_checkpoint
 from finetune_full import setup as finetune_full
 from generate import generate
 from generate_lora import main as generate_lora
@@ -30,6 +31,17 @@ from utils import QUANTIZE_MODES, load_model, make_optimizer
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
 QUANTIZED = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """conftest's tiny checkpoint, but with the MLP 192 wide (LLaMA's 8/3·n_embd rounded up to a multiple of 64, as
+    real models' widths such as 11008 or 14336 are) instead of 172, for this module and the fixtures it uses
+    (eight_records). On a CPU with AVX512-BF16, bitsandbytes (0.50.2) repacks a Linear4bit's weight at its first
+    inference-mode call and needs out_features divisible by 32 and in_features by the 64-weight block."""
+    directory = tmp_path_factory.mktemp("checkpoint")
+    make_checkpoint(directory, intermediate_size=192)
+    return directory
 
 
 @pytest.fixture(scope="module")
