@@ -20,10 +20,6 @@ import torch.nn as nn
 # one scale per block of 64; "-dq" quantizes those scales too (double quantization); int8 is LLM.int8()
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
 BNB_OPTIMIZERS = ("AdamW8bit", "PagedAdamW8bit", "PagedAdamW")
-# Shapes bitsandbytes' 4-bit layers take on every device: on a CPU with AVX512-BF16 (bitsandbytes 0.50) a weight
-# is repacked into tiles of 32 output rows, each row a whole number of 64-weight blocks. Real models' widths
-# (4096, 5632, 11008, 14336, ...) are multiples of both; checked here so that a model that is not gets one clear line.
-OUT_MULTIPLE, IN_MULTIPLE = 32, 64
 
 
 def check_mode(mode: str) -> None:
@@ -46,16 +42,17 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, nn.Linear) or (name == "lm_head" and model.config.tie_embeddings):
             continue
-        if mode != "bnb.int8" and (layer.out_features % OUT_MULTIPLE or layer.in_features % IN_MULTIPLE):
-            raise ValueError(
-                f"--quantize {mode} needs projections of out_features a multiple of {OUT_MULTIPLE} and in_features a "
-                f"multiple of {IN_MULTIPLE}, as real models have; {name} is {layer.out_features} x {layer.in_features}"
-            )
         if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
             lora = layer.lora
             quantized = on_base(type(layer), base)(layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout.p, **settings)
         else:
             quantized = base(layer.in_features, layer.out_features, bias=False, **settings)
+        if isinstance(quantized, bnb.nn.Linear4bit):
+            # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight at its first forward pass in eval
+            # mode without gradients (validation, generation): from then on it computes in bf16, passes no gradient
+            # back to the LoRA layers before it, and saves a state dict that dequantizes wrongly; the repacking also
+            # asserts that out_features divide by 32. Never repacked, the layer is exact and has no shape rule.
+            quantized.support_avx512bf16_for_cpu = False
         model.set_submodule(name, quantized)
 
 

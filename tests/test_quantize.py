@@ -3,7 +3,8 @@ AdamW), on CPU: what the quantized model computes and how far that is from fp32,
 weight memory, a QLoRA fine-tune through finetune_lora.py, adapters across quantized and full-precision bases and
 scripts/merge_lora.py, the optimizers against torch's AdamW, the scripts' flags, and one-line errors.
 
-All on the tiny config of conftest.make_checkpoint (2 layers, n_embd 64, the real 32000-token tokenizer), fp32."""
+All on the tiny config of conftest.make_checkpoint (2 layers, n_embd 64, the real 32000-token tokenizer), fp32, with an
+MLP 192 wide instead of 172 (see the checkpoint_dir fixture below)."""
 
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 import finetune_lora
 import generate as generate_py
 import utils
-from conftest import ROOT, caught_models, finetune
+from conftest import ROOT, caught_models, finetune, make_checkpoint
 from finetune_full import setup as finetune_full
 from generate import generate
 from generate_lora import main as generate_lora
@@ -32,6 +33,17 @@ from utils import load_model
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
 QUANTIZED = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """conftest's tiny checkpoint, but with the MLP 192 wide (LLaMA's 8/3·n_embd rounded up to a multiple of 64, as
+    real models' widths such as 11008 or 14336 are) instead of 172, for this module and the fixtures it uses
+    (eight_records). On a CPU with AVX512-BF16, bitsandbytes (0.50.2) repacks a Linear4bit's weight at its first
+    inference-mode call and needs out_features divisible by 32 and in_features by the 64-weight block."""
+    directory = tmp_path_factory.mktemp("checkpoint")
+    make_checkpoint(directory, intermediate_size=192)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +88,29 @@ def test_a_4bit_model_computes_exactly_with_its_dequantized_weights(checkpoint_d
     assert all(layer.weight.dtype == torch.uint8 and layer.weight.quant_state.quant_type == mode[4:7] for layer in layers)
     assert all(bool(layer.weight.quant_state.nested) == mode.endswith("-dq") for layer in layers)
     assert model.embed.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
+    reference = dequantized_copy(model, checkpoint_dir)  # before the model runs, which must not change its layers
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens()), dequantized_copy(model, checkpoint_dir)(tokens()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(tokens()), reference(tokens()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_4bit_layer_stays_exact_and_differentiable_after_validation_and_a_checkpoint(checkpoint_dir):
+    """Fine-tuning alternates training steps with validation and sampling (eval mode, no gradients) and saves
+    checkpoints (state_dict()); neither may change what a 4-bit layer computes nor stop the gradient through it, which
+    LoRA layers before it need. (bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a Linear4bit at its first
+    inference call to compute in bf16 with no backward, and state_dict() unpacks it with its scales left in bf16 and
+    transposed: the down projection, 3 blocks per row, then dequantizes 23% off.)"""
+    model = load_model(checkpoint_dir, quantize="bnb.nf4")
+    weight = dequantized_copy(model, checkpoint_dir).blocks[0].mlp.down_proj.weight
+    with torch.no_grad():
+        model.eval()(tokens())
+    model.state_dict()
+    model.train()
+    x = torch.randn(3, weight.shape[1], requires_grad=True)
+    y = model.blocks[0].mlp.down_proj(x)
+    torch.testing.assert_close(y, x @ weight.T, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert x.grad is not None, "no gradient through the 4-bit layer"
+    torch.testing.assert_close(x.grad, weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-6)
 
 
 def test_nf4_logits_stay_within_the_error_band_of_fp32(checkpoint_dir):
