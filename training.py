@@ -141,8 +141,8 @@ def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torc
     """train.pt and test.pt of prepare_alpaca.py (lists of {"input_ids", "labels"} tensors) and the ignore_index of
     their labels, after checking that they were tokenized for this checkpoint. Read with weights_only=True: plain
     tensors and containers only, never arbitrary pickled objects. ~25 s for 50k records: read once."""
+    config = load_config(checkpoint_dir)  # the checkpoint directory first: a missing one is the first thing to say
     metadata = check_prepared_data(data_dir, checkpoint_dir)
-    config = load_config(checkpoint_dir)
     if metadata["vocab_size"] > config.vocab_size:
         raise ValueError(
             f"{data_dir} holds token ids up to {metadata['vocab_size'] - 1}, but the model's vocabulary has "

@@ -86,8 +86,8 @@ def load_model(
     path = Path(checkpoint_dir) / "lit_model.safetensors"
     with torch.device("meta"):
         model = LLaMA(config)
-    if quantize is not None:
-        swap_in_layers(model, quantize, dtype)
+        if quantize is not None:
+            swap_in_layers(model, quantize, dtype)
     quantized = quantized_layers(model) if quantize is not None else {}
     state_dict = {}
     for name, tensor in read_tensors(path, dtype):
