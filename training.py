@@ -1,16 +1,16 @@
-"""The training machinery finetune_lora.py and finetune_full.py share: each script tells its own story (setup -> main
--> train -> save) and imports the parts from here, in the order a run uses them:
+"""The training machinery finetune_lora.py and finetune_full.py share. Each script tells its own story (setup: the
+flags and every check; main: the model, the optimizer, the training loop; save) and imports the parts from here, in
+the order a run uses them:
 
 - `TrainArgs`: the training flags both scripts take (--train.batch_size, ...);
 - before any model is loaded or process started: `check_batch_sizes`, `load_data` (checked against the
   checkpoint), `find_resume`; then `launch` runs the script's main on every device (`is_fsdp`: sharded or not);
-- the optimizer: `make_optimizer`;
-- the optimizer steps: `train_steps`, each a `train_step` (the step's records from `batch_indices`, its learning rate from `learning_rate`,
-  the loss and gradients of its micro-batches, packed by `pack_batch` and scored by `cross_entropy_sum`, the NaN
-  stop, the update), reported by `Progress`;
-- `validate`: the validation loss and a sample answer;
-- `resume_settings`, `start_state`, `save_train_state` / `load_train_state`: what --resume needs, and the check
-  that a resumed run fits it;
+- the optimizer and where a run starts: `make_optimizer`, `resume_settings`, `start_state`;
+- the loop's steps: `train_steps` yields after each `train_step` (its records from `batch_indices`, its learning rate
+  from `learning_rate`, the loss and gradients of its micro-batches, packed by `pack_batch` and scored by
+  `cross_entropy_sum`, the NaN stop, the update), reported by `Progress`;
+- between steps: `validate` (the validation loss and a sample answer) and `save_train_state` (what --resume needs;
+  `load_train_state` restores it and refuses a run with other settings);
 - `finish`: the loss plot and the loggers.
 """
 
@@ -262,10 +262,12 @@ def train_steps(
     """Takes optimizer steps (`train_step`) from state["step"] until train.max_steps, with a progress bar, and yields
     each step's number after it: the scripts' loops evaluate and save between steps."""
     progress = Progress(fabric, train, len(train_data), state["step"])
-    while state["step"] < train.max_steps:
-        progress.update(train_step(fabric, model, optimizer, train_data, state, train, ignore_index, out_dir))
-        yield state["step"]
-    progress.close()
+    try:
+        while state["step"] < train.max_steps:
+            progress.update(train_step(fabric, model, optimizer, train_data, state, train, ignore_index, out_dir))
+            yield state["step"]
+    finally:  # also when a step stops the run (a loss that is not finite): the error line after a finished bar
+        progress.close()
 
 
 def pack_batch(
