@@ -84,7 +84,8 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
 
     # The optimizer (AdamW or one of bitsandbytes' variants) over all weights; train_step sets its learning rate
     train = args.train
-    optimizer = fabric.setup_optimizers(make_optimizer(train.optimizer, model.parameters(), train.learning_rate, train.weight_decay))
+    optimizer = make_optimizer(train.optimizer, model.parameters(), train.learning_rate, train.weight_decay)
+    optimizer = fabric.setup_optimizers(optimizer)
 
     settings = resume_settings(model, train, len(args.train_data))
     state = start_state(fabric, args.resume, model, optimizer, settings)
@@ -112,8 +113,7 @@ def save(
     save_train_state(fabric, path, model, optimizer, state, settings)
     if fabric.global_rank == 0:
         # under FSDP only the file just written holds the gathered weights (mmap: read as they are written out)
-        fsdp = is_fsdp(fabric)
-        weights = torch.load(path, weights_only=True, mmap=True)["model"] if fsdp else model.state_dict()
+        weights = torch.load(path, weights_only=True, mmap=True)["model"] if is_fsdp(fabric) else model.state_dict()
         if model.config.tie_embeddings:
             del weights["lm_head.weight"]  # the embedding's, stored once
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
