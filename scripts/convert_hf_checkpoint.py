@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from model import LLaMA, Config
-from utils import atomic_path, cli
+from utils import atomic_path, cli, one_line
 
 # Hub tensor names -> ours; per-layer names follow `model.layers.{i}.` -> `blocks.{i}.`
 TOP_LEVEL_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
@@ -100,10 +100,13 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    # weights_only refuses pickled code; mmap keeps only the tensors being converted in memory
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        # weights_only refuses pickled code; mmap keeps only the tensors being converted in memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a download cut short, or a .bin that holds more than tensors
+        raise ValueError(f"{path} is not a complete weight file ({one_line(e)}); download it again") from None
 
 
 def hf_to_lit_name(name: str) -> Optional[str]:

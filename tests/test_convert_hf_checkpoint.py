@@ -118,6 +118,20 @@ def test_index_listing_a_missing_shard(tmp_path):
         convert_hf_checkpoint(tmp_path)
 
 
+def test_a_truncated_download_is_one_line(tmp_path):
+    make_hf_checkpoint(tmp_path, vocab_size=1000)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert_hf_checkpoint.py"), "--checkpoint_dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {weights} is not a complete weight file (")
+    assert result.stderr.strip().endswith("; download it again")
+    assert not (tmp_path / "lit_model.safetensors").exists()
+
+
 def test_weights_that_do_not_fit_the_config(tmp_path):
     make_hf_checkpoint(tmp_path, vocab_size=1000)
     write_config(tmp_path, num_hidden_layers=3)  # the weights only have two layers
