@@ -14,7 +14,7 @@ logs/ (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from lightning.fabric import Fabric
@@ -44,7 +44,7 @@ def setup(
     lora_r: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
-    lora_targets: list[str] = ["query", "value"],
+    lora_targets: Union[list[str], str] = ["query", "value"],
     train: TrainArgs = TrainArgs(learning_rate=3e-4, save_interval=100, gradient_checkpointing=False),
     resume: Optional[str] = None,
 ) -> None:
@@ -68,8 +68,8 @@ def setup(
         lora_alpha: the update is scaled by lora_alpha / lora_r.
         lora_dropout: dropout on the input of the LoRA branch, in training only.
         lora_targets: the projections LoRA adapts, some of "query", "key", "value", "projection" (the attention's
-            output), "mlp" (gate, up and down), "head", or "all_linear" (every projection but the head), e.g.
-            --lora_targets '[all_linear, head]'.
+            output), "mlp" (gate, up and down), "head", or "all_linear" (every projection but the head): one name
+            (--lora_targets all_linear) or a list (--lora_targets '[all_linear, head]').
         train: how to train (training.TrainArgs: --train.batch_size, --train.max_steps, ...).
         resume: a train_state.pt to continue from, or "auto" for out_dir/train_state.pt when there is one.
     """

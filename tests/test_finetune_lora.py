@@ -409,3 +409,10 @@ def test_a_damaged_train_pt_is_one_line_and_nothing_is_written(checkpoint_dir, e
     assert result.returncode == 1
     assert result.stderr == f"error: {data_dir / 'train.pt'} {message}" + result.stderr.partition(message)[2]
     assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_lora_targets_take_one_name_or_a_list_on_the_command_line():
+    for flag, expected in [("mlp", "lora_targets: mlp"), ("[all_linear, head]", "lora_targets:\n- all_linear\n- head")]:
+        result = subprocess.run([sys.executable, "finetune_lora.py", "--lora_targets", flag, "--print_config"], cwd=ROOT,
+                                capture_output=True, text=True, check=True)
+        assert expected in result.stdout
