@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from model import LLaMA, Config
 from quantize import quantize_weight, quantized_layers, swap_in_layers
@@ -112,6 +113,17 @@ def read_tensors(path: Path, dtype: Optional[torch.dtype] = None) -> Iterator[tu
             yield name, tensor if dtype is None else tensor.to(dtype)
     except SafetensorError as e:
         raise ValueError(f"{path} is not a complete safetensors file ({e}); convert or download it again") from None
+
+
+def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file, or of a PyTorch .bin read with weights_only=True (no pickled code) and
+    memory-mapped (only the tensors in use are read), as Hub checkpoints and PEFT adapters ship them."""
+    try:
+        if Path(path).suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a download cut short, or a .bin that holds more than tensors
+        raise ValueError(f"{path} is not a complete weight file ({one_line(e)}); download it again") from None
 
 
 def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path) -> None:

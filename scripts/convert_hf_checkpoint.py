@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from model import LLaMA, Config
-from utils import atomic_path, cli, one_line
+from utils import atomic_path, cli, load_tensor_file
 
 # Hub tensor names -> ours; per-layer names follow `model.layers.{i}.` -> `blocks.{i}.`
 TOP_LEVEL_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
@@ -62,7 +62,7 @@ def convert_hf_checkpoint(checkpoint_dir: Path = Path("checkpoints/meta-llama/Ll
 
     converted = {}
     for shard in tqdm(weight_files(checkpoint_dir), desc="Converting shards", disable=None):
-        for hf_name, tensor in load_shard(shard).items():
+        for hf_name, tensor in load_tensor_file(shard).items():
             name = hf_to_lit_name(hf_name)
             if name is None or (config.tie_embeddings and name == "lm_head.weight"):
                 continue
@@ -97,16 +97,6 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
         if (checkpoint_dir / single_name).is_file():
             return [checkpoint_dir / single_name]
     raise ValueError(f"{checkpoint_dir} has no model*.safetensors or pytorch_model*.bin weights")
-
-
-def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        # weights_only refuses pickled code; mmap keeps only the tensors being converted in memory
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a download cut short, or a .bin that holds more than tensors
-        raise ValueError(f"{path} is not a complete weight file ({one_line(e)}); download it again") from None
 
 
 def hf_to_lit_name(name: str) -> Optional[str]:

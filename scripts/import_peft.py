@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
 from export_peft import peft_to_lit_name
 from lora import TARGETS, LoRAConfig, load_lora_state_dict, lora, save_lora_checkpoint
 from model import LLaMA
-from utils import cli, load_config
+from utils import cli, load_config, load_tensor_file
 
 # adapter_config.json settings that lora.py has no equivalent for (unset, empty, false or "none" means unused)
 UNSUPPORTED = {
@@ -99,10 +98,9 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    if (adapter_dir / "adapter_model.safetensors").is_file():
-        return load_file(adapter_dir / "adapter_model.safetensors")
-    if (adapter_dir / "adapter_model.bin").is_file():
-        return torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).is_file():
+            return load_tensor_file(adapter_dir / name)
     raise ValueError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
 
 

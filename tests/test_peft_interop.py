@@ -141,3 +141,12 @@ def test_import_refuses_partial_mlp_and_foreign_tensors(trained, tmp_path):
         return {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}
 
     assert "lora_magnitude_vector" in import_error(tmp_path / "m", trained, tensors=add_magnitude)
+
+
+def test_import_refuses_a_truncated_adapter_file(trained, tmp_path):
+    adapter = peft_dir(tmp_path, trained)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"^{weights} is not a complete weight file .*; download it again$"):
+        import_peft(adapter_dir=adapter, out_path=tmp_path / "out.safetensors", checkpoint_dir=trained[0])
+    assert not (tmp_path / "out.safetensors").exists()
