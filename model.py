@@ -2,9 +2,14 @@
 
 Numerically equal to Hugging Face's `LlamaForCausalLM` (tests/test_model.py checks it). Weight names
 are our own; scripts/convert_hf_checkpoint.py maps the Hub's names onto them.
+
+Llama 3.1 and 3.2 stretch the rotary embeddings to a longer context with "llama3" rope scaling
+(`Config.rope_scaling`): the slow-turning frequencies, whose wavelengths exceed the original training context,
+turn `factor` times slower, the fast ones stay, and those in between are interpolated; `build_rope_cache` applies it.
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -13,6 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -27,12 +35,21 @@ class Config:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # the output head shares the token embedding's weight
+    # "llama3" rope scaling (Llama 3.1/3.2), or None for plain rotary embeddings: a dict with the keys of ROPE_SCALING_KEYS,
+    # as the Hub's config.json names them, e.g. dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    # original_max_position_embeddings=8192)
+    rope_scaling: Optional[dict] = None
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_query_groups:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict) or set(self.rope_scaling) != set(ROPE_SCALING_KEYS):
+                raise ValueError(f"rope_scaling must be None or a dict with exactly the keys {', '.join(ROPE_SCALING_KEYS)}, "
+                                 f"not {self.rope_scaling!r}")
+            self.rope_scaling = dict(self.rope_scaling)  # a copy: the presets' dicts stay as they are
 
     @property
     def head_size(self) -> int:
@@ -68,10 +85,17 @@ class Config:
         if hf.get("model_type") not in ("llama", "mistral"):
             raise ValueError(f"{where} model_type {hf.get('model_type')!r} is not supported (llama or mistral only)")
         # transformers < 5 writes `rope_theta` and `rope_scaling`; transformers 5 nests both in `rope_parameters`
-        rope = hf.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type") or (hf.get("rope_scaling") or {}).get("rope_type") or (hf.get("rope_scaling") or {}).get("type")
-        if rope_type not in (None, "default"):
-            raise ValueError(f"{where} rope scaling {rope_type!r} is not implemented; only plain rotary embeddings are")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{where} rope scaling {rope_type!r} is not implemented; only plain rotary embeddings and "
+                             f"Llama 3.1's 'llama3' scaling are")
+        rope_scaling = None
+        if rope_type == "llama3":
+            missing = [key for key in ROPE_SCALING_KEYS if key not in rope]
+            if missing:
+                raise ValueError(f"{where} 'llama3' rope scaling lacks {', '.join(missing)}")
+            rope_scaling = {key: rope[key] for key in ROPE_SCALING_KEYS}
         unsupported = {
             "attention_bias": hf.get("attention_bias", False),
             "mlp_bias": hf.get("mlp_bias", False),
@@ -85,7 +109,7 @@ class Config:
         if head_dim * n_head != hf["hidden_size"]:
             raise ValueError(f"{where} head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported")
         block_size = hf.get("max_position_embeddings", 4096)
-        # Mistral attends over a sliding window; within one window that is plain causal attention
+        # Mistral v0.1 attends over a sliding window; within one window that is plain causal attention (v0.3 has none: null)
         if hf.get("sliding_window"):
             block_size = min(block_size, hf["sliding_window"])
         return cls(
@@ -99,6 +123,7 @@ class Config:
             rope_base=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=hf.get("tie_word_embeddings", False),
+            rope_scaling=rope_scaling,
         )
 
 
@@ -115,6 +140,18 @@ configs = {
     "open_llama_3b": dict(block_size=2048, n_layer=26, n_head=32, n_query_groups=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
     "open_llama_7b": dict(block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
     "Mistral-7B-v0.1": dict(n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336),  # block_size = its 4096 sliding window
+    "Mistral-7B-v0.3": dict(block_size=32768, vocab_size=32768, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336, rope_base=1000000.0),
+    # Llama 3 and later; each -Instruct variant has its base model's shapes
+    "Meta-Llama-3-8B": dict(block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336, rope_base=500000.0),
+    "Llama-3.1-8B": dict(block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336, rope_base=500000.0,
+                         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "Llama-3.2-1B": dict(block_size=131072, vocab_size=128256, n_layer=16, n_head=32, n_query_groups=8, n_embd=2048, intermediate_size=8192, rope_base=500000.0,
+                         tie_embeddings=True, rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "Llama-3.2-3B": dict(block_size=131072, vocab_size=128256, n_layer=28, n_head=24, n_query_groups=8, n_embd=3072, intermediate_size=8192, rope_base=500000.0,
+                         tie_embeddings=True, rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "SmolLM2-135M": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
+    "SmolLM2-360M": dict(block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_query_groups=5, n_embd=960, intermediate_size=2560, rope_base=100000.0, tie_embeddings=True),
+    "SmolLM2-1.7B": dict(block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_query_groups=32, n_embd=2048, intermediate_size=8192, rope_base=130000.0, tie_embeddings=True),
     # small shapes for tests and benchmarks
     "stories260K": dict(block_size=512, vocab_size=512, n_layer=5, n_head=8, n_query_groups=4, n_embd=64, intermediate_size=172, tie_embeddings=True),
     "tiny": dict(block_size=256, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=172),
@@ -186,7 +223,9 @@ class LLaMA(nn.Module):
         """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
         device and then loaded, as utils.load_model does, has no device for them before its first input)."""
         if self.rope_cache is None or self.rope_cache[0].device != device:
-            self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+            self.rope_cache = build_rope_cache(
+                self.config.block_size, self.config.head_size, self.config.rope_base, device, self.config.rope_scaling
+            )
         return self.rope_cache
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
@@ -298,14 +337,34 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def build_rope_cache(seq_len: int, head_size: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def build_rope_cache(
+    seq_len: int, head_size: int, base: float, device: torch.device, scaling: Optional[dict] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (seq_len, head_size), in float32, in the Hugging Face layout
-    (the first and second halves of each head form the rotated pairs)."""
+    (the first and second halves of each head form the rotated pairs). `scaling`: Config.rope_scaling."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, **scaling)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # (seq_len, head_size / 2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (seq_len, head_size)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_position_embeddings: int
+) -> torch.Tensor:
+    """Llama 3.1's rope scaling of the inverse frequencies (head_size / 2,), as transformers computes it: a frequency
+    whose wavelength is longer than original_max_position_embeddings / low_freq_factor turns `factor` times slower, one
+    shorter than original_max_position_embeddings / high_freq_factor is kept, and those between are interpolated."""
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

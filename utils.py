@@ -64,9 +64,10 @@ def check_checkpoint_dir(checkpoint_dir: Path) -> None:
             f"{checkpoint_dir} has no lit_model.safetensors; run scripts/convert_hf_checkpoint.py "
             f"--checkpoint_dir {checkpoint_dir} first"
         )
-    for name in ("model_config.json", "tokenizer.model"):
-        if not (checkpoint_dir / name).is_file():
-            raise ValueError(f"{checkpoint_dir} has no {name}; see howto/download_weights.md")
+    if not (checkpoint_dir / "model_config.json").is_file():
+        raise ValueError(f"{checkpoint_dir} has no model_config.json; see howto/download_weights.md")
+    if not any((checkpoint_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        raise ValueError(f"{checkpoint_dir} has no tokenizer.model or tokenizer.json; see howto/download_weights.md")
 
 
 def load_config(checkpoint_dir: Path) -> Config:

@@ -92,8 +92,9 @@ def write_config(directory, **change):
         (lambda d: None, "error: {d} has no config.json; download the checkpoint with scripts/download.py first"),
         (lambda d: write_config(d), "error: {d} has no model*.safetensors or pytorch_model*.bin weights"),
         (
-            lambda d: write_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-            "error: cannot use {d}/config.json: {d}/config.json: rope scaling 'llama3' is not implemented; only plain rotary embeddings are",
+            lambda d: write_config(d, rope_scaling={"rope_type": "yarn", "factor": 8.0}),
+            "error: cannot use {d}/config.json: {d}/config.json: rope scaling 'yarn' is not implemented; only plain rotary "
+            "embeddings and Llama 3.1's 'llama3' scaling are",
         ),
     ],
     ids=["no config.json", "no weights", "rope scaling"],

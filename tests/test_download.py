@@ -105,9 +105,9 @@ def test_refuses_repo_without_hub_format_weights(tmp_path, monkeypatch):
 
 
 def test_refuses_unsupported_config_before_downloading_weights(tmp_path, monkeypatch):
-    config = {**LLAMA_CONFIG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    config = {**LLAMA_CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}}
     hub = FakeHub(monkeypatch, ["config.json", "tokenizer.model", "model.safetensors"], config=config)
-    with pytest.raises(ValueError, match="not a model this toolkit can run: .*rope scaling 'llama3'"):
+    with pytest.raises(ValueError, match="not a model this toolkit can run: .*rope scaling 'yarn'"):
         download.download("org/name", checkpoint_dir=tmp_path)
     assert "snapshot_download" not in [name for name, _ in hub.calls]
 

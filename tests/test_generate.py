@@ -175,7 +175,7 @@ def truncate(path: Path, size: int) -> None:
 
 def add_config_key(directory: Path) -> None:
     config = json.loads((directory / "model_config.json").read_text())
-    (directory / "model_config.json").write_text(json.dumps({**config, "rope_scaling": None}))
+    (directory / "model_config.json").write_text(json.dumps({**config, "sliding_window": None}))
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def add_config_key(directory: Path) -> None:
         (lambda d: truncate(d / "lit_model.safetensors", 100_000), "{d}/lit_model.safetensors is not a complete safetensors file ("),
         (lambda d: (d / "model_config.json").write_text('{"n_layer": 2,'), "{d}/model_config.json is not valid JSON ("),
         (lambda d: (d / "model_config.json").write_text("[2]"), "{d}/model_config.json must hold a JSON object of Config fields"),
-        (add_config_key, "{d}/model_config.json has keys model.Config does not know: rope_scaling; convert the checkpoint again"),
+        (add_config_key, "{d}/model_config.json has keys model.Config does not know: sliding_window; convert the checkpoint again"),
     ],
     ids=["truncated header", "truncated tensors", "config not JSON", "config not an object", "config with unknown key"],
 )

@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 
 from convert_hf_checkpoint import convert_hf_checkpoint
 from generate import generate
-from model import Config, LLaMA
+from model import Config, LLaMA, build_rope_cache
 from utils import load_model
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
 
 # Small random LlamaForCausalLM configs, each exercising one feature of model.py
 PARITY_CONFIGS = {
@@ -22,6 +24,10 @@ PARITY_CONFIGS = {
     "tied": dict(tie_word_embeddings=True),
     "rope_theta_500000": dict(rope_theta=500000.0),
     "odd_sizes": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=90, num_hidden_layers=3, vocab_size=1000),
+    # Llama 3.1's rope scaling, trained on 32 positions and stretched to 256: with head_size 16 and base 10000 the
+    # wavelengths (6.3, 19.9, 62.8, ...) fall in all three of its ranges (kept, interpolated, divided by `factor`)
+    "llama3_rope": dict(rope_parameters=dict(LLAMA3_ROPE, rope_theta=10000.0)),
+    "llama3_rope_tied": dict(rope_parameters=dict(LLAMA3_ROPE, rope_theta=10000.0), tie_word_embeddings=True),
 }
 
 
@@ -41,6 +47,44 @@ def test_matches_transformers(tmp_path, name):
     hf.generation_config.pad_token_id = 0
     expected = hf.generate(idx[:1], attention_mask=torch.ones_like(idx[:1]), max_new_tokens=32, do_sample=False)[0]
     assert generate(ours, idx[0], max_new_tokens=32, temperature=0.0).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama3_rope_scaling_matches_transformers_beyond_the_original_context(tmp_path, tied):
+    """200 positions, of which the first 32 are within original_max_position_embeddings: the same logits in one pass,
+    and the same greedy tokens through the KV cache from a 150-token prompt (positions 150..199)."""
+    hf = make_checkpoint(tmp_path, rope_parameters=dict(LLAMA3_ROPE, rope_theta=10000.0), tie_word_embeddings=tied)
+    ours = load_model(tmp_path).eval()
+    assert ours.config.rope_scaling == {key: value for key, value in LLAMA3_ROPE.items() if key != "rope_type"}
+    idx = torch.randint(0, hf.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        actual = ours(idx)
+    assert (actual - expected).abs().max() <= 1e-4
+
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    prompt = idx[:, :150]
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=50, do_sample=False)[0]
+    assert generate(ours, prompt[0], max_new_tokens=50, temperature=0.0).tolist() == expected.tolist()
+
+
+def test_llama3_rope_tables_equal_transformers():
+    """The inverse frequencies of Llama-3.1-8B's scaling, through transformers' own rotary embedding."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = Config.from_name("Llama-3.1-8B")
+    hf = LlamaRotaryEmbedding(LlamaConfig(
+        hidden_size=config.n_embd, num_attention_heads=config.n_head, max_position_embeddings=config.block_size,
+        rope_parameters=dict(config.rope_scaling, rope_type="llama3", rope_theta=config.rope_base),
+    ))
+    positions = torch.tensor([[0, 1, 100, 8191, 8192, 20000]])
+    expected_cos, expected_sin = hf(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = build_rope_cache(20001, config.head_size, config.rope_base, torch.device("cpu"), config.rope_scaling)
+    assert torch.equal(cos[positions[0]], expected_cos[0]) and torch.equal(sin[positions[0]], expected_sin[0])
+    plain_cos, _ = build_rope_cache(20001, config.head_size, config.rope_base, torch.device("cpu"))
+    assert not torch.equal(cos[100], plain_cos[100])  # the scaling changed something
 
 
 def test_kv_cache_equals_full_recomputation(tmp_path):
@@ -95,11 +139,36 @@ def test_config_from_hf_transformers_5_style(tmp_path):
     assert Config.from_hf(tmp_path / "config.json") == expected
 
 
+def test_config_from_hf_llama_3_2_and_mistral_v0_3(tmp_path):
+    # the Hub's config.json of Llama-3.2-1B (rope_scaling, as transformers 4 writes it) and Mistral-7B-v0.3 (no sliding window)
+    llama = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "head_dim": 64,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "torch_dtype": "bfloat16", "vocab_size": 128256, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    }
+    mistral = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "vocab_size": 32768, "hidden_act": "silu",
+    }
+    for hf, name in ((llama, "Llama-3.2-1B"), (mistral, "Mistral-7B-v0.3")):
+        (tmp_path / "config.json").write_text(json.dumps(hf))
+        config = Config.from_hf(tmp_path / "config.json")
+        assert config == Config.from_name(name)
+        config.to_file(tmp_path / "model_config.json")  # and the JSON round trip convert_hf_checkpoint.py makes
+        assert Config.from_file(tmp_path / "model_config.json") == config
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope scaling 'llama3'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}}, "rope scaling 'yarn' is not implemented"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "'llama3' rope scaling lacks low_freq_factor"),
         ({"attention_bias": True}, "attention_bias=True"),
         ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ],
@@ -201,6 +270,21 @@ def test_meta_device_construction_allocates_nothing():
         model = LLaMA(Config.from_name("Llama-2-7b-hf"))
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616  # Llama-2-7b's published parameter count
+
+
+# Published parameter counts, checked against transformers' LlamaForCausalLM / MistralForCausalLM built on the meta device
+PUBLISHED_PARAMETERS = {
+    "Meta-Llama-3-8B": 8_030_261_248, "Llama-3.1-8B": 8_030_261_248, "Llama-3.2-1B": 1_235_814_400,
+    "Llama-3.2-3B": 3_212_749_824, "Mistral-7B-v0.3": 7_248_023_552, "SmolLM2-135M": 134_515_008,
+    "SmolLM2-360M": 361_821_120, "SmolLM2-1.7B": 1_711_376_384,
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
+def test_presets_have_the_published_parameter_count(name):
+    with torch.device("meta"):
+        model = LLaMA(Config.from_name(name))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]  # a tied head counts once
 
 
 def test_logits_at_computes_the_head_only_at_the_chosen_positions():
