@@ -8,10 +8,9 @@ The same training loop as finetune_lora.py, but all weights learn. That takes ab
 models it needs several GPUs with --strategy fsdp, which shards all of it across them (and recomputes each
 Block's activations in the backward pass). See howto/finetune_full.md. Every --train.save_interval steps, out_dir
 receives step-NNNNNN/ and, at the end, out_dir itself: a complete checkpoint directory (lit_model.safetensors,
-model_config.json, tokenizer.model) for generate.py, and each time train_state.pt, from which --resume continues.
+model_config.json, the tokenizer's files) for generate.py, and each time train_state.pt, from which --resume continues.
 """
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional
@@ -27,7 +26,7 @@ from training import (
     STATE_NAME, TrainArgs, check_batch_sizes, find_resume, finish, is_fsdp, launch, load_data,
     make_optimizer, resume_settings, save_train_state, start_state, train_steps, validate,
 )
-from utils import atomic_path, cli, load_model, precision_to_dtype
+from utils import atomic_path, cli, copy_tokenizer, load_model, precision_to_dtype
 
 
 def setup(
@@ -64,7 +63,7 @@ def setup(
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {out_dir} is the checkpoint directory; choose a new directory")
     train_data, val_data, ignore_index = load_data(data_dir, checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")  # for the sample answers of validate
+    tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
     resume = find_resume(resume, out_dir)
     train = train.for_records(len(train_data))  # max_steps from epochs, unless given
     launch(main, SimpleNamespace(**locals()))  # main on every device, seeded, in --precision (by device by default)
@@ -99,7 +98,7 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
 
     save(fabric, model, optimizer, state, settings, args.out_dir, args)
     fabric.print(f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, "
-                 "tokenizer.model)")
+                 "the tokenizer's files)")
     finish(fabric, state["history"], args.out_dir)
 
 
@@ -121,8 +120,7 @@ def save(
             save_file({name: t.to(args.save_dtype) for name, t in weights.items()}, tmp, metadata={"format": "pt"})
         with atomic_path(checkpoint_dir / "model_config.json") as tmp:
             model.config.to_file(tmp)
-        with atomic_path(checkpoint_dir / "tokenizer.model") as tmp:
-            shutil.copyfile(args.checkpoint_dir / "tokenizer.model", tmp)
+        copy_tokenizer(args.checkpoint_dir, checkpoint_dir)
     fabric.barrier()
 
 

@@ -80,7 +80,7 @@ def setup(
                          "use --strategy ddp or one device")
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     train_data, val_data, ignore_index = load_data(data_dir, checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")  # for the sample answers of validate
+    tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
     lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets)
     resume = find_resume(resume, out_dir)
     train = train.for_records(len(train_data))  # max_steps from epochs, unless given

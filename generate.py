@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -34,10 +34,11 @@ def main(
     """Generates `num_samples` continuations of a prompt with a converted checkpoint.
 
     Args:
-        checkpoint_dir: directory with lit_model.safetensors, model_config.json and tokenizer.model
-            (see howto/download_weights.md).
-        prompt: text to continue; it is encoded with a leading BOS token.
-        max_new_tokens: how many tokens to generate at most; generation also stops at the EOS token.
+        checkpoint_dir: directory with lit_model.safetensors, model_config.json and tokenizer.model or
+            tokenizer.json (see howto/download_weights.md).
+        prompt: text to continue; it is encoded with a leading BOS token when the tokenizer adds one.
+        max_new_tokens: how many tokens to generate at most; generation also stops at the EOS token (or another
+            stop token of the checkpoint's generation_config.json, such as Llama 3's <|eot_id|>).
         temperature: 0 picks the most likely token every step (greedy); higher values sample more freely.
         top_k: sample only among the k most likely tokens; null samples from the whole vocabulary.
         num_samples: how many continuations to generate, one after another.
@@ -55,8 +56,8 @@ def main(
     config = load_config(checkpoint_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision_to_dtype(precision or default_precision())
-    tokenizer = Tokenizer(Path(checkpoint_dir) / "tokenizer.model")
-    encoded = tokenizer.encode(prompt, bos=True).to(device)
+    tokenizer = Tokenizer(checkpoint_dir)
+    encoded = tokenizer.encode(prompt).to(device)
     if len(encoded) + max_new_tokens > config.block_size:
         raise ValueError(
             f"the prompt ({len(encoded)} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's "
@@ -76,9 +77,9 @@ def main(
     torch.manual_seed(seed)
     for i in range(num_samples):
         t0 = time.perf_counter()
-        y = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id)
+        y = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=tokenizer.stop_ids)
         t = time.perf_counter() - t0
-        print(tokenizer.decode(y), flush=True)
+        print(tokenizer.decode(printable(y, tokenizer)), flush=True)
         n_new = len(y) - len(encoded)
         compiling = " (including torch.compile's compilation)" if compile and i == 0 else ""
         print(f"Sample {i + 1}: {n_new} tokens in {t:.2f} s, {n_new / t:.2f} tokens/sec{compiling}", file=sys.stderr)
@@ -93,10 +94,10 @@ def generate(
     *,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
-    eos_id: Optional[int] = None,
+    stop_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Appends up to `max_new_tokens` tokens to the prompt `idx` (a 1-D LongTensor) and returns prompt and
-    new tokens together, stopping after `eos_id`. The prompt is processed in one pass that fills the KV
+    new tokens together, stopping after any of `stop_ids` (the tokenizer's `stop_ids`: EOS, end of turn). The prompt is processed in one pass that fills the KV
     cache, then every step feeds only the newest token.
 
     Runs under no_grad, not inference_mode: inference_mode measured no faster here, and tensors it creates
@@ -115,12 +116,20 @@ def generate(
             logits = model(x, input_pos)[0, -1]  # (vocab_size,): only the last position predicts the next token
             next_token = sample(logits, temperature, top_k)  # (1,)
             tokens.append(next_token)
-            if eos_id is not None and next_token.item() == eos_id:  # a host sync per token, only to look for EOS
+            if stop_ids and next_token.item() in stop_ids:  # a host sync per token, only to look for a stop token
                 break
             x, input_pos = next_token.view(1, 1), input_pos[-1:] + 1
     finally:
         model.clear_kv_cache()  # the cache can be as large as the weights: free it for the caller
     return torch.cat(tokens)
+
+
+def printable(ids: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
+    """`ids` without a leading BOS and a final stop token, the text to print: sentencepiece decodes those to nothing,
+    a tokenizer.json to their names ("<|begin_of_text|>", "<|eot_id|>")."""
+    start = 1 if len(ids) and ids[0].item() == tokenizer.bos_id else 0
+    end = len(ids) - 1 if len(ids) > start and ids[-1].item() in tokenizer.stop_ids else len(ids)
+    return ids[start:end]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from generate import generate, peak_memory_gb, use_cpu_decode_layout
+from generate import generate, peak_memory_gb, printable, use_cpu_decode_layout
 from lora import load_lora_model, read_lora_config
 from prepare_alpaca import generate_prompt
 from tokenizer import Tokenizer
@@ -41,13 +41,14 @@ def main(
 
     Args:
         checkpoint_dir: the base checkpoint the adapter was trained on (lit_model.safetensors, model_config.json,
-            tokenizer.model).
+            tokenizer.model or tokenizer.json).
         lora_path: the adapter written by finetune_lora.py; its LoRA settings are read from it.
         prompt: the instruction, put into the Alpaca template as in training.
         input: optional context for the instruction (the template's "### Input:" section).
         merge: fold the adapter into the weights before generating (no extra cost per token); false keeps the
             LoRA layers separate, e.g. to check that both give the same text.
-        max_new_tokens: how many tokens to generate at most; generation also stops at the EOS token.
+        max_new_tokens: how many tokens to generate at most; generation also stops at the EOS token (or another
+            stop token of the checkpoint's generation_config.json, such as Llama 3's <|eot_id|>).
         temperature: 0 picks the most likely token every step (greedy); higher values sample more freely.
         top_k: sample only among the k most likely tokens; None samples from the whole vocabulary.
         seed: random seed, so that a command line gives the same text every time.
@@ -67,8 +68,8 @@ def main(
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision_to_dtype(precision or default_precision())
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
-    encoded = tokenizer.encode(generate_prompt({"instruction": prompt, "input": input}), bos=True).to(device)
+    tokenizer = Tokenizer(checkpoint_dir)
+    encoded = tokenizer.encode(generate_prompt({"instruction": prompt, "input": input})).to(device)
     if len(encoded) + max_new_tokens > config.block_size:
         raise ValueError(
             f"the prompt ({len(encoded)} tokens with the template) plus --max_new_tokens {max_new_tokens} "
@@ -85,12 +86,9 @@ def main(
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    output = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id)
+    output = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=tokenizer.stop_ids)
     t = time.perf_counter() - t0
-    response = output[len(encoded) :]
-    if len(response) and response[-1] == tokenizer.eos_id:
-        response = response[:-1]
-    print(tokenizer.decode(response), flush=True)
+    print(tokenizer.decode(printable(output[len(encoded) :], tokenizer)), flush=True)
     n_new = len(output) - len(encoded)
     print(f"{n_new} tokens in {t:.2f} s, {n_new / t:.2f} tokens/sec", file=sys.stderr)
     print(f"Peak memory: {peak_memory_gb(device):.2f} GB", file=sys.stderr)

@@ -2,7 +2,8 @@
 
     python prepare_alpaca.py --destination_path data/alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 
-Each record becomes BOS + prompt + response + EOS, where the prompt is `generate_prompt(record)`. The
+Each record becomes BOS + prompt + response + EOS, where the prompt is `generate_prompt(record)` and BOS is there when
+the tokenizer adds one (Llama 2 and 3.1 do, SmolLM2 does not). The
 labels repeat the ids, with `ignore_index` over BOS + prompt (when `mask_inputs`), so the loss only teaches
 the model to answer. Writes `train.pt` and `test.pt` (lists of {"input_ids", "labels"} LongTensors) and
 `metadata.json` (tokenizer hash, template, settings), which fine-tuning checks with `check_prepared_data`.
@@ -20,7 +21,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, tokenizer_file
 from utils import atomic_path
 
 # our keys -> the keys in the data file; scripts/prepare_dolly.py passes its own
@@ -45,8 +46,8 @@ def setup(
 
     Args:
         destination_path: directory that receives train.pt, test.pt and metadata.json.
-        checkpoint_dir: checkpoint whose tokenizer.model is used (the only file needed from it, so the
-            weights need not be converted yet).
+        checkpoint_dir: checkpoint whose tokenizer (tokenizer.model or tokenizer.json, with tokenizer_config.json)
+            is used (the only files needed from it, so the weights need not be converted yet).
         data_file_path: a local JSON array or JSONL file of {"instruction", "input", "output"} records;
             when left out, `data_file_name` is downloaded from the Hub dataset `data_repo_id`.
         data_repo_id: Hugging Face Hub dataset repository to download from.
@@ -83,14 +84,12 @@ def main(
     """Everything is read, checked and tokenized before the first file is written, so a bad input
     leaves `destination_path` as it was."""
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
-    tokenizer_path = checkpoint_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise ValueError(f"{checkpoint_dir} has no tokenizer.model; see howto/download_weights.md")
+    tokenizer_path = tokenizer_file(checkpoint_dir)
     if not 0 < test_split_fraction < 1:
         raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
     if max_seq_length < 2:
         raise ValueError(f"--max_seq_length must be at least 2, not {max_seq_length}")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer(checkpoint_dir)
     if 0 <= ignore_index < tokenizer.vocab_size:
         raise ValueError(f"--ignore_index {ignore_index} is a token id; use a negative value such as -100")
 
@@ -126,10 +125,12 @@ def main(
         "template": "alpaca",
         "prompt_with_input": generate_prompt({"instruction": "{instruction}", "input": "{input}"}),
         "prompt_without_input": generate_prompt({"instruction": "{instruction}", "input": ""}),
-        "tokenization": "BOS + encode(prompt) + encode(response) + EOS",
+        "tokenization": "BOS (if add_bos) + encode(prompt) + encode(response) + EOS",
+        "tokenizer_file": tokenizer_path.name,
         "tokenizer_sha256": file_sha256(tokenizer_path),
         "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id,
+        "add_bos": tokenizer.add_bos,
         "eos_id": tokenizer.eos_id,
         "max_seq_length": max_seq_length,
         "longest_sequence": max(len(s["input_ids"]) for s in train_set + test_set),
@@ -285,7 +286,7 @@ def tokenize(
             prompts = tokenizer.encode_batch([generate_prompt(example) for example in batch])
             responses = tokenizer.encode_batch([example["output"] for example in batch])
             for offset, (prompt, response) in enumerate(zip(prompts, responses)):
-                prompt = [tokenizer.bos_id] + prompt
+                prompt = ([tokenizer.bos_id] if tokenizer.add_bos else []) + prompt
                 ids = prompt + response + [tokenizer.eos_id]
                 lengths.append(len(ids))
                 if len(prompt) >= max_seq_length:
@@ -337,19 +338,19 @@ def file_sha256(path: Path) -> str:
 
 def check_prepared_data(data_dir: Path, checkpoint_dir: Path) -> dict:
     """The metadata of a prepared data directory, after checking that it was tokenized with this checkpoint's
-    tokenizer.model and the current prompt template: ids from another vocabulary would train silently wrong."""
+    tokenizer (tokenizer.model or tokenizer.json) and the current prompt template: ids from another vocabulary would
+    train silently wrong."""
     data_dir, checkpoint_dir = Path(data_dir), Path(checkpoint_dir)
     path = data_dir / "metadata.json"
-    if not (checkpoint_dir / "tokenizer.model").is_file():
-        raise ValueError(f"{checkpoint_dir} has no tokenizer.model; see howto/download_weights.md")
+    tokenizer_path = tokenizer_file(checkpoint_dir)
     if not path.is_file():
         raise ValueError(f"{data_dir} has no metadata.json; prepare the data with prepare_alpaca.py first")
     metadata = json.loads(path.read_text())
     if metadata.get("format") != METADATA_FORMAT:
         raise ValueError(f"{path} is from another version of prepare_alpaca.py; prepare the data again")
-    if metadata["tokenizer_sha256"] != file_sha256(checkpoint_dir / "tokenizer.model"):
+    if metadata["tokenizer_sha256"] != file_sha256(tokenizer_path):
         raise ValueError(
-            f"{data_dir} was tokenized with another tokenizer than {checkpoint_dir / 'tokenizer.model'}; "
+            f"{data_dir} was tokenized with another tokenizer than {tokenizer_path}; "
             f"prepare it again with --checkpoint_dir {checkpoint_dir}"
         )
     if metadata["prompt_with_input"] != generate_prompt({"instruction": "{instruction}", "input": "{input}"}) or (

@@ -1,29 +1,78 @@
-"""A thin wrapper over the sentencepiece model that ships with LLaMA checkpoints (`tokenizer.model`)."""
+"""The tokenizer of a checkpoint directory, whichever kind it ships:
 
+- `tokenizer.json` (Llama 3.x, SmolLM2, Mistral v0.3, most recent models), read with Hugging Face's `tokenizers`
+  library: the Rust tokenizer transformers itself uses for these files, so the ids are transformers' by construction
+  (pre-tokenizer regexes, byte-level BPE, special tokens inside ordinary text) instead of a reimplementation's;
+- `tokenizer.model` (LLaMA 1 and 2, Mistral v0.1, TinyLlama), read with sentencepiece.
+
+`tokenizer.json` wins when a directory has both, as in transformers. Beside it, `tokenizer_config.json` names the BOS
+and EOS tokens (and, for sentencepiece, whether prompts start with BOS), `generation_config.json` the ids that end
+generation, and `chat_template.jinja` (or `chat_template` in tokenizer_config.json) the chat template.
+"""
+
+import json
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
-import sentencepiece as spm
 import torch
 
 
-class Tokenizer:
-    def __init__(self, path: Union[str, Path]) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"tokenizer file {path} not found; a checkpoint directory needs its tokenizer.model")
-        self.processor = spm.SentencePieceProcessor()
-        try:
-            self.processor.Load(str(path))
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path} is not a sentencepiece model ({e}); LLaMA checkpoints need tokenizer.model") from None
-        self.bos_id = self.processor.bos_id()
-        self.eos_id = self.processor.eos_id()
-        self.vocab_size = self.processor.vocab_size()
+def tokenizer_file(checkpoint_dir: Union[str, Path]) -> Path:
+    """The file that defines the tokenizer of `checkpoint_dir`: tokenizer.json, else tokenizer.model."""
+    checkpoint_dir = Path(checkpoint_dir)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (checkpoint_dir / name).is_file():
+            return checkpoint_dir / name
+    raise ValueError(f"{checkpoint_dir} has no tokenizer.model or tokenizer.json; see howto/download_weights.md")
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False, max_length: int = -1) -> torch.Tensor:
-        ids = self.processor.encode(text)
-        if bos:
+
+class Tokenizer:
+    def __init__(self, checkpoint_dir: Union[str, Path]) -> None:
+        checkpoint_dir = Path(checkpoint_dir)
+        self.path = tokenizer_file(checkpoint_dir)
+        config = read_json(checkpoint_dir / "tokenizer_config.json")
+        generation = read_json(checkpoint_dir / "generation_config.json")
+        if self.path.name == "tokenizer.json":
+            self.processor = load_tokenizer_json(self.path)
+            token_to_id = self.processor.token_to_id
+            self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
+        else:
+            self.processor = load_sentencepiece(self.path)
+            token_to_id = lambda piece: piece_id(self.processor, piece)
+            self.vocab_size = self.processor.vocab_size()
+
+        self.bos_id = special_id(config.get("bos_token"), token_to_id, generation.get("bos_token_id"))
+        self.eos_id = special_id(config.get("eos_token"), token_to_id, generation.get("eos_token_id"))
+        if self.path.name == "tokenizer.model":  # sentencepiece knows its own, and LLaMA's configs may name none
+            self.bos_id = self.processor.bos_id() if self.bos_id is None else self.bos_id
+            self.eos_id = self.processor.eos_id() if self.eos_id is None else self.eos_id
+        if self.eos_id is None or self.eos_id < 0:
+            raise ValueError(f"{checkpoint_dir} names no EOS token; add eos_token to its tokenizer_config.json")
+        if self.bos_id is not None and self.bos_id < 0:
+            self.bos_id = None
+        # Whether a prompt starts with BOS, as the tokenizer's own files say: tokenizer.json's post-processor (Llama 3.1
+        # adds <|begin_of_text|>, SmolLM2 nothing), for sentencepiece add_bos_token (true unless the config says not)
+        if self.path.name == "tokenizer.json":
+            ids, plain = self.processor.encode("a").ids, self.processor.encode("a", add_special_tokens=False).ids
+            self.add_bos = ids[1:] == plain  # the post-processor puts one token, BOS, before the text
+            self.bos_id = ids[0] if self.add_bos else self.bos_id
+        else:
+            self.add_bos = bool(config.get("add_bos_token", True))
+        # Every id that ends generation: EOS, and the end-of-turn tokens generation_config.json lists
+        # (Llama 3.1 Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>)
+        stop = generation.get("eos_token_id")
+        stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *stop]))
+        template = checkpoint_dir / "chat_template.jinja"
+        self.chat_template: Optional[str] = template.read_text() if template.is_file() else config.get("chat_template")
+
+    def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False, max_length: int = -1) -> torch.Tensor:
+        """The ids of `text`, special-token strings inside it included. `bos` None adds BOS when the tokenizer
+        does (`add_bos`), which is what transformers' `AutoTokenizer(text)` gives."""
+        ids = self.encode_batch([text])[0]
+        if self.add_bos if bos is None else bos:
+            if self.bos_id is None:
+                raise ValueError(f"{self.path} has no BOS token; encode with bos=False")
             ids = [self.bos_id] + ids
         if eos:
             ids = ids + [self.eos_id]
@@ -32,10 +81,68 @@ class Tokenizer:
         return torch.tensor(ids, dtype=torch.long)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Plain ids (no BOS/EOS) of many texts at once, encoded on several threads by sentencepiece."""
+        """Plain ids (no BOS/EOS) of many texts at once, encoded on several threads."""
+        if self.path.name == "tokenizer.json":
+            return [encoding.ids for encoding in self.processor.encode_batch(texts, add_special_tokens=False)]
         return self.processor.encode(texts)
 
     def decode(self, ids: Union[torch.Tensor, list[int]]) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
+        if self.path.name == "tokenizer.json":
+            return self.processor.decode(ids, skip_special_tokens=False)
         return self.processor.decode(ids)
+
+
+def load_tokenizer_json(path: Path) -> Any:
+    from tokenizers import Tokenizer as HFTokenizer  # imported here: sentencepiece checkpoints never need it
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises plain Exception for malformed JSON or an unknown model
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a Hugging Face tokenizer ({reason}); download it again") from None
+
+
+def load_sentencepiece(path: Path) -> Any:
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.Load(str(path))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{path} is not a sentencepiece model ({e}); download it again") from None
+    return processor
+
+
+def piece_id(processor: Any, piece: str) -> Optional[int]:
+    """sentencepiece's id of `piece`, None where it does not know it (piece_to_id would give <unk>'s id)."""
+    token_id = processor.piece_to_id(piece)
+    return token_id if processor.id_to_piece(token_id) == piece else None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; download it again")
+    return data
+
+
+def special_id(token: Any, token_to_id, fallback: Any) -> Optional[int]:
+    """The id of a special token as tokenizer_config.json names it (a string, or {"content": ...} in older files),
+    else the first id generation_config.json gives."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    if isinstance(token, str):
+        token_id = token_to_id(token)
+        if token_id is not None and token_id >= 0:
+            return token_id
+    if isinstance(fallback, list):
+        fallback = fallback[0] if fallback else None
+    return fallback

@@ -32,7 +32,7 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
-from generate import generate, peak_memory_gb
+from generate import generate, peak_memory_gb, printable
 from model import Block, LLaMA
 from prepare_alpaca import check_prepared_data, generate_prompt
 from quantize import make_bnb_optimizer
@@ -397,10 +397,10 @@ def validate(
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
     answer = ""
     if not is_fsdp(fabric):  # under FSDP every new token would gather the whole model
-        prompt = tokenizer.encode(generate_prompt({"instruction": SAMPLE_INSTRUCTION, "input": ""}), bos=True)
+        prompt = tokenizer.encode(generate_prompt({"instruction": SAMPLE_INSTRUCTION, "input": ""}))
         max_new_tokens = min(100, model.config.block_size - len(prompt))
-        output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
-        answer = tokenizer.decode(output[len(prompt) :])
+        output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
+        answer = tokenizer.decode(printable(output[len(prompt) :], tokenizer))
     step = state["step"]
     fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
     fabric.print(f"{SAMPLE_INSTRUCTION} -> {answer!r}")

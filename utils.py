@@ -3,6 +3,7 @@ directory (quantized if asked) and writing files atomically. The training machin
 training.py, bitsandbytes' quantization in quantize.py."""
 
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,10 @@ from quantize import quantize_weight, quantized_layers, swap_in_layers
 # What a user's mistake raises in the library (a missing or broken file, a bad flag or combination, a missing package,
 # a run that diverged): `cli` turns these into one line. Anything else is a bug, and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+# The files that make up a checkpoint's tokenizer (tokenizer.py): tokenizer.model or tokenizer.json, and the others
+# when the repository has them. Copied as a whole into every checkpoint directory made from another.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def cli(function: Callable, **kwargs) -> None:
@@ -68,6 +73,16 @@ def check_checkpoint_dir(checkpoint_dir: Path) -> None:
         raise ValueError(f"{checkpoint_dir} has no model_config.json; see howto/download_weights.md")
     if not any((checkpoint_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         raise ValueError(f"{checkpoint_dir} has no tokenizer.model or tokenizer.json; see howto/download_weights.md")
+
+
+def copy_tokenizer(source_dir: Path, destination_dir: Path) -> list[str]:
+    """Copies every file of TOKENIZER_FILES that `source_dir` has into `destination_dir`, each atomically;
+    returns their names."""
+    names = [name for name in TOKENIZER_FILES if (Path(source_dir) / name).is_file()]
+    for name in names:
+        with atomic_path(Path(destination_dir) / name) as tmp:
+            shutil.copyfile(Path(source_dir) / name, tmp)
+    return names
 
 
 def load_config(checkpoint_dir: Path) -> Config:

@@ -198,7 +198,7 @@ def alpaca_batch(batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Ten
     from tokenizer import Tokenizer
 
     examples = json.loads((SHARED_DATA / "alpaca_en_demo.json").read_text())
-    samples, lengths, _, _ = tokenize(examples, Tokenizer(SHARED_DATA / "tokenizer.model"), seq_len + 1,
+    samples, lengths, _, _ = tokenize(examples, Tokenizer(SHARED_DATA), seq_len + 1,
                                       mask_inputs=True, ignore_index=-100)
     chosen = [sample for sample, length in zip(samples, lengths) if sample is not None and length > seq_len][:batch_size]
     ids, labels = torch.stack([s["input_ids"] for s in chosen]), torch.stack([s["labels"] for s in chosen])

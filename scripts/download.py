@@ -2,8 +2,10 @@
 
     python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf --access_token hf_...
 
-Fetches only what scripts/convert_hf_checkpoint.py reads: config.json, tokenizer.model and the weights
-(safetensors when the repository has them, else PyTorch .bin), with their index when sharded, into
+Fetches only what scripts/convert_hf_checkpoint.py and tokenizer.py read: config.json, the tokenizer's files
+(tokenizer.model and/or tokenizer.json, and tokenizer_config.json, chat_template.jinja, generation_config.json when the
+repository has them) and the weights (safetensors when the repository has them, else PyTorch .bin), with their index
+when sharded, into
 checkpoints/<org>/<name>. Then run the converter on that directory.
 """
 
@@ -25,7 +27,7 @@ from huggingface_hub.errors import (
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from model import Config
-from utils import cli
+from utils import TOKENIZER_FILES, cli
 
 try:  # the HTTP client's "cannot connect" errors: httpx2 from huggingface_hub 2.0, httpx in 1.x
     from httpx2 import TransportError
@@ -43,7 +45,7 @@ WEIGHT_PATTERNS = (
 
 
 def download(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path = Path("checkpoints")) -> None:
-    """Downloads config.json, tokenizer.model and the weights of a Hub repository.
+    """Downloads config.json, the tokenizer's files and the weights of a Hub repository.
 
     Args:
         repo_id: the repository on huggingface.co, as <org>/<name>, e.g. meta-llama/Llama-2-7b-hf.
@@ -77,18 +79,19 @@ def download(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: P
 
 
 def files_to_download(repo_id: str, repo_files: list[str]) -> list[str]:
-    """config.json, tokenizer.model and one format of the weights (with its index if sharded)."""
+    """config.json, the tokenizer's files the repository has (utils.TOKENIZER_FILES) and one format of the weights
+    (with its index if sharded)."""
     if "config.json" not in repo_files:
         raise ValueError(f"{repo_id} has no config.json; this toolkit needs a repository in Hugging Face format")
-    if "tokenizer.model" not in repo_files:
+    if "tokenizer.model" not in repo_files and "tokenizer.json" not in repo_files:
         raise ValueError(
-            f"{repo_id} has no tokenizer.model, so it is not a sentencepiece model; this toolkit needs one "
-            "(LLaMA 1 and 2, Mistral-7B-v0.1, TinyLlama and OpenLLaMA have one; Llama 3 does not)"
+            f"{repo_id} has no tokenizer.model or tokenizer.json; this toolkit needs one of them beside config.json"
         )
+    tokenizer = [name for name in TOKENIZER_FILES if name in repo_files]
     for weights, index in WEIGHT_PATTERNS:
         matches = sorted(name for name in repo_files if fnmatch.fnmatch(name, weights))
         if matches:
-            return ["config.json", "tokenizer.model", *matches, *([index] if index in repo_files else [])]
+            return ["config.json", *tokenizer, *matches, *([index] if index in repo_files else [])]
     raise ValueError(
         f"{repo_id} has no model*.safetensors or pytorch_model*.bin weights; pick the repository in "
         "Hugging Face format (for Meta's models, the one whose name ends in -hf)"

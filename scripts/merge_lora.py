@@ -3,12 +3,11 @@
     python scripts/merge_lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --out_dir checkpoints/Llama-2-7b-alpaca
 
-The directory (lit_model.safetensors, model_config.json, tokenizer.model) loads with generate.py like any
+The directory (lit_model.safetensors, model_config.json, the base's tokenizer files) loads with generate.py like any
 base checkpoint and generates at the base model's speed. The adapter's r, alpha and targets are read from
 the adapter itself. Memory: one copy of the model; ΔW is added to each weight in place, one layer at a time.
 """
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from lora import load_lora_model
-from utils import atomic_path, check_checkpoint_dir, cli
+from utils import atomic_path, check_checkpoint_dir, cli, copy_tokenizer
 
 
 def merge_lora(
@@ -46,9 +45,8 @@ def merge_lora(
         save_file(state_dict, tmp, metadata={"format": "pt"})  # written from the model's own memory
     with atomic_path(out_dir / "model_config.json") as tmp:
         model.config.to_file(tmp)
-    with atomic_path(out_dir / "tokenizer.model") as tmp:
-        shutil.copyfile(checkpoint_dir / "tokenizer.model", tmp)
-    print(f"Wrote {out_dir} (lit_model.safetensors, model_config.json, tokenizer.model)", file=sys.stderr)
+    names = copy_tokenizer(checkpoint_dir, out_dir)
+    print(f"Wrote {out_dir} (lit_model.safetensors, model_config.json, {', '.join(names)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def setup(
 
     Args:
         destination_path: directory that receives train.pt, test.pt and metadata.json.
-        checkpoint_dir: checkpoint whose tokenizer.model is used (the only file needed from it).
+        checkpoint_dir: checkpoint whose tokenizer (tokenizer.model or tokenizer.json) is used (the only files needed
+            from it).
         data_file_path: a local JSONL (or JSON array) file of {"instruction", "context", "response"} records;
             when left out, `data_file_name` is downloaded from the Hub dataset `data_repo_id`.
         data_repo_id: Hugging Face Hub dataset repository to download from.

@@ -2,11 +2,10 @@
 fine-tuning tests (a tiny converted checkpoint, 9 short real records prepared for it)."""
 
 import json
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -38,10 +37,13 @@ def shared_file(name: str) -> Path:
     return path
 
 
-def make_hf_checkpoint(directory: Path, seed: int = 0, **config):
-    """Saves a small random `LlamaForCausalLM` in Hub format (config.json + model.safetensors +
-    the real LLaMA tokenizer.model), as scripts/download.py leaves a directory. Returns the model."""
+def make_hf_checkpoint(directory: Path, seed: int = 0, tokenizer_dir: Optional[Path] = None, **config):
+    """Saves a small random `LlamaForCausalLM` in Hub format (config.json + model.safetensors + the tokenizer files of
+    `tokenizer_dir`, by default the real LLaMA tokenizer.model), as scripts/download.py leaves a directory. Returns the
+    model."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from utils import copy_tokenizer
 
     defaults = dict(
         vocab_size=32000, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
@@ -50,7 +52,7 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, **config):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**defaults, **config})).eval()
     model.save_pretrained(directory)
-    shutil.copy(shared_file("tokenizer.model"), Path(directory) / "tokenizer.model")
+    copy_tokenizer(tokenizer_dir or shared_file("tokenizer.model").parent, directory)
     return model
 
 
@@ -68,12 +70,12 @@ def caught_models(monkeypatch: pytest.MonkeyPatch, script) -> Iterator[list]:
     yield models
 
 
-def make_checkpoint(directory: Path, seed: int = 0, **config):
-    """A converted checkpoint directory (lit_model.safetensors, model_config.json, tokenizer.model).
+def make_checkpoint(directory: Path, seed: int = 0, tokenizer_dir: Optional[Path] = None, **config):
+    """A converted checkpoint directory (lit_model.safetensors, model_config.json, the tokenizer's files).
     Returns the reference transformers model it was converted from."""
     from convert_hf_checkpoint import convert_hf_checkpoint
 
-    model = make_hf_checkpoint(directory, seed=seed, **config)
+    model = make_hf_checkpoint(directory, seed=seed, tokenizer_dir=tokenizer_dir, **config)
     convert_hf_checkpoint(directory)
     return model
 
@@ -83,6 +85,16 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     """A converted checkpoint of the "tiny" shapes (2 layers, n_embd 64, vocab 32000), weights from N(0, 0.02)."""
     directory = tmp_path_factory.mktemp("checkpoint")
     make_checkpoint(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama3_checkpoint_dir(tmp_path_factory) -> Path:
+    """A converted checkpoint of the "tiny" shapes with Llama 3.1's vocabulary (128256) and its real tokenizer.json and
+    tokenizer_config.json (../shared/data/llama-3.1), no tokenizer.model: the Llama 3 / SmolLM2 kind of directory."""
+    tokenizer_dir = shared_file("llama-3.1/tokenizer.json").parent
+    directory = tmp_path_factory.mktemp("llama3_checkpoint")
+    make_checkpoint(directory, tokenizer_dir=tokenizer_dir, vocab_size=128256, bos_token_id=128000, eos_token_id=128009)
     return directory
 
 

@@ -69,7 +69,7 @@ def test_downloads_safetensors_when_the_repo_has_both_formats(tmp_path, monkeypa
     assert hub.calls[0][1] == {"repo_id": "meta-llama/Llama-2-7b-hf", "token": "hf_abc"}
     assert hub.calls[1][1] == {"repo_id": "meta-llama/Llama-2-7b-hf", "filename": "config.json", "token": "hf_abc"}
     assert hub.calls[2][1]["allow_patterns"] == [
-        "config.json", "tokenizer.model",
+        "config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
     ]
     assert (tmp_path / "meta-llama/Llama-2-7b-hf/model.safetensors.index.json").is_file()
@@ -91,10 +91,29 @@ def test_token_comes_from_hf_token_when_not_passed(tmp_path, monkeypatch):
     assert {kwargs["token"] for _, kwargs in hub.calls} == {"hf_from_env"}
 
 
-def test_refuses_repo_without_tokenizer_model(tmp_path, monkeypatch):
-    hub = FakeHub(monkeypatch, ["config.json", "tokenizer.json", "model.safetensors"])
-    with pytest.raises(ValueError, match="org/name has no tokenizer.model, so it is not a sentencepiece model"):
+def test_llama_3_repo_without_tokenizer_model(tmp_path, monkeypatch):
+    # what meta-llama/Llama-3.1-8B-Instruct holds (original/ is Meta's own format), plus a chat_template.jinja as
+    # transformers 5 writes it
+    files = [
+        ".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
+        "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors",
+        "model-00004-of-00004.safetensors", "model.safetensors.index.json", "original/consolidated.00.pth",
+        "original/params.json", "original/tokenizer.model", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "chat_template.jinja",
+    ]
+    hub = FakeHub(monkeypatch, files)
+    download.download("meta-llama/Llama-3.1-8B-Instruct", checkpoint_dir=tmp_path)
+    assert hub.calls[-1][1]["allow_patterns"] == [
+        "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+        *[f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)], "model.safetensors.index.json",
+    ]
+
+
+def test_refuses_repo_without_a_tokenizer(tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch, ["config.json", "tokenizer_config.json", "original/tokenizer.model", "model.safetensors"])
+    with pytest.raises(ValueError, match="^org/name has no tokenizer.model or tokenizer.json; this toolkit needs one") as exc:
         download.download("org/name", checkpoint_dir=tmp_path)
+    assert "\n" not in str(exc.value)
     assert [name for name, _ in hub.calls] == ["list_repo_files"]  # nothing downloaded
 
 

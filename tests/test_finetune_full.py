@@ -43,9 +43,9 @@ def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(chec
     with torch.device("meta"):
         model = LLaMA(Config.from_file(out_dir / "model_config.json"))
     model.load_state_dict(state["model"], assign=True)
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    tokenizer = Tokenizer(checkpoint_dir)
     prompt = generate_prompt(RECORD)
-    output = generate(model.eval(), tokenizer.encode(prompt), 20, temperature=0.0, eos_id=tokenizer.eos_id)
+    output = generate(model.eval(), tokenizer.encode(prompt), 20, temperature=0.0, stop_ids=tokenizer.stop_ids)
     expected = tokenizer.decode(output)
     result = subprocess.run([sys.executable, "generate.py", "--checkpoint_dir", str(out_dir), "--prompt", prompt,
                              "--temperature", "0", "--max_new_tokens", "20"], cwd=ROOT, capture_output=True, text=True)

@@ -53,12 +53,12 @@ def test_decoding_under_autocast_with_fp32_weights(model):
     assert tokens.tolist() == expected.tolist()
 
 
-def test_stops_after_eos(model):
+def test_stops_after_any_stop_id(model):
     prompt = torch.tensor([1, 5, 7])
     greedy = generate(model, prompt, 20, temperature=0.0).tolist()
-    eos_id = greedy[3 + 5]  # pretend the 6th new token is EOS
-    stop = greedy.index(eos_id, 3)
-    assert generate(model, prompt, 20, temperature=0.0, eos_id=eos_id).tolist() == greedy[: stop + 1]
+    stop_ids = (greedy[3 + 9], greedy[3 + 5])  # pretend the 10th and the 6th new tokens are EOS and end of turn
+    stop = min(greedy.index(i, 3) for i in stop_ids)
+    assert generate(model, prompt, 20, temperature=0.0, stop_ids=stop_ids).tolist() == greedy[: stop + 1]
 
 
 def test_zero_new_tokens_returns_the_prompt(model):
@@ -138,7 +138,7 @@ def run_cli(*args):
 def test_cli_prints_the_greedy_continuation_of_transformers(tmp_path):
     hf = make_checkpoint(tmp_path)
     prompt = "Hello, my name is"
-    tokenizer = Tokenizer(tmp_path / "tokenizer.model")
+    tokenizer = Tokenizer(tmp_path)
     idx = tokenizer.encode(prompt).view(1, -1)
     hf.generation_config.pad_token_id = 0
     expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False, eos_token_id=2)[0]

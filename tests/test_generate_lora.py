@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, finetune, make_checkpoint
 from finetune_lora import setup
@@ -80,3 +81,56 @@ def test_bad_input_is_one_line_with_nonzero_exit(checkpoint_dir, adapter, tmp_pa
     make_checkpoint(other, hidden_size=32)
     with pytest.raises(ValueError, match=f"^{adapter} was trained on another base model: n_embd=64 \\(model: 32\\)"):
         generate_lora(checkpoint_dir=other, lora_path=adapter)
+
+
+def test_a_tokenizer_json_checkpoint_end_to_end(llama3_checkpoint_dir, tmp_path, capsys):
+    """Llama 3.1's tokenizer.json, no tokenizer.model: convert (the fixture) -> prepare_alpaca.py, whose ids are
+    transformers' -> finetune_lora.py -> generate_lora.py, and generate.py on scripts/merge_lora.py's directory, whose
+    greedy text is what transformers + PEFT generate from scripts/export_peft.py's adapter."""
+    from export_peft import export_peft
+    from merge_lora import merge_lora
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from generate import main as generate_main
+    from prepare_alpaca import setup as prepare
+    from tokenizer import Tokenizer
+
+    checkpoint_dir = llama3_checkpoint_dir
+    assert not (checkpoint_dir / "tokenizer.model").exists()
+    reference = AutoTokenizer.from_pretrained(checkpoint_dir)
+    records = json.loads((ROOT.parent / "shared" / "data" / "alpaca_en_demo.json").read_text())
+    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    prepare(destination_path=tmp_path / "data", checkpoint_dir=checkpoint_dir, data_file_path=tmp_path / "records.json",
+            test_split_fraction=0.12, max_seq_length=128)
+    prepared = torch.load(tmp_path / "data" / "train.pt") + torch.load(tmp_path / "data" / "test.pt")
+    expected = [reference(generate_prompt(r))["input_ids"] + reference(r["output"], add_special_tokens=False)["input_ids"]
+                + [128009] for r in records]  # <|begin_of_text|> prompt response <|eot_id|>
+    assert sorted(s["input_ids"].tolist() for s in prepared) == sorted(expected)
+
+    finetune(setup, data_dir=tmp_path / "data", checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "out", batch_size=4,
+             micro_batch_size=4, max_steps=3, warmup_steps=1, learning_rate=1e-2, lora_targets=["query", "value"],
+             eval_interval=3, eval_batches=1, save_interval=1000, max_seq_length=128)
+    adapter = tmp_path / "out" / "lit_model_lora_finetuned.safetensors"
+    capsys.readouterr()
+    generate_lora(checkpoint_dir=checkpoint_dir, lora_path=adapter, prompt=RECORD["instruction"], input=RECORD["input"],
+                  temperature=0.0, max_new_tokens=12)
+    ours = capsys.readouterr().out
+    merge_lora(checkpoint_dir, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged" / "tokenizer.model").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "merged" / name).read_bytes() == (checkpoint_dir / name).read_bytes()
+    generate_main(checkpoint_dir=tmp_path / "merged", prompt=generate_prompt(RECORD), temperature=0.0, max_new_tokens=12)
+    merged = capsys.readouterr().out
+
+    export_peft(lora_path=adapter, out_dir=tmp_path / "peft")
+    hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(checkpoint_dir), tmp_path / "peft").eval()
+    prompt = reference(generate_prompt(RECORD), return_tensors="pt")["input_ids"]
+    stop_ids = Tokenizer(checkpoint_dir).stop_ids
+    new = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=128009)
+    new = new[0, prompt.shape[1] :].tolist()
+    new = new[:-1] if new[-1] in stop_ids else new
+    assert new  # some text to compare
+    assert ours == reference.decode(new, clean_up_tokenization_spaces=False) + "\n"
+    assert merged == reference.decode(prompt[0, 1:].tolist() + new, clean_up_tokenization_spaces=False) + "\n"

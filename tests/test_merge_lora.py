@@ -23,7 +23,8 @@ def base_and_adapter(directory, lora_kwargs, **config):
     directory.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, directory / "lit_model.safetensors")
     config.to_file(directory / "model_config.json")
-    (directory / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (directory / name).write_text(f"the {name} bytes")
     with lora(**lora_kwargs):
         model = load_model(directory)
     with torch.no_grad():
@@ -38,8 +39,10 @@ def test_merged_checkpoint_is_complete_and_equals_the_lora_model(tmp_path):
     adapted = base_and_adapter(tmp_path / "base", dict(r=4, alpha=8, dropout=0.05, targets=("all_linear",)))
     merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
 
-    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["lit_model.safetensors", "model_config.json", "tokenizer.model"]
-    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "generation_config.json", "lit_model.safetensors", "model_config.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):  # every tokenizer file, unchanged
+        assert (tmp_path / "merged" / name).read_text() == f"the {name} bytes"
     assert Config.from_file(tmp_path / "merged" / "model_config.json") == adapted.config
     assert load_file(tmp_path / "merged" / "lit_model.safetensors").keys() == load_file(tmp_path / "base" / "lit_model.safetensors").keys()
 

@@ -73,7 +73,7 @@ def test_generate_prompt_is_the_alpaca_template():
 
 
 def test_labels_are_ignore_index_over_bos_and_prompt_and_the_ids_over_response_and_eos(checkpoint_dir, sp):
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    tokenizer = Tokenizer(checkpoint_dir)
     record = {"instruction": "Classify this as either an object or an action.", "input": "running", "output": "Action."}
     samples, lengths, truncated, too_long = tokenize([record], tokenizer, 256, mask_inputs=True, ignore_index=-100)
     prompt_ids = [1] + sp.encode(generate_prompt(record))
@@ -91,7 +91,7 @@ def test_labels_are_ignore_index_over_bos_and_prompt_and_the_ids_over_response_a
 
 
 def test_prompt_and_response_are_encoded_separately_because_joint_encoding_merges_the_boundary(checkpoint_dir, sp):
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    tokenizer = Tokenizer(checkpoint_dir)
     record = {"instruction": "Describe a process of making crepes.", "input": "", "output": "Making crepes is easy."}
     prompt = generate_prompt(record)
     joint = sp.encode(prompt + record["output"], out_type=str)
@@ -310,7 +310,8 @@ def test_metadata_lets_fine_tuning_refuse_data_from_another_tokenizer(prepared, 
     metadata = check_prepared_data(prepared, checkpoint_dir)
     tokenizer_bytes = (checkpoint_dir / "tokenizer.model").read_bytes()
     assert metadata["tokenizer_sha256"] == hashlib.sha256(tokenizer_bytes).hexdigest()
-    expected = {"vocab_size": 32000, "bos_id": 1, "eos_id": 2, "max_seq_length": 256, "mask_inputs": True,
+    expected = {"vocab_size": 32000, "bos_id": 1, "add_bos": True, "eos_id": 2, "tokenizer_file": "tokenizer.model",
+                "max_seq_length": 256, "mask_inputs": True,
                 "ignore_index": -100, "template": "alpaca", "test_split_fraction": 0.03865, "seed": 42}
     assert {key: metadata[key] for key in expected} == expected
     assert metadata["prompt_without_input"].endswith("### Instruction:\n{instruction}\n\n### Response:")

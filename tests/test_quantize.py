@@ -250,10 +250,10 @@ def test_kv_cache_decoding_on_a_quantized_base_equals_recomputing_every_position
 def test_generate_scripts_take_quantize(checkpoint_dir, qlora, capsys):
     """generate.py --quantize prints what the quantized model generates; generate_lora.py --quantize --merge false (the
     command line, in its own process) answers as the nf4 base with the adapter on top does."""
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    tokenizer = Tokenizer(checkpoint_dir)
     generate_py.main(checkpoint_dir=checkpoint_dir, prompt="Hello", max_new_tokens=10, temperature=0.0, quantize="bnb.int8")
     model = load_model(checkpoint_dir, quantize="bnb.int8").eval()
-    assert capsys.readouterr().out == tokenizer.decode(generate(model, tokenizer.encode("Hello", bos=True), 10, temperature=0.0, eos_id=tokenizer.eos_id)) + "\n"
+    assert capsys.readouterr().out == tokenizer.decode(generate(model, tokenizer.encode("Hello", bos=True), 10, temperature=0.0, stop_ids=tokenizer.stop_ids)) + "\n"
 
     adapter = qlora[0] / "lit_model_lora_finetuned.safetensors"
     result = subprocess.run(
@@ -265,8 +265,8 @@ def test_generate_scripts_take_quantize(checkpoint_dir, qlora, capsys):
     assert "bnb.nf4" in result.stderr
     model = load_lora_model(checkpoint_dir, adapter, quantize="bnb.nf4").eval()
     prompt = tokenizer.encode(generate_prompt(RECORD), bos=True)
-    answer = generate(model, prompt, 10, temperature=0.0, eos_id=tokenizer.eos_id)[len(prompt) :]
-    assert result.stdout == tokenizer.decode(answer[:-1] if answer[-1] == tokenizer.eos_id else answer) + "\n"
+    answer = generate(model, prompt, 10, temperature=0.0, stop_ids=tokenizer.stop_ids)[len(prompt) :]
+    assert result.stdout == tokenizer.decode(answer[:-1] if answer[-1].item() in tokenizer.stop_ids else answer) + "\n"
 
 
 def test_8bit_and_paged_optimizers_follow_adamw(capsys):
