@@ -10,6 +10,7 @@ import torch
 from convert_hf_checkpoint import convert_hf_checkpoint
 from generate import generate
 from model import Config
+from tokenizer import Tokenizer
 from utils import load_model
 
 IM_END = 2  # <|im_end|>: the end of each chat turn, SmolLM2-Instruct's EOS
@@ -23,7 +24,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def models(smollm2_dir):
-    """(ours, transformers', the tokenizer), all from the one directory."""
+    """(ours, transformers', transformers' tokenizer), all from the one directory."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     convert_hf_checkpoint(smollm2_dir)
@@ -64,12 +65,19 @@ def test_greedy_chat_answers_match_transformers(models, question):
         idx[None], attention_mask=torch.ones_like(idx[None]), max_new_tokens=64, do_sample=False, eos_token_id=IM_END,
         pad_token_id=IM_END,
     )[0]
-    assert generate(ours, idx, 64, temperature=0.0, eos_id=IM_END).tolist() == expected.tolist()
+    assert generate(ours, idx, 64, temperature=0.0, stop_ids=[IM_END]).tolist() == expected.tolist()
 
 
-def test_greedy_answer_stops_at_im_end(models):
-    ours, _, tokenizer = models
-    idx = chat_prompt(tokenizer, "What is the capital of France?")
-    answer = generate(ours, idx, 64, temperature=0.0, eos_id=IM_END)[len(idx):].tolist()
+def test_our_tokenizer_gives_the_chat_prompt_ids_and_stops_at_im_end(models, smollm2_dir):
+    """tokenizer.py on the converted directory: the rendered chat text encodes to transformers' ids, <|im_end|> is a
+    stop id (tokenizer_config.json's EOS), and the greedy answer ends there."""
+    ours, _, hf_tokenizer = models
+    tokenizer = Tokenizer(smollm2_dir)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    idx = tokenizer.encode(text)
+    assert idx.tolist() == chat_prompt(hf_tokenizer, messages[0]["content"]).tolist()
+    assert IM_END in tokenizer.stop_ids
+    answer = generate(ours, idx, 64, temperature=0.0, stop_ids=tokenizer.stop_ids)[len(idx):].tolist()
     assert answer[-1] == IM_END
     assert tokenizer.decode(answer[:-1]) == "The capital of France is Paris."
