@@ -97,8 +97,8 @@ def generate(
     stop_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Appends up to `max_new_tokens` tokens to the prompt `idx` (a 1-D LongTensor) and returns prompt and
-    new tokens together, stopping after any of `stop_ids` (the tokenizer's `stop_ids`: EOS, end of turn). The prompt is processed in one pass that fills the KV
-    cache, then every step feeds only the newest token.
+    new tokens together, stopping after any of `stop_ids` (the tokenizer's `stop_ids`: EOS, end of turn). The
+    prompt is processed in one pass that fills the KV cache, then every step feeds only the newest token.
 
     Runs under no_grad, not inference_mode: inference_mode measured no faster here, and tensors it creates
     (the model's cached rotary tables) could not be used by a later training step.
