@@ -8,13 +8,54 @@
 `tokenizer.json` wins when a directory has both, as in transformers. Beside it, `tokenizer_config.json` names the BOS
 and EOS tokens (and, for sentencepiece, whether prompts start with BOS), `generation_config.json` the ids that end
 generation, and `chat_template.jinja` (or `chat_template` in tokenizer_config.json) the chat template.
+
+`Tokenizer.apply_chat_template` renders a conversation with that template (or a built-in one from `CHAT_TEMPLATES`)
+the way transformers' `apply_chat_template` does. Chat templates are Jinja programs from the Hub, so untrusted code:
+they run in jinja2's sandbox, which needs jinja2 3.1.6 or later (earlier versions have known sandbox escapes).
 """
 
 import json
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+# Built-in chat templates for checkpoints that ship none (prepare_chat.py --template NAME), in the Jinja of the Hub's
+# tokenizer_config.json files: Meta's Llama 3.1 Instruct and Llama 2 chat templates, ChatML (SmolLM2, Qwen) and the
+# Alpaca prompt of prepare_alpaca.py with one "### Instruction:" / "### Response:" pair per turn.
+CHAT_TEMPLATES = {
+    "llama-3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "llama-2": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+        "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+        "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\n' + system_message + "
+        "'\n<</SYS>>\n\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+        "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{{ bos_token or '' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
+        "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes the request.' }}"
+        "{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '\n\n### Instruction:\n' + message['content'] + '\n\n### Response:' }}{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+}
+# the tokens transformers passes to a template by name (its special_tokens_map), as tokenizer_config.json gives them
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def tokenizer_file(checkpoint_dir: Union[str, Path]) -> Path:
@@ -65,6 +106,36 @@ class Tokenizer:
         self.stop_ids = tuple(dict.fromkeys([self.eos_id, *stop]))
         template = checkpoint_dir / "chat_template.jinja"
         self.chat_template: Optional[str] = template.read_text() if template.is_file() else config.get("chat_template")
+        if isinstance(self.chat_template, list):  # several named templates, as some repos have: the default one
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        self.special_tokens = {
+            name: token["content"] if isinstance(token, dict) else token
+            for name, token in ((name, config.get(name)) for name in SPECIAL_TOKENS) if token is not None
+        }
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, template: Optional[str] = None
+    ) -> str:
+        """`messages` ([{"role": "system" | "user" | "assistant", "content": ...}, ...]) as text in a chat template:
+        `template` (a name from CHAT_TEMPLATES, or Jinja source), by default the checkpoint's own. With
+        `add_generation_prompt` the text ends with the header of an assistant turn, for the model to answer.
+        Encode the result with `encode(text, bos=False)`: the template writes BOS itself where it wants one.
+        Text and ids equal transformers' `apply_chat_template(messages, tokenize=...)`."""
+        source = CHAT_TEMPLATES.get(template, template) if template is not None else self.chat_template
+        if source is None:
+            raise ValueError(
+                f"{self.path.parent} has no chat template (no chat_template.jinja, none in tokenizer_config.json); "
+                f"choose one of {', '.join(CHAT_TEMPLATES)}"
+            )
+        try:
+            return compile_chat_template(source).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
+        except Exception as e:  # the template's raise_exception, or any error of the Jinja program
+            import jinja2
+
+            kind = "" if type(e) is jinja2.TemplateError else f"{type(e).__name__}: "
+            raise ValueError(f"the chat template failed: {kind}{e}") from None
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False, max_length: int = -1) -> torch.Tensor:
         """The ids of `text`, special-token strings inside it included. `bos` None adds BOS when the tokenizer
@@ -92,6 +163,31 @@ class Tokenizer:
         if self.path.name == "tokenizer.json":
             return self.processor.decode(ids, skip_special_tokens=False)
         return self.processor.decode(ids)
+
+
+@lru_cache(maxsize=8)
+def compile_chat_template(source: str) -> Any:
+    """The Jinja template of a chat template's source, in the environment transformers renders chat templates in:
+    a sandbox that cannot reach Python's internals, blocks trimmed, `break`/`continue`, a `tojson` filter that keeps
+    non-ASCII text and does not escape HTML, and the functions `raise_exception(message)` and `strftime_now(format)`."""
+    import jinja2  # imported here: only chat data and chat need it
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators=None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    try:
+        return environment.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
 
 
 def load_tokenizer_json(path: Path) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, shared_file
 
-from tokenizer import Tokenizer
+from tokenizer import CHAT_TEMPLATES, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,63 @@ def test_tokenizer_json_wins_over_tokenizer_model(tmp_path):
         shutil.copy(llama_dir("llama-3.1") / name, tmp_path / name)
     shutil.copy(SHARED_DATA / "tokenizer.model", tmp_path / "tokenizer.model")
     assert Tokenizer(tmp_path).path == tmp_path / "tokenizer.json"
+
+
+# Chat templates: text and ids against transformers' apply_chat_template, for the templates the checkpoints ship and the
+# built-in ones
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": "What is the capital of France?"}],
+    "one turn, system": [SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
+    "several turns, system": [
+        SYSTEM,
+        {"role": "user", "content": "Hi! Name a colour."},
+        {"role": "assistant", "content": "  Blue.  "},
+        {"role": "user", "content": "And a naïve fruit? 🍎"},
+        {"role": "assistant", "content": "An apple."},
+        {"role": "user", "content": "Thanks"},
+    ],
+    "several turns": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "Say {{ nothing }}"},
+    ],
+}
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("case", ["llama-3", "llama-3.1", "llama-3.1 + llama-2", "smollm2", "llama-3.1 + chatml"])
+def test_apply_chat_template_equals_transformers(request, case, conversation, add_generation_prompt):
+    from transformers import AutoTokenizer
+
+    directory, _, builtin = case.partition(" + ")
+    if directory == "smollm2":
+        directory = request.getfixturevalue("smollm2_dir")
+    else:
+        directory = shared_file(f"{directory}/tokenizer.json").parent
+    messages = CONVERSATIONS[conversation]
+    ours, reference = Tokenizer(directory), AutoTokenizer.from_pretrained(directory)
+    template = CHAT_TEMPLATES[builtin] if builtin else None
+    text = ours.apply_chat_template(messages, add_generation_prompt, template=builtin or None)
+    expected = reference.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, chat_template=template, tokenize=False
+    )
+    assert text == expected
+    expected_ids = reference.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, chat_template=template, tokenize=True, return_dict=False
+    )
+    assert ours.encode(text, bos=False).tolist() == list(expected_ids)
+
+
+def test_apply_chat_template_errors(tmp_path):
+    directory = shared_file("llama-3.1/tokenizer.json").parent
+    tokenizer = Tokenizer(directory)
+    alternating = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ValueError, match="the chat template failed: Conversation roles must alternate"):
+        tokenizer.apply_chat_template(alternating, template="llama-2")
+    with pytest.raises(ValueError, match=r"not valid Jinja \(line 1"):
+        tokenizer.apply_chat_template(alternating, template="{% for %}")
+    shutil.copy(shared_file("tokenizer.model"), tmp_path / "tokenizer.model")
+    with pytest.raises(ValueError, match="has no chat template .*choose one of llama-3, llama-2, chatml, alpaca"):
+        Tokenizer(tmp_path).apply_chat_template(alternating)
