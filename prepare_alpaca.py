@@ -107,12 +107,8 @@ def main(
         raise ValueError(f"{data_file_path} has no valid records")
 
     # split before tokenizing, so the test set stays the same whatever max_seq_length is chosen
+    order = split_order(len(examples), test_split_fraction, seed)
     n_test = int(len(examples) * test_split_fraction)
-    if n_test == 0 or n_test == len(examples):
-        raise ValueError(
-            f"{len(examples)} records with --test_split_fraction {test_split_fraction} leave a split empty"
-        )
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
 
     samples, lengths, truncated, too_long = tokenize(examples, tokenizer, max_seq_length, mask_inputs, ignore_index)
     print_summary(lengths, truncated, [wheres[i] for i in too_long], max_seq_length)
@@ -146,6 +142,15 @@ def main(
         "left_out_invalid": len(invalid),
     }
     write(destination_path, train_set, test_set, metadata)
+
+
+def split_order(n_records: int, test_split_fraction: float, seed: int) -> list[int]:
+    """The records in a random order drawn from `seed`: the first int(n_records * test_split_fraction) are the test
+    split, the rest the training split."""
+    n_test = int(n_records * test_split_fraction)
+    if n_test == 0 or n_test == n_records:
+        raise ValueError(f"{n_records} records with --test_split_fraction {test_split_fraction} leave a split empty")
+    return torch.randperm(n_records, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def download(repo_id: str, file_name: str) -> Path:
@@ -337,9 +342,10 @@ def file_sha256(path: Path) -> str:
 
 
 def check_prepared_data(data_dir: Path, checkpoint_dir: Path) -> dict:
-    """The metadata of a prepared data directory, after checking that it was tokenized with this checkpoint's
-    tokenizer (tokenizer.model or tokenizer.json) and the current prompt template: ids from another vocabulary would
-    train silently wrong."""
+    """The metadata of a prepared data directory (by this script or prepare_chat.py), after checking that it was
+    tokenized with this checkpoint's tokenizer (tokenizer.model or tokenizer.json) and, for Alpaca data, the current
+    prompt template: ids from another vocabulary would train silently wrong. Conversation data has "template": "chat"
+    and its chat template's source in "chat_template"."""
     data_dir, checkpoint_dir = Path(data_dir), Path(checkpoint_dir)
     path = data_dir / "metadata.json"
     tokenizer_path = tokenizer_file(checkpoint_dir)
@@ -353,8 +359,9 @@ def check_prepared_data(data_dir: Path, checkpoint_dir: Path) -> dict:
             f"{data_dir} was tokenized with another tokenizer than {tokenizer_path}; "
             f"prepare it again with --checkpoint_dir {checkpoint_dir}"
         )
-    if metadata["prompt_with_input"] != generate_prompt({"instruction": "{instruction}", "input": "{input}"}) or (
-        metadata["prompt_without_input"] != generate_prompt({"instruction": "{instruction}", "input": ""})
+    if metadata["template"] != "chat" and (
+        metadata["prompt_with_input"] != generate_prompt({"instruction": "{instruction}", "input": "{input}"})
+        or metadata["prompt_without_input"] != generate_prompt({"instruction": "{instruction}", "input": ""})
     ):
         raise ValueError(f"{data_dir} was prepared with another prompt template; prepare it again")
     return metadata
