@@ -43,7 +43,8 @@ def setup(
     """Fine-tune all weights of a checkpoint on data prepared by prepare_alpaca.py.
 
     Args:
-        data_dir: directory with train.pt, test.pt and metadata.json from prepare_alpaca.py, prepared with the
+        data_dir: directory with train.pt, test.pt and metadata.json from prepare_alpaca.py (instructions) or
+            prepare_chat.py (conversations, whose chat template the sample answers then use), prepared with the
             tokenizer of `checkpoint_dir`.
         checkpoint_dir: the model to start from, as converted by scripts/convert_hf_checkpoint.py.
         out_dir: receives the fine-tuned checkpoint, step-NNNNNN/ directories, train_state.pt, logs/ and loss.png.
@@ -62,7 +63,8 @@ def setup(
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {out_dir} is the checkpoint directory; choose a new directory")
-    train_data, val_data, ignore_index = load_data(data_dir, checkpoint_dir)
+    train_data, val_data, metadata = load_data(data_dir, checkpoint_dir)
+    ignore_index, chat_template = metadata["ignore_index"], metadata.get("chat_template")  # a template: conversations
     tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
     resume = find_resume(resume, out_dir)
     train = train.for_records(len(train_data))  # max_steps from epochs, unless given
@@ -92,7 +94,7 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     # The training loop; each step (training.train_step) is a batch, its loss and gradients, and every weight's update
     for step in train_steps(fabric, model, optimizer, state, args.train_data, train, args.ignore_index, args.out_dir):
         if step % train.eval_interval == 0 or step == train.max_steps:
-            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index)
+            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index, args.chat_template)
         if step % train.save_interval == 0 and step < train.max_steps:  # a checkpoint directory and train_state.pt
             save(fabric, model, optimizer, state, settings, args.out_dir / f"step-{step:06d}", args)
 

@@ -1,4 +1,5 @@
-"""Fine-tunes a converted LLaMA checkpoint with LoRA on instruction data prepared by prepare_alpaca.py.
+"""Fine-tunes a converted LLaMA checkpoint with LoRA on instruction data prepared by prepare_alpaca.py, or conversations
+prepared by prepare_chat.py.
 
     python finetune_lora.py --data_dir data/alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 
@@ -51,7 +52,8 @@ def setup(
     """Fine-tune a checkpoint with LoRA on data prepared by prepare_alpaca.py.
 
     Args:
-        data_dir: directory with train.pt, test.pt and metadata.json from prepare_alpaca.py, prepared with the
+        data_dir: directory with train.pt, test.pt and metadata.json from prepare_alpaca.py (instructions) or
+            prepare_chat.py (conversations, whose chat template the sample answers then use), prepared with the
             tokenizer of `checkpoint_dir`.
         checkpoint_dir: the base model, as converted by scripts/convert_hf_checkpoint.py.
         out_dir: receives the adapters, train_state.pt, logs/ and loss.png.
@@ -79,7 +81,8 @@ def setup(
         raise ValueError("--quantize does not work with --strategy fsdp, which shards floating-point weights; "
                          "use --strategy ddp or one device")
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
-    train_data, val_data, ignore_index = load_data(data_dir, checkpoint_dir)
+    train_data, val_data, metadata = load_data(data_dir, checkpoint_dir)
+    ignore_index, chat_template = metadata["ignore_index"], metadata.get("chat_template")  # a template: conversations
     tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
     lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets)
     resume = find_resume(resume, out_dir)
@@ -121,18 +124,23 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     # The training loop; each step (training.train_step) is a batch, its loss and gradients, and LoRA's update
     for step in train_steps(fabric, model, optimizer, state, args.train_data, train, args.ignore_index, args.out_dir):
         if step % train.eval_interval == 0 or step == train.max_steps:
-            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index)
+            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index, args.chat_template)
         if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
-            save(fabric, model, optimizer, state, settings, args.out_dir / f"lora_step-{step:06d}.safetensors")
+            save(fabric, model, optimizer, state, settings, args.out_dir / f"lora_step-{step:06d}.safetensors",
+                 args.chat_template)
 
-    save(fabric, model, optimizer, state, settings, args.out_dir / ADAPTER_NAME)
+    save(fabric, model, optimizer, state, settings, args.out_dir / ADAPTER_NAME, args.chat_template)
     fabric.print(f"Saved the adapter to {args.out_dir / ADAPTER_NAME}")
     finish(fabric, state["history"], args.out_dir)
 
 
-def save(fabric: Fabric, model: LLaMA, optimizer: Optimizer, state: dict, settings: dict, adapter_path: Path) -> None:
+def save(
+    fabric: Fabric, model: LLaMA, optimizer: Optimizer, state: dict, settings: dict, adapter_path: Path,
+    chat_template: Optional[str],
+) -> None:
     """Writes train_state.pt beside `adapter_path` (training.save_train_state: the LoRA weights and what --resume
-    needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always agree.
+    needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always agree; the
+    adapter records the chat template of conversation data, which generate_lora.py then prompts in.
     Both are written under a temporary name and renamed when complete."""
     path = adapter_path.parent / STATE_NAME
     save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)
@@ -140,7 +148,7 @@ def save(fabric: Fabric, model: LLaMA, optimizer: Optimizer, state: dict, settin
         with torch.device("meta"), lora(**settings["lora"]):
             skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real
         load_lora_state_dict(skeleton, torch.load(path, weights_only=True)["model"], path)
-        save_lora_checkpoint(skeleton, adapter_path)  # atomic too
+        save_lora_checkpoint(skeleton, adapter_path, chat_template)  # atomic too
     fabric.barrier()
 
 

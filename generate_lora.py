@@ -3,8 +3,9 @@
     python generate_lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --prompt "What do llamas eat?"
 
-Wraps the instruction (and --input) in the Alpaca template the adapter was trained with (prepare_alpaca.py),
-reads r, alpha and the adapted layers from the adapter itself, and by default merges it into the weights, so
+Wraps the instruction (and --input) in the prompt the adapter was trained with: the Alpaca template (prepare_alpaca.py),
+or, for an adapter trained on conversations (prepare_chat.py), a one-turn conversation in the chat template recorded
+in the adapter, followed by the assistant header. It reads r, alpha and the adapted layers from the adapter itself, and by default merges it into the weights, so
 generation runs at the base model's speed. Prints only the response to stdout; load time, tokens/sec and peak
 memory go to stderr. Greedy output (--temperature 0) equals generate.py's on the directory that
 scripts/merge_lora.py writes from the same adapter.
@@ -18,8 +19,8 @@ from typing import Optional
 import torch
 
 from generate import generate, peak_memory_gb, printable, use_cpu_decode_layout
-from lora import load_lora_model, read_lora_config
-from prepare_alpaca import generate_prompt
+from lora import load_lora_model, read_lora_chat_template, read_lora_config
+from prepare_alpaca import encode_prompt
 from tokenizer import Tokenizer
 from utils import cli, default_precision, load_config, precision_to_dtype
 
@@ -43,7 +44,7 @@ def main(
         checkpoint_dir: the base checkpoint the adapter was trained on (lit_model.safetensors, model_config.json,
             tokenizer.model or tokenizer.json).
         lora_path: the adapter written by finetune_lora.py; its LoRA settings are read from it.
-        prompt: the instruction, put into the Alpaca template as in training.
+        prompt: the instruction, put into the Alpaca template, or the adapter's chat template, as in training.
         input: optional context for the instruction (the template's "### Input:" section).
         merge: fold the adapter into the weights before generating (no extra cost per token); false keeps the
             LoRA layers separate, e.g. to check that both give the same text.
@@ -61,6 +62,7 @@ def main(
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
+    chat_template = read_lora_chat_template(lora_path)
     if quantize and merge:
         raise ValueError(
             f"--quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
@@ -69,7 +71,7 @@ def main(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision_to_dtype(precision or default_precision())
     tokenizer = Tokenizer(checkpoint_dir)
-    encoded = tokenizer.encode(generate_prompt({"instruction": prompt, "input": input})).to(device)
+    encoded = encode_prompt(tokenizer, {"instruction": prompt, "input": input}, chat_template).to(device)
     if len(encoded) + max_new_tokens > config.block_size:
         raise ValueError(
             f"the prompt ({len(encoded)} tokens with the template) plus --max_new_tokens {max_new_tokens} "

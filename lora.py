@@ -194,20 +194,33 @@ def merge_lora_weights(model: LLaMA) -> None:
             module.merge()
 
 
-def save_lora_checkpoint(model: LLaMA, path: Path) -> None:
+def save_lora_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] = None) -> None:
     """Writes the adapter (`lora_state_dict`) to a safetensors file whose metadata holds the LoRA settings
-    and the base model's config, so that loading it never asks for r, alpha or the targets again."""
+    and the base model's config, so that loading it never asks for r, alpha or the targets again, and the chat
+    template of the conversations it was trained on, if any (`read_lora_chat_template`)."""
     lora_config = get_lora_config(model)
     if lora_config is None:
         raise ValueError("the model has no LoRA layers to save; build it inside lora()")
     state_dict = {name: param.detach().cpu().contiguous() for name, param in lora_state_dict(model).items()}
     metadata = {"format": "pt", "lora": json.dumps(asdict(lora_config)), "model_config": json.dumps(asdict(model.config))}
+    if chat_template is not None:
+        metadata["chat_template"] = chat_template
     with atomic_path(path) as tmp:
         save_file(state_dict, tmp, metadata=metadata)
 
 
 def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:
     """The LoRA settings and the base model's config recorded in a LoRA checkpoint, read without its tensors."""
+    metadata = read_lora_metadata(path)
+    return LoRAConfig.from_dict(json.loads(metadata["lora"])), Config(**json.loads(metadata["model_config"]))
+
+
+def read_lora_chat_template(path: Path) -> Optional[str]:
+    """The chat template of the conversations the adapter was trained on (prepare_chat.py), None for Alpaca data."""
+    return read_lora_metadata(path).get("chat_template")
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA checkpoint {path} not found")
@@ -221,7 +234,7 @@ def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:
             f"{path} has no LoRA settings in its metadata; it was not written by lora.save_lora_checkpoint "
             "(for an adapter trained with Hugging Face PEFT, run scripts/import_peft.py first)"
         )
-    return LoRAConfig.from_dict(json.loads(metadata["lora"])), Config(**json.loads(metadata["model_config"]))
+    return metadata
 
 
 def load_lora_model(

@@ -274,6 +274,17 @@ def generate_prompt(example: dict[str, str]) -> str:
     )
 
 
+def encode_prompt(tokenizer: Tokenizer, example: dict[str, str], chat_template: Optional[str] = None) -> torch.Tensor:
+    """The ids a model fine-tuned on prepared data answers `example` ({"instruction", "input"}) after: BOS (when the
+    tokenizer adds one) and the Alpaca prompt, or, for data from prepare_chat.py (its `chat_template`), a one-turn
+    conversation (the input, if any, after the instruction) and the assistant header that asks for the answer."""
+    if chat_template is None:
+        return tokenizer.encode(generate_prompt(example))
+    content = f"{example['instruction']}\n\n{example['input']}" if (example.get("input") or "").strip() else example["instruction"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, template=chat_template)
+    return tokenizer.encode(text, bos=False)  # the template writes BOS itself where it wants one
+
+
 def tokenize(
     examples: list[dict[str, str]], tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool, ignore_index: int,
     batch_size: int = 1024,

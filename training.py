@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from generate import generate, peak_memory_gb, printable
 from model import Block, LLaMA
-from prepare_alpaca import check_prepared_data, generate_prompt
+from prepare_alpaca import check_prepared_data, encode_prompt
 from quantize import make_bnb_optimizer
 from tokenizer import Tokenizer
 from utils import default_precision, load_config, one_line
@@ -137,9 +137,10 @@ def is_fsdp(fabric: Fabric) -> bool:
     return isinstance(fabric.strategy, FSDPStrategy)
 
 
-def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], int]:
-    """train.pt and test.pt of prepare_alpaca.py (lists of {"input_ids", "labels"} tensors) and the ignore_index of
-    their labels, after checking that they were tokenized for this checkpoint. Read with weights_only=True: plain
+def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], dict]:
+    """train.pt and test.pt of prepare_alpaca.py or prepare_chat.py (lists of {"input_ids", "labels"} tensors) and
+    their metadata.json (the "ignore_index" of their labels, the "chat_template" of conversations), after checking
+    that they were tokenized for this checkpoint. Read with weights_only=True: plain
     tensors and containers only, never arbitrary pickled objects. ~25 s for 50k records: read once."""
     config = load_config(checkpoint_dir)  # the checkpoint directory first: a missing one is the first thing to say
     metadata = check_prepared_data(data_dir, checkpoint_dir)
@@ -163,7 +164,7 @@ def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torc
         ):
             raise ValueError(f"{path} does not hold a list of input_ids/labels records; prepare the data again")
         splits.append(records)
-    return splits[0], splits[1], metadata["ignore_index"]
+    return splits[0], splits[1], metadata
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -377,10 +378,12 @@ def validate(
     state: dict,
     train: TrainArgs,
     ignore_index: int,
+    chat_template: Optional[str] = None,
 ) -> None:
     """The loss per target token over the first train.eval_batches micro-batches of the test set (the same records
     every time, so the numbers compare), logged and added to state["history"], and an answer to SAMPLE_INSTRUCTION,
-    greedy, to read how training goes."""
+    greedy, to read how training goes: in the Alpaca prompt, or as the one user turn of a conversation in
+    `chat_template` (that of data from prepare_chat.py)."""
     max_seq_length = min(train.max_seq_length, model.config.block_size)
     model.eval()
     n = min(len(val_data), train.eval_batches * train.micro_batch_size)
@@ -397,7 +400,7 @@ def validate(
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
     answer = ""
     if not is_fsdp(fabric):  # under FSDP every new token would gather the whole model
-        prompt = tokenizer.encode(generate_prompt({"instruction": SAMPLE_INSTRUCTION, "input": ""}))
+        prompt = encode_prompt(tokenizer, {"instruction": SAMPLE_INSTRUCTION, "input": ""}, chat_template)
         max_new_tokens = min(100, model.config.block_size - len(prompt))
         output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
         answer = tokenizer.decode(printable(output[len(prompt) :], tokenizer))

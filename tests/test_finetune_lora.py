@@ -416,3 +416,47 @@ def test_lora_targets_take_one_name_or_a_list_on_the_command_line():
         result = subprocess.run([sys.executable, "finetune_lora.py", "--lora_targets", flag, "--print_config"], cwd=ROOT,
                                 capture_output=True, text=True, check=True)
         assert expected in result.stdout
+
+
+def test_lora_on_multi_turn_conversations_lowers_the_validation_loss_and_generate_lora_prompts_in_their_template(
+    llama3_checkpoint_dir, tmp_path, capsys, monkeypatch
+):
+    import re
+
+    import generate_lora
+    from lora import read_lora_chat_template
+    from prepare_chat import setup as prepare_chat
+    from tokenizer import Tokenizer
+
+    things = ["sky", "sea", "grass", "snow", "coal", "sun", "blood", "milk", "leaf", "night", "cloud", "ice"]
+    conversations = [{"messages": [
+        {"role": "system", "content": "Answer in three words."},
+        {"role": "user", "content": f"What colour is the {thing}?"},
+        {"role": "assistant", "content": f"The {thing} colour."},
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": f"The {thing} colour."},
+    ]} for thing in things]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    prepare_chat(destination_path=tmp_path / "data", checkpoint_dir=llama3_checkpoint_dir,
+                 data_file_path=tmp_path / "chats.jsonl", test_split_fraction=0.25)
+    finetune(setup, data_dir=tmp_path / "data", checkpoint_dir=llama3_checkpoint_dir, out_dir=tmp_path / "out",
+             batch_size=8, micro_batch_size=4, max_steps=30, warmup_steps=2, learning_rate=2e-2, lora_dropout=0.0,
+             lora_targets=["query", "value", "head"], eval_interval=1, eval_batches=1, save_interval=1000,
+             max_seq_length=128)
+    losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+)", capsys.readouterr().out)]
+    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+
+    tokenizer = Tokenizer(llama3_checkpoint_dir)
+    adapter = tmp_path / "out" / "lit_model_lora_finetuned.safetensors"
+    assert read_lora_chat_template(adapter) == tokenizer.chat_template  # the checkpoint's, recorded by prepare_chat
+    prompts = []
+    monkeypatch.setattr(generate_lora, "generate", lambda model, ids, *args, **kwargs: prompts.append(ids) or ids)
+    generate_lora.main(checkpoint_dir=llama3_checkpoint_dir, lora_path=adapter, prompt="What colour is the sky?",
+                       temperature=0.0, max_new_tokens=5)
+    from transformers import AutoTokenizer
+
+    expected = AutoTokenizer.from_pretrained(llama3_checkpoint_dir).apply_chat_template(
+        [{"role": "user", "content": "What colour is the sky?"}], add_generation_prompt=True, tokenize=True,
+        return_dict=False,
+    )
+    assert prompts[0].tolist() == list(expected)
