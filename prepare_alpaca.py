@@ -84,7 +84,7 @@ def main(
     """Everything is read, checked and tokenized before the first file is written, so a bad input
     leaves `destination_path` as it was."""
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
-    tokenizer_path = tokenizer_file(checkpoint_dir)
+    tokenizer_file(checkpoint_dir)  # a missing tokenizer is the first thing to say
     if not 0 < test_split_fraction < 1:
         raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
     if max_seq_length < 2:
@@ -122,12 +122,7 @@ def main(
         "prompt_with_input": generate_prompt({"instruction": "{instruction}", "input": "{input}"}),
         "prompt_without_input": generate_prompt({"instruction": "{instruction}", "input": ""}),
         "tokenization": "BOS (if add_bos) + encode(prompt) + encode(response) + EOS",
-        "tokenizer_file": tokenizer_path.name,
-        "tokenizer_sha256": file_sha256(tokenizer_path),
-        "vocab_size": tokenizer.vocab_size,
-        "bos_id": tokenizer.bos_id,
-        "add_bos": tokenizer.add_bos,
-        "eos_id": tokenizer.eos_id,
+        **tokenizer_metadata(tokenizer),
         "max_seq_length": max_seq_length,
         "longest_sequence": max(len(s["input_ids"]) for s in train_set + test_set),
         "mask_inputs": mask_inputs,
@@ -346,6 +341,18 @@ def write(destination_path: Path, train_set: list, test_set: list, metadata: dic
         print(f"{name.capitalize()}: {len(dataset)} records -> {destination_path / f'{name}.pt'}")
     with atomic_path(destination_path / "metadata.json") as tmp:
         tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def tokenizer_metadata(tokenizer: Tokenizer) -> dict:
+    """What prepared ids depend on in the tokenizer, for metadata.json (prepare_alpaca.py and prepare_chat.py)."""
+    return {
+        "tokenizer_file": tokenizer.path.name,
+        "tokenizer_sha256": file_sha256(tokenizer.path),
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "add_bos": tokenizer.add_bos,
+        "eos_id": tokenizer.eos_id,
+    }
 
 
 def file_sha256(path: Path) -> str:

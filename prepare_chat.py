@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from prepare_alpaca import METADATA_FORMAT, download, file_sha256, load_records, print_summary, split_order, write
+from prepare_alpaca import METADATA_FORMAT, download, load_records, print_summary, split_order, tokenizer_metadata, write
 from tokenizer import CHAT_TEMPLATES, Tokenizer, tokenizer_file
 
 # the two formats: the key of the message list, the keys of role and text, and their role names -> ours
@@ -114,12 +114,7 @@ def setup(
         "chat_template_name": template or "checkpoint",
         "chat_template": chat_template,
         "tokenization": "encode(apply_chat_template(messages), bos=False); labels over assistant turns + end-of-turn",
-        "tokenizer_file": tokenizer_path.name,
-        "tokenizer_sha256": file_sha256(tokenizer_path),
-        "vocab_size": tokenizer.vocab_size,
-        "bos_id": tokenizer.bos_id,
-        "add_bos": tokenizer.add_bos,
-        "eos_id": tokenizer.eos_id,
+        **tokenizer_metadata(tokenizer),
         "max_seq_length": max_seq_length,
         "longest_sequence": max(len(s["input_ids"]) for s in train_set + test_set),
         "mask_inputs": True,

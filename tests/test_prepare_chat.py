@@ -110,7 +110,7 @@ def test_sharegpt_and_openai_formats_give_the_same_data(tmp_path):
     (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt))
     setup(destination_path=tmp_path / "sharegpt", checkpoint_dir=directory, data_file_path=tmp_path / "sharegpt.json",
           test_split_fraction=0.34)
-    samples, _ = prepare(tmp_path, directory, CONVERSATIONS)
+    prepare(tmp_path, directory, CONVERSATIONS)
     for split in ("train.pt", "test.pt"):
         for ours, theirs in zip(torch.load(tmp_path / "sharegpt" / split), torch.load(tmp_path / "out" / split)):
             assert torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(ours["labels"], theirs["labels"])
