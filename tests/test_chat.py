@@ -2,6 +2,7 @@
 greedy generate on the ids of its own apply_chat_template: the one-message answer on stdout, two turns through the KV
 cache kept across turns, and the interactive loop driven through a pseudo-terminal."""
 
+import json
 import os
 import pty
 import select
@@ -37,8 +38,15 @@ def reference(checkpoint):
 
     hf = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    answers = {}  # several tests ask for the same conversations
 
     def answer(messages, max_new_tokens=32):
+        key = (json.dumps(messages), max_new_tokens)
+        if key not in answers:
+            answers[key] = generate_answer(messages, max_new_tokens)
+        return answers[key]
+
+    def generate_answer(messages, max_new_tokens):
         idx = torch.tensor(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
         out = hf.generate(idx[None], attention_mask=torch.ones_like(idx[None]), max_new_tokens=max_new_tokens,
                           do_sample=False, eos_token_id=IM_END, pad_token_id=IM_END)[0, len(idx):].tolist()
@@ -118,13 +126,12 @@ def test_interactive_turns_reset_and_exit_through_a_terminal(checkpoint, referen
     )
     os.close(secondary)
     try:
-        read_until(primary, ">>> ")
-        _, _, first = reference([{"role": "user", "content": FRANCE}])
+        _, _, first = reference([{"role": "user", "content": FRANCE}])  # while chat.py loads
         _, _, second = reference([{"role": "user", "content": FRANCE}, {"role": "assistant", "content": first},
                                   {"role": "user", "content": GERMANY}])
         _, _, alone = reference([{"role": "user", "content": GERMANY}])
         assert second != alone  # the history changes the answer, so that /reset shows
-
+        read_until(primary, ">>> ")
         os.write(primary, f"{FRANCE}\n".encode())
         assert f"{first}\n>>> " in read_until(primary, ">>> ")
         os.write(primary, f"{GERMANY}\n".encode())
