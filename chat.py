@@ -141,11 +141,12 @@ class Chat:
     def reply(self, message: str) -> Iterator[str]:
         """Adds the user's `message`, then yields the answer's text as it is generated, piece by piece; at the end
         the answer is the conversation's last message."""
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": message})
         try:
             ids = self.encode_fitting()
-        except ValueError:
-            self.messages.pop()
+        except ValueError:  # a message too long even alone: refused, and the conversation stays as it was
+            self.messages = before
             raise
         device = self.model.embed.weight.device
         if len(ids) + self.max_new_tokens > self.capacity:  # a new, longer cache: the conversation is fed again

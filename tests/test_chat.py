@@ -106,6 +106,20 @@ def test_the_oldest_turn_is_dropped_when_the_conversation_outgrows_the_block_siz
     assert chat.messages[:2] == messages
     assert "dropped its oldest turn" in capsys.readouterr().err
 
+    before = [dict(message) for message in chat.messages]
+    with pytest.raises(ValueError, match=r"the message \(\d+ tokens in the template\) plus --max_new_tokens 32 exceeds"):
+        "".join(chat.reply("word " * 9000))
+    assert chat.messages == before  # refused, and the conversation goes on as it was
+
+
+def test_a_checkpoint_without_a_chat_template_needs_template(checkpoint, tmp_path):
+    from chat import main
+
+    for name in ("lit_model.safetensors", "model_config.json", "tokenizer.json", "generation_config.json"):
+        (tmp_path / name).symlink_to(checkpoint / name)
+    with pytest.raises(ValueError, match="has no chat template .*; pass --template"):
+        main(checkpoint_dir=tmp_path, prompt="Hello")
+
 
 def read_until(fd: int, marker: str, timeout: float = 60.0) -> str:
     """What the terminal shows until `marker` has appeared (newlines as the terminal writes them, \\r\\n)."""
