@@ -86,24 +86,6 @@ class Tokenizer:
             return [encoding.ids for encoding in self.processor.encode_batch(texts, add_special_tokens=False)]
         return self.processor.encode(texts)
 
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, template: Optional[str] = None
-    ) -> str:
-        """STAND-IN (replaced at merge): the conversation rendered with the checkpoint's chat template, as
-        transformers renders it (jinja2's sandbox, trim_blocks, lstrip_blocks). Encode it with bos=False."""
-        if template is not None:
-            raise ValueError(f"no built-in chat template {template!r} in this stand-in")
-        if self.chat_template is None:
-            raise ValueError(f"{self.path.parent} has no chat template; pass a built-in template's name")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        piece = lambda token_id: None if token_id is None else self.decode([token_id])
-        return environment.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=piece(self.bos_id) or "", eos_token=piece(self.eos_id),
-        )
-
     def decode(self, ids: Union[torch.Tensor, list[int]]) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
