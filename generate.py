@@ -3,14 +3,15 @@
     python generate.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --prompt "Hello, my name is"
 
 Prints each sample (prompt and continuation) to stdout, and the load time, tokens/sec and peak memory to
-stderr. `generate()` is the decoding loop every other script imports (generate_lora.py, fine-tuning).
+stderr. `generate()` is the decoding loop every other script imports (generate_lora.py, fine-tuning); it runs
+`generate_tokens()`, which yields the tokens one at a time, as chat.py prints them.
 """
 
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -109,19 +110,37 @@ def generate(
     if T + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}")
     model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens)
-    tokens = [idx]
-    x, input_pos = idx.view(1, T), torch.arange(T, device=idx.device)
     try:
-        for _ in range(max_new_tokens):
-            logits = model(x, input_pos)[0, -1]  # (vocab_size,): only the last position predicts the next token
-            next_token = sample(logits, temperature, top_k)  # (1,)
-            tokens.append(next_token)
-            if stop_ids and next_token.item() in stop_ids:  # a host sync per token, only to look for a stop token
-                break
-            x, input_pos = next_token.view(1, 1), input_pos[-1:] + 1
+        new = list(generate_tokens(model, idx, torch.arange(T, device=idx.device), max_new_tokens,
+                                   temperature=temperature, top_k=top_k, stop_ids=stop_ids))
     finally:
         model.clear_kv_cache()  # the cache can be as large as the weights: free it for the caller
-    return torch.cat(tokens)
+    return torch.cat([idx, *new])
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: LLaMA,
+    x: torch.Tensor,
+    input_pos: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    stop_ids: Sequence[int] = (),
+) -> Iterator[torch.Tensor]:
+    """The decoding loop: feeds the tokens `x` (T,) at positions `input_pos` (T,) into the model's KV cache (allocated
+    by the caller, holding whatever came before input_pos[0]), then yields up to `max_new_tokens` new tokens, each of
+    shape (1,), feeding each one back, and stops after yielding one of `stop_ids`. The last token yielded is not fed
+    into the cache. generate() runs it over a whole prompt; chat.py over the new part of a conversation, as it comes.
+    """
+    for _ in range(max_new_tokens):
+        logits = model(x.view(1, -1), input_pos)[0, -1]  # (vocab_size,): only the last position predicts the next token
+        next_token = sample(logits, temperature, top_k)  # (1,)
+        yield next_token
+        if stop_ids and next_token.item() in stop_ids:  # a host sync per token, only to look for a stop token
+            return
+        x, input_pos = next_token, input_pos[-1:] + 1
 
 
 def printable(ids: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
