@@ -18,9 +18,9 @@ from typing import Iterator, Optional
 import torch
 
 from generate import generate_tokens, use_cpu_decode_layout
-from lora import load_lora_model, read_lora_config
+from lora import load_lora_model, read_lora_chat_template, read_lora_config
 from model import LLaMA
-from tokenizer import Tokenizer
+from tokenizer import CHAT_TEMPLATES, Tokenizer
 from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype
 
 
@@ -54,8 +54,9 @@ def main(
             elsewhere.
         quantize: hold the projections in 4 bits ("bnb.nf4", "bnb.fp4"; "-dq" quantizes their scales too) or 8 bits
             ("bnb.int8") with bitsandbytes (see howto/quantize.md).
-        template: the name of a chat template built into tokenizer.py, for a checkpoint that ships none (or to
-            override its own).
+        template: a chat template built into tokenizer.py (llama-3, llama-2, chatml, alpaca), for a checkpoint that
+            ships none (or to override its own). By default the adapter's, when it was trained on conversations
+            (prepare_chat.py records the template), else the checkpoint's.
     """
     if temperature < 0 or (top_k is not None and top_k < 1) or max_new_tokens < 1:
         raise ValueError(f"--temperature must be >= 0, --top_k >= 1 (or null) and --max_new_tokens >= 1, "
@@ -63,11 +64,12 @@ def main(
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    if template is None and tokenizer.chat_template is None:
-        raise ValueError(f"{checkpoint_dir} has no chat template (no chat_template.jinja, no chat_template in "
-                         "tokenizer_config.json); pass --template with the name of one built into tokenizer.py")
     if lora_path is not None:
         read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
+        template = template or read_lora_chat_template(lora_path)  # what it was trained on, if conversations
+    if template is None and tokenizer.chat_template is None:
+        raise ValueError(f"{checkpoint_dir} has no chat template (no chat_template.jinja, no chat_template in "
+                         f"tokenizer_config.json); pass --template with one of {', '.join(CHAT_TEMPLATES)}")
     if max_new_tokens >= config.block_size:
         raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the model's "
                          f"block_size {config.block_size}")
