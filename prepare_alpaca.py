@@ -112,8 +112,7 @@ def main(
 
     samples, lengths, truncated, too_long = tokenize(examples, tokenizer, max_seq_length, mask_inputs, ignore_index)
     print_summary(lengths, truncated, [wheres[i] for i in too_long], max_seq_length)
-    test_set = [samples[i] for i in order[:n_test] if samples[i] is not None]
-    train_set = [samples[i] for i in order[n_test:] if samples[i] is not None]
+    train_set, test_set = split_samples(samples, order, n_test)
     if not train_set or not test_set:
         raise ValueError(f"every prompt of a split fills --max_seq_length {max_seq_length}; raise it")
     metadata = {
@@ -123,15 +122,8 @@ def main(
         "prompt_without_input": generate_prompt({"instruction": "{instruction}", "input": ""}),
         "tokenization": "BOS (if add_bos) + encode(prompt) + encode(response) + EOS",
         **tokenizer_metadata(tokenizer),
-        "max_seq_length": max_seq_length,
-        "longest_sequence": max(len(s["input_ids"]) for s in train_set + test_set),
+        **split_metadata(train_set, test_set, max_seq_length, ignore_index, test_split_fraction, seed, source),
         "mask_inputs": mask_inputs,
-        "ignore_index": ignore_index,
-        "test_split_fraction": test_split_fraction,
-        "seed": seed,
-        "source": source,
-        "train_records": len(train_set),
-        "test_records": len(test_set),
         "truncated": truncated,
         "left_out_prompt_too_long": len(too_long),
         "left_out_invalid": len(invalid),
@@ -341,6 +333,31 @@ def write(destination_path: Path, train_set: list, test_set: list, metadata: dic
         print(f"{name.capitalize()}: {len(dataset)} records -> {destination_path / f'{name}.pt'}")
     with atomic_path(destination_path / "metadata.json") as tmp:
         tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def split_samples(samples: list[Optional[dict]], order: list[int], n_test: int) -> tuple[list[dict], list[dict]]:
+    """(train, test): the samples in `split_order`'s order, the first `n_test` for testing, those left out (None,
+    too long) skipped, so that a split holds the same records whatever --max_seq_length is."""
+    test_set = [samples[i] for i in order[:n_test] if samples[i] is not None]
+    train_set = [samples[i] for i in order[n_test:] if samples[i] is not None]
+    return train_set, test_set
+
+
+def split_metadata(
+    train_set: list[dict], test_set: list[dict], max_seq_length: int, ignore_index: int, test_split_fraction: float,
+    seed: int, source: str,
+) -> dict:
+    """The settings and sizes of the splits, for metadata.json (prepare_alpaca.py and prepare_chat.py)."""
+    return {
+        "max_seq_length": max_seq_length,
+        "longest_sequence": max(len(s["input_ids"]) for s in train_set + test_set),
+        "ignore_index": ignore_index,
+        "test_split_fraction": test_split_fraction,
+        "seed": seed,
+        "source": source,
+        "train_records": len(train_set),
+        "test_records": len(test_set),
+    }
 
 
 def tokenizer_metadata(tokenizer: Tokenizer) -> dict:

@@ -23,7 +23,10 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from prepare_alpaca import METADATA_FORMAT, download, load_records, print_summary, split_order, tokenizer_metadata, write
+from prepare_alpaca import (
+    METADATA_FORMAT, download, load_records, print_summary, split_metadata, split_order, split_samples, tokenizer_metadata,
+    write,
+)
 from tokenizer import CHAT_TEMPLATES, Tokenizer, tokenizer_file
 
 # the two formats: the key of the message list, the keys of role and text, and their role names -> ours
@@ -104,8 +107,7 @@ def setup(
             f"{max_seq_length} (e.g. {', '.join(too_long[:3])}); raise it to keep them"
         )
     n_test = int(len(conversations) * test_split_fraction)
-    test_set = [samples[i] for i in order[:n_test] if samples[i] is not None]
-    train_set = [samples[i] for i in order[n_test:] if samples[i] is not None]
+    train_set, test_set = split_samples(samples, order, n_test)
     if not train_set or not test_set:
         raise ValueError(f"no conversation of a split fits in --max_seq_length {max_seq_length}; raise it")
     metadata = {
@@ -115,15 +117,8 @@ def setup(
         "chat_template": chat_template,
         "tokenization": "encode(apply_chat_template(messages), bos=False); labels over assistant turns + end-of-turn",
         **tokenizer_metadata(tokenizer),
-        "max_seq_length": max_seq_length,
-        "longest_sequence": max(len(s["input_ids"]) for s in train_set + test_set),
+        **split_metadata(train_set, test_set, max_seq_length, ignore_index, test_split_fraction, seed, source),
         "mask_inputs": True,
-        "ignore_index": ignore_index,
-        "test_split_fraction": test_split_fraction,
-        "seed": seed,
-        "source": source,
-        "train_records": len(train_set),
-        "test_records": len(test_set),
         "truncated": truncated,
         "left_out_first_turn_too_long": len(too_long),
     }
