@@ -19,7 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention.varlen import varlen_attn
+
+try:  # flash attention over variable-length sequences, for packed records on GPUs: torch 2.10 and later
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -318,7 +322,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     is faster than one call with a block-diagonal mask, which computes every query against every key (2.5x slower for
     4 Alpaca records, benchmarks in howto/finetune_lora.md), and FlexAttention has no backward pass on CPUs."""
     gqa = k.size(1) != q.size(1)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
         starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(q.device, non_blocking=True)
         # (T, heads, head_size), as varlen_attn takes them; window (-1, 0): causal
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
