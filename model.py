@@ -319,7 +319,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 
     On a GPU in bf16 or fp16 (bf16-mixed training): one kernel call for all of them, flash attention's variable-length
     form, given where each sequence starts. Elsewhere one scaled_dot_product_attention call per sequence: on CPUs that
-    is faster than one call with a block-diagonal mask, which computes every query against every key (2.5x slower for
+    is faster than one call with a block-diagonal mask, which computes every query against every key (3x slower for
     4 Alpaca records, benchmarks in howto/finetune_lora.md), and FlexAttention has no backward pass on CPUs."""
     gqa = k.size(1) != q.size(1)
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:

@@ -25,12 +25,15 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from model import packed_attention
 
 
-def main(device: str = "cpu", lengths: list[int] = [180, 90, 300, 120], repeats: int = 20) -> None:
+def main(device: str = "cpu", lengths: list[int] = [180, 90, 300, 120], repeats: int = 20, threads: int = 0) -> None:
     """Args:
         device: "cpu" (fp32) or "cuda" (bf16).
         lengths: the packed records' lengths.
         repeats: timed forward + backward passes of each (after 3 untimed).
+        threads: CPU threads for PyTorch, 0 for one per core (on a machine shared with other jobs 1 is steadier).
     """
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device(device)
     cuda = device.type == "cuda"
     dtype, n_head, head_size = (torch.bfloat16, 32, 128) if cuda else (torch.float32, 12, 64)
