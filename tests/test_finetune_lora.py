@@ -425,7 +425,7 @@ def test_help_lists_every_flag_with_its_explanation():
                             check=True)
     train_flags = ("micro_batch_size", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "epochs",
                    "max_seq_length", "eval_interval", "eval_batches", "save_interval", "seed", "gradient_checkpointing",
-                   "optimizer", "grad_clip")
+                   "optimizer", "grad_clip", "compile")
     for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--quantize", "--lora_r", "--lora_alpha",
                  "--lora_dropout", "--lora_targets", "--resume", *(f"--train.{name}" for name in train_flags)):
         assert f"  {flag} " in result.stdout, flag
