@@ -3,7 +3,7 @@ QLoRA's peak memory, and merged-model generation speed.
 
     python benchmarks/lora_vs_peft.py --device cuda     # Llama-2-7b-hf and Llama-3.1-8B configs, bf16-mixed
     python benchmarks/lora_vs_peft.py                   # CPU: the 134M config, fp32
-    python benchmarks/lora_vs_peft.py --models '[tiny]' --steps 2 --qlora false   # the code path in a minute
+    python benchmarks/lora_vs_peft.py --models '[tiny]' --steps 2 --memory false  # the code path in a minute
 
 Every model has random weights (the same in ours and transformers') and LoRA r=8, alpha 16, dropout 0.05 on query
 and value, then on every projection but the head (all_linear). A step is finetune_lora.py's: one micro-batch of 4
@@ -18,8 +18,9 @@ included). The first losses of ours and PEFT are printed side by side: the same 
 
 On a GPU (--device cuda) as finetune_lora.py's bf16-mixed trains: the frozen base in bf16, LoRA's A and B in fp32,
 under bf16 autocast, on both sides (PEFT keeps its adapters in fp32 itself), ours also with --train.compile's
-compiled Blocks. Then the QLoRA step (base in bnb.nf4-dq, micro-batch 1 x 512) with and without gradient
-checkpointing: its peak memory. benchmarks/gpu_check.sh runs this with the GPU tests.
+compiled Blocks. Then our step's peak memory at full-length records (4 x 512 with the base in bf16, 1 x 512 with
+it in bnb.nf4-dq: QLoRA), with and without gradient checkpointing. benchmarks/gpu_check.sh runs this with the
+GPU tests.
 """
 
 import gc
@@ -60,7 +61,7 @@ def main(
     steps: int = 10,
     device: str = "cpu",
     compile: Optional[bool] = None,
-    qlora: Optional[bool] = None,
+    memory: Optional[bool] = None,
     new_tokens: Optional[int] = None,
     threads: Optional[int] = None,
 ) -> None:
@@ -75,8 +76,9 @@ def main(
             warm-up step (with `compile`: the compilation, whose time is printed).
         device: "cpu" (fp32), or "cuda": the base in bf16 and LoRA in fp32 under bf16 autocast (bf16-mixed).
         compile: also time ours with each Block compiled (finetune_lora.py --train.compile); by default on CUDA only.
-        qlora: also measure the QLoRA step's peak memory (bnb.nf4-dq, micro-batch 1 x max_seq_length, with and without
-            gradient checkpointing); by default on CUDA only.
+        memory: also measure our step's peak memory at full-length records, a target at every position: micro_batch_size
+            x max_seq_length with the base in bf16, and QLoRA (bnb.nf4-dq) at 1 x max_seq_length, each with and
+            without gradient checkpointing; by default on CUDA only.
         new_tokens: tokens generated greedily from a merged adapter and from the base model (batch 1, after a 16-token
             prompt), 0 for none; by default 100 on CPU and 0 on CUDA, where batch-1 decoding is bound by the host.
         threads: CPU threads for PyTorch; by default one per core. On a machine shared with other jobs,
@@ -88,7 +90,7 @@ def main(
     cuda = device.type == "cuda"
     models = models or (["Llama-2-7b-hf", "Llama-3.1-8B"] if cuda else ["134M"])
     compile = cuda if compile is None else compile
-    qlora = cuda if qlora is None else qlora
+    memory = cuda if memory is None else memory
     new_tokens = (0 if cuda else 100) if new_tokens is None else new_tokens
     dtype = torch.bfloat16 if cuda else torch.float32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -141,8 +143,8 @@ def main(
             print(f"  LoRA on {target_name}; first step's loss: "
                   + ", ".join(f"{impl} {loss:.5f}" for impl, loss in first_losses.items()))
             report(results, tokens, flops, steps, peak_rate, cuda)
-        if qlora:
-            qlora_memory(config, max_length, device)
+        if memory:
+            memory_figures(config, micro_batch_size, max_length, device)
 
     if new_tokens:
         generation_speed(Config.from_name(models[0]), new_tokens, device, dtype, autocast)
@@ -311,17 +313,45 @@ def report(results: dict, tokens: int, flops: float, steps: int, peak_rate: floa
                 print(f"    {name} / ours: {mean[name] / mean['ours']:.2f}x")
 
 
-def qlora_memory(config: Config, max_seq_length: int, device: torch.device) -> None:
-    """The peak memory of QLoRA steps: the base quantized to 4 bits (bnb.nf4-dq, random weights), LoRA r=8 on query
-    and value in fp32, bf16 autocast, AdamW, one record of max_seq_length tokens, with and without gradient
-    checkpointing. The same model for both, so the second figure's peak is over its own steps only."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as finetune_lora.py --quantize holds them
+def memory_figures(config: Config, micro_batch_size: int, max_seq_length: int, device: torch.device) -> None:
+    """The peak memory of our LoRA step (r=8 on query and value, fp32, AdamW, bf16 autocast on CUDA) at full-length
+    records, a target at every position (the most the head and the loss can take): the base in bf16 at
+    micro_batch_size x max_seq_length, then quantized (bnb.nf4-dq: QLoRA) at 1 x max_seq_length, each with and
+    without gradient checkpointing. Random weights; nothing else is on the device meanwhile."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for quantize, rows in ((None, micro_batch_size), ("bnb.nf4-dq", 1)):
+        model = random_lora_model(config, device, quantize)
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
+        ids = torch.randint(3, config.vocab_size, (3, rows, max_seq_length + 1), generator=torch.Generator().manual_seed(0))
+        batches = [pack_batch([{"input_ids": row, "labels": row} for row in batch], max_seq_length + 1) for batch in ids]
+        base = quantize or ("bf16" if device.type == "cuda" else "fp32")
+        print(f"  ours, {base} base ({weights:.2f} GB of weights), LoRA query+value, micro-batch {rows} x {max_seq_length}:")
+        for checkpointing in (True, False):
+            model.gradient_checkpointing = checkpointing
+            free_memory(device)
+            r, _ = time_steps(model, ours_loss(model), batches, device, autocast)
+            # all the device holds (the 4-bit weights' scales too) is this model's
+            peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB" if device.type == "cuda" else "not measured on CPU"
+            print(f"    gradient checkpointing {'on ' if checkpointing else 'off'}: peak memory {peak}, "
+                  f"step {1000 * statistics.median(r['times']):.0f} ms")
+        del model
+        free_memory(device)
+
+
+def random_lora_model(config: Config, device: torch.device, quantize: Optional[str] = None) -> LLaMA:
+    """Our LLaMA with LoRA r=8 on query and value, random weights made on `device` one tensor at a time: the base in
+    bf16 on CUDA (fp32 on CPU), or quantized with bitsandbytes (`quantize`, as finetune_lora.py --quantize); LoRA in
+    fp32, trainable."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device("meta"), lora(r=8, alpha=16, dropout=0.05, targets=("query", "value")):
         model = LLaMA(config)
-        swap_in_layers(model, "bnb.nf4-dq", dtype)
+        if quantize:
+            swap_in_layers(model, quantize, dtype)
     torch.manual_seed(0)
-    for name, layer in quantized_layers(model).items():  # one full-precision weight at a time
-        quantize_weight(layer, torch.randn(layer.out_features, layer.in_features, device=device, dtype=dtype) * 0.02, device)
+    if quantize:
+        for layer in quantized_layers(model).values():  # one full-precision weight at a time
+            weight = torch.randn(layer.out_features, layer.in_features, device=device, dtype=dtype) * 0.02
+            quantize_weight(layer, weight, device)
     rest = {name: torch.randn(param.shape, device=device, dtype=dtype) * 0.02
             for name, param in model.named_parameters() if param.is_meta}
     model.load_state_dict(rest, strict=False, assign=True)
@@ -331,22 +361,7 @@ def qlora_memory(config: Config, max_seq_length: int, device: torch.device) -> N
         if isinstance(module, LoRALinear):
             module.lora.float()
     mark_only_lora_as_trainable(model)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
-    # a target at every position: the most memory the head and the loss can take
-    ids = torch.randint(3, config.vocab_size, (4, max_seq_length + 1), generator=torch.Generator().manual_seed(0))
-    batches = [pack_batch([{"input_ids": row, "labels": row}], max_seq_length + 1) for row in ids]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    print(f"  QLoRA (bnb.nf4-dq base, {weights:.2f} GB of weights), LoRA query+value, micro-batch 1 x {max_seq_length}:")
-    for checkpointing in (True, False):
-        model.gradient_checkpointing = checkpointing
-        free_memory(device)
-        r, _ = time_steps(model, ours_loss(model), batches, device, autocast)
-        # nothing else is on the device: all it holds (the 4-bit weights' scales too) is this model's
-        peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB" if device.type == "cuda" else "not measured on CPU"
-        print(f"    gradient checkpointing {'on ' if checkpointing else 'off'}: peak memory {peak}, "
-              f"step {1000 * statistics.median(r['times']):.0f} ms")
-    del model
-    free_memory(device)
+    return model
 
 
 def generation_speed(config: Config, new_tokens: int, device: torch.device, dtype: torch.dtype, autocast) -> None:
