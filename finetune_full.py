@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
-    STATE_NAME, TrainArgs, check_batch_sizes, find_resume, finish, is_fsdp, launch, load_data,
+    STATE_NAME, TrainArgs, check_batch_sizes, compile_blocks, find_resume, finish, is_fsdp, launch, load_data,
     make_optimizer, resume_settings, save_train_state, start_state, train_steps, validate,
 )
 from utils import atomic_path, cli, copy_tokenizer, load_model, precision_to_dtype
@@ -80,6 +80,7 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
     args.save_dtype = model.embed.weight.dtype
     model = model.to(precision_to_dtype(args.precision.replace("bf16-mixed", "32-true")))
     model.gradient_checkpointing = args.train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    compile_blocks(fabric, model, args.train)  # --train.compile: by default on CUDA
     fabric.print(f"Trainable parameters: {sum(param.numel() for param in model.parameters()):,} (all)")
     model = fabric.setup_module(model)
 

@@ -25,7 +25,7 @@ from lora import LoRAConfig, load_lora_state_dict, lora, mark_only_lora_as_train
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
-    STATE_NAME, TrainArgs, check_batch_sizes, find_resume, finish, is_fsdp, launch, load_data,
+    STATE_NAME, TrainArgs, check_batch_sizes, compile_blocks, find_resume, finish, is_fsdp, launch, load_data,
     make_optimizer, resume_settings, save_train_state, start_state, train_steps, validate,
 )
 from utils import cli, load_model, precision_to_dtype
@@ -106,6 +106,7 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
         for param in trainable:
             param.data = param.data.float()
     model.gradient_checkpointing = args.train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    compile_blocks(fabric, model, args.train, quantized=args.quantize is not None)  # --train.compile: by default on CUDA
     total = sum(param.numel() for param in model.parameters())
     n_trainable = sum(param.numel() for param in trainable)
     fabric.print(

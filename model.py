@@ -8,6 +8,7 @@ Llama 3.1 and 3.2 stretch the rotary embeddings to a longer context with "llama3
 turn `factor` times slower, the fast ones stay, and those in between are interpolated; `build_rope_cache` applies it.
 """
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -18,6 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+try:  # flash attention over variable-length sequences, for packed records on GPUs: torch 2.10 and later
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -294,10 +300,7 @@ class CausalSelfAttention(nn.Module):
 
         gqa = self.n_query_groups != self.n_head
         if lengths is not None:  # sequences packed into one row: each is causal attention over its own tokens only
-            y = torch.cat([
-                F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=gqa)
-                for q_i, k_i, v_i in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
-            ], dim=2)
+            y = packed_attention(q, k, v, lengths)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         # y: (B, n_head, T, head_size)
@@ -307,6 +310,28 @@ class CausalSelfAttention(nn.Module):
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch_size, self.n_query_groups, max_seq_length, self.head_size)
         self.kv_cache = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+@torch.compiler.disable  # under --train.compile: the one call runs as it is, `lengths` (Python ints) never traced
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Causal attention of sequences packed into one row, each over its own tokens only. q: (1, n_head, T, head_size);
+    k, v: (1, n_query_groups, T, head_size); T = sum(lengths). Returns (1, n_head, T, head_size).
+
+    On a GPU in bf16 or fp16 (bf16-mixed training): one kernel call for all of them, flash attention's variable-length
+    form, given where each sequence starts. Elsewhere one scaled_dot_product_attention call per sequence: on CPUs that
+    is faster than one call with a block-diagonal mask, which computes every query against every key (3x slower for
+    4 Alpaca records, benchmarks in howto/finetune_lora.md), and FlexAttention has no backward pass on CPUs."""
+    gqa = k.size(1) != q.size(1)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
+        starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(q.device, non_blocking=True)
+        # (T, heads, head_size), as varlen_attn takes them; window (-1, 0): causal
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
+        y = varlen_attn(q, k, v, starts, starts, max(lengths), max(lengths), window_size=(-1, 0), enable_gqa=gqa)
+        return y.transpose(0, 1)[None]
+    return torch.cat([
+        F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=gqa)
+        for q_i, k_i, v_i in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+    ], dim=2)
 
 
 class MLP(nn.Module):

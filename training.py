@@ -4,7 +4,8 @@ the order a run uses them:
 
 - `TrainArgs`: the training flags both scripts take (--train.batch_size, ...);
 - before any model is loaded or process started: `check_batch_sizes`, `load_data` (checked against the
-  checkpoint), `find_resume`; then `launch` runs the script's main on every device (`is_fsdp`: sharded or not);
+  checkpoint), `find_resume`; then `launch` runs the script's main on every device (`is_fsdp`: sharded or not),
+  where `compile_blocks` compiles the model (--train.compile);
 - the optimizer and where a run starts: `make_optimizer`, `resume_settings`, `start_state`;
 - the loop's steps: `train_steps` yields after each `train_step` (its records from `batch_indices`, its learning rate
   from `learning_rate`, the loss and gradients of its micro-batches, packed by `pack_batch` and scored by
@@ -64,6 +65,10 @@ class TrainArgs:
         grad_clip: the gradient norm is clipped to this value (a large value turns clipping off).
         gradient_checkpointing: recompute each Block's activations in the backward pass: far less memory for about
             1/3 more time.
+        compile: compile each Block with torch.compile (inductor), which fuses RMSNorm, the rotary embeddings, SwiGLU
+            and LoRA's small products into a few kernels; the first step then takes longer (the time is printed).
+            By default on CUDA GPUs, unless the base is quantized (--quantize) or sharded (--strategy fsdp, with
+            which it does not work), and off on CPUs, where it is slower than eager (howto/finetune_lora.md).
         eval_interval: optimizer steps between evaluations (validation loss and a sample answer); also at the end.
         eval_batches: micro-batches of the test set each evaluation uses: always the same records.
         save_interval: optimizer steps between checkpoints (with train_state.pt for --resume); also at the end.
@@ -81,6 +86,7 @@ class TrainArgs:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
+    compile: Optional[bool] = None
     eval_interval: int = 100
     eval_batches: int = 100
     save_interval: int = 100
@@ -101,6 +107,24 @@ def check_batch_sizes(train: TrainArgs, devices: int) -> None:
             f"--train.batch_size {train.batch_size} must be a multiple of --train.micro_batch_size "
             f"{train.micro_batch_size} x {devices} devices"
         )
+
+
+def compile_blocks(fabric: Fabric, model: LLaMA, train: TrainArgs, quantized: bool = False) -> bool:
+    """--train.compile: compiles each Block of `model` in place (`nn.Module.compile`: the weights keep their names),
+    before fabric.setup_module. Per Block, not the whole model: gradient checkpointing recomputes a Block at a time,
+    and every micro-batch packs other lengths into the one row, which the Blocks are compiled for (`dynamic`)
+    without the model's Python around them. By default on CUDA only, and not for a quantized base, whose
+    bitsandbytes layers compile into many graph breaks. Returns whether it compiled."""
+    enabled = train.compile
+    if enabled is None:
+        enabled = fabric.device.type == "cuda" and not quantized and not is_fsdp(fabric)
+    if enabled and is_fsdp(fabric):
+        raise ValueError("--train.compile does not work with --strategy fsdp; leave it out or use --strategy ddp")
+    if enabled:
+        for block in model.blocks:
+            block.compile(dynamic=True)
+        fabric.print("Compiling each Block with torch.compile: the first step includes the compilation")
+    return enabled
 
 
 def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
@@ -349,13 +373,16 @@ class Progress:
             f"({train.max_steps * train.batch_size / n_records:.2f} epochs), micro-batches of {train.micro_batch_size}, "
             f"{fabric.world_size} device(s), {fabric.strategy.precision.precision}"
         )
-        self.fabric, self.t0, self.tokens = fabric, time.perf_counter(), 0
+        self.fabric, self.t0, self.tokens, self.first_step = fabric, time.perf_counter(), 0, True
         self.bar = tqdm(total=train.max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0,
                         dynamic_ncols=True)
 
     def update(self, figures: dict[str, float]) -> None:
         """After a step, with what train_step returned."""
         step = figures["step"]
+        if self.first_step:  # with --train.compile, mostly the compilation
+            self.fabric.print(f"First step: {time.perf_counter() - self.t0:.1f} s")
+            self.first_step = False
         self.tokens += figures["tokens"]
         tokens_per_sec = self.tokens / (time.perf_counter() - self.t0)
         self.fabric.log_dict({"train_loss": figures["train_loss"], "learning_rate": figures["learning_rate"],

@@ -5,6 +5,7 @@ All on the tiny config of conftest.make_checkpoint (real 32000-token tokenizer),
 ../shared/data/alpaca_en_demo.json prepared by prepare_alpaca.py."""
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -144,6 +145,46 @@ def test_packed_records_give_each_records_own_logits_loss_and_gradients(gradient
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="must add up"):
         model(input_ids, lengths=[1, 2])
+
+
+def test_compiled_blocks_give_the_eager_losses_and_gradients():
+    """--train.compile: Blocks compiled by torch.compile (inductor: C++ kernels on CPU), packed micro-batches of other
+    lengths one after another, with and without gradient checkpointing, give each record's own eager loss and LoRA
+    gradients. Off by default on CPU."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++), which this machine lacks")
+    cpu = argparse.Namespace(device=torch.device("cpu"), strategy=None, print=print)  # what compile_blocks asks of a Fabric
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "mlp")):
+        model = LLaMA(Config(**TINY))
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(std=0.1)
+    assert not training.compile_blocks(cpu, model, TrainArgs())
+    compiled = copy.deepcopy(model)
+    assert training.compile_blocks(cpu, compiled, TrainArgs(compile=True))
+    for lengths, gradient_checkpointing in (((9, 3, 14), False), ((20, 5), True), ((7, 11, 2), True)):
+        compiled.gradient_checkpointing = gradient_checkpointing
+        records = []
+        for length in lengths:
+            ids = torch.randint(3, 100, (length,))
+            records.append({"input_ids": ids, "labels": torch.cat([torch.full((2,), -100), ids[2:]])})
+        input_ids, targets, packed = pack_batch(records, max_seq_length=64)
+        loss = cross_entropy_sum(compiled, input_ids, targets, lengths=packed)
+        loss.backward()
+        expected = sum(
+            F.cross_entropy(model(r["input_ids"][None, :-1])[0], r["labels"][1:], reduction="sum") for r in records
+        )
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        eager_grads = dict(model.named_parameters())
+        for name, param in compiled.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(param.grad, eager_grads[name].grad, rtol=1e-5, atol=1e-5)
+        model.zero_grad(), compiled.zero_grad()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile, not fall back to eager
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -384,7 +425,7 @@ def test_help_lists_every_flag_with_its_explanation():
                             check=True)
     train_flags = ("micro_batch_size", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "epochs",
                    "max_seq_length", "eval_interval", "eval_batches", "save_interval", "seed", "gradient_checkpointing",
-                   "optimizer", "grad_clip")
+                   "optimizer", "grad_clip", "compile")
     for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--quantize", "--lora_r", "--lora_alpha",
                  "--lora_dropout", "--lora_targets", "--resume", *(f"--train.{name}" for name in train_flags)):
         assert f"  {flag} " in result.stdout, flag
