@@ -77,7 +77,9 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
     bnb = import_bitsandbytes()
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return bnb.functional.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB)  # int8: per-row scales
+    # int8: a scale per row, on the weight until the first forward pass moves it to the layer's state
+    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scales)
 
 
 def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device | str) -> None:

@@ -1,4 +1,4 @@
-"""LoRA training step: ours vs Hugging Face transformers + PEFT, and merged-model generation speed.
+"""LoRA and DoRA training steps: ours vs Hugging Face transformers + PEFT, and merged-model generation speed.
 
     python benchmarks/lora_vs_peft.py
 
@@ -6,16 +6,24 @@ The 134M config (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000
 weights in both, LoRA r=8 on query and value, batch 4 x 256 tokens: the time of one forward + backward +
 AdamW step of ours, of transformers + PEFT, and of ours with the base frozen and no LoRA (gradients
 asked for at the same places, so it runs every matrix product a LoRA step runs except LoRA's own: the
-floor any LoRA implementation sits on). Two batches: random tokens with a target at every position, and real
+floor any LoRA implementation sits on); then the same for DoRA (Liu et al. 2024: a learned magnitude per output row,
+PEFT's use_dora) on query and value, ours against PEFT's, with the peak memory of each step. Two batches: random tokens with a target at every position, and real
 Alpaca records (../shared/data, cut to 257 tokens so none is padding) whose prompts have no target, as in
 fine-tuning; ours computes the loss as finetune_lora.py does (training.cross_entropy_sum: the output head only
 where there is a target), transformers + PEFT over all the logits, as its `labels` loss does. Then greedy decoding with generate.generate (KV cache) from a
 model with the adapter merged in, against the base model.
 
+Peak memory of a step: on CPU the peak resident memory (VmHWM, reset through /proc/self/clear_refs after handing freed
+heap memory back) over the resident memory before the step, with every model, its optimizer state and its gradients'
+buffers already in place from the timed steps; on a GPU torch.cuda.max_memory_allocated over the memory allocated
+before the step.
+
 On a GPU (--device cuda) as finetune_lora.py's bf16-mixed trains: the frozen base in bf16, LoRA's A and B in fp32,
 under bf16 autocast, on both sides (PEFT keeps its adapters in fp32 itself). --model_name Llama-2-7b-hf fits there.
 """
 
+import ctypes
+import gc
 import json
 import statistics
 import sys
@@ -30,10 +38,12 @@ from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).parent))
 from convert_hf_checkpoint import hf_to_lit_name
 from export_peft import lit_to_peft_name
 from generate import generate
-from lora import LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
+from lora import LoRALinear, lora, lora_layers, mark_only_lora_as_trainable, merge_lora_weights
+from memory import max_rss_mb
 from model import LLaMA, Config
 from training import cross_entropy_sum
 
@@ -83,15 +93,25 @@ def main(
         with lora(r=8, alpha=16, dropout=0.05, targets=("query", "value")):
             ours = LLaMA(config)
         ours.load_state_dict(weights, strict=False)  # all but LoRA's A and B
+        with lora(r=8, alpha=16, dropout=0.05, targets=("query", "value"), dora=True):
+            ours_dora = LLaMA(config)
+        ours_dora.load_state_dict(weights, strict=False)
+        for layer in lora_layers(ours_dora).values():
+            layer.reset_magnitude()  # ‖W‖ of the weights just loaded, as utils.load_weights does
         base = LLaMA(config)
         base.load_state_dict(weights)
+        hf_model_2 = build_hf_model(config)
+        hf_model_2.load_state_dict(hf_model.state_dict())
         peft_model = build_peft_model(hf_model, ours)
+        peft_dora = build_peft_model(hf_model_2, ours_dora)
+        del weights
     torch.set_default_dtype(default_dtype)
 
-    mark_only_lora_as_trainable(ours)
-    for param in ours.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()  # as finetune_lora.py holds them (PEFT does the same with its own)
+    for model in (ours, ours_dora):
+        mark_only_lora_as_trainable(model)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # as finetune_lora.py holds them (PEFT does the same with its own)
     base.requires_grad_(False)
     hooks = [  # ask for gradients where LoRA's start: the query and value outputs of the first layer
         layer.register_forward_hook(lambda module, inputs, output: output.requires_grad_())
@@ -105,17 +125,17 @@ def main(
         print(f"vocab_size {config.vocab_size} is not the shared tokenizer's 32000: skipping the Alpaca batch", file=sys.stderr)
     else:
         batches["Alpaca records, the prompt masked"] = alpaca_batch(batch_size, seq_len)
-    losses = {  # ours as finetune_lora.py computes it; transformers' over all the logits, as its `labels` loss does
-        "ours (LoRA)": lambda idx, targets: cross_entropy_sum(ours, idx, targets),
-        "transformers + peft": lambda idx, targets: F.cross_entropy(
-            peft_model(input_ids=idx).logits.flatten(0, 1), targets.flatten(), reduction="sum"),
-        "ours (frozen base, no LoRA)": lambda idx, targets: cross_entropy_sum(base, idx, targets),
+    models = {  # ours with the loss as finetune_lora.py computes it; transformers' over all logits, as its `labels` loss does
+        "ours (LoRA)": (ours, True),
+        "transformers + peft": (peft_model, False),
+        "ours (frozen base, no LoRA)": (base, True),
+        "ours (DoRA)": (ours_dora, True),
+        "transformers + peft (DoRA)": (peft_dora, False),
     }
     for batch_name, (idx, targets) in batches.items():
         idx, targets = idx.to(device), targets.to(device)
         n_targets = int((targets != -100).sum())
-        steppers = {name: make_step(model, loss_of, idx, targets, autocast)
-                    for (name, loss_of), model in zip(losses.items(), (ours, peft_model, base))}
+        steppers = {name: make_step(model, ours_loss, idx, targets, autocast) for name, (model, ours_loss) in models.items()}
         times = {name: [] for name in steppers}
         for step in range(steps + 1):  # round-robin, so that drift in the machine's speed hits all alike
             for name, run_step in steppers.items():
@@ -134,6 +154,14 @@ def main(
         print(f"  ours / frozen base, no LoRA:   {best['ours (LoRA)'] / best['ours (frozen base, no LoRA)']:.2f}x")
         print(f"  transformers + peft / floor:   {best['transformers + peft'] / best['ours (frozen base, no LoRA)']:.2f}x"
               "  (the most any LoRA layer could gain on this model.py)")
+        print(f"  peft DoRA / ours DoRA:         {best['transformers + peft (DoRA)'] / best['ours (DoRA)']:.2f}x")
+        print(f"  ours DoRA / ours LoRA:         {best['ours (DoRA)'] / best['ours (LoRA)']:.2f}x")
+        peaks = {name: step_peak_mb(run_step, device) for name, run_step in steppers.items()}
+        print(f"  peak memory of a step over the memory before it ({'max allocated' if cuda else 'peak RSS'}):")
+        for name, peak in peaks.items():
+            print(f"  {name:30s} {peak:6.0f} MB")
+        print(f"  peft DoRA / ours DoRA:         {peaks['transformers + peft (DoRA)'] / peaks['ours (DoRA)']:.2f}x")
+        print(f"  ours DoRA / ours LoRA:         {peaks['ours (DoRA)'] / peaks['ours (LoRA)']:.2f}x")
     for hook in hooks:
         hook.remove()
 
@@ -175,14 +203,16 @@ def build_hf_model(config: Config) -> torch.nn.Module:
 
 
 def build_peft_model(hf_model: torch.nn.Module, ours: LLaMA) -> torch.nn.Module:
-    """transformers + PEFT with the same LoRA settings and the same LoRA weights as ours."""
+    """transformers + PEFT with the same LoRA settings (DoRA too, if ours has it) and the same LoRA weights as ours."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(hf_model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    dora = any(layer.lora.magnitude is not None for layer in lora_layers(ours).values())
+    peft_model = get_peft_model(hf_model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], use_dora=dora))
     peft_state = peft_model.state_dict()
     for name, param in ours.named_parameters():
         if ".lora." in name:
-            peft_state[lit_to_peft_name(name).replace(".weight", ".default.weight")].copy_(param.detach())
+            peft_name = lit_to_peft_name(name).replace(".weight", ".default.weight")
+            peft_state[peft_name.replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")].copy_(param.detach())
     return peft_model
 
 
@@ -210,14 +240,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
 
 
+def step_peak_mb(run_step: Callable[[], None], device: torch.device) -> float:
+    """The memory one step takes at its peak beyond what was held before it, in MB (see the module docstring)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run_step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 1e6
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory back to the system, so that reusing it shows
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = max_rss_mb("VmRSS")
+    run_step()
+    return max_rss_mb("VmHWM") - before
+
+
 def make_step(
-    model: torch.nn.Module, loss_of: Callable, idx: torch.Tensor, targets: torch.Tensor, autocast
+    model: torch.nn.Module, ours_loss: bool, idx: torch.Tensor, targets: torch.Tensor, autocast
 ) -> Callable[[], None]:
-    """One training step as a fine-tuning script does it: the loss is the mean over the targets."""
+    """One training step as a fine-tuning script does it: the loss is the mean over the targets, as finetune_lora.py
+    computes it for ours (`ours_loss`), as transformers' `labels` loss does (over all the logits) otherwise."""
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable or [torch.zeros(1, requires_grad=True)], lr=3e-4)  # frozen base: a no-op
     n_targets = (targets != -100).sum()
+
+    def loss_of(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if ours_loss:
+            return cross_entropy_sum(model, idx, targets)
+        return F.cross_entropy(model(input_ids=idx).logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
     def step() -> None:
         with autocast:
