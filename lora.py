@@ -151,10 +151,11 @@ class LoRALinear(nn.Linear):
         # DoRA, as PEFT computes it: m/‖W+ΔW‖ · (W + ΔW)·x per output row, where the norm is a constant to autograd
         # (the paper's section 4.3). The base output W·x is reused unless dropout is active; then (as in PEFT) the
         # update's share of W is applied to the dropped-out input: Wx + (f - 1)·W·drop(x) + f·ΔW·drop(x)
-        factor = self.lora.magnitude / self.weight_norm().to(x.dtype)
+        weight = self.base_weight()  # a quantized one dequantized once, for both uses
+        factor = self.lora.magnitude / self.weight_norm(weight).to(x.dtype)
         if self.training and self.lora.dropout.p > 0:
             x = self.lora.dropout(x)
-            base = F.linear(x, self.base_weight().to(x.dtype))
+            base = F.linear(x, weight.to(x.dtype))
         else:
             base = result
         update = (x @ self.lora.A.T * self.lora.scaling) @ self.lora.B.T
@@ -169,9 +170,10 @@ class LoRALinear(nn.Linear):
         return dequantize(self)
 
     @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """‖W + ΔW‖ of each output row (out,), DoRA's denominator; no gradient flows through it."""
-        weight = self.base_weight()
+    def weight_norm(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖W + ΔW‖ of each output row (out,), DoRA's denominator; no gradient flows through it. `weight`: W, if the
+        caller has it already (`base_weight`)."""
+        weight = self.base_weight() if weight is None else weight
         A, B = self.lora.A.to(weight.dtype), self.lora.B.to(weight.dtype)
         return torch.linalg.norm(torch.addmm(weight, B, A, alpha=self.lora.scaling), dim=1)
 
