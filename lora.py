@@ -148,18 +148,16 @@ class LoRALinear(nn.Linear):
             return result  # a plain linear layer
         if self.lora.magnitude is None:
             return result + self.lora(x)
-        # DoRA, as PEFT computes it: m/‖W+ΔW‖ · (W + ΔW)·x per output row, where the norm is a constant to autograd
-        # (the paper's section 4.3). The base output W·x is reused unless dropout is active; then (as in PEFT) the
-        # update's share of W is applied to the dropped-out input: Wx + (f - 1)·W·drop(x) + f·ΔW·drop(x)
-        weight = self.base_weight()  # a quantized one dequantized once, for both uses
+        # DoRA, as PEFT computes it: each output row i scaled by f_i = m_i / ‖W_i + ΔW_i‖, the norm a constant to autograd
+        # (the paper's section 4.3); a quantized W is dequantized once, for both uses below
+        weight = self.base_weight()
         factor = self.lora.magnitude / self.weight_norm(weight).to(x.dtype)
-        if self.training and self.lora.dropout.p > 0:
-            x = self.lora.dropout(x)
-            base = F.linear(x, weight.to(x.dtype))
-        else:
-            base = result
-        update = (x @ self.lora.A.T * self.lora.scaling) @ self.lora.B.T
-        return result + (factor - 1) * base + factor * update
+        if not self.training or self.lora.dropout.p == 0:
+            return factor * (result + self.lora(x))  # f ⊙ (W + ΔW)·x
+        # with dropout the rescaling applies to the dropped-out input, as in PEFT: W·x + f ⊙ (W + ΔW)·drop(x) - W·drop(x)
+        x = self.lora.dropout(x)
+        base = F.linear(x, weight.to(x.dtype))
+        return result - base + factor * (base + (x @ self.lora.A.T * self.lora.scaling) @ self.lora.B.T)
 
     def base_weight(self) -> torch.Tensor:
         """W in floating point: a quantized base's weight dequantized (quantize.dequantize)."""
