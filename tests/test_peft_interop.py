@@ -272,13 +272,13 @@ def test_imported_variants_record_what_peft_set(bases, tmp_path):
     assert config.dora and not config.rslora and config.targets == ("query", "key", "projection", "up", "head")
 
 
-@pytest.mark.parametrize("variant", ["dora", "dora on nf4"])
-def test_a_dora_training_step_gives_peft_s_loss_and_gradients(bases, tmp_path, variant):
-    """One forward and backward in training mode with dropout 0.1: the same dropout masks (the same random draws in
-    the same order: one per adapted layer), the same loss, and the same gradients of A, B and the magnitudes."""
+@pytest.mark.parametrize("variant, dropout", [("dora", 0.1), ("dora", 0.0), ("dora on nf4", 0.1)])
+def test_a_dora_training_step_gives_peft_s_loss_and_gradients(bases, tmp_path, variant, dropout):
+    """One forward and backward in training mode, with dropout (the same masks: the same random draws in the same
+    order, one per adapted layer) and without: the same loss, and the same gradients of A, B and the magnitudes."""
     _, hf_settings, quantize = VARIANTS[variant]
     directory = bases[hf_settings.get("tie_word_embeddings", False)]
-    peft_model = peft_variant(directory, variant, dropout=0.1)
+    peft_model = peft_variant(directory, variant, dropout=dropout)
     peft_model.save_pretrained(tmp_path / "peft")
     import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "ours.safetensors", checkpoint_dir=directory)
     ours = load_lora_model(directory, tmp_path / "ours.safetensors", quantize=quantize)
