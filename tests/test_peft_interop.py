@@ -158,6 +158,7 @@ def test_import_refuses_a_truncated_adapter_file(trained, tmp_path):
 
 # Each LoRA variant PEFT makes for a LLaMA model, made with PEFT on transformers' model: (LoraConfig settings, the
 # base's transformers settings, our --quantize)
+VOCAB = 1000
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "q+v+down": (dict(target_modules=["q_proj", "v_proj", "down_proj"]), {}, None),
@@ -175,11 +176,12 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """Converted checkpoints of the tiny shapes with an untied and a tied head, by tie_word_embeddings."""
+    """Converted checkpoints of the tiny shapes with a vocabulary of 1000 (fast), an untied and a tied head, by
+    tie_word_embeddings."""
     directories = {}
     for tied in (False, True):
         directories[tied] = tmp_path_factory.mktemp(f"tied{tied}")
-        make_checkpoint(directories[tied], seed=3, tie_word_embeddings=tied)
+        make_checkpoint(directories[tied], seed=3, tie_word_embeddings=tied, vocab_size=VOCAB)
     return directories
 
 
@@ -232,7 +234,7 @@ def test_peft_variants_import_and_export_with_the_same_logits_and_tokens(bases, 
     import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "ours.safetensors", checkpoint_dir=directory)
     ours = load_lora_model(directory, tmp_path / "ours.safetensors", quantize=quantize).eval()
 
-    idx = torch.randint(0, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = peft_model(input_ids=idx).logits
         with peft_model.disable_adapter():
@@ -283,7 +285,7 @@ def test_a_dora_training_step_gives_peft_s_loss_and_gradients(bases, tmp_path, v
     import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "ours.safetensors", checkpoint_dir=directory)
     ours = load_lora_model(directory, tmp_path / "ours.safetensors", quantize=quantize)
     mark_only_lora_as_trainable(ours)
-    idx = torch.randint(0, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
 
     def loss_of(logits):
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
