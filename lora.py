@@ -235,8 +235,9 @@ def lora(
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The LoRA layers of a model by their path ("blocks.0.attn.q_proj", "lm_head"; also through a wrapper)."""
-    return {name.removeprefix("_forward_module.").removeprefix("module."): module
+    """The LoRA layers of a model by their path in model.py ("blocks.0.attn.q_proj", "lm_head"), also through
+    wrappers (Fabric's `_forward_module`, FSDP's `_fsdp_wrapped_module`, torch.compile's `_orig_mod`, DDP's `module`)."""
+    return {".".join(part for part in name.split(".") if not part.startswith("_")).removeprefix("module."): module
             for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 
