@@ -164,7 +164,7 @@ def test_adapter_parts_give_each_layers_output():
         assert list(parts) == ["blocks.0.attn.k_proj", "blocks.0.mlp.down_proj", "blocks.1.attn.k_proj", "blocks.1.mlp.down_proj"]
         for name, (A, B, scaling, factor) in parts.items():
             layer = adapted.get_submodule(name)
-            assert scaling == (2.0 if A.shape[0] == 4 else 8 / math.sqrt(2)) and (factor is None) == (not dora)
+            assert scaling == 8 / math.sqrt(A.shape[0]) and (factor is None) == (not dora)  # rsLoRA: alpha / √r
             x = torch.randn(3, layer.in_features)
             expected = x @ layer.weight.T + scaling * (x @ A.T) @ B.T
             with torch.no_grad():
