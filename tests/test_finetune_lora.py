@@ -362,8 +362,9 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
     fitting = dict(resume=str(out_dir / "train_state.pt"), batch_size=8, lora_targets=["query", "value", "head"], lora_dropout=0.0)
     assert error(**{**fitting, "lora_r": 4}) == (
         f"--resume {out_dir / 'train_state.pt'} was saved by a run with other settings: "
-        "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head')} "
-        "(now: {'r': 4, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head')}); "
+        "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head'), 'rslora': False, "
+        "'dora': False, 'ranks': {}, 'alphas': {}} (now: {'r': 4, 'alpha': 16, 'dropout': 0.0, "
+        "'targets': ('query', 'value', 'head'), 'rslora': False, 'dora': False, 'ranks': {}, 'alphas': {}}); "
         "resume with the same checkpoint, data, LoRA and batch settings")
     assert error(**{**fitting, "batch_size": 4}).endswith(
         "batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings")
