@@ -3,7 +3,7 @@ prepared by prepare_chat.py.
 
     python finetune_lora.py --data_dir data/alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 
-The base model stays frozen and only LoRA's small A and B matrices learn. On GPUs the base is held in bf16 and
+The base model stays frozen and only LoRA's small A and B matrices learn (with --lora_dora also a magnitude per output row). On GPUs the base is held in bf16 and
 LoRA in fp32 under bf16 mixed precision; the defaults (the Alpaca-LoRA recipe) fit LLaMA-7B on one 24 GB GPU.
 With --quantize bnb.nf4 (QLoRA) the base is held in 4 bits, and --train.optimizer AdamW8bit saves optimizer memory:
 see howto/quantize.md.
@@ -46,6 +46,8 @@ def setup(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     lora_targets: Union[list[str], str] = ["query", "value"],
+    lora_rslora: bool = False,
+    lora_dora: bool = False,
     train: TrainArgs = TrainArgs(learning_rate=3e-4, save_interval=100, gradient_checkpointing=False),
     resume: Optional[str] = None,
 ) -> None:
@@ -67,11 +69,16 @@ def setup(
         strategy: "auto" (one device, DDP for several), "ddp" (a copy of the model per device) or "fsdp"
             (the base model sharded across devices, for bases that do not fit on one).
         lora_r: rank of the LoRA update; trainable parameters grow linearly with it.
-        lora_alpha: the update is scaled by lora_alpha / lora_r.
+        lora_alpha: the update is scaled by lora_alpha / lora_r (lora_alpha / sqrt(lora_r) with --lora_rslora).
         lora_dropout: dropout on the input of the LoRA branch, in training only.
         lora_targets: the projections LoRA adapts, some of "query", "key", "value", "projection" (the attention's
-            output), "mlp" (gate, up and down), "head", or "all_linear" (every projection but the head): one name
+            output), "gate", "up", "down" (the MLP's), "head", or the shorthands "attention" (query, key, value,
+            projection), "mlp" (gate, up, down) and "all_linear" (every projection but the head): one name
             (--lora_targets all_linear) or a list (--lora_targets '[all_linear, head]').
+        lora_rslora: rank-stabilised LoRA: scale the update by lora_alpha / sqrt(lora_r), so that higher ranks keep
+            learning (Kalajdzievski 2023); PEFT's use_rslora.
+        lora_dora: DoRA: also learn each output row's magnitude over the normalised W + ΔW (Liu et al. 2024), closer
+            to full fine-tuning at low ranks, for a slower step (howto/finetune_lora.md); PEFT's use_dora.
         train: how to train (training.TrainArgs: --train.batch_size, --train.max_steps, ...).
         resume: a train_state.pt to continue from, or "auto" for out_dir/train_state.pt when there is one.
     """
@@ -84,7 +91,7 @@ def setup(
     train_data, val_data, metadata = load_data(data_dir, checkpoint_dir)
     ignore_index, chat_template = metadata["ignore_index"], metadata.get("chat_template")  # a template: conversations
     tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
-    lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets)
+    lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets, lora_rslora, lora_dora)
     resume = find_resume(resume, out_dir)
     train = train.for_records(len(train_data))  # max_steps from epochs, unless given
     launch(main, SimpleNamespace(**locals()))  # main on every device, seeded, in --precision (by device by default)

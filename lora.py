@@ -15,13 +15,15 @@ nothing extra, or kept apart so one base model serves many small adapters.
 
 import json
 import math
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,16 +32,23 @@ from model import LLaMA, Config
 from utils import atomic_path, load_config, load_model
 
 # The places LoRA can adapt, as lora(targets=...), the --lora_targets flag and adapter files name them, and the
-# projections of model.py (model.linear's `name`, also the Hugging Face / PEFT module names) each one covers
+# projection of model.py each one is (the last part of model.linear's `name`, also the Hugging Face / PEFT module name)
 TARGETS = {
-    "query": ("q_proj",),
-    "key": ("k_proj",),
-    "value": ("v_proj",),
-    "projection": ("o_proj",),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "head": ("lm_head",),
+    "query": "q_proj",
+    "key": "k_proj",
+    "value": "v_proj",
+    "projection": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+    "head": "lm_head",
 }
-ALL_LINEAR = ("query", "key", "value", "projection", "mlp")  # "all_linear": every projection but the head
+# names that stand for several targets; "all_linear" is every projection but the head (PEFT's "all-linear")
+SHORTHANDS = {
+    "attention": ("query", "key", "value", "projection"),
+    "mlp": ("gate", "up", "down"),
+    "all_linear": ("query", "key", "value", "projection", "gate", "up", "down"),
+}
 
 
 @dataclass
@@ -49,50 +58,63 @@ class LoRAConfig:
     r: int = 8  # rank of the update: trainable parameters grow linearly with it
     alpha: float = 16  # the update is scaled by alpha / r, so changing r keeps the step size comparable
     dropout: float = 0.05  # dropout on the LoRA branch's input, during training only
-    targets: tuple[str, ...] = ("query", "value")  # keys of TARGETS; "all_linear" stands for ALL_LINEAR
+    targets: tuple[str, ...] = ("query", "value")  # keys of TARGETS or SHORTHANDS
+    rslora: bool = False  # rank-stabilised LoRA: the update scaled by alpha / sqrt(r) instead (Kalajdzievski 2023)
+    dora: bool = False  # DoRA: a learned magnitude per output row over the normalised W + ΔW (Liu et al. 2024)
+    ranks: dict[str, int] = field(default_factory=dict)  # module path ("blocks.0.attn.q_proj") -> its own r
+    alphas: dict[str, float] = field(default_factory=dict)  # module path -> its own alpha
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"the LoRA rank r must be at least 1, not {self.r}")
+        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        targets += [target for shorthand in targets for target in SHORTHANDS.get(shorthand, ())]
+        unknown = [target for target in targets if target not in TARGETS and target not in SHORTHANDS]
+        if unknown or not targets:
+            raise ValueError(f"LoRA targets {list(self.targets)} must be some of {', '.join([*TARGETS, *SHORTHANDS])}")
+        self.targets = tuple(target for target in TARGETS if target in targets)  # one spelling: TARGETS' order
+        self.ranks, self.alphas = dict(self.ranks), dict(self.alphas)
+        for r in (self.r, *self.ranks.values()):
+            if not isinstance(r, int) or r < 1:
+                raise ValueError(f"a LoRA rank r must be a whole number of at least 1, not {r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"the LoRA dropout must be in [0, 1), not {self.dropout}")
-        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        if "all_linear" in targets:
-            targets += ALL_LINEAR
-        unknown = [target for target in targets if target not in TARGETS and target != "all_linear"]
-        if unknown or not targets:
-            raise ValueError(f"LoRA targets {list(self.targets)} must be some of {', '.join(TARGETS)}, all_linear")
-        self.targets = tuple(target for target in TARGETS if target in targets)  # one spelling: TARGETS' order
 
     @classmethod
     def from_dict(cls, values: dict) -> "LoRAConfig":
         """From asdict() of one, or from an adapter written before `targets` existed (a flag per target)."""
         if "targets" not in values:
             values = {**{key: values[key] for key in ("r", "alpha", "dropout")},
-                      "targets": [target for target in TARGETS if values.get(target)]}
+                      "targets": [target for target in (*TARGETS, *SHORTHANDS) if values.get(target)]}
         return cls(**values)
 
-    def adapts(self, module_name: str) -> bool:
-        """Whether a projection of model.py ("q_proj", ...) gets a LoRA layer."""
-        return any(module_name in TARGETS[target] for target in self.targets)
+    def adapts(self, path: str) -> bool:
+        """Whether the projection of model.py at `path` ("blocks.0.attn.q_proj", "lm_head") gets a LoRA layer."""
+        return any(path.rpartition(".")[2] == TARGETS[target] for target in self.targets)
 
 
 class LoRA(nn.Module):
-    """The low-rank update of one linear layer, applied as x·Aᵀ·Bᵀ·alpha/r without ever building ΔW."""
+    """The low-rank update of one linear layer, applied as x·Aᵀ·Bᵀ·scaling without ever building ΔW; with DoRA also
+    the magnitude of each output row of W + ΔW, which LoRALinear applies."""
 
     adapter = True  # not part of a base checkpoint: utils.load_weights initialises it instead
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, rslora: bool = False,
+        dora: bool = False,
+    ) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, in_features))
         self.B = nn.Parameter(torch.empty(out_features, r))
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.magnitude = nn.Parameter(torch.empty(out_features)) if dora else None
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         nn.init.zeros_(self.B)  # ΔW = 0: a fresh LoRA model is the base model
+        if self.magnitude is not None:
+            nn.init.ones_(self.magnitude)  # a placeholder: LoRALinear.reset_magnitude sets ‖W‖ once W is loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (…, in) -> (…, r) -> (…, out); scaling the narrow (…, r) tensor is cheaper than the output
@@ -105,25 +127,66 @@ class LoRA(nn.Module):
 class LoRALinear(nn.Linear):
     """An nn.Linear (its `weight` frozen and where a checkpoint expects it) plus a LoRA update.
 
-    The LoRA part only uses the base layer's forward (`super().forward`), so a quantized base fits in as a subclass of
-    LoRALinear and bitsandbytes' Linear4bit or Linear8bitLt, `base_settings` going to the latter: that is QLoRA, made
-    by utils.load_model(..., quantize=...). Its weight holds 4- or 8-bit codes, which `merge` refuses to add ΔW to."""
+    The LoRA part only uses the base layer's forward (`super().forward`) and its weight (`base_weight`), so a quantized
+    base fits in as a subclass of LoRALinear and bitsandbytes' Linear4bit or Linear8bitLt, `base_settings` going to the
+    latter: that is QLoRA, made by utils.load_model(..., quantize=...). Its weight holds 4- or 8-bit codes, which
+    `merge` refuses to add ΔW to."""
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, **base_settings
+        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, rslora: bool = False,
+        dora: bool = False, **base_settings,
     ) -> None:
         super().__init__(in_features, out_features, bias=False, **base_settings)
-        self.lora = LoRA(in_features, out_features, r, alpha, dropout)
+        self.lora = LoRA(in_features, out_features, r, alpha, dropout, rslora, dora)
         self.merged = False
+        if dora:
+            self.reset_magnitude()  # again by utils.load_weights once the checkpoint's weight is in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = super().forward(x)
         if self.merged:
-            return super().forward(x)  # a plain linear layer
-        return super().forward(x) + self.lora(x)
+            return result  # a plain linear layer
+        if self.lora.magnitude is None:
+            return result + self.lora(x)
+        # DoRA, as PEFT computes it: each output row i scaled by f_i = m_i / ‖W_i + ΔW_i‖, the norm a constant to autograd
+        # (the paper's section 4.3); a quantized W is dequantized once, for both uses below
+        weight = self.base_weight()
+        factor = self.lora.magnitude / self.weight_norm(weight).to(x.dtype)
+        if not self.training or self.lora.dropout.p == 0:
+            return factor * (result + self.lora(x))  # f ⊙ (W + ΔW)·x
+        # with dropout the rescaling applies to the dropped-out input, as in PEFT: W·x + f ⊙ (W + ΔW)·drop(x) - W·drop(x)
+        x = self.lora.dropout(x)
+        base = F.linear(x, weight.to(x.dtype))
+        return result - base + factor * (base + (x @ self.lora.A.T * self.lora.scaling) @ self.lora.B.T)
+
+    def base_weight(self) -> torch.Tensor:
+        """W in floating point: a quantized base's weight dequantized (quantize.dequantize)."""
+        if self.weight.is_floating_point():
+            return self.weight
+        from quantize import dequantize
+
+        return dequantize(self)
+
+    @torch.no_grad()
+    def weight_norm(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖W + ΔW‖ of each output row (out,), DoRA's denominator; no gradient flows through it. `weight`: W, if the
+        caller has it already (`base_weight`)."""
+        weight = self.base_weight() if weight is None else weight
+        A, B = self.lora.A.to(weight.dtype), self.lora.B.to(weight.dtype)
+        return torch.linalg.norm(torch.addmm(weight, B, A, alpha=self.lora.scaling), dim=1)
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA starts from the base model: magnitude = ‖W + ΔW‖ (= ‖W‖ with B = 0), once W is loaded."""
+        self.lora.magnitude.copy_(self.weight_norm())
+
+    def dora_factor(self) -> Optional[torch.Tensor]:
+        """m / ‖W + ΔW‖ per output row (out,), by which DoRA scales (W + ΔW)·x; None for plain LoRA."""
+        return None if self.lora.magnitude is None else self.lora.magnitude / self.weight_norm()
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W += ΔW in place; the forward pass is then a plain linear layer."""
+        """W += ΔW in place (DoRA: W = m/‖W+ΔW‖ · (W + ΔW)); the forward pass is then a plain linear layer."""
         if not self.weight.is_floating_point():
             raise ValueError(
                 "cannot merge LoRA into a quantized base (--quantize): its 4- or 8-bit weights would round the "
@@ -131,27 +194,37 @@ class LoRALinear(nn.Linear):
                 "with scripts/merge_lora.py and quantize that"
             )
         if not self.merged:
+            self.factor = self.dora_factor()  # kept for unmerge: W + ΔW alone no longer tells the norm
             self.weight += self.lora.delta_weight().to(self.weight.dtype)
+            if self.factor is not None:
+                self.weight *= self.factor.to(self.weight.dtype).unsqueeze(1)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W -= ΔW in place, e.g. to train on after merging for a quick evaluation."""
+        """W -= ΔW in place (DoRA: first undoes its scaling), e.g. to train on after merging for a quick evaluation."""
         if self.merged:
+            if self.factor is not None:
+                self.weight /= self.factor.to(self.weight.dtype).unsqueeze(1)
             self.weight -= self.lora.delta_weight().to(self.weight.dtype)
             self.merged = False
 
 
 @contextmanager
-def lora(r: int, alpha: float, dropout: float, targets: Sequence[str] = ("query", "value")) -> Iterator[LoRAConfig]:
-    """A `LLaMA(config)` built inside this context has LoRA layers on the `targets` (keys of TARGETS, or
-    "all_linear": every projection of attention and MLP, today's common practice)."""
-    config = LoRAConfig(r, alpha, dropout, tuple(targets))
+def lora(
+    r: int, alpha: float, dropout: float, targets: Sequence[str] = ("query", "value"), rslora: bool = False,
+    dora: bool = False, ranks: Optional[dict[str, int]] = None, alphas: Optional[dict[str, float]] = None,
+) -> Iterator[LoRAConfig]:
+    """A `LLaMA(config)` built inside this context has LoRA layers on the `targets` (keys of TARGETS or SHORTHANDS;
+    "all_linear", every projection of attention and MLP, is today's common practice), each with the rank and alpha
+    of `ranks` and `alphas` for its path, else `r` and `alpha`."""
+    config = LoRAConfig(r, alpha, dropout, tuple(targets), rslora, dora, ranks or {}, alphas or {})
     plain_linear = llama.linear
 
     def linear(in_features: int, out_features: int, name: str) -> nn.Linear:
         if config.adapts(name):
-            return LoRALinear(in_features, out_features, r, alpha, dropout)
+            r, alpha = config.ranks.get(name, config.r), config.alphas.get(name, config.alpha)
+            return LoRALinear(in_features, out_features, r, alpha, dropout, rslora, dora)
         return plain_linear(in_features, out_features, name)
 
     llama.linear = linear
@@ -161,24 +234,51 @@ def lora(r: int, alpha: float, dropout: float, targets: Sequence[str] = ("query"
         llama.linear = plain_linear
 
 
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The LoRA layers of a model by their path in model.py ("blocks.0.attn.q_proj", "lm_head"), also through
+    wrappers (Fabric's `_forward_module`, FSDP's `_fsdp_wrapped_module`, torch.compile's `_orig_mod`, DDP's `module`)."""
+    return {".".join(part for part in name.split(".") if not part.startswith("_")).removeprefix("module."): module
+            for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def adapter_parts(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]]:
+    """For each LoRA layer: its path, A (r, in), B (out, r), the scaling, and for DoRA the factor m/‖W + ΔW‖ (out,)
+    else None. Outside training (no dropout) the layer computes W·x + scaling·B·A·x, and with DoRA
+    factor ⊙ (W·x + scaling·B·A·x): what a server applying many adapters to one base needs, e.g. for a model from
+    load_lora_model(checkpoint_dir, adapter_path)."""
+    for name, layer in lora_layers(model).items():
+        with torch.no_grad():
+            factor = layer.dora_factor()
+        yield name, layer.lora.A.detach(), layer.lora.B.detach(), layer.lora.scaling, factor
+
+
 def get_lora_config(model: LLaMA) -> Optional[LoRAConfig]:
-    """The LoRA settings a model was built with, read off its layers; None for a model without LoRA."""
-    layers = {name.rpartition(".")[2]: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The LoRA settings a model was built with, read off its layers; None for a model without LoRA. The most common
+    rank and alpha are `r` and `alpha`, any other in `ranks` and `alphas`, so the same layers always read the same."""
+    layers = lora_layers(model)
     if not layers:
         return None
+    r = Counter(layer.lora.r for layer in layers.values()).most_common(1)[0][0]
+    alpha = Counter(layer.lora.alpha for layer in layers.values()).most_common(1)[0][0]
     first = next(iter(layers.values())).lora
-    targets = [target for target, names in TARGETS.items() if any(name in layers for name in names)]
-    return LoRAConfig(first.r, first.alpha, first.dropout.p, tuple(targets))
+    return LoRAConfig(
+        r, alpha, first.dropout.p,
+        targets=tuple(target for target, name in TARGETS.items() if any(path.rpartition(".")[2] == name for path in layers)),
+        rslora=first.rslora,
+        dora=first.magnitude is not None,
+        ranks={path: layer.lora.r for path, layer in layers.items() if layer.lora.r != r},
+        alphas={path: layer.lora.alpha for path, layer in layers.items() if layer.lora.alpha != alpha},
+    )
 
 
 def mark_only_lora_as_trainable(model: LLaMA) -> None:
-    """Freezes the base model: only LoRA's A and B learn."""
+    """Freezes the base model: only LoRA's A and B (and DoRA's magnitude) learn."""
     for name, param in model.named_parameters():
         param.requires_grad = ".lora." in name
 
 
 def lora_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
-    """What an adapter consists of: every LoRA A and B, by its name in the checkpoint (also through a wrapper such
+    """What an adapter consists of: every LoRA A and B (and DoRA magnitude), by its name in the checkpoint (also through a wrapper such
     as Fabric's); the parameters themselves (keep_vars)."""
     return {name: param for name, param in model.state_dict(keep_vars=True).items() if ".lora." in name}
 
@@ -268,7 +368,7 @@ def load_lora_checkpoint(model: LLaMA, path: Path) -> None:
         raise ValueError(f"the model has no LoRA layers for {path}; build it with lora.load_lora_model")
     differences = [
         f"{field}={getattr(lora_config, field)} (model: {getattr(ours, field)})"
-        for field in ("r", "alpha", "targets")
+        for field in ("r", "alpha", "targets", "rslora", "dora", "ranks", "alphas")
         if getattr(lora_config, field) != getattr(ours, field)
     ]
     if differences:

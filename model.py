@@ -166,8 +166,9 @@ configs = {
 
 
 def linear(in_features: int, out_features: int, name: str) -> nn.Linear:
-    """Builds every projection of the model. `name` is the module's own ("q_proj", ..., "lm_head"), so that
-    lora.lora() can swap in LoRA layers where it is asked to (lora.TARGETS maps its target names onto these)."""
+    """Builds every projection of the model. `name` is the module's path in the model ("blocks.0.attn.q_proj", ...,
+    "lm_head"), so that lora.lora() can swap in LoRA layers where it is asked to (lora.TARGETS maps its target names
+    onto the last part, the projection's own name) with the rank asked for that module."""
     return nn.Linear(in_features, out_features, bias=False)
 
 
@@ -176,7 +177,7 @@ class LLaMA(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, f"blocks.{i}") for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = linear(config.n_embd, config.vocab_size, "lm_head")
         if config.tie_embeddings:
@@ -247,12 +248,12 @@ class LLaMA(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, path: str) -> None:  # path: "blocks.0", ... (for `linear`)
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, f"{path}.attn")
         self.mlp_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, f"{path}.mlp")
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]]
@@ -262,17 +263,17 @@ class Block(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, path: str) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.n_query_groups = config.n_query_groups
         self.head_size = config.head_size
         kv_size = config.n_query_groups * config.head_size
         # separate projections, so that LoRA can adapt each one on its own
-        self.q_proj = linear(config.n_embd, config.n_embd, "q_proj")
-        self.k_proj = linear(config.n_embd, kv_size, "k_proj")
-        self.v_proj = linear(config.n_embd, kv_size, "v_proj")
-        self.o_proj = linear(config.n_embd, config.n_embd, "o_proj")
+        self.q_proj = linear(config.n_embd, config.n_embd, f"{path}.q_proj")
+        self.k_proj = linear(config.n_embd, kv_size, f"{path}.k_proj")
+        self.v_proj = linear(config.n_embd, kv_size, f"{path}.v_proj")
+        self.o_proj = linear(config.n_embd, config.n_embd, f"{path}.o_proj")
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(
@@ -337,11 +338,11 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, path: str) -> None:
         super().__init__()
-        self.gate_proj = linear(config.n_embd, config.intermediate_size, "gate_proj")
-        self.up_proj = linear(config.n_embd, config.intermediate_size, "up_proj")
-        self.down_proj = linear(config.intermediate_size, config.n_embd, "down_proj")
+        self.gate_proj = linear(config.n_embd, config.intermediate_size, f"{path}.gate_proj")
+        self.up_proj = linear(config.n_embd, config.intermediate_size, f"{path}.up_proj")
+        self.down_proj = linear(config.intermediate_size, config.n_embd, f"{path}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -44,7 +44,10 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
             continue
         if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
             lora = layer.lora
-            quantized = on_base(type(layer), base)(layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout.p, **settings)
+            quantized = on_base(type(layer), base)(
+                layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout.p, lora.rslora,
+                lora.magnitude is not None, **settings,
+            )
         else:
             quantized = base(layer.in_features, layer.out_features, bias=False, **settings)
         if isinstance(quantized, bnb.nn.Linear4bit):
@@ -67,6 +70,16 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     bnb = import_bitsandbytes()
     layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return {f"{name}.weight": layer for name, layer in model.named_modules() if isinstance(layer, layers)}
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """The floating-point weight of a bitsandbytes layer (as PEFT dequantizes it), e.g. for DoRA's weight norm."""
+    bnb = import_bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    # int8: a scale per row, on the weight until the first forward pass moves it to the layer's state
+    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scales)
 
 
 def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device | str) -> None:

@@ -148,14 +148,20 @@ def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path
 
     Modules that add to the base model (LoRA's A and B in a model built inside lora.lora(), marked
     `adapter = True`) are not in a base checkpoint: they are created beside the weights, on their
-    device and in their dtype, and initialised by their own `reset_parameters()`."""
+    device and in their dtype, and initialised by their own `reset_parameters()`; DoRA's magnitude then starts
+    from the loaded weight it adapts (lora.LoRALinear.reset_magnitude: the norm of each row)."""
     _, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    fresh = []
     for module in model.modules():
         if getattr(module, "adapter", False) and all(p.is_meta for p in module.parameters()):
             module.to_empty(device=model.embed.weight.device).to(model.embed.weight.dtype)
             module.reset_parameters()
+            fresh.append(module)
+    for module in model.modules():  # DoRA's magnitude starts as the norm of the loaded weight (lora.LoRALinear)
+        if any(getattr(module, "lora", None) is adapter for adapter in fresh) and module.lora.magnitude is not None:
+            module.reset_magnitude()
     missing = [name for name, param in model.named_parameters() if param.is_meta]
     if missing or unexpected:
         raise ValueError(

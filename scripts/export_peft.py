@@ -4,8 +4,10 @@
         --base_model_name_or_path meta-llama/Llama-2-7b-hf
 
 Writes `adapter_model.safetensors` and `adapter_config.json`, which `peft.PeftModel.from_pretrained`
-loads onto the transformers `LlamaForCausalLM` of the same base. Our q/k rows are already in the Hub's
-rotary layout (scripts/convert_hf_checkpoint.py copies them unchanged), so the tensors map one to one.
+loads onto the transformers `LlamaForCausalLM` of the same base: the targets as PEFT's target_modules, rsLoRA as
+use_rslora, DoRA as use_dora (its magnitudes as lora_magnitude_vector), per-module ranks and alphas as rank_pattern and
+alpha_pattern keyed by the module's full Hub path. Our q/k rows are already in the Hub's rotary layout
+(scripts/convert_hf_checkpoint.py copies them unchanged), so the tensors map one to one.
 """
 
 import json
@@ -42,11 +44,13 @@ def export_peft(*, lora_path: Path, out_dir: Path, base_model_name_or_path: Opti
         "r": lora_config.r,
         "lora_alpha": lora_config.alpha,
         "lora_dropout": lora_config.dropout,
-        "target_modules": sorted(name for target in lora_config.targets for name in TARGETS[target]),  # Hub names
+        "target_modules": sorted(TARGETS[target] for target in lora_config.targets),  # Hub names
+        "rank_pattern": {lit_to_hf_module(path): r for path, r in lora_config.ranks.items()},
+        "alpha_pattern": {lit_to_hf_module(path): alpha for path, alpha in lora_config.alphas.items()},
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": lora_config.rslora,
+        "use_dora": lora_config.dora,
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -60,20 +64,31 @@ def export_peft(*, lora_path: Path, out_dir: Path, base_model_name_or_path: Opti
     print(f"Wrote {out_dir}/adapter_model.safetensors and adapter_config.json", file=sys.stderr)
 
 
+def lit_to_hf_module(path: str) -> str:
+    """blocks.0.attn.q_proj -> model.layers.0.self_attn.q_proj: the module's path in transformers' LlamaForCausalLM,
+    which PEFT's rank_pattern and alpha_pattern match (a regular expression on the end of the path: the whole path
+    picks exactly this module)."""
+    return lit_to_hf_name(f"{path}.weight").removesuffix(".weight")
+
+
+# our adapter tensors' last part and PEFT's
+PEFT_SUFFIXES = {"A": ".lora_A.weight", "B": ".lora_B.weight", "magnitude": ".lora_magnitude_vector"}
+
+
 def lit_to_peft_name(name: str) -> str:
     """blocks.0.attn.q_proj.lora.A -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
-    module, _, matrix = name.rpartition(".lora.")
-    return PEFT_PREFIX + lit_to_hf_name(f"{module}.weight").removesuffix("weight") + f"lora_{matrix}.weight"
+    module, _, tensor = name.rpartition(".lora.")
+    return PEFT_PREFIX + lit_to_hf_module(module) + PEFT_SUFFIXES[tensor]
 
 
 def peft_to_lit_name(name: str) -> Optional[str]:
-    """The reverse of `lit_to_peft_name`; None for a name that is not a LoRA A or B of a module we have."""
-    for matrix in ("A", "B"):
-        suffix = f".lora_{matrix}.weight"
+    """The reverse of `lit_to_peft_name`; None for a name that is not a LoRA A, B or DoRA magnitude of a module we
+    have."""
+    for tensor, suffix in PEFT_SUFFIXES.items():
         if name.startswith(PEFT_PREFIX) and name.endswith(suffix):
             ours = hf_to_lit_name(name.removeprefix(PEFT_PREFIX).removesuffix(suffix) + ".weight")
             if ours is not None and not ours.startswith("model."):  # names it does not know come back unchanged
-                return ours.removesuffix("weight") + f"lora.{matrix}"
+                return ours.removesuffix("weight") + f"lora.{tensor}"
     return None
 
 

@@ -4,30 +4,31 @@
 
 Reads `adapter_config.json` and `adapter_model.safetensors` (or `adapter_model.bin`); the base model's
 config comes from `--checkpoint_dir`, by default `checkpoints/<base_model_name_or_path>` as
-scripts/download.py lays it out. Adapters that lora.py cannot represent are refused with the reason.
+scripts/download.py lays it out. Any LoRA PEFT makes for a LLaMA model imports: some or all projections and the
+head, rsLoRA (use_rslora), DoRA (use_dora), per-module ranks and alphas (rank_pattern, alpha_pattern). What a LoRA
+adapter of ours cannot hold (fully trained modules, trained embeddings, LoRA on some layers only, ...) is refused
+with the reason.
 """
 
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
-from export_peft import peft_to_lit_name
+from export_peft import PEFT_PREFIX, lit_to_hf_module, peft_to_lit_name
 from lora import TARGETS, LoRAConfig, load_lora_state_dict, lora, save_lora_checkpoint
 from model import LLaMA
 from utils import cli, load_config, load_tensor_file
 
 # adapter_config.json settings that lora.py has no equivalent for (unset, empty, false or "none" means unused)
 UNSUPPORTED = {
-    "use_dora": "DoRA",
-    "use_rslora": "rank-stabilised scaling (rslora)",
-    "rank_pattern": "a per-module rank (rank_pattern)",
-    "alpha_pattern": "a per-module alpha (alpha_pattern)",
     "modules_to_save": "fully trained modules (modules_to_save)",
     "bias": "trained biases",
     "lora_bias": "a bias on lora_B (lora_bias)",
@@ -74,27 +75,63 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     base_config = load_config(checkpoint_dir)
 
     weights = read_adapter_weights(adapter_dir)
+    if f"{PEFT_PREFIX}lm_head.base_layer.weight" in weights:  # PEFT saves the head it adapts, as an embedding layer
+        check_unchanged_head(weights.pop(f"{PEFT_PREFIX}lm_head.base_layer.weight"), checkpoint_dir, adapter_dir)
     state_dict = {}
     for name, tensor in weights.items():
         ours = peft_to_lit_name(name)
         if ours is None:
-            raise ValueError(f"{adapter_dir} holds {name!r}, which is not the LoRA A or B of a LLaMA projection")
+            raise ValueError(f"{adapter_dir} holds {name!r}, which is not the LoRA A, B or DoRA magnitude of a LLaMA projection")
         state_dict[ours] = tensor
-    adapted = {name.rpartition(".lora.")[0].rpartition(".")[2] for name in state_dict}  # q_proj, v_proj, ...
-    for target, modules in TARGETS.items():  # our module names are the Hub's
-        if 0 < len(adapted & set(modules)) < len(modules):
+    ranks = {name.removesuffix(".lora.A"): tensor.shape[0] for name, tensor in state_dict.items() if name.endswith(".lora.A")}
+    projections = {path.rpartition(".")[2] for path in ranks}  # q_proj, v_proj, ...
+    for projection in sorted(projections - {"lm_head"}):
+        layers = [i for i in range(base_config.n_layer) if any(path.startswith(f"blocks.{i}.") and path.endswith(projection) for path in ranks)]
+        if len(layers) < base_config.n_layer:
             raise ValueError(
-                f"{adapter_dir} adapts {', '.join(sorted(adapted & set(modules)))} but not all of "
-                f"{', '.join(modules)}; lora.py adapts these together"
+                f"{adapter_dir} adapts {projection} in layers {layers} of {base_config.n_layer} only; lora.py adapts a "
+                "projection in every layer"
             )
 
-    targets = tuple(target for target, modules in TARGETS.items() if adapted & set(modules))
-    lora_config = LoRAConfig(peft_config["r"], peft_config["lora_alpha"], peft_config.get("lora_dropout", 0.0), targets)
+    # per-module ranks read off the tensors, alphas as PEFT picks them: the first alpha_pattern key that matches the
+    # end of the module's path (peft.utils.other.get_pattern_key)
+    alpha = peft_config["lora_alpha"]
+    alphas = {}
+    for path in ranks:
+        hf_path = lit_to_hf_module(path)
+        key = next((key for key in peft_config.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({key})$", hf_path)), None)
+        alphas[path] = alpha if key is None else peft_config["alpha_pattern"][key]
+    lora_config = LoRAConfig(
+        peft_config["r"], alpha, peft_config.get("lora_dropout", 0.0),
+        targets=tuple(target for target, projection in TARGETS.items() if projection in projections),
+        rslora=bool(peft_config.get("use_rslora")),
+        dora=bool(peft_config.get("use_dora")),
+        ranks={path: r for path, r in ranks.items() if r != peft_config["r"]},
+        alphas={path: a for path, a in alphas.items() if a != alpha},
+    )
     with lora(**asdict(lora_config)), torch.device("meta"):
         model = LLaMA(base_config)  # the base stays on the meta device: only its LoRA tensors are real
     load_lora_state_dict(model, state_dict, adapter_dir)
     save_lora_checkpoint(model, out_path)
-    print(f"Wrote {out_path} (r={lora_config.r}, alpha={lora_config.alpha}, targets: {', '.join(lora_config.targets)})", file=sys.stderr)
+    variants = [name for name, used in (("rslora", lora_config.rslora), ("dora", lora_config.dora), ("per-module ranks or alphas", lora_config.ranks or lora_config.alphas)) if used]
+    print(f"Wrote {out_path} (r={lora_config.r}, alpha={lora_config.alpha}, targets: {', '.join(lora_config.targets)}"
+          f"{''.join(', ' + v for v in variants)})", file=sys.stderr)
+
+
+def check_unchanged_head(head: torch.Tensor, checkpoint_dir: Path, adapter_dir: Path) -> None:
+    """PEFT saves the base weight of an adapted lm_head beside its LoRA (it takes it for a possibly trained embedding);
+    fine when it is the base's, refused when it was trained, which a LoRA adapter cannot hold."""
+    config = load_config(checkpoint_dir)
+    name = "embed.weight" if config.tie_embeddings else "lm_head.weight"
+    try:
+        with safe_open(Path(checkpoint_dir) / "lit_model.safetensors", framework="pt") as f:
+            base = f.get_tensor(name)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{adapter_dir} holds lm_head.base_layer.weight, to compare with {checkpoint_dir}'s head, which "
+                         f"cannot be read ({e})") from None
+    if not torch.equal(head.to(base.dtype), base):
+        raise ValueError(f"{adapter_dir} holds a trained lm_head (lm_head.base_layer.weight differs from {checkpoint_dir}'s), "
+                         "which a LoRA adapter cannot hold")
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:

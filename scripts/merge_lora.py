@@ -4,8 +4,9 @@
         --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --out_dir checkpoints/Llama-2-7b-alpaca
 
 The directory (lit_model.safetensors, model_config.json, the base's tokenizer files) loads with generate.py like any
-base checkpoint and generates at the base model's speed. The adapter's r, alpha and targets are read from
-the adapter itself. Memory: one copy of the model; ΔW is added to each weight in place, one layer at a time.
+base checkpoint and generates at the base model's speed. The adapter's settings (r, alpha, targets, rsLoRA, DoRA,
+per-module ranks) are read from the adapter itself; a DoRA adapter merges into plain weights too
+(W = m / ‖W + ΔW‖ · (W + ΔW)). Memory: one copy of the model; ΔW is added to each weight in place, one layer at a time.
 """
 
 import sys

@@ -403,8 +403,9 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
     fitting = dict(resume=str(out_dir / "train_state.pt"), batch_size=8, lora_targets=["query", "value", "head"], lora_dropout=0.0)
     assert error(**{**fitting, "lora_r": 4}) == (
         f"--resume {out_dir / 'train_state.pt'} was saved by a run with other settings: "
-        "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head')} "
-        "(now: {'r': 4, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head')}); "
+        "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head'), 'rslora': False, "
+        "'dora': False, 'ranks': {}, 'alphas': {}} (now: {'r': 4, 'alpha': 16, 'dropout': 0.0, "
+        "'targets': ('query', 'value', 'head'), 'rslora': False, 'dora': False, 'ranks': {}, 'alphas': {}}); "
         "resume with the same checkpoint, data, LoRA and batch settings")
     assert error(**{**fitting, "batch_size": 4}).endswith(
         "batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings")
@@ -427,7 +428,7 @@ def test_help_lists_every_flag_with_its_explanation():
                    "max_seq_length", "eval_interval", "eval_batches", "save_interval", "seed", "gradient_checkpointing",
                    "optimizer", "grad_clip", "compile")
     for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--quantize", "--lora_r", "--lora_alpha",
-                 "--lora_dropout", "--lora_targets", "--resume", *(f"--train.{name}" for name in train_flags)):
+                 "--lora_dropout", "--lora_targets", "--lora_rslora", "--lora_dora", "--resume", *(f"--train.{name}" for name in train_flags)):
         assert f"  {flag} " in result.stdout, flag
     assert "Fine-tune a checkpoint with LoRA on data prepared by prepare_alpaca.py." in result.stdout
 
@@ -450,6 +451,26 @@ def test_a_damaged_train_pt_is_one_line_and_nothing_is_written(checkpoint_dir, e
     assert result.returncode == 1
     assert result.stderr == f"error: {data_dir / 'train.pt'} {message}" + result.stderr.partition(message)[2]
     assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_dora_and_rslora_train_their_parameters_and_the_adapter_records_them(checkpoint_dir, eight_records, tmp_path):
+    """--lora_dora --lora_rslora with per-projection targets: the magnitudes learn and are saved, the adapter records
+    the settings, and the model it loads to computes what the trained one did."""
+    from lora import load_lora_model
+
+    with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
+        finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **{
+            **QUICK, "learning_rate": 1e-2, "lora_targets": ["value", "down"], "lora_rslora": True, "lora_dora": True})
+    adapter = tmp_path / finetune_lora.ADAPTER_NAME
+    config, _ = read_lora_config(adapter)
+    assert config.dora and config.rslora and config.targets == ("value", "down")
+    magnitude = load_file(adapter)["blocks.0.mlp.down_proj.lora.magnitude"]
+    trained = models[0].eval()
+    start = trained.blocks[0].mlp.down_proj.weight.norm(dim=1)  # ‖W‖, where the magnitude starts
+    assert (magnitude - start).abs().max() > 1e-4
+    idx = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_lora_model(checkpoint_dir, adapter).eval()(idx), trained(idx))
 
 
 def test_lora_targets_take_one_name_or_a_list_on_the_command_line():

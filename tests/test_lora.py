@@ -36,6 +36,8 @@ def randomize_lora(model: LLaMA, seed: int = 1) -> None:
             if isinstance(module, LoRALinear):
                 module.lora.A.copy_(torch.randn(module.lora.A.shape, generator=generator) * 0.1)
                 module.lora.B.copy_(torch.randn(module.lora.B.shape, generator=generator) * 0.1)
+                if module.lora.magnitude is not None:  # DoRA: each row's length moved by up to 20 %
+                    module.lora.magnitude.mul_(torch.rand(module.lora.magnitude.shape, generator=generator) * 0.4 + 0.8)
 
 
 def tiny_pair(seed: int = 0, lora_kwargs: dict = None, **config):
@@ -107,6 +109,68 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_weight():
     torch.testing.assert_close(adapted(x), unmerged, **rounding_tolerance(adapted, unmerged))
 
 
+def test_dora_layer_is_magnitude_times_normalised_weight_plus_update():
+    """DoRA's definition (Liu et al. 2024, eq. 5): m ⊙ (W + ΔW)·x / ‖W + ΔW‖ per output row, ΔW = B·A·alpha/r."""
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 5, r=2, alpha=3, dropout=0.0, dora=True)
+    W = layer.weight
+    torch.testing.assert_close(layer.lora.magnitude, W.norm(dim=1))  # it starts from the base layer
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(layer(x), x @ W.T, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+        layer.lora.magnitude.uniform_(0.5, 2)
+    V = W + layer.lora.B @ layer.lora.A * (3 / 2)
+    expected = x @ (layer.lora.magnitude[:, None] * V / V.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_norm_is_detached_and_its_parameters_get_gradients():
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 5, r=2, alpha=3, dropout=0.0, dora=True)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    layer.weight.requires_grad = False
+    layer(torch.randn(3, 6)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.lora.parameters())
+    assert not layer.weight_norm().requires_grad
+
+
+def test_dora_merged_equals_unmerged_and_unmerge_restores_the_weight():
+    _, adapted = tiny_pair(lora_kwargs=dict(r=4, alpha=8, dropout=0.0, targets=("all_linear", "head"), dora=True))
+    randomize_lora(adapted)
+    x = tokens()
+    weights = {name: t.clone() for name, t in adapted.state_dict().items()}
+    unmerged = adapted(x)
+    merge_lora_weights(adapted)
+    torch.testing.assert_close(adapted(x), unmerged, **rounding_tolerance(adapted, unmerged))
+    for module in adapted.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()
+    for name, t in adapted.state_dict().items():
+        torch.testing.assert_close(t, weights[name], rtol=0, atol=1e-6)
+
+
+def test_adapter_parts_give_each_layers_output():
+    """What a server applying adapters to a shared base needs: per layer A, B, the scaling and DoRA's factor, from which
+    the layer's output is W·x + scaling·B·A·x, times the factor per output row for DoRA."""
+    from lora import adapter_parts
+
+    for dora in (False, True):
+        _, adapted = tiny_pair(lora_kwargs=dict(r=4, alpha=8, dropout=0.1, targets=("key", "down"), dora=dora,
+                                                rslora=True, ranks={"blocks.1.mlp.down_proj": 2}))
+        randomize_lora(adapted)
+        parts = {name: rest for name, *rest in adapter_parts(adapted)}
+        assert list(parts) == ["blocks.0.attn.k_proj", "blocks.0.mlp.down_proj", "blocks.1.attn.k_proj", "blocks.1.mlp.down_proj"]
+        for name, (A, B, scaling, factor) in parts.items():
+            layer = adapted.get_submodule(name)
+            assert scaling == 8 / math.sqrt(A.shape[0]) and (factor is None) == (not dora)  # rsLoRA: alpha / √r
+            x = torch.randn(3, layer.in_features)
+            expected = x @ layer.weight.T + scaling * (x @ A.T) @ B.T
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), expected if factor is None else factor * expected)
+
+
 def test_merging_a_tied_head_leaves_the_embedding_alone():
     _, adapted = tiny_pair(lora_kwargs=dict(r=2, alpha=4, dropout=0.0, targets=("query", "value", "head")), tie_embeddings=True)
     randomize_lora(adapted)
@@ -120,11 +184,13 @@ def test_merging_a_tied_head_leaves_the_embedding_alone():
     torch.testing.assert_close(adapted(x), unmerged, **rounding_tolerance(adapted, unmerged))
 
 
-def test_targets_and_all_linear_switch():
+def test_targets_per_projection_and_shorthands():
     config = Config(**TINY)
     for targets, wanted in [
         (("query", "value"), {"q_proj", "v_proj"}),
+        (("value", "down"), {"v_proj", "down_proj"}),
         (("key", "mlp"), {"k_proj", "gate_proj", "up_proj", "down_proj"}),
+        (("attention", "up"), {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj"}),
         (("all_linear",), {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
         (("head",), {"lm_head"}),
     ]:
@@ -132,21 +198,38 @@ def test_targets_and_all_linear_switch():
             model = LLaMA(config)
         adapted = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
         assert adapted == wanted, targets
-        expected = [t for t in ("query", "key", "value", "projection", "mlp", "head") if set(TARGETS[t]) <= wanted]
+        expected = [t for t in ("query", "key", "value", "projection", "gate", "up", "down", "head") if TARGETS[t] in wanted]
         assert list(get_lora_config(model).targets) == expected
 
 
 def test_lora_settings_are_checked_with_a_value_error():
     for kwargs, message in [
-        (dict(r=0), "rank r must be at least 1"),
+        (dict(r=0), "rank r must be a whole number of at least 1, not 0"),
+        (dict(ranks={"blocks.0.attn.q_proj": 0}), "at least 1, not 0"),
         (dict(dropout=1.0), "dropout must be in"),
-        (dict(targets=("query", "gate")), "must be some of query, key, value, projection, mlp, head, all_linear"),
+        (dict(targets=("query", "gates")), "must be some of query, key, value, projection, gate, up, down, head, "
+                                           "attention, mlp, all_linear"),
         (dict(targets=()), "must be some of"),
     ]:
         with pytest.raises(ValueError, match=message):
             LoRAConfig(**kwargs)
-    assert LoRAConfig(targets="mlp").targets == ("mlp",)  # a single name, as a YAML string
+    assert LoRAConfig(targets="mlp").targets == ("gate", "up", "down")  # a single name, as a YAML string
     assert LoRAConfig(targets=("value", "query", "query")).targets == ("query", "value")  # one spelling
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    assert LoRALinear(8, 8, r=4, alpha=8, dropout=0.0).lora.scaling == 2.0
+    assert LoRALinear(8, 8, r=4, alpha=8, dropout=0.0, rslora=True).lora.scaling == 4.0
+
+
+def test_per_module_ranks_and_alphas_build_and_read_back():
+    ranks, alphas = {"blocks.1.attn.q_proj": 6, "blocks.0.mlp.down_proj": 2}, {"blocks.1.attn.q_proj": 3.0}
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "down"), ranks=ranks, alphas=alphas):
+        model = LLaMA(Config(**TINY))
+    assert model.blocks[1].attn.q_proj.lora.A.shape == (6, 32) and model.blocks[0].attn.q_proj.lora.A.shape == (4, 32)
+    assert model.blocks[1].attn.q_proj.lora.scaling == 0.5 and model.blocks[0].mlp.down_proj.lora.scaling == 4.0
+    config = get_lora_config(model)
+    assert (config.r, config.alpha, config.ranks, config.alphas) == (4, 8, ranks, alphas)
 
 
 def test_adapters_written_with_a_flag_per_target_still_load(tmp_path):
@@ -161,6 +244,32 @@ def test_adapters_written_with_a_flag_per_target_still_load(tmp_path):
     loaded = load_lora_model(tmp_path, tmp_path / "old.safetensors")
     x = tokens()
     assert torch.equal(loaded.eval()(x), trained(x))
+
+
+def test_adapters_written_before_per_projection_targets_still_load(tmp_path):
+    """Adapters from before rslora, dora, ranks and the per-projection targets recorded "mlp" for gate, up and down."""
+    trained = save_adapter(tmp_path, lora_kwargs=dict(r=4, alpha=8, dropout=0.05, targets=("key", "mlp", "head")))
+    path = tmp_path / "adapter.safetensors"
+    old_style = {"r": 4, "alpha": 8, "dropout": 0.05, "targets": ["key", "mlp", "head"]}
+    metadata = {"format": "pt", "lora": json.dumps(old_style), "model_config": json.dumps(asdict(trained.config))}
+    save_file(load_file(path), tmp_path / "old.safetensors", metadata=metadata)
+    assert read_lora_config(tmp_path / "old.safetensors")[0].targets == ("key", "gate", "up", "down", "head")
+    x = tokens()
+    assert torch.equal(load_lora_model(tmp_path, tmp_path / "old.safetensors").eval()(x), trained(x))
+
+
+@pytest.mark.parametrize("settings", [dict(rslora=True), dict(dora=True), dict(ranks={"blocks.1.attn.q_proj": 6}, alphas={"blocks.0.mlp.gate_proj": 3.0})])
+def test_variants_save_and_load_with_their_settings(tmp_path, settings):
+    lora_kwargs = dict(r=4, alpha=8, dropout=0.05, targets=("query", "mlp"), **settings)
+    trained = save_adapter(tmp_path, lora_kwargs=lora_kwargs)
+    if settings.get("dora"):
+        assert "blocks.0.mlp.up_proj.lora.magnitude" in load_file(tmp_path / "adapter.safetensors")
+    assert read_lora_config(tmp_path / "adapter.safetensors")[0] == LoRAConfig(**lora_kwargs)
+    x = tokens()
+    loaded = load_lora_model(tmp_path, tmp_path / "adapter.safetensors").eval()
+    assert torch.equal(loaded(x), trained(x))
+    merged = load_lora_model(tmp_path, tmp_path / "adapter.safetensors", merge=True).eval()
+    torch.testing.assert_close(merged(x), trained(x), **rounding_tolerance(merged, trained(x)))
 
 
 def test_context_manager_restores_model_py_after_an_exception():
@@ -297,7 +406,8 @@ def test_mismatched_targets_and_rank_are_named(tmp_path):
     with lora(r=8, alpha=8, dropout=0.0, targets=("query", "mlp")):
         model = LLaMA(Config(**TINY))
     message = error_of(load_lora_checkpoint, model, path)
-    assert "r=4 (model: 8)" in message and "targets=('query', 'value', 'mlp') (model: ('query', 'mlp'))" in message
+    assert "r=4 (model: 8)" in message
+    assert "targets=('query', 'value', 'gate', 'up', 'down') (model: ('query', 'gate', 'up', 'down'))" in message
     assert "without LoRA" not in message
     assert "no LoRA layers" in error_of(load_lora_checkpoint, LLaMA(Config(**TINY)), path)
 

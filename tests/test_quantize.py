@@ -93,6 +93,30 @@ def test_a_4bit_model_computes_exactly_with_its_dequantized_weights(checkpoint_d
         torch.testing.assert_close(model(tokens()), reference(tokens()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.int8"])
+def test_dora_on_a_quantized_base_takes_its_norms_from_the_dequantized_weights(checkpoint_dir, mode):
+    """DoRA's magnitude starts as ‖W‖ of the weight the layer computes with (bitsandbytes' dequantization, as PEFT takes
+    it), so a fresh DoRA model computes as its quantized base; on nf4 a non-zero update is what it is on those weights
+    in fp32 (LLM.int8() also rounds the input to 8 bits, so an int8 layer's output is not x·Wᵀ of its weight)."""
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "down"), dora=True):
+        model = load_model(checkpoint_dir, quantize=mode).eval()
+    plain = load_model(checkpoint_dir, quantize=mode).eval()
+    layer = model.blocks[1].mlp.down_proj
+    if mode == "bnb.nf4":
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    else:
+        weight = layer.weight.data.float() * layer.weight.SCB[:, None] / 127
+    torch.testing.assert_close(layer.lora.magnitude, weight.norm(dim=1), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), plain(tokens()), rtol=0, atol=1e-5)
+        if mode == "bnb.nf4":
+            layer.lora.B.normal_(std=0.1)
+            x = torch.randn(3, layer.in_features)
+            V = weight + layer.lora.B @ layer.lora.A * layer.lora.scaling
+            expected = x @ (layer.lora.magnitude[:, None] * V / V.norm(dim=1, keepdim=True)).T
+            torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+
+
 def test_a_4bit_layer_stays_exact_and_differentiable_after_validation_and_a_checkpoint(checkpoint_dir):
     """Fine-tuning alternates training steps with validation and sampling (eval mode, no gradients) and saves
     checkpoints (state_dict()); neither may change what a 4-bit layer computes nor stop the gradient through it, which
