@@ -27,7 +27,7 @@ from multilora import AdapterStack
 
 
 class QueueFull(Exception):
-    """submit() found `max_waiting` requests already waiting for a slot (serve.py answers 429)."""
+    """submit() found every slot busy and `max_waiting` requests already waiting for one (serve.py answers 429)."""
 
 
 @dataclass
@@ -64,6 +64,7 @@ class BatchGenerator:
         self.adapter_slots = [0] * max_batch_size
         self.generators: list[Optional[torch.Generator]] = [None] * max_batch_size
         self.waiting: collections.deque[Request] = collections.deque()
+        self.ended = collections.Counter()  # requests ended so far, by finish_reason (serve.py's /health)
         self.lock = threading.Lock()  # held by a step; adding an adapter waits for it
         self.wakeup = threading.Condition(threading.Lock())
 
@@ -76,8 +77,9 @@ class BatchGenerator:
                              f"exceeds max_seq_length {self.max_seq_length}")
         self.stack.index(request.adapter)  # an unknown adapter fails here, not in the loop
         with self.wakeup:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit); retry later")
+            # free slots take requests at the next step: until then those count as places in the queue too
+            if len(self.waiting) >= self.max_waiting + self.slots.count(None):
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting for a slot (the limit); retry later")
             self.waiting.append(request)
             self.wakeup.notify()
 
@@ -155,6 +157,7 @@ class BatchGenerator:
 
     def end(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
+        self.ended[reason] += 1
         if request.on_token is not None:
             request.on_token(None)
 

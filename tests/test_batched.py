@@ -9,7 +9,8 @@ import torch
 
 from batched import BatchGenerator, QueueFull, Request, generate_all
 from generate import generate
-from lora import LoRALinear, load_lora_model, lora, save_lora_checkpoint
+from conftest import make_adapter
+from lora import load_lora_model
 from multilora import AdapterStack, adapter_updates
 from utils import load_model
 
@@ -22,18 +23,6 @@ ADAPTERS = [
 ]
 PROMPTS = [[1, 450, 4996, 17354], [1, 306, 763, 2, 99, 7], [1, 15043], [1, 450, 263, 4086, 310, 278, 29871, 13, 8, 19],
            [1, 3532, 1024]]
-
-
-def make_adapter(checkpoint_dir: Path, path: Path, r: int, alpha: float, targets, seed: int) -> None:
-    """An adapter with random, non-zero A and B (a fresh one has B = 0, the base model exactly)."""
-    with lora(r=r, alpha=alpha, dropout=0.0, targets=targets):
-        model = load_model(checkpoint_dir)
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.lora.A.data = torch.randn(module.lora.A.shape, generator=generator) * 0.3
-            module.lora.B.data = torch.randn(module.lora.B.shape, generator=generator) * 0.3
-    save_lora_checkpoint(model, path)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +112,9 @@ def test_an_adapter_added_later_and_sampling_by_seed(checkpoint_dir, adapters, r
 
 def test_a_full_queue_refuses(checkpoint_dir, adapters):
     generator = stacked(checkpoint_dir, {}, max_batch_size=1, max_waiting=2)
-    for _ in range(2):
+    for _ in range(3):  # the free slot takes one at the next step, the queue two
         generator.submit(Request(prompt=[1], max_new_tokens=1))
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull, match="3 requests are already waiting for a slot"):
         generator.submit(Request(prompt=[1], max_new_tokens=1))
+    generator.step()  # one starts (and ends: one token); the queue has room again
+    generator.submit(Request(prompt=[1], max_new_tokens=1))
