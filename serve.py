@@ -257,7 +257,7 @@ def build_app(server: Server):
 
     async def respond(body, request: HTTPRequest, adapter: str, ids: list[int], kind: str):
         max_tokens = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
-        max_tokens = max_tokens or min(server.max_tokens, server.generator.max_seq_length - len(ids))
+        max_tokens = max_tokens or max(1, min(server.max_tokens, server.generator.max_seq_length - len(ids)))
         if max_tokens > server.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {server.max_tokens} "
                                 "(serve.py --max_tokens)", param="max_tokens", code="max_tokens_too_large")
@@ -282,6 +282,8 @@ def build_app(server: Server):
             server.generator.submit(job)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
+        except ValueError as e:  # what the checks above let through
+            raise APIError(400, one_line(e)) from None
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         answer = Answer(server.tokenizer, stops, job)
         reply_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
