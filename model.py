@@ -301,11 +301,15 @@ class CausalSelfAttention(nn.Module):
                 pos = input_pos.expand(B, T)
                 k_cache[rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
                 v_cache[rows[:, None], :, pos] = v.transpose(1, 2)
-                # rows 0..B-1 are a view; other rows a copy, which only a request's first pass (prefill) asks for
-                k, v = (k_cache[:B], v_cache[:B]) if kv_rows is None else (k_cache[rows], v_cache[rows])
-                mask = (pos[:, :, None] >= torch.arange(k.size(2), device=x.device))[:, None]  # (B, 1, T, cache length)
-            # attend over the whole cache (B, n_query_groups, cache length, head_size), masking the positions after
-            # each query's own: no shape depends on how full the cache is, so torch.compile needs no graph break
+                # only as far as the furthest row has come (a host sync): a cache sized for the longest request a
+                # server takes is mostly empty. Rows 0..B-1 are a view; other rows a copy, for a request's first pass
+                n = int(pos.max()) + 1
+                used = slice(0, B) if kv_rows is None else kv_rows
+                k, v = k_cache[used, :, :n], v_cache[used, :, :n]  # (B, n_query_groups, n, head_size)
+                mask = (pos[:, :, None] >= torch.arange(n, device=x.device))[:, None]  # (B, 1, T, n)
+            # with one position per column, attend over the whole cache (B, n_query_groups, cache length, head_size),
+            # masking the positions after each query's own: no shape depends on how full the cache is, so
+            # torch.compile needs no graph break
             is_causal = False
 
         gqa = self.n_query_groups != self.n_head
