@@ -16,6 +16,7 @@ for the next waiting one. Each row's greedy output equals generate.generate's fo
 
 import collections
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -44,7 +45,7 @@ class Request:
     on_token: Optional[Callable[[Optional[int]], None]] = None
     # set by the generator
     tokens: list[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "stop" (a stop id), "length" (max_new_tokens) or "cancelled"
+    finish_reason: Optional[str] = None  # "stop" (a stop id), "length" (max_new_tokens), "cancelled" or "error"
     cancelled: bool = False  # set from any thread: the slot is freed at the next step
 
 
@@ -161,25 +162,30 @@ class BatchGenerator:
         if request.on_token is not None:
             request.on_token(None)
 
-    def cancel_all(self) -> None:
-        """Ends every request in flight or waiting as cancelled (serve.py at shutdown)."""
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        """Ends every request in flight or waiting (serve.py at shutdown)."""
         with self.lock:
             for i, request in enumerate(self.slots):
                 if request is not None:
-                    self.finish(i, "cancelled")
+                    self.finish(i, reason)
             with self.wakeup:
                 waiting, self.waiting = list(self.waiting), collections.deque()
             for request in waiting:
-                self.end(request, "cancelled")
+                self.end(request, reason)
 
     def loop(self, stop: threading.Event) -> None:
-        """The generation loop, for a thread of its own: steps while there is work, sleeps while there is none."""
+        """The generation loop, for a thread of its own: steps while there is work, sleeps while there is none. A step
+        that fails (out of memory, a bug) ends the requests in flight with finish_reason "error", and the loop goes on."""
         while not stop.is_set():
             with self.wakeup:
                 if not self.busy():
                     self.wakeup.wait(timeout=0.1)
                     continue
-            self.step()
+            try:
+                self.step()
+            except Exception:
+                traceback.print_exc()
+                self.cancel_all("error")
 
 
 def generate_all(generator: BatchGenerator, requests: list[Request]) -> None:

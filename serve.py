@@ -329,14 +329,20 @@ def build_app(server: Server):
             return StreamingResponse(events(), media_type="text/event-stream")
 
         try:
+            checked = loop.time()
             while answer.finish_reason is None:
                 try:
-                    answer.add(await asyncio.wait_for(tokens.get(), timeout=1.0))
+                    answer.add(await asyncio.wait_for(tokens.get(), timeout=0.5))
                 except asyncio.TimeoutError:
+                    pass
+                if loop.time() - checked > 0.5:  # twice a second: has the client gone away?
+                    checked = loop.time()
                     if await request.is_disconnected():
                         break
         finally:
-            job.cancelled = True
+            job.cancelled = True  # a no-op for a request that has ended; else its slot is freed at the next step
+        if job.finish_reason == "error":
+            raise APIError(500, "generation failed; the server's log has the traceback", type="server_error")
         data = {"id": reply_id, "object": kind, "created": int(time.time()), "model": model_name,
                 "choices": [choice(answer.text, answer.finish_reason, False)], "usage": usage()}
         return data
