@@ -105,7 +105,7 @@ def main(
     generator.model.clear_kv_cache()
 
     if sequential:
-        latencies, t_start, elapsed = [], time.perf_counter(), 0.0
+        latencies, elapsed = [], 0.0
         for prompt, adapter in zip(prompts, adapters):
             lora_model.load_state_dict(adapter, strict=False)  # not timed: what loading the adapter file does
             merge_lora_weights(lora_model)

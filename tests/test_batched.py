@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from batched import BatchGenerator, QueueFull, Request, generate_all
-from generate import generate
 from conftest import make_adapter
+from generate import generate
 from lora import load_lora_model
 from multilora import AdapterStack, Update, adapter_updates
 from utils import load_model

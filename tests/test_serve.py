@@ -57,7 +57,7 @@ def server(tmp_path_factory, checkpoint_dir, adapters):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "serve.py", "--checkpoint_dir", str(checkpoint_dir), "--adapters_dir", str(served),
-         "--port", str(port), "--api_key", KEY, "--max_batch_size", "4", "--max_waiting", "2", "--max_seq_length", "256",
+         "--port", str(port), "--api_key", KEY, "--max_batch_size", "4", "--max_waiting", "2", "--max_seq_length", "200",
          "--max_tokens", "200", "--max_prompt_tokens", "50", "--template", "alpaca", "--shutdown_timeout", "5"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
@@ -180,6 +180,8 @@ def request(server, method: str, path: str, body=None, key: str = KEY) -> tuple[
      "max_tokens 201 is above this server's limit of 200"),
     ("/v1/completions", {"model": "qv2", "prompt": "word " * 60}, KEY, 400, "prompt_too_long",
      "above this server's limit of 50"),
+    ("/v1/completions", {"model": "qv2", "prompt": "word " * 40, "max_tokens": 190}, KEY, 400, "context_length_exceeded",
+     "plus max_tokens (190) exceeds this server's limit of 200 tokens"),
     ("/v1/completions", {"model": "nope", "prompt": "Hi"}, KEY, 404, "model_not_found", "the model 'nope' does not exist"),
     ("/v1/completions", '{"model": "qv2", "prompt": ', KEY, 400, "invalid_json", "not valid JSON"),
     ("/v1/completions", {"model": "qv2", "prompt": "Hi", "temperature": -1}, KEY, 422, "invalid_field", "temperature"),
@@ -203,7 +205,7 @@ def test_bad_requests_get_their_status_and_an_openai_error(server, path, body, k
 def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(server):
     # 4 slots and 2 places in the queue: of 12 long requests sent at once, some are refused
     def call(_):
-        body = {"model": "all4", "prompt": "Hi", "max_tokens": 200, "temperature": 0}
+        body = {"model": "all4", "prompt": "Hi", "max_tokens": 190, "temperature": 0}
         return request(server, "POST", "/v1/completions", body)
 
     with ThreadPoolExecutor(12) as pool:
@@ -216,7 +218,7 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(server):
 
     before = request(server, "GET", "/health")[1]["ended"].get("cancelled", 0)
     connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
-    body = {"model": "qv2", "prompt": "Hi", "max_tokens": 200, "stream": True, "temperature": 0}
+    body = {"model": "qv2", "prompt": "Hi", "max_tokens": 190, "stream": True, "temperature": 0}
     connection.request("POST", "/v1/completions", json.dumps(body),
                        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     response = connection.getresponse()
