@@ -297,7 +297,9 @@ def build_app(server: Server):
             if kind == "text_completion":
                 return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
             if stream:
-                delta = {} if text is None else {"role": "assistant", "content": text}
+                delta = {} if text is None else {"content": text}
+                if text is not None and answer.sent == len(text):  # the first piece: OpenAI sends the role with it only
+                    delta = {"role": "assistant", **delta}
                 return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": finish_reason}

@@ -49,7 +49,8 @@ def adapters(tmp_path_factory, checkpoint_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint_dir, adapters):
-    """The server's base URL; it serves the base ("checkpoint...", its directory name) and ADAPTERS, 4 slots, 2 waiting."""
+    """The running server (url, port, process, adapters dir, base name): the base, named after its directory, and
+    ADAPTERS; 4 slots, 2 places in the queue, 200 positions, max_tokens 200, prompts of 50 tokens at most."""
     served = tmp_path_factory.mktemp("adapters")
     for name, *_ in ADAPTERS:
         shutil.copy(adapters[name], served / f"{name}.safetensors")
