@@ -151,15 +151,25 @@ def printable(ids: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
     return ids[start:end]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
-    """One token id, shape (1,), from the logits (vocab_size,) of the last position."""
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """One token id, shape (1,), from the logits (vocab_size,) of the last position. top_p < 1 draws from the most
+    likely tokens whose probabilities add up to top_p (nucleus sampling; serve.py's requests ask for it); `generator`
+    draws from a request's own random numbers (serve.py's `seed`) instead of torch's global ones."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     if top_k is not None:
         # softmax and draw among the k best only: cheaper than masking the other vocab_size - k logits
         logits, candidates = torch.topk(logits, min(top_k, logits.size(-1)))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    choice = torch.multinomial(probs, num_samples=1)
+    if top_p is not None and top_p < 1.0:
+        # keep each token whose more likely predecessors add up to less than top_p: the most likely one always
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order[keep], sorted_probs[keep])  # multinomial renormalises
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
     return candidates[choice] if top_k is not None else choice
 
 

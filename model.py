@@ -193,9 +193,13 @@ class LLaMA(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         lengths: Optional[list[int]] = None,
         logits_at: Optional[torch.Tensor] = None,
+        kv_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, or None for a
-        plain causal pass over positions 0..T-1 without a cache. lengths: for training on several sequences
+        """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, the same for every row, or
+        (B, T), each row its own (batched.py decodes requests of different lengths together), or None for a
+        plain causal pass over positions 0..T-1 without a cache. kv_rows: (B,) the rows of the KV cache that the
+        batch's rows use, by default 0..B-1 (batched.py fills one request's row of a cache shared by many).
+        lengths: for training on several sequences
         packed into one row without padding (B = 1, T = sum(lengths)): each attends only to itself and its
         positions start at 0, so every position is a real token. logits_at: a (B, T) boolean mask of the positions
         whose logits are wanted: the output head, the largest matrix product at a large vocabulary, then runs on
@@ -214,14 +218,14 @@ class LLaMA(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             cos, sin = cos[:T], sin[:T]
         else:
-            cos, sin = cos[input_pos], sin[input_pos]
+            cos, sin = cos[input_pos], sin[input_pos]  # (T, head_size), or (B, T, head_size) for per-row positions
 
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, lengths, use_reentrant=False)
             else:
-                x = block(x, cos, sin, input_pos, lengths)
+                x = block(x, cos, sin, input_pos, lengths, kv_rows)
         if logits_at is not None:
             x = x[logits_at]  # (n, n_embd): RMSNorm and the head work position by position
         return self.lm_head(self.norm(x))  # (B, T, vocab_size), or (n, vocab_size)
@@ -256,9 +260,10 @@ class Block(nn.Module):
         self.mlp = MLP(config, f"{path}.mlp")
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]],
+        kv_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, lengths)
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, lengths, kv_rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -277,7 +282,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]],
+        kv_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
@@ -292,11 +298,25 @@ class CausalSelfAttention(nn.Module):
                 raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
             k_cache, v_cache = self.kv_cache
             # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
-            k = k_cache[:B].index_copy_(2, input_pos, k.to(k_cache.dtype))
-            v = v_cache[:B].index_copy_(2, input_pos, v.to(v_cache.dtype))
-            # attend over the whole cache (B, n_query_groups, cache length, head_size), masking the positions after
-            # each query's own: no shape depends on how full the cache is, so torch.compile needs no graph break
-            mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)[None, :]
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+            if input_pos.dim() == 1 and kv_rows is None:  # one position per column, cache rows 0..B-1
+                k = k_cache[:B].index_copy_(2, input_pos, k)
+                v = v_cache[:B].index_copy_(2, input_pos, v)
+                mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)[None, :]  # (T, cache length)
+            else:  # each row at its own positions, in its own cache row
+                rows = torch.arange(B, device=x.device) if kv_rows is None else kv_rows
+                pos = input_pos.expand(B, T)
+                k_cache[rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
+                v_cache[rows[:, None], :, pos] = v.transpose(1, 2)
+                # only as far as the furthest row has come (a host sync): a cache sized for the longest request a
+                # server takes is mostly empty. Rows 0..B-1 are a view; other rows a copy, for a request's first pass
+                n = int(pos.max()) + 1
+                used = slice(0, B) if kv_rows is None else kv_rows
+                k, v = k_cache[used, :, :n], v_cache[used, :, :n]  # (B, n_query_groups, n, head_size)
+                mask = (pos[:, :, None] >= torch.arange(n, device=x.device))[:, None]  # (B, 1, T, n)
+            # with one position per column, attend over the whole cache (B, n_query_groups, cache length, head_size),
+            # masking the positions after each query's own: no shape depends on how full the cache is, so
+            # torch.compile needs no graph break
             is_causal = False
 
         gqa = self.n_query_groups != self.n_head
@@ -394,7 +414,9 @@ def llama3_scaled(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, n_heads, T, head_size); cos, sin: (T, head_size)."""
+    """x: (B, n_heads, T, head_size); cos, sin: (T, head_size), or (B, T, head_size) for per-row positions."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_size): the same for every head
     half = x.size(-1) // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))

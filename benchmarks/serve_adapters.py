@@ -1,0 +1,209 @@
+"""Many adapters in one batch (batched.py + multilora.py, what serve.py runs) against one request after another and
+against PEFT's mixed-adapter batch.
+
+    python benchmarks/serve_adapters.py
+
+The 134M config (n_embd 768, 12 layers, vocab 32000) with the same random base weights everywhere, 16 LoRA adapters
+(r 8, alpha 16, query and value, random non-zero A and B), 16 requests of 128 new tokens each after prompts of 16 to 46
+random tokens, greedy, every request to its full length (no stop token):
+
+- ours, the 16 requests submitted at once to one BatchGenerator (16 slots), their rows on 1, 4 or 16 distinct
+  adapters: throughput (new tokens of all requests / wall time) and the p50 / p99 of the requests' latencies (from the
+  submission of all to each one's last token);
+- the same 16 requests one after another as generate_lora.py runs one (its adapter merged into the weights, then
+  generate.generate); loading and merging each adapter is not timed, only generation;
+- transformers + PEFT with the same 16 adapters loaded, one `generate(..., adapter_names=[...])` call over the 16
+  requests left-padded into one batch, 16 distinct adapters (PEFT runs each adapter's rows as a sub-batch).
+
+Targets (issue 15): 16 distinct adapters at least 0.8x the throughput of 16 rows of one adapter, at least 4x the one
+after another, and faster than PEFT's mixed batch. On a GPU (--device cuda) everything runs in bf16.
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from jsonargparse import CLI
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).parent))
+from batched import BatchGenerator, Request
+from convert_hf_checkpoint import hf_to_lit_name
+from export_peft import lit_to_peft_name
+from generate import generate, use_cpu_decode_layout
+from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
+from lora_vs_peft import build_hf_model, synchronize
+from model import LLaMA, Config
+from multilora import AdapterStack, Update
+
+R, ALPHA, TARGETS = 8, 16, ("query", "value")
+
+
+def main(
+    model_name: str = "134M",
+    requests: int = 16,
+    new_tokens: int = 128,
+    adapter_counts: tuple[int, ...] = (1, 4, 16),
+    sequential: bool = True,
+    peft: bool = True,
+    threads: Optional[int] = None,
+    device: str = "cpu",
+) -> None:
+    """Times each way of serving the requests and prints the figures and the ratios.
+
+    Args:
+        model_name: a preset of model.Config.
+        requests: concurrent requests (and distinct adapters at most).
+        new_tokens: tokens each request generates.
+        adapter_counts: the numbers of distinct adapters the batch's rows use, ours.
+        sequential: also time the requests one after another (the slowest part on a CPU).
+        peft: also time transformers + PEFT's mixed-adapter batch.
+        threads: CPU threads for PyTorch; by default one per core.
+        device: "cpu" (fp32) or "cuda" (bf16).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = Config.from_name(model_name)
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{model_name}: {config.n_layer} layers, n_embd {config.n_embd}; {requests} requests x {new_tokens} new tokens, "
+          f"{dtype}, {where}, torch {torch.__version__}", file=sys.stderr)
+
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with device:
+        hf_model = build_hf_model(config).eval()
+        weights = {hf_to_lit_name(name): t for name, t in hf_model.state_dict().items()}
+        with lora(r=R, alpha=ALPHA, dropout=0.0, targets=TARGETS):
+            lora_model = LLaMA(config).eval()
+        lora_model.load_state_dict(weights, strict=False)
+        base = LLaMA(config).eval()
+        base.load_state_dict(weights)
+    torch.set_default_dtype(default_dtype)
+    if device.type == "cpu":  # as generate.py, generate_lora.py and serve.py lay the weights out on CPU
+        use_cpu_decode_layout(lora_model)
+        use_cpu_decode_layout(base)
+    adapters = [random_adapter(lora_model, seed) for seed in range(requests)]  # {name in lora_state_dict: tensor}
+    prompts = [torch.randint(0, config.vocab_size, (16 + 2 * i,)).tolist() for i in range(requests)]
+    figures = {}
+
+    stack = AdapterStack(base)
+    for i, adapter in enumerate(adapters):
+        stack.add(f"a{i}", updates_of(adapter))
+    generator = BatchGenerator(base, stack, requests, max(map(len, prompts)) + new_tokens)
+    run_batched(generator, prompts[:2], ["a0", "a1"], 4, device)  # warm-up
+    for n in adapter_counts:
+        names = [f"a{i % n}" for i in range(requests)]
+        figures[f"ours, {n} adapters"] = run_batched(generator, prompts, names, new_tokens, device)
+        report(f"ours, {n} adapters", figures[f"ours, {n} adapters"], requests * new_tokens)
+    generator.model.clear_kv_cache()
+
+    if sequential:
+        latencies, elapsed = [], 0.0
+        for prompt, adapter in zip(prompts, adapters):
+            lora_model.load_state_dict(adapter, strict=False)  # not timed: what loading the adapter file does
+            merge_lora_weights(lora_model)
+            synchronize(device)
+            t0 = time.perf_counter()
+            generate(lora_model, torch.tensor(prompt, device=device), new_tokens, temperature=0.0)
+            synchronize(device)
+            elapsed += time.perf_counter() - t0
+            latencies.append(elapsed)  # each waits for those before it
+            for module in lora_model.modules():
+                if isinstance(module, LoRALinear):
+                    module.unmerge()
+        figures["one after another"] = (elapsed, latencies)
+        report("one after another (generate_lora.py)", figures["one after another"], requests * new_tokens)
+
+    if peft:
+        figures["peft"] = run_peft(hf_model, adapters, prompts, new_tokens, device)
+        report(f"transformers + peft, {requests} adapters", figures["peft"], requests * new_tokens)
+
+    throughput = {name: requests * new_tokens / wall for name, (wall, _) in figures.items()}
+    most = f"ours, {max(adapter_counts)} adapters"
+    print()
+    if "ours, 1 adapters" in throughput:
+        print(f"{most} / ours, 1 adapter:      {throughput[most] / throughput['ours, 1 adapters']:.2f}x  (target >= 0.8x)")
+    if sequential:
+        print(f"{most} / one after another: {throughput[most] / throughput['one after another']:.2f}x  (target >= 4x)")
+    if peft:
+        print(f"{most} / transformers + peft: {throughput[most] / throughput['peft']:.2f}x  (target > 1x)")
+
+
+def random_adapter(lora_model: LLaMA, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: (torch.randn(param.shape, generator=generator) * 0.02).to(param.dtype).to(param.device)
+            for name, param in lora_state_dict(lora_model).items()}
+
+
+def updates_of(adapter: dict[str, torch.Tensor]) -> dict:
+    """The adapter as multilora.adapter_updates reads it from a file."""
+    modules = {name.removesuffix(".lora.A") for name in adapter if name.endswith(".lora.A")}
+    return {m: Update(adapter[f"{m}.lora.A"], adapter[f"{m}.lora.B"], ALPHA / R) for m in modules}
+
+
+def run_batched(generator: BatchGenerator, prompts: list[list[int]], names: list[str], new_tokens: int,
+                device: torch.device) -> tuple[float, list[float]]:
+    """All requests submitted at once, stepped to the end: the wall time and each request's latency."""
+    done: dict[int, float] = {}
+    jobs = [Request(prompt=p, max_new_tokens=new_tokens, adapter=name) for p, name in zip(prompts, names)]
+    for i, job in enumerate(jobs):
+        job.on_token = lambda token, i=i: done.setdefault(i, time.perf_counter()) if token is None else None
+    synchronize(device)
+    t0 = time.perf_counter()
+    for job in jobs:
+        generator.submit(job)
+    while generator.busy():
+        generator.step()
+    synchronize(device)
+    wall = time.perf_counter() - t0
+    assert all(len(job.tokens) == new_tokens for job in jobs)
+    return wall, [done[i] - t0 for i in range(len(jobs))]
+
+
+def run_peft(hf_model, adapters: list[dict[str, torch.Tensor]], prompts: list[list[int]], new_tokens: int,
+             device: torch.device) -> tuple[float, list[float]]:
+    from peft import LoraConfig, get_peft_model
+
+    settings = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(hf_model, settings, adapter_name="a0")
+    for i in range(1, len(adapters)):
+        peft_model.add_adapter(f"a{i}", settings)
+    state = peft_model.state_dict()
+    for i, adapter in enumerate(adapters):
+        for name, tensor in adapter.items():
+            state[lit_to_peft_name(name).replace(".weight", f".a{i}.weight")].copy_(tensor)
+    peft_model.eval()
+    width = max(map(len, prompts))
+    pad = 0
+    idx = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    names = [f"a{i}" for i in range(len(prompts))]
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    with torch.no_grad():
+        peft_model.generate(input_ids=idx[:2, -4:], attention_mask=mask[:2, -4:], adapter_names=names[:2],
+                            **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = peft_model.generate(input_ids=idx, attention_mask=mask, adapter_names=names, **kwargs)
+        synchronize(device)
+    wall = time.perf_counter() - t0
+    assert out.shape[1] == width + new_tokens
+    return wall, [wall] * len(prompts)  # every request ends with the batch
+
+
+def report(name: str, figures: tuple[float, list[float]], n_tokens: int) -> None:
+    wall, latencies = figures
+    p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98] if len(latencies) > 1 else latencies[0]
+    print(f"  {name:40s} {n_tokens / wall:8.1f} tokens/s   latency p50 {statistics.median(latencies):6.2f} s   "
+          f"p99 {p99:6.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    CLI(main)

@@ -1,0 +1,178 @@
+"""Many LoRA adapters on one base model at once: each row of a batch with its own adapter, or none.
+
+One copy of the base weights serves every adapter. Each adapted projection of the base becomes a `MultiLoRALinear`
+holding the A and B of every loaded adapter stacked, slot 0 all zeros for the plain base:
+
+    out[b] = m[i] * (W x[b] + B[i] A[i] x[b])      with i = rows[b], the adapter of batch row b
+
+The update is one gathered product per layer (A[rows], B[rows] and two `torch.bmm`), whatever mix of adapters the
+batch holds: no Python loop over adapters. Adapters of different ranks stack because every A and B is padded with
+zeros to the largest rank (zero rows of A and zero columns of B add nothing), and adapters that adapt different
+projections because a projection an adapter leaves alone holds zeros in its slot. Each adapter's scaling (alpha / r)
+is folded into its B. `m` is a per-output-row factor, ones unless an adapter brings one (DoRA's magnitude over the
+norm of each row of W + ΔW).
+
+    stack = AdapterStack(model)
+    stack.add("support", adapter_updates("adapters/support.safetensors", model.config))
+    stack.rows = torch.tensor([0, stack.index("support")])  # row 0 the base, row 1 with the adapter
+    logits = model(idx, input_pos)
+
+`adapter_updates` is the one place that reads an adapter file (lora.py's format); batched.py schedules the rows.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lora import check_same_base, read_lora_config
+from model import Config, LLaMA
+
+
+@dataclass
+class Update:
+    """An adapter's change to one projection (out x in): ΔW = B @ A * scaling, and the output multiplied by
+    `row_factor` (out,) when there is one."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float
+    row_factor: Optional[torch.Tensor] = None  # (out,)
+
+
+def adapter_updates(path: Path, config: Config) -> dict[str, Update]:
+    """The updates of a LoRA checkpoint written by lora.save_lora_checkpoint, by the module path of each projection
+    in model.py ("blocks.3.attn.q_proj"), after checking that it was trained on a base of `config`'s shapes."""
+    lora_config, base_config = read_lora_config(path)
+    check_same_base(base_config, config, path)
+    try:
+        state_dict = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a complete safetensors file ({e})") from None
+    updates = {}
+    for name, A in state_dict.items():
+        if name.endswith(".lora.A"):
+            module = name[: -len(".lora.A")]
+            B = state_dict.get(f"{module}.lora.B")
+            if B is None or A.dim() != 2 or B.shape != (B.size(0), A.size(0)):
+                raise ValueError(f"{path}: {module} lacks a LoRA B of shape (out, {A.size(0)})")
+            updates[module] = Update(A, B, lora_config.alpha / lora_config.r)
+    if not updates:
+        raise ValueError(f"{path} holds no LoRA weights")
+    return updates
+
+
+class MultiLoRALinear(nn.Module):
+    """A projection of the base (`base`, any module mapping (…, in) to (…, out): nn.Linear, a quantized layer) plus
+    the updates of every adapter in `stack`, row by row as `stack.rows` says."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, stack: "AdapterStack") -> None:
+        super().__init__()
+        self.base = base
+        self.stack = [stack]  # in a list: not a submodule, the stack is shared by every layer
+        device, dtype = stack.device, stack.dtype  # no slots yet: AdapterStack.wrap appends one per adapter
+        self.register_buffer("A", torch.zeros(0, stack.rank, in_features, device=device, dtype=dtype))  # (adapters, r, in)
+        self.register_buffer("B", torch.zeros(0, out_features, stack.rank, device=device, dtype=dtype))  # (adapters, out, r)
+        self.row_factor: Optional[torch.Tensor] = None  # (adapters, out), None while every adapter's is ones
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, in), or (B, in) with one position per row (the output head under `logits_at`)."""
+        y = self.base(x)
+        rows = self.stack[0].rows
+        if rows is None:  # the whole batch on the plain base
+            return y
+        flat = x.dim() == 2
+        x3 = x[:, None] if flat else x  # (B, T, in)
+        h = torch.bmm(x3.to(self.A.dtype), self.A[rows].transpose(1, 2))  # (B, T, r)
+        delta = torch.bmm(h, self.B[rows].transpose(1, 2))  # (B, T, out)
+        y = y + (delta[:, 0] if flat else delta).to(y.dtype)
+        if self.row_factor is not None:
+            factor = self.row_factor[rows].to(y.dtype)  # (B, out)
+            y = y * (factor if flat else factor[:, None])
+        return y
+
+    def grow(self, rank: int) -> None:
+        """Pads every adapter's A and B with zeros to `rank`: the same products."""
+        extra = rank - self.A.size(1)
+        if extra > 0:
+            self.A = torch.cat([self.A, self.A.new_zeros(self.A.size(0), extra, self.A.size(2))], dim=1)
+            self.B = torch.cat([self.B, self.B.new_zeros(self.B.size(0), self.B.size(1), extra)], dim=2)
+
+    def append(self, update: Optional[Update]) -> None:
+        """Adds a slot for one more adapter: its update, or zeros where it leaves this projection alone."""
+        A, B = self.A.new_zeros(1, *self.A.shape[1:]), self.B.new_zeros(1, *self.B.shape[1:])
+        if update is not None:
+            r = update.A.size(0)
+            A[0, :r] = update.A
+            B[0, :, :r] = update.B * update.scaling
+        if update is not None and update.row_factor is not None and self.row_factor is None:
+            self.row_factor = self.B.new_ones(self.B.size(0), self.B.size(1))
+        if self.row_factor is not None:
+            factor = self.B.new_ones(1, self.B.size(1))
+            if update is not None and update.row_factor is not None:
+                factor[0] = update.row_factor
+            self.row_factor = torch.cat([self.row_factor, factor])
+        self.A, self.B = torch.cat([self.A, A]), torch.cat([self.B, B])
+
+
+class AdapterStack:
+    """The adapters loaded onto one base model, by name, slot 0 being the base itself (the name ""), and the layers
+    that apply them. `rows` (B,) is the adapter slot of each row of the next forward pass, or None for the plain base
+    throughout (batched.py sets it before every pass)."""
+
+    def __init__(self, model: LLaMA) -> None:
+        self.model = model
+        self.device, self.dtype = model.embed.weight.device, model.embed.weight.dtype
+        self.names: list[str] = [""]
+        self.rank = 1
+        self.layers: dict[str, MultiLoRALinear] = {}  # by module path, only the projections some adapter adapts
+        self.rows: Optional[torch.Tensor] = None
+
+    def index(self, name: str) -> int:
+        """The slot of adapter `name` ("" for the base)."""
+        if name not in self.names:
+            raise ValueError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.names[1:]) or 'none'}")
+        return self.names.index(name)
+
+    def add(self, name: str, updates: dict[str, Update]) -> int:
+        """Stacks an adapter's updates (`adapter_updates`) under `name`; returns its slot. Not while a forward pass
+        runs: batched.BatchGenerator calls it between steps."""
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        for path, update in updates.items():
+            if path not in self.layers:
+                self.layers[path] = self.wrap(path)
+            layer = self.layers[path]
+            if update.A.size(1) != layer.A.size(2) or update.B.size(0) != layer.B.size(1):
+                raise ValueError(f"adapter {name!r}: {path} has shapes A {tuple(update.A.shape)}, B "
+                                 f"{tuple(update.B.shape)}; the model's projection is {layer.B.size(1)} x {layer.A.size(2)}")
+        self.rank = max([self.rank, *(update.A.size(0) for update in updates.values())])
+        for path, layer in self.layers.items():
+            layer.grow(self.rank)
+            update = updates.get(path)
+            if update is not None:
+                update = Update(update.A.to(self.device, self.dtype), update.B.to(self.device, self.dtype), update.scaling,
+                                None if update.row_factor is None else update.row_factor.to(self.device, self.dtype))
+            layer.append(update)
+        self.names.append(name)
+        return len(self.names) - 1
+
+    def wrap(self, path: str) -> MultiLoRALinear:
+        """Puts a MultiLoRALinear around the model's projection at `path`, with a zero slot for every adapter so far."""
+        parent_path, _, attribute = path.rpartition(".")
+        try:
+            parent = self.model.get_submodule(parent_path)
+            base = getattr(parent, attribute)
+        except AttributeError:
+            raise ValueError(f"the model has no projection {path}") from None
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"{path} is a {type(base).__name__}, not a projection")
+        layer = MultiLoRALinear(base, base.in_features, base.out_features, self)
+        for _ in self.names:
+            layer.append(None)
+        setattr(parent, attribute, layer)
+        return layer

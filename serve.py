@@ -1,0 +1,426 @@
+"""Serves a base checkpoint and every LoRA adapter in a directory over the OpenAI HTTP API, all from one copy of the
+base weights, in one batch.
+
+    python serve.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --adapters_dir out/adapters
+
+`GET /v1/models` lists the base (named after its directory) and each adapter (`*.safetensors` in --adapters_dir, named
+by its file name without the extension); `POST /v1/completions` and `POST /v1/chat/completions` generate with the one
+the request's `model` names, streamed as server-sent events with `stream: true`. An adapter copied into the directory
+is picked up at the next request that names it (or the next `GET /v1/models`), without a restart.
+
+One generation loop (batched.BatchGenerator, in a thread of its own) decodes every request in flight together, each
+with its own adapter (multilora.py) and sampling settings; a finished request's slot goes to the next waiting one.
+Built on FastAPI and uvicorn (howto/serve.md says why); see howto/serve.md for the limits and errors.
+"""
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from batched import BatchGenerator, QueueFull, Request
+from generate import use_cpu_decode_layout
+from lora import read_lora_chat_template
+from multilora import AdapterStack, adapter_updates
+from tokenizer import Tokenizer
+from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    adapters_dir: Optional[Path] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Optional[str] = None,
+    max_batch_size: int = 8,
+    max_seq_length: int = 2048,
+    max_tokens: int = 1024,
+    max_prompt_tokens: int = 1024,
+    max_waiting: int = 64,
+    template: Optional[str] = None,
+    precision: Optional[str] = None,
+    shutdown_timeout: float = 10.0,
+) -> None:
+    """Serves the OpenAI API for the base checkpoint and the adapters in --adapters_dir until SIGTERM or Ctrl-C.
+
+    Args:
+        checkpoint_dir: the base checkpoint (lit_model.safetensors, model_config.json, the tokenizer); its directory
+            name is the base's model name in the API.
+        adapters_dir: a directory of adapters written by finetune_lora.py (`*.safetensors`), each served under its
+            file name without the extension; new files are picked up while running. None serves the base alone.
+        host: the address to listen on; 127.0.0.1 (the default) takes connections from this machine only, 0.0.0.0
+            from anywhere (then set --api_key).
+        port: the TCP port.
+        api_key: require `Authorization: Bearer <api_key>` on every request (401 otherwise).
+        max_batch_size: requests decoded together; more wait in the queue for a free slot. Each holds a KV cache row
+            of max_seq_length tokens.
+        max_seq_length: the longest prompt plus answer of one request, in tokens (at most the model's block_size).
+        max_tokens: the largest `max_tokens` a request may ask for (400 above it).
+        max_prompt_tokens: the longest prompt, in tokens, after the chat template (400 above it).
+        max_waiting: requests that may wait for a slot; one more is refused with 429.
+        template: a chat template built into tokenizer.py (llama-3, llama-2, chatml, alpaca) for the base and for
+            adapters that recorded none, instead of the checkpoint's own.
+        precision: "bf16-true", "16-true" or "32-true"; by default bf16-true on GPUs that support it, else 32-true.
+        shutdown_timeout: seconds that SIGTERM gives requests in flight to finish; those still running after it
+            are cancelled.
+    """
+    import uvicorn
+
+    config = load_config(checkpoint_dir)
+    max_seq_length = min(max_seq_length, config.block_size)
+    if max_tokens < 1 or max_prompt_tokens < 1 or max_batch_size < 1 or max_waiting < 0:
+        raise ValueError("--max_tokens, --max_prompt_tokens and --max_batch_size must be >= 1, --max_waiting >= 0")
+    if adapters_dir is not None and not Path(adapters_dir).is_dir():
+        raise ValueError(f"--adapters_dir {adapters_dir} is not a directory")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = precision_to_dtype(precision or default_precision())
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=device, dtype=dtype).eval()
+    if device.type == "cpu":
+        use_cpu_decode_layout(model)
+    server = Server(
+        base_name=Path(checkpoint_dir).resolve().name, tokenizer=Tokenizer(checkpoint_dir),
+        generator=BatchGenerator(model, AdapterStack(model), max_batch_size, max_seq_length, max_waiting),
+        adapters_dir=None if adapters_dir is None else Path(adapters_dir), template=template, api_key=api_key,
+        max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+    )
+    server.scan_adapters()
+    print(f"Loaded {checkpoint_dir} and {len(server.adapters)} adapters in {time.perf_counter() - t0:.2f} s ({dtype}, "
+          f"{device}); serving {', '.join(server.model_names())} on http://{host}:{port}/v1", file=sys.stderr)
+    # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again for the handler it found: this
+    # one makes that an exit with status 0 instead of death by the signal (or a KeyboardInterrupt's traceback)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: sys.exit(0))
+    uvicorn.run(build_app(server), host=host, port=port, timeout_graceful_shutdown=shutdown_timeout, log_level="warning")
+
+
+@dataclass
+class Server:
+    """What the endpoints share: the model's generation loop, the tokenizer, the adapters by name and the limits."""
+
+    base_name: str
+    tokenizer: Tokenizer
+    generator: BatchGenerator
+    adapters_dir: Optional[Path]
+    template: Optional[str]
+    api_key: Optional[str]
+    max_tokens: int
+    max_prompt_tokens: int
+    adapters: dict[str, Path] = field(default_factory=dict)  # loaded, by model name
+    templates: dict[str, Optional[str]] = field(default_factory=dict)  # each adapter's recorded chat template
+    broken: dict[Path, float] = field(default_factory=dict)  # files that failed to load, by their mtime then
+    created: int = field(default_factory=lambda: int(time.time()))
+    scanning: threading.Lock = field(default_factory=threading.Lock)  # one scan at a time
+
+    def model_names(self) -> list[str]:
+        return [self.base_name, *self.adapters]
+
+    def scan_adapters(self) -> None:
+        """Loads every adapter file in adapters_dir not loaded yet (one that fails is said on stderr, and tried again
+        only once the file changes)."""
+        if self.adapters_dir is None:
+            return
+        with self.scanning:
+            for path in sorted(self.adapters_dir.glob("*.safetensors")):
+                self.load_adapter(path)
+
+    def load_adapter(self, path: Path) -> None:
+        name = path.stem
+        if name in self.adapters or name == self.base_name or self.broken.get(path) == path.stat().st_mtime:
+            return
+        try:
+            updates = adapter_updates(path, self.generator.model.config)
+            template = read_lora_chat_template(path)
+        except (ValueError, OSError) as e:
+            self.broken[path] = path.stat().st_mtime
+            print(f"skipped adapter {path}: {one_line(e)}", file=sys.stderr)
+            return
+        with self.generator.lock:  # between two steps of the generation loop
+            self.generator.stack.add(name, updates)
+        self.adapters[name], self.templates[name] = path, template
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def build_app(server: Server):
+    """The FastAPI application: its endpoints, error handlers, and the generation loop's thread for its lifetime."""
+    from fastapi import Depends, FastAPI, Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        thread = threading.Thread(target=server.generator.loop, args=(stop,), name="generation", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:  # after uvicorn's graceful shutdown: what is still running is cancelled
+            stop.set()
+            thread.join()
+            server.generator.cancel_all()
+
+    app = FastAPI(title="lora-llama", lifespan=lifespan)
+
+    def error(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+              code: Optional[str] = None) -> JSONResponse:
+        body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError) -> JSONResponse:
+        return error(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError) -> JSONResponse:
+        problem = e.errors()[0]
+        if problem.get("type") == "json_invalid":
+            return error(400, f"the request body is not valid JSON: {problem.get('msg')}", code="invalid_json")
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+        return error(422, f"{where}: {problem.get('msg')}", param=where or None, code="invalid_field")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+    async def authorized(request: HTTPRequest) -> None:
+        if server.api_key is not None and request.headers.get("authorization") != f"Bearer {server.api_key}":
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict:
+        await asyncio.to_thread(server.scan_adapters)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": server.created, "owned_by": "lora-llama"}
+            for name in server.model_names()
+        ]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        """For load balancers and tests: requests decoding now, waiting for a slot, and ended so far by reason."""
+        running = sum(slot is not None for slot in server.generator.slots)
+        return {"status": "ok", "running": running, "waiting": len(server.generator.waiting),
+                "ended": dict(server.generator.ended)}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionBody, request: HTTPRequest):
+        adapter = await adapter_of(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of prompts: one is served
+            if len(prompt) != 1:
+                raise APIError(400, f"one prompt per request, not {len(prompt)}", param="prompt")
+            prompt = prompt[0]
+        ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt).tolist()  # text, or token ids
+        return await respond(body, request, adapter, ids, "text_completion")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatBody, request: HTTPRequest):
+        adapter = await adapter_of(body.model)
+        template = server.templates.get(adapter) or server.template
+        messages = [message.model_dump() for message in body.messages]
+        try:
+            text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=template)
+        except ValueError as e:
+            raise APIError(400, one_line(e), param="messages") from None
+        ids = server.tokenizer.encode(text, bos=False).tolist()
+        return await respond(body, request, adapter, ids, "chat.completion")
+
+    async def adapter_of(model: str) -> str:
+        """The adapter the request's `model` names ("" for the base), looking into adapters_dir for a new one."""
+        if model == server.base_name:
+            return ""
+        if model not in server.adapters:
+            await asyncio.to_thread(server.scan_adapters)
+        if model not in server.adapters:
+            raise APIError(404, f"the model {model!r} does not exist; GET /v1/models lists them", param="model",
+                           code="model_not_found")
+        return model
+
+    async def respond(body, request: HTTPRequest, adapter: str, ids: list[int], kind: str):
+        max_tokens = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
+        max_tokens = max_tokens or max(1, min(server.max_tokens, server.generator.max_seq_length - len(ids)))
+        if max_tokens > server.max_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {server.max_tokens} "
+                                "(serve.py --max_tokens)", param="max_tokens", code="max_tokens_too_large")
+        if len(ids) > server.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
+                                f"{server.max_prompt_tokens} (serve.py --max_prompt_tokens)", param="prompt",
+                           code="prompt_too_long")
+        if not ids or any(not 0 <= i < server.generator.model.config.vocab_size for i in ids):
+            raise APIError(400, "the prompt is empty or holds token ids outside the vocabulary", param="prompt")
+        if len(ids) + max_tokens > server.generator.max_seq_length:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
+                                f"limit of {server.generator.max_seq_length} tokens (serve.py --max_seq_length)",
+                           param="max_tokens", code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        job = Request(
+            prompt=ids, max_new_tokens=max_tokens, adapter=adapter, temperature=body.temperature, top_k=body.top_k,
+            top_p=body.top_p, stop_ids=server.tokenizer.stop_ids, seed=body.seed,
+            on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
+        )
+        try:
+            server.generator.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
+        except ValueError as e:  # what the checks above let through
+            raise APIError(400, one_line(e)) from None
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        answer = Answer(server.tokenizer, stops, job)
+        reply_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+        model_name = adapter or server.base_name
+
+        def usage() -> dict:
+            n = answer.n_tokens
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+        def choice(text: Optional[str], finish_reason: Optional[str], stream: bool) -> dict:
+            if kind == "text_completion":
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            if stream:
+                delta = {} if text is None else {"content": text}
+                if text is not None and answer.sent == len(text):  # the first piece: OpenAI sends the role with it only
+                    delta = {"role": "assistant", **delta}
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+
+        def chunk(choices: list, with_usage: Optional[dict] = None) -> str:
+            obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+            data = {"id": reply_id, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}
+            if with_usage is not None:
+                data["usage"] = with_usage
+            return f"data: {json.dumps(data)}\n\n"
+
+        if body.stream:
+            async def events() -> AsyncIterator[str]:
+                try:
+                    while True:
+                        token = await tokens.get()
+                        text = answer.add(token)
+                        if text:
+                            yield chunk([choice(text, None, True)])
+                        if answer.finish_reason is not None:
+                            break
+                    yield chunk([choice(None, answer.finish_reason, True)])
+                    if body.stream_options and body.stream_options.get("include_usage"):
+                        yield chunk([], usage())
+                    yield "data: [DONE]\n\n"
+                finally:  # also when the client went away: its slot is freed at the next step
+                    job.cancelled = True
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        try:
+            checked = loop.time()
+            while answer.finish_reason is None:
+                try:
+                    answer.add(await asyncio.wait_for(tokens.get(), timeout=0.5))
+                except asyncio.TimeoutError:
+                    pass
+                if loop.time() - checked > 0.5:  # twice a second: has the client gone away?
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        break
+        finally:
+            job.cancelled = True  # a no-op for a request that has ended; else its slot is freed at the next step
+        if job.finish_reason == "error":
+            raise APIError(500, "generation failed; the server's log has the traceback", type="server_error")
+        data = {"id": reply_id, "object": kind, "created": int(time.time()), "model": model_name,
+                "choices": [choice(answer.text, answer.finish_reason, False)], "usage": usage()}
+        return data
+
+    return app
+
+
+class Answer:
+    """The text of a request's answer, built token by token: what may be sent so far (not a character cut in half, not
+    what could still turn into a stop string), and where it ends."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], job: Request) -> None:
+        self.tokenizer, self.stops, self.job = tokenizer, [s for s in stops if s], job
+        self.ids: list[int] = []
+        self.n_tokens = 0  # generated, the stop token included (usage's completion_tokens)
+        self.text = ""  # the answer so far (in the end, all of it)
+        self.sent = 0  # characters of text handed out
+        self.finish_reason: Optional[str] = None
+
+    def add(self, token: Optional[int]) -> str:
+        """Takes the next token (None: the request ended) and returns the text that became final."""
+        if self.finish_reason is not None:
+            return ""
+        if token is not None:
+            self.n_tokens += 1
+        if token is None:
+            self.finish_reason = {"stop": "stop", "length": "length"}.get(self.job.finish_reason, "stop")
+        elif token not in self.tokenizer.stop_ids:
+            self.ids.append(token)
+            self.text = self.tokenizer.decode(self.ids)
+        hold = 0
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.finish_reason = self.text[:at], "stop"
+                self.job.cancelled = True  # the generation loop frees the slot at its next step
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):  # a character of several bytes, not all of them generated yet
+                return ""
+            hold = max((len(stop) - 1 for stop in self.stops), default=0)  # could be the start of a stop string
+        end = max(self.sent, len(self.text) - hold)
+        new, self.sent = self.text[self.sent:end], end
+        return new
+
+
+# The request bodies: FastAPI checks each against its pydantic model (422 naming the field otherwise)
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=1)  # not OpenAI's, as vLLM and others accept it
+    stop: Optional[Union[str, list[str]]] = Field(None, max_length=4)
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    n: int = Field(1, ge=1, le=1)
+
+
+class CompletionBody(SamplingFields):
+    prompt: Union[str, list[str], list[int]]
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+if __name__ == "__main__":
+    cli(main)
