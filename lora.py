@@ -86,6 +86,10 @@ class LoRAConfig:
                       "targets": [target for target in (*TARGETS, *SHORTHANDS) if values.get(target)]}
         return cls(**values)
 
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """The rank and alpha of the projection at `path`: its own from `ranks` and `alphas`, else `r` and `alpha`."""
+        return self.ranks.get(path, self.r), self.alphas.get(path, self.alpha)
+
     def adapts(self, path: str) -> bool:
         """Whether the projection of model.py at `path` ("blocks.0.attn.q_proj", "lm_head") gets a LoRA layer."""
         return any(path.rpartition(".")[2] == TARGETS[target] for target in self.targets)
@@ -106,7 +110,7 @@ class LoRA(nn.Module):
         self.B = nn.Parameter(torch.empty(out_features, r))
         self.magnitude = nn.Parameter(torch.empty(out_features)) if dora else None
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, rslora)
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
@@ -122,6 +126,12 @@ class LoRA(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling  # (out, in)
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    """What ΔW = B·A is scaled by: alpha / r, or rsLoRA's alpha / sqrt(r), which keeps the update's size steady
+    as r grows."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 class LoRALinear(nn.Linear):
@@ -223,7 +233,7 @@ def lora(
 
     def linear(in_features: int, out_features: int, name: str) -> nn.Linear:
         if config.adapts(name):
-            r, alpha = config.ranks.get(name, config.r), config.alphas.get(name, config.alpha)
+            r, alpha = config.rank_and_alpha(name)
             return LoRALinear(in_features, out_features, r, alpha, dropout, rslora, dora)
         return plain_linear(in_features, out_features, name)
 

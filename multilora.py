@@ -13,7 +13,7 @@ is folded into its B. `m` is a per-output-row factor, ones unless an adapter bri
 norm of each row of W + ΔW).
 
     stack = AdapterStack(model)
-    stack.add("support", adapter_updates("adapters/support.safetensors", model.config))
+    stack.add("support", adapter_updates("adapters/support.safetensors", model))
     stack.rows = torch.tensor([0, stack.index("support")])  # row 0 the base, row 1 with the adapter
     logits = model(idx, input_pos)
 
@@ -29,7 +29,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lora import check_same_base, read_lora_config
+from lora import check_same_base, lora_scaling, read_lora_config
 from model import Config, LLaMA
 
 
@@ -44,26 +44,47 @@ class Update:
     row_factor: Optional[torch.Tensor] = None  # (out,)
 
 
-def adapter_updates(path: Path, config: Config) -> dict[str, Update]:
+def adapter_updates(path: Path, model: LLaMA) -> dict[str, Update]:
     """The updates of a LoRA checkpoint written by lora.save_lora_checkpoint, by the module path of each projection
-    in model.py ("blocks.3.attn.q_proj"), after checking that it was trained on a base of `config`'s shapes."""
+    in model.py ("blocks.3.attn.q_proj"), after checking that it was trained on a base of `model`'s shapes. Each
+    projection's scaling as lora.py computes it (its own rank and alpha, rsLoRA or not); for DoRA the factor
+    m / ‖W + ΔW‖ of each output row, with W the weight of `model`, the base the adapter will run on."""
     lora_config, base_config = read_lora_config(path)
-    check_same_base(base_config, config, path)
+    check_same_base(base_config, model.config, path)
     try:
         state_dict = load_file(path)
     except SafetensorError as e:
         raise ValueError(f"{path} is not a complete safetensors file ({e})") from None
     updates = {}
     for name, A in state_dict.items():
-        if name.endswith(".lora.A"):
-            module = name[: -len(".lora.A")]
-            B = state_dict.get(f"{module}.lora.B")
-            if B is None or A.dim() != 2 or B.shape != (B.size(0), A.size(0)):
-                raise ValueError(f"{path}: {module} lacks a LoRA B of shape (out, {A.size(0)})")
-            updates[module] = Update(A, B, lora_config.alpha / lora_config.r)
+        if not name.endswith(".lora.A"):
+            continue
+        module = name.removesuffix(".lora.A")
+        B, magnitude = state_dict.get(f"{module}.lora.B"), state_dict.get(f"{module}.lora.magnitude")
+        if B is None or A.dim() != 2 or B.shape != (B.size(0), A.size(0)):
+            raise ValueError(f"{path}: {module} lacks a LoRA B of shape (out, {A.size(0)})")
+        r, alpha = lora_config.rank_and_alpha(module)
+        scaling = lora_scaling(r, alpha, lora_config.rslora)
+        row_factor = None
+        if magnitude is not None:  # DoRA, as lora.LoRALinear.dora_factor computes it
+            weight = base_weight(model, module).float()
+            row_factor = magnitude.float() / torch.linalg.norm(torch.addmm(weight, B.float(), A.float(), alpha=scaling), dim=1)
+        updates[module] = Update(A, B, scaling, row_factor)
     if not updates:
         raise ValueError(f"{path} holds no LoRA weights")
     return updates
+
+
+def base_weight(model: LLaMA, path: str) -> torch.Tensor:
+    """The base weight (out, in) of the projection at `path`, also once AdapterStack has wrapped it."""
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"the model has no projection {path}") from None
+    layer = layer.base if isinstance(layer, MultiLoRALinear) else layer
+    if not layer.weight.is_floating_point():
+        raise ValueError(f"{path}: a DoRA adapter needs the base's weights in floating point, not quantized")
+    return layer.weight.detach()
 
 
 class MultiLoRALinear(nn.Module):

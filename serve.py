@@ -139,7 +139,7 @@ class Server:
         if name in self.adapters or name == self.base_name or self.broken.get(path) == path.stat().st_mtime:
             return
         try:
-            updates = adapter_updates(path, self.generator.model.config)
+            updates = adapter_updates(path, self.generator.model)
             template = read_lora_chat_template(path)
         except (ValueError, OSError) as e:
             self.broken[path] = path.stat().st_mtime

@@ -157,16 +157,19 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 
 def make_adapter(checkpoint_dir: Path, path: Path, r: int, alpha: float, targets, seed: int,
-                 chat_template: Optional[str] = None) -> None:
-    """An adapter file for `checkpoint_dir` with random, non-zero A and B (a fresh one has B = 0: the base exactly)."""
+                 chat_template: Optional[str] = None, **settings) -> None:
+    """An adapter file for `checkpoint_dir` with random, non-zero A and B (a fresh one has B = 0: the base exactly),
+    and for DoRA a magnitude off ‖W‖. `settings`: lora()'s rslora, dora, ranks, alphas."""
     from lora import LoRALinear, lora, save_lora_checkpoint
     from utils import load_model
 
-    with lora(r=r, alpha=alpha, dropout=0.0, targets=targets):
+    with lora(r=r, alpha=alpha, dropout=0.0, targets=targets, **settings):
         model = load_model(checkpoint_dir)
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.lora.A.data = torch.randn(module.lora.A.shape, generator=generator) * 0.3
             module.lora.B.data = torch.randn(module.lora.B.shape, generator=generator) * 0.3
+            if module.lora.magnitude is not None:
+                module.lora.magnitude.data *= 1 + 0.5 * torch.rand(module.lora.magnitude.shape, generator=generator)
     save_lora_checkpoint(model, path, chat_template=chat_template)

@@ -1,5 +1,5 @@
-"""batched.py and multilora.py: a batch mixing 4 adapters of different ranks and targets, the plain base, and prompts of
-different lengths, decoded together with continuous batching; each row's greedy ids must equal generate_lora.py's path
+"""batched.py and multilora.py: a batch mixing 5 adapters of different ranks, targets and variants (rsLoRA, DoRA), the
+plain base, and prompts of different lengths, decoded together with continuous batching; each row's greedy ids must equal generate_lora.py's path
 for that adapter alone (lora.load_lora_model unmerged, fp32, generate.generate)."""
 
 from pathlib import Path
@@ -14,12 +14,14 @@ from lora import load_lora_model
 from multilora import AdapterStack, Update, adapter_updates
 from utils import load_model
 
-# (name, r, alpha, targets): different ranks, different projections, the output head among them
+# (name, r, alpha, targets, settings): different ranks, different projections, the output head among them, and rsLoRA
+# with DoRA and a rank of its own in one layer (lora.py's variants: each projection's scaling and DoRA's row factor)
 ADAPTERS = [
-    ("qv2", 2, 4, ("query", "value")),
-    ("all4", 4, 8, ("all_linear",)),
-    ("mlp_head8", 8, 16, ("mlp", "head")),
-    ("ko1", 1, 1, ("key", "projection")),
+    ("qv2", 2, 4, ("query", "value"), {}),
+    ("all4", 4, 8, ("all_linear",), {}),
+    ("mlp_head8", 8, 16, ("mlp", "head"), {}),
+    ("ko1", 1, 1, ("key", "projection"), {}),
+    ("dora_rs", 4, 4, ("query", "down"), dict(rslora=True, dora=True, ranks={"blocks.1.mlp.down_proj": 6})),
 ]
 PROMPTS = [[1, 450, 4996, 17354], [1, 306, 763, 2, 99, 7], [1, 15043], [1, 450, 263, 4086, 310, 278, 29871, 13, 8, 19],
            [1, 3532, 1024]]
@@ -29,9 +31,9 @@ PROMPTS = [[1, 450, 4996, 17354], [1, 306, 763, 2, 99, 7], [1, 15043], [1, 450, 
 def adapters(tmp_path_factory, checkpoint_dir) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("adapters")
     paths = {}
-    for seed, (name, r, alpha, targets) in enumerate(ADAPTERS):
+    for seed, (name, r, alpha, targets, settings) in enumerate(ADAPTERS):
         paths[name] = directory / f"{name}.safetensors"
-        make_adapter(checkpoint_dir, paths[name], r, alpha, targets, seed)
+        make_adapter(checkpoint_dir, paths[name], r, alpha, targets, seed, **settings)
     return paths
 
 
@@ -52,7 +54,7 @@ def stacked(checkpoint_dir, adapters, max_batch_size, max_seq_length=64, max_wai
     model = load_model(checkpoint_dir).eval()
     stack = AdapterStack(model)
     for name, path in adapters.items():
-        stack.add(name, adapter_updates(path, model.config))
+        stack.add(name, adapter_updates(path, model))
     return BatchGenerator(model, stack, max_batch_size, max_seq_length, max_waiting)
 
 
@@ -65,7 +67,7 @@ def test_each_row_equals_its_adapter_alone(checkpoint_dir, adapters, reference):
     for request in requests:
         assert request.tokens == reference(request.adapter, request.prompt, 12), request.adapter
         assert request.finish_reason == "length"
-    # the adapters do change the answers: the same prompt gives five different continuations
+    # the adapters do change the answers: the same prompt gives six different continuations
     same_prompt = [reference(name, PROMPTS[0], 12) for name in names]
     assert len({tuple(ids) for ids in same_prompt}) == len(names)
 
@@ -92,7 +94,7 @@ def test_an_adapter_added_later_and_sampling_by_seed(checkpoint_dir, adapters, r
     generator = stacked(checkpoint_dir, {name: adapters[name] for name in ("qv2", "ko1")}, max_batch_size=4)
     generator.submit(Request(prompt=PROMPTS[1], adapter="qv2", max_new_tokens=8))
     generator.step()  # in flight while a larger, wider adapter comes in
-    generator.stack.add("all4", adapter_updates(adapters["all4"], generator.model.config))
+    generator.stack.add("all4", adapter_updates(adapters["all4"], generator.model))
     first = generator.slots[0]
     late = Request(prompt=PROMPTS[3], adapter="all4", max_new_tokens=8)
     generate_all(generator, [late])
