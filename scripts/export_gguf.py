@@ -115,7 +115,7 @@ def export_gguf(
         # the header lists every tensor's name, shape and type before any data: planned from the shapes alone
         rope_freqs = rope_frequency_factors(config)
         if rope_freqs is not None:
-            writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], rope_freqs.shape, np.float32, rope_freqs.nbytes)
+            writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs.shape, np.float32, rope_freqs.nbytes)
         types = {name: tensor_type(shape, matrix_type) for name, shape in shapes.items()}
         for name, shape in shapes.items():
             # quantized tensors are written as bytes, (rows, bytes per row), which the writer turns back into the shape
@@ -182,6 +182,8 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
     types += [gguf.TokenType.UNUSED] * padding
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
+    if model == "gpt2":
+        writer.add_add_space_prefix(False)  # byte-level BPE never adds one (for sentencepiece, llama.cpp's default: True)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if scores is not None:
