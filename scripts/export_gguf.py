@@ -22,6 +22,7 @@ once (as scripts/merge_lora.py does).
 """
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -158,6 +159,9 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
     whether a prompt starts with BOS are tokenizer.py's, so that llama.cpp and our scripts agree."""
     import gguf
 
+    # gguf's reader of merges and of the unk and pad tokens; its warnings concern the BOS/EOS handling taken from
+    # tokenizer.py instead
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     special = gguf.SpecialVocab(checkpoint_dir, load_merges=True, special_token_types=("unk", "pad"), n_vocab=vocab_size)
     if tokenizer.path.name == "tokenizer.model":
         tokens, scores, types = map(list, zip(*gguf.vocab.SentencePieceVocab(checkpoint_dir).all_tokens()))

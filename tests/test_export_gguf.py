@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMOLLM2_GGUF, make_checkpoint, shared_file
-from convert_hf_checkpoint import convert_hf_checkpoint, lit_to_hf_name
+from convert_hf_checkpoint import convert_hf_checkpoint
 from export_gguf import export_gguf
 from generate import generate
 from lora import LoRALinear, load_lora_model, lora, save_lora_checkpoint
@@ -39,10 +39,9 @@ def llama_cpp_model(path: Path, **kwargs):
     return llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0, **kwargs)
 
 
-def assert_llama_cpp_tokenizes_as_we_do(path: Path, tokenizer: Tokenizer, texts: list[str]) -> None:
+def assert_llama_cpp_tokenizes_as_we_do(llm, tokenizer: Tokenizer, texts: list[str]) -> None:
     """llama.cpp's ids for each text, with BOS where the file says prompts start with it, are ours. Special-token
     strings inside the text are parsed as tokens where `tokenizers` does so (sentencepiece does not)."""
-    llm = llama_cpp_model(path, vocab_only=True)
     for text in texts:
         special = tokenizer.path.name == "tokenizer.json"
         assert llm.tokenize(text.encode(), add_bos=True, special=special) == tokenizer.encode(text).tolist(), text
@@ -67,11 +66,11 @@ def our_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir, tmp_path_factory):
-    """The real SmolLM2-135M-Instruct converted, our model of it, and its GGUF exports in f32 and f16."""
+    """The real SmolLM2-135M-Instruct converted, our model of it, and its GGUF export in f32 (benchmarks/export.py
+    measures f16 and q8_0)."""
     convert_hf_checkpoint(smollm2_dir)
     directory = tmp_path_factory.mktemp("smollm2_gguf")
-    for dtype in ("f32", "f16"):
-        export_gguf(smollm2_dir, directory / f"{dtype}.gguf", dtype=dtype)
+    export_gguf(smollm2_dir, directory / "f32.gguf", dtype="f32")
     return smollm2_dir, load_model(smollm2_dir).eval(), directory
 
 
@@ -103,35 +102,21 @@ def test_smollm2_file_has_the_tensors_and_metadata_of_llama_cpps_own_converter(s
             assert ours.fields[key].contents() == reference.fields[key].contents(), key
 
 
-def test_transformers_reads_our_f32_file_with_our_logits_and_ids(smollm2):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    checkpoint_dir, ours, directory = smollm2
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file="f32.gguf", dtype=torch.float32).eval()
-    hf_tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file="f32.gguf")
-    ids = chat_ids(Tokenizer(checkpoint_dir), "What is the capital of France?")
-    assert hf_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)["input_ids"] == ids
-    with torch.no_grad():
-        assert (hf(torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max() <= 1e-4
-
-
 def test_llama_cpp_tokenizes_smollm2_prompts_as_we_do(smollm2):
     checkpoint_dir, _, directory = smollm2
     tokenizer = Tokenizer(checkpoint_dir)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi <|im_end|> there"}], add_generation_prompt=True)
-    assert_llama_cpp_tokenizes_as_we_do(directory / "f32.gguf", tokenizer, [*PROMPTS, chat])
+    assert_llama_cpp_tokenizes_as_we_do(llama_cpp_model(directory / "f32.gguf", vocab_only=True), tokenizer, [*PROMPTS, chat])
 
 
 def test_llama_cpp_greedy_decodes_smollm2_as_we_do(smollm2):
-    """f32: the same 32 greedy tokens and logits within 1e-4; f16: logits within 0.25 (tests measured 0.09)."""
+    """f32: the same 32 greedy tokens (through the end of the answer, <|im_end|>, and beyond), logits within 1e-4."""
     checkpoint_dir, ours, directory = smollm2
     ids = chat_ids(Tokenizer(checkpoint_dir), "What is the capital of France?")
     expected, expected_logits = our_greedy(ours, ids, 32)
     actual, logits = llama_cpp_greedy(llama_cpp_model(directory / "f32.gguf"), ids, 32)
-    assert actual == expected
     assert np.abs(logits - expected_logits).max() <= 1e-4
-    _, logits = llama_cpp_greedy(llama_cpp_model(directory / "f16.gguf"), ids, 0)
-    assert np.abs(logits - expected_logits).max() <= 0.25
+    assert actual == expected
 
 
 @pytest.fixture(scope="module")
@@ -154,42 +139,51 @@ def fine_tuned(checkpoint_dir, tmp_path_factory):
 def test_llama_cpp_runs_a_fine_tuned_sentencepiece_model_as_we_do(fine_tuned, checkpoint_dir):
     model, directory = fine_tuned
     tokenizer = Tokenizer(checkpoint_dir)
-    assert_llama_cpp_tokenizes_as_we_do(directory / "f32.gguf", tokenizer, PROMPTS)
+    llm = llama_cpp_model(directory / "f32.gguf")
+    assert_llama_cpp_tokenizes_as_we_do(llm, tokenizer, PROMPTS)
     ids = tokenizer.encode(PROMPTS[0]).tolist()
     expected, expected_logits = our_greedy(model, ids, 32)
     with torch.no_grad():
         assert (model(torch.tensor([ids])) - load_model(checkpoint_dir).eval()(torch.tensor([ids]))).abs().max() > 0.1  # merged
-    actual, logits = llama_cpp_greedy(llama_cpp_model(directory / "f32.gguf"), ids, 32)
+    actual, logits = llama_cpp_greedy(llm, ids, 32)
     assert np.abs(logits - expected_logits).max() <= 1e-4
     assert actual == expected
 
 
-@pytest.mark.parametrize("dtype, atol", [("f16", 1e-3), ("bf16", 1e-2), ("q8_0", 2e-2)])
-def test_transformers_reads_each_type_back_to_our_weights(fine_tuned, checkpoint_dir, tmp_path, dtype, atol):
-    """Every tensor, read back and dequantized by transformers (an independent reader), is ours within the type's
-    rounding: names, shapes and row order are right for every --dtype."""
+def test_transformers_reads_the_f32_file_with_our_logits(fine_tuned):
     from transformers import AutoModelForCausalLM
 
     model, directory = fine_tuned
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file="f32.gguf", dtype=torch.float32).eval()
+    idx = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 4e-2)])
+def test_llama_cpp_reads_each_type_with_our_logits_within_its_rounding(fine_tuned, checkpoint_dir, tmp_path, dtype, tolerance):
+    """`tolerance` is relative to the largest logit; llama.cpp also rounds the activations for q8_0 matrix products."""
+    model, directory = fine_tuned
     export_gguf(checkpoint_dir, tmp_path / "model.gguf", dtype=dtype, lora_path=directory / "adapter.safetensors")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).state_dict()
-    for name, tensor in model.state_dict().items():
-        if ".lora." not in name:
-            torch.testing.assert_close(hf[lit_to_hf_name(name)], tensor, rtol=0, atol=atol, msg=name)
+    ids = Tokenizer(checkpoint_dir).encode(PROMPTS[0]).tolist()
+    _, logits = llama_cpp_greedy(llama_cpp_model(tmp_path / "model.gguf"), ids, 0)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(logits - expected).max() <= tolerance * np.abs(expected).max()
 
 
 def test_llama_cpp_applies_llama3_rope_scaling_and_reads_the_llama3_tokenizer(tmp_path):
-    """A tiny model with Llama 3.1's rope scaling (32 positions stretched to 256) and Llama 3.1's tokenizer: llama.cpp's
+    """A tiny model with Llama 3.1's rope scaling (32 positions stretched to 256, 100 used) and Llama 3.1's tokenizer: llama.cpp's
     logits equal ours beyond the original context (the rope_freqs factors are right), and its ids equal ours."""
     tokenizer_dir = shared_file("llama-3.1/tokenizer.json").parent
     make_checkpoint(tmp_path, tokenizer_dir=tokenizer_dir, vocab_size=128256, rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0),
-                    bos_token_id=128000, eos_token_id=128009)
+                    num_hidden_layers=1, bos_token_id=128000, eos_token_id=128009)
     export_gguf(tmp_path, tmp_path / "f32.gguf", dtype="f32")
-    tokenizer = Tokenizer(tmp_path)
-    assert_llama_cpp_tokenizes_as_we_do(tmp_path / "f32.gguf", tokenizer, [*PROMPTS, "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"])
+    llm = llama_cpp_model(tmp_path / "f32.gguf")
+    assert_llama_cpp_tokenizes_as_we_do(llm, Tokenizer(tmp_path), [*PROMPTS, "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"])
     assert gguf.GGUFReader(tmp_path / "f32.gguf").fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
-    ids = torch.randint(0, 128000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    _, logits = llama_cpp_greedy(llama_cpp_model(tmp_path / "f32.gguf"), ids, 0)
+    ids = torch.randint(0, 128000, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    _, logits = llama_cpp_greedy(llm, ids, 0)
     with torch.no_grad():
         assert np.abs(logits - load_model(tmp_path).eval()(torch.tensor([ids]))[0].numpy()).max() <= 1e-4
 
@@ -208,7 +202,7 @@ def test_smollm2_hub_tokenizer_splits_digits_in_llama_cpp_as_we_do(smollm2_dir, 
     assert gguf.GGUFReader(tmp_path / "f32.gguf").fields["tokenizer.ggml.pre"].contents() == "smollm"
     tokenizer = Tokenizer(tmp_path / "model")
     assert tokenizer.encode("12345").tolist() == [tokenizer.processor.token_to_id(d) for d in "12345"]
-    assert_llama_cpp_tokenizes_as_we_do(tmp_path / "f32.gguf", tokenizer, PROMPTS)
+    assert_llama_cpp_tokenizes_as_we_do(llama_cpp_model(tmp_path / "f32.gguf", vocab_only=True), tokenizer, PROMPTS)
 
 
 def test_an_unknown_pre_tokenizer_is_refused_with_one_line(tmp_path):
