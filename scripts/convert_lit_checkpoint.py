@@ -8,16 +8,18 @@ Writes `config.json` (a LlamaForCausalLM), the weights as `model.safetensors` (o
 what `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` read, and vLLM too. Works on any
 checkpoint directory: a converted one (the round trip Hub -> ours -> Hub gives back the same tensors), the output of
 scripts/merge_lora.py (which can also write this format itself: `--format hf`) or of finetune_full.py.
-Memory: one tensor at a time is read and converted; a shard is held until it is written.
+Memory: one tensor at a time is read, converted and written.
 """
 
 import json
+import math
+import struct
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
@@ -28,6 +30,8 @@ from tokenizer import Tokenizer
 from utils import atomic_path, check_checkpoint_dir, cli, copy_tokenizer, load_config, read_tensors
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def convert_lit_checkpoint(
@@ -51,41 +55,61 @@ def convert_lit_checkpoint(
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {out_dir} is the checkpoint directory; choose a new directory")
     target = check_dtype(dtype)
-    tensors = read_tensors(checkpoint_dir / "lit_model.safetensors", target)
-    save_hf_checkpoint(load_config(checkpoint_dir), tensors, checkpoint_dir, out_dir, max_shard_size_gb)
+    path = checkpoint_dir / "lit_model.safetensors"
+    with safe_open(path, framework="pt") as f:  # the header only: shapes and dtypes
+        layout = {
+            name: (tuple(f.get_slice(name).get_shape()), target or TORCH_DTYPES[f.get_slice(name).get_dtype()]) for name in f.keys()
+        }
+    save_hf_checkpoint(load_config(checkpoint_dir), layout, read_tensors(path, target), checkpoint_dir, out_dir, max_shard_size_gb)
 
 
 def save_hf_checkpoint(
-    config: Config, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer_dir: Path, out_dir: Path, max_shard_size_gb: float = 5.0
+    config: Config,
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    tokenizer_dir: Path,
+    out_dir: Path,
+    max_shard_size_gb: float = 5.0,
 ) -> None:
     """Writes `tensors` (our names, the base model's only: no LoRA A and B, no lm_head when the config ties it) under
-    the Hub's names, config.json for `config`, and the tokenizer files of `tokenizer_dir` into `out_dir`, one shard of
-    at most `max_shard_size_gb` at a time. scripts/merge_lora.py --format hf calls it with the merged model's tensors."""
+    the Hub's names, config.json for `config`, and the tokenizer files of `tokenizer_dir` into `out_dir`. `layout`
+    gives each tensor's shape and dtype, in the order `tensors` yields them: the shards and their headers are planned
+    from it, and each tensor is written as it comes, so that only one is held at a time.
+    scripts/merge_lora.py --format hf calls it with the merged model's tensors."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(tokenizer_dir)  # before the slow part: a broken tokenizer stops it here
     with torch.device("meta"):
         expected = set(LLaMA(config).state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    shards, dtypes = [], set()
-    for index, shard in enumerate(shard_tensors(tensors, expected, max_shard_size_gb * 1e9)):
-        shards.append({name: (t.numel() * t.element_size(), t.dtype) for name, t in shard.items()})
-        dtypes.update(t.dtype for t in shard.values())
-        with atomic_path(out_dir / f".shard-{index}.safetensors") as tmp:  # renamed once the number of shards is known
-            save_file(shard, tmp, metadata={"format": "pt"})
+    if set(layout) != expected:
+        raise ValueError(f"the checkpoint's tensors are not the model's (missing: {sorted(expected - set(layout))[:3]}, "
+                         f"unexpected: {sorted(set(layout) - expected)[:3]}); a LoRA adapter must be merged first (scripts/merge_lora.py)")
+    shards, size = [[]], 0
+    for name, (shape, dtype) in layout.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_size_gb * 1e9:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
     names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for index, name in enumerate(names):
-        (out_dir / f".shard-{index}.safetensors").replace(out_dir / name)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
         if stale.name not in names and stale.is_file():  # a previous export of another size
             stale.unlink()
+    tensors = iter(tqdm(tensors, desc="Writing tensors", total=len(layout), unit="tensor", disable=None))
+    for file_name, shard in zip(names, shards):
+        with atomic_path(out_dir / file_name) as tmp:
+            write_safetensors(tmp, {name: layout[name] for name in shard}, tensors)
     if len(names) > 1:
         index = {
-            "metadata": {"total_size": sum(size for shard in shards for size, _ in shard.values())},
-            "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard},
+            "metadata": {"total_size": sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())},
+            "weight_map": {lit_to_hf_name(name): file_name for file_name, shard in zip(names, shards) for name in shard},
         }
         with atomic_path(out_dir / "model.safetensors.index.json") as tmp:
             tmp.write_text(json.dumps(index, indent=2) + "\n")
 
+    dtypes = {dtype for _, dtype in layout.values()}
     dtype = next((name for name, d in DTYPES.items() if dtypes == {d}), "float32")
     with atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(hf_config(config, tokenizer, dtype), indent=2) + "\n")
@@ -97,25 +121,25 @@ def save_hf_checkpoint(
     print(f"Wrote {out_dir} ({', '.join(names)}, config.json, {', '.join(sorted(set(copied) | {'generation_config.json'}))})", file=sys.stderr)
 
 
-def shard_tensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], expected: set[str], max_shard_bytes: float
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Groups the tensors, renamed to the Hub's names, into shards of at most `max_shard_bytes` (a larger tensor gets
-    a shard of its own). `expected`: our names of every tensor the model has; each must come, and nothing else."""
-    shard, size, seen = {}, 0, set()
-    for name, tensor in tqdm(tensors, desc="Writing tensors", total=len(expected), unit="tensor", disable=None):
-        if name not in expected:
-            raise ValueError(f"tensor {name!r} is not one of the model's; a LoRA adapter must be merged first (scripts/merge_lora.py)")
-        hf_name, _ = lit_to_hf_name(name), seen.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[hf_name], size = tensor.contiguous(), size + nbytes
-    if shard:
-        yield shard
-    if seen != expected:
-        raise ValueError(f"the checkpoint lacks {len(expected - seen)} of the model's tensors, e.g. {sorted(expected - seen)[:3]}")
+def write_safetensors(path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Writes the next len(layout) tensors of `tensors` to a safetensors file under their Hub names, one at a time.
+    The format is a little-endian u64 header length, the JSON header (each tensor's dtype, shape and byte range) and
+    the raw bytes; the safetensors library only writes from a dict of every tensor held at once, hence this."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in layout.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[lit_to_hf_name(name)] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the library writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, (shape, dtype) in layout.items():
+            got, tensor = next(tensors)
+            if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"expected {name} {tuple(shape)} {dtype}, got {got} {tuple(tensor.shape)} {tensor.dtype}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 
 def hf_config(config: Config, tokenizer: Tokenizer, dtype: str) -> dict:

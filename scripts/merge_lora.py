@@ -51,7 +51,8 @@ def merge_lora(
     if model.config.tie_embeddings:
         del state_dict["lm_head.weight"]
     if format == "hf":
-        save_hf_checkpoint(model.config, state_dict.items(), checkpoint_dir, out_dir)
+        layout = {name: (tuple(t.shape), t.dtype) for name, t in state_dict.items()}
+        save_hf_checkpoint(model.config, layout, state_dict.items(), checkpoint_dir, out_dir)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "lit_model.safetensors") as tmp:
