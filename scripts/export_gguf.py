@@ -163,14 +163,17 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
     # tokenizer.py instead
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     special = gguf.SpecialVocab(checkpoint_dir, load_merges=True, special_token_types=("unk", "pad"), n_vocab=vocab_size)
-    if tokenizer.path.name == "tokenizer.model":
+    tokenizer_json = json.loads(tokenizer.path.read_text()) if tokenizer.path.name == "tokenizer.json" else {}
+    byte_level = tokenizer_json.get("model", {}).get("type") == "BPE" and (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel"
+    if not byte_level and (checkpoint_dir / "tokenizer.model").is_file():
+        # sentencepiece, or a tokenizer.json converted from it beside the original (Mistral v0.3), which llama.cpp's
+        # own converter also prefers
         tokens, scores, types = map(list, zip(*gguf.vocab.SentencePieceVocab(checkpoint_dir).all_tokens()))
         model, pre, merges = "llama", "default", []
+    elif not byte_level:
+        raise ValueError(f"{tokenizer.path} is not a byte-level BPE tokenizer and there is no tokenizer.model beside it; "
+                         f"only those two kinds can be exported to GGUF")
     else:
-        tokenizer_json = json.loads(tokenizer.path.read_text())
-        if tokenizer_json["model"].get("type") != "BPE" or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
-            raise ValueError(f"{tokenizer.path} is not a byte-level BPE tokenizer; only those and sentencepiece "
-                             f"tokenizer.model files can be exported to GGUF")
         model, pre, merges, scores = "gpt2", llama_cpp_pre_tokenizer(tokenizer_json, tokenizer.path), special.merges, None
         added = {token["id"]: token for token in tokenizer_json.get("added_tokens", [])}
         by_id = {i: token for token, i in tokenizer.processor.get_vocab(with_added_tokens=True).items()}
@@ -247,6 +250,9 @@ def float_types() -> dict:
     return {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
 
 
+TORCH_FLOATS = {0: torch.float32, 1: torch.float16}  # GGMLQuantizationType.F32 and .F16 (an IntEnum)
+
+
 def tensor_type(shape: tuple[int, ...], matrix_type):
     """float32 for vectors (the norms); `matrix_type` for matrices, f16 where a row does not split into its blocks."""
     import gguf
@@ -258,17 +264,17 @@ def tensor_type(shape: tuple[int, ...], matrix_type):
 
 
 def gguf_tensor(name: str, tensor: torch.Tensor, config: Config, ggml_type) -> np.ndarray:
-    """One tensor as llama.cpp lays it out: q and k rows interleaved per head, in `ggml_type`."""
+    """One tensor as llama.cpp lays it out: q and k rows interleaved per head, in `ggml_type`. gguf's quantizers take
+    float32: they get 4096 rows at a time, so that a large embedding never exists whole in float32 beside its blocks."""
     import gguf
 
     if name.endswith("attn.q_proj.weight"):
         tensor = interleave_rotary_rows(tensor, config.n_head)
     elif name.endswith("attn.k_proj.weight"):
         tensor = interleave_rotary_rows(tensor, config.n_query_groups)
-    data = tensor.to(torch.float32).numpy()
     if ggml_type in float_types():
-        return data.astype(float_types()[ggml_type])
-    return gguf.quants.quantize(data, ggml_type)
+        return tensor.to(TORCH_FLOATS[ggml_type]).numpy()
+    return np.concatenate([gguf.quants.quantize(rows.to(torch.float32).numpy(), ggml_type) for rows in tensor.split(4096)])
 
 
 def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
