@@ -34,9 +34,10 @@ PROMPTS = [
 
 def llama_cpp_model(path: Path, **kwargs):
     """llama.cpp's model of a GGUF file, with the KV cache in float32 (llama.cpp's default is float16) so that an f32
-    file is computed at float32 throughout; the test is skipped without llama-cpp-python."""
+    file is computed at float32 throughout; one thread (llama.cpp's threads wait by spinning: several are slower on a
+    busy machine). The test is skipped without llama-cpp-python."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt")
-    return llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0, **kwargs)
+    return llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0, **kwargs)
 
 
 def assert_llama_cpp_tokenizes_as_we_do(llm, tokenizer: Tokenizer, texts: list[str]) -> None:
