@@ -69,7 +69,8 @@ def our_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
 def smollm2(smollm2_dir, tmp_path_factory):
     """The real SmolLM2-135M-Instruct converted, our model of it, and its GGUF export in f32 (benchmarks/export.py
     measures f16 and q8_0)."""
-    convert_hf_checkpoint(smollm2_dir)
+    if not (smollm2_dir / "lit_model.safetensors").is_file():  # the session's directory, converted by another test
+        convert_hf_checkpoint(smollm2_dir)
     directory = tmp_path_factory.mktemp("smollm2_gguf")
     export_gguf(smollm2_dir, directory / "f32.gguf", dtype="f32")
     return smollm2_dir, load_model(smollm2_dir).eval(), directory
