@@ -111,7 +111,7 @@ def export_gguf(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        add_model_metadata(writer, config, file_type, name=(lora_path and Path(lora_path).stem) or checkpoint_dir.name)
+        add_model_metadata(writer, config, file_type, name=checkpoint_dir.name + ("" if lora_path is None else "-lora"))
         add_tokenizer(writer, checkpoint_dir, tokenizer, config.vocab_size)
         # the header lists every tensor's name, shape and type before any data: planned from the shapes alone
         rope_freqs = rope_frequency_factors(config)
