@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -67,7 +66,7 @@ def main(models: list[str] = ["134M"]) -> None:
             ckpt, out = Path(tmp) / "ckpt", Path(tmp) / "out"
             weights = make_checkpoint(name, ckpt)
             print(f"\n{name}: {weights / 1e9:.2f} GB of weights in {DTYPES[name]}")
-            print(f"| step | time | peak RSS | peak over baseline | over baseline / weights |\n|---|---:|---:|---:|---:|")
+            print("| step | time | peak RSS | peak over baseline | over baseline / weights |\n|---|---:|---:|---:|---:|")
             results = {}
             for step, work in WORK.items():
                 out.mkdir(exist_ok=True)
