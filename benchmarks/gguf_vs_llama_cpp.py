@@ -4,8 +4,8 @@ logits of llama.cpp (through llama-cpp-python: pip install -r requirements-llama
     python benchmarks/gguf_vs_llama_cpp.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
         [--lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors] [--reference_gguf SmolLM2-135M-Instruct.Q4_1.gguf]
 
-Each question is put in the checkpoint's chat template (if it has one); both sides decode `new_tokens` greedy tokens without stopping
-at the end of the turn. Printed per file and llama.cpp KV-cache type (f32, and llama.cpp's default f16): how many of
+Each question is put in the checkpoint's chat template (if it has one); both sides decode `new_tokens` greedy tokens
+without stopping at the end of the turn. Printed per file and llama.cpp KV-cache type (f32, and llama.cpp's default f16): how many of
 the new tokens equal ours before the first difference (one figure per question), and the largest difference of the
 logits over the prompts. `--reference_gguf` runs another GGUF file of the same model the same way (e.g. one written by
 llama.cpp's own converter) as a point of comparison for the quantized types.
@@ -28,7 +28,9 @@ from lora import load_lora_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from utils import load_model  # noqa: E402
 
-QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain in a few sentences why the sky is blue."]
+QUESTIONS = [
+    "What is the capital of France?", "Write a short poem about the sea.", "Explain in a few sentences why the sky is blue."
+]
 KV_TYPES = {"f32": 0, "f16": 1}  # GGML_TYPE_F32, GGML_TYPE_F16
 
 
@@ -62,7 +64,8 @@ def main(
         for ids in prompts:
             tokens = generate(model, torch.tensor(ids), new_tokens, temperature=0.0).tolist()[len(ids):]
             ours.append((tokens, model(torch.tensor([ids]))[0].numpy()))
-    print(f"{checkpoint_dir}{' + ' + str(lora_path) if lora_path else ''}: {len(QUESTIONS)} questions, {new_tokens} greedy tokens each")
+    adapter = f" + {lora_path}" if lora_path else ""
+    print(f"{checkpoint_dir}{adapter}: {len(QUESTIONS)} questions, {new_tokens} greedy tokens each")
     print(f"ours, first answer: {tokenizer.decode(ours[0][0])!r}")
     print("| file | KV cache | tokens equal to ours, per question | max logit difference |\n|---|---|---|---:|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +77,8 @@ def main(
             files[f"reference {Path(reference_gguf).name}"] = Path(reference_gguf)
         for label, path in files.items():
             for kv, kv_type in KV_TYPES.items():
-                llm = Llama(str(path), n_ctx=512, n_threads=torch.get_num_threads(), logits_all=True, verbose=False, type_k=kv_type, type_v=kv_type)
+                llm = Llama(str(path), n_ctx=512, n_threads=torch.get_num_threads(), logits_all=True, verbose=False,
+                            type_k=kv_type, type_v=kv_type)
                 agree, worst = [], 0.0
                 for ids, (expected, expected_logits) in zip(prompts, ours):
                     llm.reset()

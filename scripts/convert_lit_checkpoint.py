@@ -91,7 +91,8 @@ def save_hf_checkpoint(
             size = 0
         shards[-1].append(name)
         size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = ["model.safetensors"] if len(shards) == 1 else names
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
@@ -115,20 +116,26 @@ def save_hf_checkpoint(
         tmp.write_text(json.dumps(hf_config(config, tokenizer, dtype), indent=2) + "\n")
     copied = copy_tokenizer(tokenizer_dir, out_dir)
     if "generation_config.json" not in copied:
-        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids) if len(tokenizer.stop_ids) > 1 else tokenizer.eos_id}
+        stop = list(tokenizer.stop_ids) if len(tokenizer.stop_ids) > 1 else tokenizer.eos_id
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop}
         with atomic_path(out_dir / "generation_config.json") as tmp:
             tmp.write_text(json.dumps(generation, indent=2) + "\n")
-    print(f"Wrote {out_dir} ({', '.join(names)}, config.json, {', '.join(sorted(set(copied) | {'generation_config.json'}))})", file=sys.stderr)
+    written = [*names, "config.json", *sorted(set(copied) | {"generation_config.json"})]
+    print(f"Wrote {out_dir} ({', '.join(written)})", file=sys.stderr)
 
 
-def write_safetensors(path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+def write_safetensors(
+    path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], tensors: Iterator[tuple[str, torch.Tensor]]
+) -> None:
     """Writes the next len(layout) tensors of `tensors` to a safetensors file under their Hub names, one at a time.
     The format is a little-endian u64 header length, the JSON header (each tensor's dtype, shape and byte range) and
     the raw bytes; the safetensors library only writes from a dict of every tensor held at once, hence this."""
     header, offset = {}, 0
     for name, (shape, dtype) in layout.items():
         nbytes = math.prod(shape) * dtype.itemsize
-        header[lit_to_hf_name(name)] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[lit_to_hf_name(name)] = {
+            "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]
+        }
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()

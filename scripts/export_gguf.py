@@ -98,7 +98,9 @@ def export_gguf(
 
         model = load_lora_model(checkpoint_dir, lora_path, merge=True)
         config = model.config  # an adapted head is no longer tied to the embedding
-        state_dict = {n: t for n, t in model.state_dict().items() if ".lora." not in n and not (config.tie_embeddings and n == "lm_head.weight")}
+        state_dict = {
+            n: t for n, t in model.state_dict().items() if ".lora." not in n and not (config.tie_embeddings and n == "lm_head.weight")
+        }
         shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
         tensors = iter(state_dict.items())
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.n_layer)
@@ -106,7 +108,8 @@ def export_gguf(
     for name in shapes:
         gguf_names[name] = names.get_name(lit_to_hf_name(name), try_suffixes=(".weight",))
         if gguf_names[name] is None:
-            raise ValueError(f"tensor {name!r} has no place in llama.cpp's llama architecture; a LoRA adapter must be merged (--lora_path)")
+            raise ValueError(f"tensor {name!r} has no place in llama.cpp's llama architecture; "
+                             f"a LoRA adapter must be merged (--lora_path)")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
@@ -116,7 +119,8 @@ def export_gguf(
         # the header lists every tensor's name, shape and type before any data: planned from the shapes alone
         rope_freqs = rope_frequency_factors(config)
         if rope_freqs is not None:
-            writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs.shape, np.float32, rope_freqs.nbytes)
+            name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+            writer.add_tensor_info(name, rope_freqs.shape, np.float32, rope_freqs.nbytes)
         types = {name: tensor_type(shape, matrix_type) for name, shape in shapes.items()}
         for name, shape in shapes.items():
             # quantized tensors are written as bytes, (rows, bytes per row), which the writer turns back into the shape
@@ -164,7 +168,8 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     special = gguf.SpecialVocab(checkpoint_dir, load_merges=True, special_token_types=("unk", "pad"), n_vocab=vocab_size)
     tokenizer_json = json.loads(tokenizer.path.read_text()) if tokenizer.path.name == "tokenizer.json" else {}
-    byte_level = tokenizer_json.get("model", {}).get("type") == "BPE" and (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel"
+    decoder = (tokenizer_json.get("decoder") or {}).get("type")
+    byte_level = tokenizer_json.get("model", {}).get("type") == "BPE" and decoder == "ByteLevel"
     if not byte_level and (checkpoint_dir / "tokenizer.model").is_file():
         # sentencepiece, or a tokenizer.json converted from it beside the original (Mistral v0.3), which llama.cpp's
         # own converter also prefers
@@ -178,10 +183,9 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
         added = {token["id"]: token for token in tokenizer_json.get("added_tokens", [])}
         by_id = {i: token for token, i in tokenizer.processor.get_vocab(with_added_tokens=True).items()}
         tokens = [by_id[i].encode() for i in range(len(by_id))]
-        types = [
-            gguf.TokenType.NORMAL if i not in added else gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
-            for i in range(len(tokens))
-        ]
+        types = [gguf.TokenType.NORMAL] * len(tokens)
+        for i, token in added.items():
+            types[i] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
     if len(tokens) > vocab_size:
         raise ValueError(f"the tokenizer has {len(tokens)} tokens, more than the model's vocab_size {vocab_size}")
     padding = vocab_size - len(tokens)  # rows of the embedding no token uses (e.g. a vocabulary rounded up to 64)
