@@ -4,17 +4,22 @@
         --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --out_dir checkpoints/Llama-2-7b-alpaca
 
 The directory (lit_model.safetensors, model_config.json, the base's tokenizer files) loads with generate.py like any
-base checkpoint and generates at the base model's speed. The adapter's settings (r, alpha, targets, rsLoRA, DoRA,
-per-module ranks) are read from the adapter itself; a DoRA adapter merges into plain weights too
-(W = m / ‖W + ΔW‖ · (W + ΔW)). Memory: one copy of the model; ΔW is added to each weight in place, one layer at a time.
+base checkpoint and generates at the base model's speed. With `--format hf` it is a Hugging Face directory instead
+(config.json, model.safetensors, the tokenizer's files), as scripts/convert_lit_checkpoint.py writes it, for
+transformers and vLLM. The adapter's settings (r, alpha, targets, rsLoRA, DoRA, per-module ranks) are read from the
+adapter itself; a DoRA adapter merges into plain weights too (W = m / ‖W + ΔW‖ · (W + ΔW)). Memory: one copy of the
+model; ΔW is added to each weight in place, one layer at a time.
 """
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
+sys.path.insert(0, str(Path(__file__).parent))
+from convert_lit_checkpoint import save_hf_checkpoint
 from lora import load_lora_model
 from utils import atomic_path, check_checkpoint_dir, cli, copy_tokenizer
 
@@ -23,6 +28,7 @@ def merge_lora(
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
     lora_path: Path = Path("out/lora/alpaca/lit_model_lora_finetuned.safetensors"),
     out_dir: Path = Path("checkpoints/Llama-2-7b-alpaca"),
+    format: Literal["lit", "hf"] = "lit",
 ) -> None:
     """Writes the base model of `checkpoint_dir` with the adapter at `lora_path` merged in, to `out_dir`.
 
@@ -30,17 +36,25 @@ def merge_lora(
         checkpoint_dir: the base checkpoint the adapter was trained on (as converted by scripts/convert_hf_checkpoint.py).
         lora_path: the LoRA checkpoint written by finetune_lora.py.
         out_dir: the new checkpoint directory; created if needed, and it must not be `checkpoint_dir`.
+        format: "lit" for a checkpoint directory of this repository, "hf" for a Hugging Face directory
+            (scripts/convert_lit_checkpoint.py's output).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_checkpoint_dir(checkpoint_dir)
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {out_dir} is the base checkpoint directory; choose a new directory")
+    if format not in ("lit", "hf"):
+        raise ValueError(f"--format must be lit or hf, not {format!r}")
     model = load_lora_model(checkpoint_dir, lora_path, merge=True)
 
     # the base's tensor names only: no LoRA A and B, and a head tied to the embedding stored once
     state_dict = {name: t for name, t in model.state_dict().items() if ".lora." not in name}
     if model.config.tie_embeddings:
         del state_dict["lm_head.weight"]
+    if format == "hf":
+        layout = {name: (tuple(t.shape), t.dtype) for name, t in state_dict.items()}
+        save_hf_checkpoint(model.config, layout, state_dict.items(), checkpoint_dir, out_dir)
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "lit_model.safetensors") as tmp:
         save_file(state_dict, tmp, metadata={"format": "pt"})  # written from the model's own memory
