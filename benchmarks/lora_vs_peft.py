@@ -41,7 +41,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -54,6 +53,7 @@ from memory import max_rss_mb
 from model import LLaMA, Config
 from quantize import quantize_weight, quantized_layers, swap_in_layers
 from training import cross_entropy_sum, pack_batch
+from utils import cli
 
 # Token lengths of the 999 records of ../shared/data/alpaca_en_demo.json (prepare_alpaca.tokenize, the LLaMA
 # tokenizer, cut at 512), counted in bins of 32 tokens: 0-31, 32-63, ..., 480-512 (54 of the last 79 were cut).
@@ -479,4 +479,4 @@ def synchronize(device: torch.device) -> None:
 
 
 if __name__ == "__main__":
-    CLI(main)
+    cli(main)
