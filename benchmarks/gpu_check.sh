@@ -4,7 +4,8 @@
 #      finetune_lora.py's CUDA defaults, QLoRA, ...);
 #   2. benchmarks/packed_attention.py --device cuda (per record, block-diagonal mask, varlen flash, FlexAttention);
 #   3. benchmarks/lora_vs_peft.py --device cuda: Llama-2-7b-hf with LoRA on query+value (ours eager and compiled, and
-#      the peak memory at 4 x 512 in bf16 and 1 x 512 in nf4-dq), on all_linear (eager), then Llama-3.1-8B on both (eager).
+#      the peak memory at 4 x 512 in bf16 and 1 x 512 in nf4-dq; DoRA, ours and PEFT's, eager), on all_linear (eager),
+#      then Llama-3.1-8B on both (eager, no DoRA).
 # Each part has its own time limit, so one that hangs or fails does not cost the others. Run from the repository root
 # with the CUDA build of torch already installed (this script never installs torch):
 #     OUT=out/gpu_check bash benchmarks/gpu_check.sh
@@ -50,5 +51,5 @@ run lora_vs_peft_7b_qv 180 python benchmarks/lora_vs_peft.py --device cuda --mod
 run lora_vs_peft_7b_all 60 python benchmarks/lora_vs_peft.py --device cuda --models '[Llama-2-7b-hf]' \
     --targets '[all_linear]' --steps 5 --compile false --memory false
 run lora_vs_peft_8b 90 python benchmarks/lora_vs_peft.py --device cuda --models '[Llama-3.1-8B]' --steps 5 \
-    --compile false --memory false
+    --compile false --memory false --dora_targets '[]'
 cat "$OUT/summary.txt"

@@ -1,9 +1,10 @@
-"""LoRA training step: ours vs Hugging Face transformers + PEFT (and transformers + Liger Kernel + PEFT where installed),
-QLoRA's peak memory, and merged-model generation speed.
+"""LoRA and DoRA training steps: ours vs Hugging Face transformers + PEFT (and transformers + Liger Kernel + PEFT where
+installed), QLoRA's peak memory, and merged-model generation speed.
 
     python benchmarks/lora_vs_peft.py --device cuda     # Llama-2-7b-hf and Llama-3.1-8B configs, bf16-mixed
     python benchmarks/lora_vs_peft.py                   # CPU: the 134M config, fp32
     python benchmarks/lora_vs_peft.py --models '[tiny]' --steps 2 --memory false  # the code path in a minute
+    python benchmarks/lora_vs_peft.py --targets '[query+value]' --steps 3 --new_tokens 0 --threads 1  # CPU, with DoRA
 
 Every model has random weights (the same in ours and transformers') and LoRA r=8, alpha 16, dropout 0.05 on query
 and value, then on every projection but the head (all_linear). A step is finetune_lora.py's: one micro-batch of 4
@@ -14,7 +15,13 @@ The records are random tokens with Alpaca's lengths (ALPACA_LENGTHS) up to 512, 
 its prompt. For each: the time per step over the same micro-batches, tokens per second, model FLOP utilisation
 (MFU: the step's matrix-product FLOPs, forward and backward through the activations, over a bf16 (CUDA) or fp32
 (CPU) matrix product's measured rate) and the peak memory (CUDA: allocated by this implementation, weights
-included). The first losses of ours and PEFT are printed side by side: the same weights, so they must agree.
+included; CPU: the step's peak resident memory (VmHWM, reset through /proc/self/clear_refs after handing freed heap
+memory back) over the resident memory before it, the model, its optimizer state and gradient buffers already in
+place). The first losses of ours and PEFT are printed side by side: the same weights, so they must agree.
+
+Then, on the targets of `dora_targets` (query+value by default), the same for DoRA (Liu et al. 2024: a learned
+magnitude per output row; PEFT's use_dora=True) on both sides, eager: ours against PEFT's, and our DoRA step against
+our LoRA step on the same targets.
 
 On a GPU (--device cuda) as finetune_lora.py's bf16-mixed trains: the frozen base in bf16, LoRA's A and B in fp32,
 under bf16 autocast, on both sides (PEFT keeps its adapters in fp32 itself), ours also with --train.compile's
@@ -23,6 +30,7 @@ it in bnb.nf4-dq: QLoRA), with and without gradient checkpointing. benchmarks/gp
 GPU tests.
 """
 
+import ctypes
 import gc
 import statistics
 import sys
@@ -33,29 +41,33 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).parent))
 from convert_hf_checkpoint import hf_to_lit_name
 from export_peft import lit_to_peft_name
 from generate import generate
 from lora import TARGETS, LoRAConfig, LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
+from memory import max_rss_mb
 from model import LLaMA, Config
 from quantize import quantize_weight, quantized_layers, swap_in_layers
 from training import cross_entropy_sum, pack_batch
+from utils import cli
 
 # Token lengths of the 999 records of ../shared/data/alpaca_en_demo.json (prepare_alpaca.tokenize, the LLaMA
 # tokenizer, cut at 512), counted in bins of 32 tokens: 0-31, 32-63, ..., 480-512 (54 of the last 79 were cut).
 # Median 188 tokens, mean 229; their prompts (masked) are 27% of the tokens.
 ALPACA_LENGTHS = (0, 33, 202, 121, 79, 73, 71, 49, 45, 41, 48, 37, 48, 39, 34, 79)
 PROMPT_SHARE = 0.27
-LORA_TARGETS = {"query+value": ("query", "value"), "all_linear": ("all_linear",)}
+# the --targets this benchmark times, as LoRAConfig's targets (keys of lora.TARGETS or lora.SHORTHANDS)
+TARGET_SETS = {"query+value": ("query", "value"), "all_linear": ("all_linear",)}
 
 
 def main(
     models: Optional[list[str]] = None,
     targets: list[str] = ["query+value", "all_linear"],
+    dora_targets: list[str] = ["query+value"],
     micro_batch_size: int = 4,
     max_seq_length: int = 512,
     steps: int = 10,
@@ -70,6 +82,7 @@ def main(
     Args:
         models: presets of model.Config; by default Llama-2-7b-hf and Llama-3.1-8B on CUDA, 134M on CPU.
         targets: LoRA targets to time, some of "query+value" and "all_linear".
+        dora_targets: those of `targets` to time DoRA on too (ours and PEFT's use_dora, eager), [] for none.
         micro_batch_size: records packed into each step's row.
         max_seq_length: records are cut to this many tokens.
         steps: timed steps per implementation, each on another micro-batch (the same ones for all), after one
@@ -84,6 +97,9 @@ def main(
         threads: CPU threads for PyTorch; by default one per core. On a machine shared with other jobs,
             1 thread gives steadier figures (waiting threads of a busy machine slow every operation).
     """
+    unknown = [name for name in {*targets, *dora_targets} if name not in TARGET_SETS]
+    if unknown:
+        raise ValueError(f"--targets and --dora_targets must be some of {list(TARGET_SETS)}, not {unknown}")
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
@@ -115,7 +131,7 @@ def main(
               f"{micro_batch_size} Alpaca-length records packed into one row ({tokens / steps:.0f} tokens a step on "
               f"average, at most {max_length} a record), {steps} steps after a warm-up")
         for target_name in targets:
-            lora_config = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=LORA_TARGETS[target_name])
+            lora_config = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=TARGET_SETS[target_name])
             results, first_losses = {}, {}
             peft_model = build_peft_model(config, lora_config, device, dtype)
             ours = build_ours(peft_model, config, lora_config, device, dtype)  # the same weights, before any step
@@ -139,6 +155,18 @@ def main(
                         del liger_model
                 except Exception as e:  # Liger's kernels are young: a failure there should not lose the other rows
                     print(f"  transformers + liger + peft failed: {type(e).__name__}: {str(e)[:300]}")
+                free_memory(device)
+            if target_name in dora_targets:  # eager only: DoRA's extra cost as a fine-tuning step pays it by default
+                dora_config = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=TARGET_SETS[target_name], dora=True)
+                peft_model = build_peft_model(config, dora_config, device, dtype)
+                ours = build_ours(peft_model, config, dora_config, device, dtype)
+                results["transformers + peft, DoRA"], first_losses["transformers + peft, DoRA"] = time_steps(
+                    peft_model, hf_loss(peft_model), batches, device, autocast)
+                del peft_model
+                free_memory(device)
+                results["ours, DoRA"], first_losses["ours, DoRA"] = time_steps(
+                    ours, ours_loss(ours), batches, device, autocast)
+                del ours
                 free_memory(device)
             print(f"  LoRA on {target_name}; first step's loss: "
                   + ", ".join(f"{impl} {loss:.5f}" for impl, loss in first_losses.items()))
@@ -200,7 +228,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 def build_peft_model(config: Config, lora_config: LoRAConfig, device: torch.device, dtype: torch.dtype,
                      liger: bool = False) -> torch.nn.Module:
     """transformers' LlamaForCausalLM with random weights (seeded: the same every time), in `dtype` on `device`, and
-    PEFT's LoRA on the projections `lora_config` names; with `liger`, Liger Kernel's RMSNorm, rotary, SwiGLU and
+    PEFT's LoRA (DoRA with `lora_config.dora`) on the projections `lora_config` names; with `liger`, Liger Kernel's RMSNorm, rotary, SwiGLU and
     fused head + cross-entropy patched in first."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -226,15 +254,16 @@ def build_peft_model(config: Config, lora_config: LoRAConfig, device: torch.devi
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(model=model)
-    modules = [module for target in lora_config.targets for module in TARGETS[target]]
+    modules = [TARGETS[target] for target in lora_config.targets]  # LoRAConfig has spelled shorthands out
     return get_peft_model(model, LoraConfig(r=lora_config.r, lora_alpha=lora_config.alpha,
-                                            lora_dropout=lora_config.dropout, target_modules=modules))
+                                            lora_dropout=lora_config.dropout, target_modules=modules,
+                                            use_dora=lora_config.dora))
 
 
 def build_ours(peft_model: torch.nn.Module, config: Config, lora_config: LoRAConfig, device: torch.device,
                dtype: torch.dtype) -> LLaMA:
-    """Our LLaMA with LoRA on the same projections, holding the weights of `peft_model` (base and LoRA alike), the
-    base in `dtype` and LoRA's A and B in fp32, as finetune_lora.py holds them (PEFT does the same with its own)."""
+    """Our LLaMA with LoRA on the same projections, holding the weights of `peft_model` (base and LoRA alike, DoRA's
+    magnitude too), the base in `dtype` and LoRA's A and B (and magnitude) in fp32, as finetune_lora.py holds them (PEFT does the same with its own)."""
     with torch.device("meta"), lora(**vars(lora_config)):
         model = LLaMA(config)
     peft_state = peft_model.state_dict()
@@ -244,7 +273,9 @@ def build_ours(peft_model: torch.nn.Module, config: Config, lora_config: LoRACon
             state[hf_to_lit_name(name.removeprefix("base_model.model.").replace(".base_layer", ""))] = tensor.clone()
     for name, param in model.named_parameters():
         if ".lora." in name:
-            state[name] = peft_state[lit_to_peft_name(name).replace(".weight", ".default.weight")].float().clone()
+            peft_name = lit_to_peft_name(name).replace(".weight", ".default.weight")
+            peft_name = peft_name.replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")
+            state[name] = peft_state[peft_name].float().clone()
     model.load_state_dict(state, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -274,7 +305,8 @@ def time_steps(
     model: torch.nn.Module, loss_of: Callable, batches: list, device: torch.device, autocast
 ) -> tuple[dict, float]:
     """A warm-up step on batches[0], then one timed step on each of the rest: forward, backward, AdamW, as a fine-tuning
-    script takes them (the loss divided by the number of targets). Returns the figures and the first step's loss."""
+    script takes them (the loss divided by the number of targets). Returns the figures (the peak memory as the module
+    docstring says) and the first step's loss."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     if device.type == "cuda":  # its own weights, and all its steps allocate (not other models' weights)
@@ -282,9 +314,13 @@ def time_steps(
         own = sum(t.numel() * t.element_size() for t in {*model.parameters(), *model.buffers()})
         others = torch.cuda.memory_allocated(device) - own
         torch.cuda.reset_peak_memory_stats(device)
-    times, first_loss = [], None
+    times, first_loss, cpu_peaks = [], None, []
     for input_ids, targets, lengths in batches:
         input_ids, targets = input_ids.to(device), targets.to(device)
+        if device.type == "cpu":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory back to the system, so that reusing it shows
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            rss_before = max_rss_mb("VmRSS")
         synchronize(device)
         t0 = time.perf_counter()
         with autocast:
@@ -294,8 +330,11 @@ def time_steps(
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         times.append(time.perf_counter() - t0)
+        if device.type == "cpu":
+            cpu_peaks.append((max_rss_mb("VmHWM") - rss_before) / 1e3)
         first_loss = loss.item() if first_loss is None else first_loss
-    peak = (torch.cuda.max_memory_allocated(device) - others) / 1e9 if device.type == "cuda" else float("nan")
+    # CUDA: this model's weights and all its steps allocate; CPU: the most a timed step took over what it found
+    peak = (torch.cuda.max_memory_allocated(device) - others) / 1e9 if device.type == "cuda" else max(cpu_peaks[1:])
     return {"first": times[0], "times": times[1:], "peak_gb": peak}, first_loss
 
 
@@ -303,14 +342,17 @@ def report(results: dict, tokens: int, flops: float, steps: int, peak_rate: floa
     print(f"    {'':30s} {'mean step':>10s} {'median':>8s} {'tokens/s':>9s} {'MFU':>6s} {'peak mem':>9s} {'first step':>10s}")
     for name, r in results.items():
         total = sum(r["times"])
-        memory = f"{r['peak_gb']:6.2f} GB" if cuda else "    -    "
+        memory = f"{r['peak_gb']:6.2f} GB"
         print(f"    {name:30s} {1000 * total / steps:7.1f} ms {1000 * statistics.median(r['times']):5.1f} ms "
               f"{tokens / total:9.0f} {100 * flops / total / peak_rate:5.1f}% {memory} {r['first']:9.1f} s")
-    if "ours" in results:
-        mean = {name: sum(r["times"]) for name, r in results.items()}
-        for name in results:
-            if name != "ours":
-                print(f"    {name} / ours: {mean[name] / mean['ours']:.2f}x")
+    mean = {name: sum(r["times"]) for name, r in results.items()}
+    peak = {name: r["peak_gb"] for name, r in results.items()}
+    ratios = [(name, "ours") for name in results if name != "ours" and "DoRA" not in name]
+    if "ours, DoRA" in results:
+        ratios += [("transformers + peft, DoRA", "ours, DoRA"), ("ours, DoRA", "ours")]
+    for name, over in ratios:
+        if name in results and over in results:
+            print(f"    {name} / {over}: time {mean[name] / mean[over]:.2f}x, peak memory {peak[name] / peak[over]:.2f}x")
 
 
 def memory_figures(config: Config, micro_batch_size: int, max_seq_length: int, device: torch.device) -> None:
@@ -437,4 +479,4 @@ def synchronize(device: torch.device) -> None:
 
 
 if __name__ == "__main__":
-    CLI(main)
+    cli(main)
