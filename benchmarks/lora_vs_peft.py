@@ -227,10 +227,19 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 def build_peft_model(config: Config, lora_config: LoRAConfig, device: torch.device, dtype: torch.dtype,
                      liger: bool = False) -> torch.nn.Module:
-    """transformers' LlamaForCausalLM with random weights (seeded: the same every time), in `dtype` on `device`, and
-    PEFT's LoRA (DoRA with `lora_config.dora`) on the projections `lora_config` names; with `liger`, Liger Kernel's RMSNorm, rotary, SwiGLU and
-    fused head + cross-entropy patched in first."""
+    """`build_hf_model` with PEFT's LoRA (DoRA with `lora_config.dora`) on the projections `lora_config` names."""
     from peft import LoraConfig, get_peft_model
+
+    model = build_hf_model(config, device, dtype, liger)
+    modules = [TARGETS[target] for target in lora_config.targets]  # LoRAConfig has spelled shorthands out
+    return get_peft_model(model, LoraConfig(r=lora_config.r, lora_alpha=lora_config.alpha,
+                                            lora_dropout=lora_config.dropout, target_modules=modules,
+                                            use_dora=lora_config.dora))
+
+
+def build_hf_model(config: Config, device: torch.device, dtype: torch.dtype, liger: bool = False) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM with random weights (seeded: the same every time), in `dtype` on `device`; with
+    `liger`, Liger Kernel's RMSNorm, rotary, SwiGLU and fused head + cross-entropy patched in."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rope = {"rope_type": "default", "rope_theta": config.rope_base}
@@ -254,10 +263,7 @@ def build_peft_model(config: Config, lora_config: LoRAConfig, device: torch.devi
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(model=model)
-    modules = [TARGETS[target] for target in lora_config.targets]  # LoRAConfig has spelled shorthands out
-    return get_peft_model(model, LoraConfig(r=lora_config.r, lora_alpha=lora_config.alpha,
-                                            lora_dropout=lora_config.dropout, target_modules=modules,
-                                            use_dora=lora_config.dora))
+    return model
 
 
 def build_ours(peft_model: torch.nn.Module, config: Config, lora_config: LoRAConfig, device: torch.device,

@@ -78,7 +78,7 @@ def main(
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with device:
-        hf_model = build_hf_model(config).eval()
+        hf_model = build_hf_model(config, device, dtype).eval()
         weights = {hf_to_lit_name(name): t for name, t in hf_model.state_dict().items()}
         with lora(r=R, alpha=ALPHA, dropout=0.0, targets=TARGETS):
             lora_model = LLaMA(config).eval()
