@@ -185,7 +185,8 @@ def run_peft(hf_model, adapters: list[dict[str, torch.Tensor]], prompts: list[li
     idx = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     names = [f"a{i}" for i in range(len(prompts))]
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                  use_cache=True)  # the model is built for training steps, without a KV cache
     with torch.no_grad():
         peft_model.generate(input_ids=idx[:2, -4:], attention_mask=mask[:2, -4:], adapter_names=names[:2],
                             **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
