@@ -68,7 +68,8 @@ class TrainArgs:
         compile: compile each Block with torch.compile (inductor), which fuses RMSNorm, the rotary embeddings, SwiGLU
             and LoRA's small products into a few kernels; the first step then takes longer (the time is printed).
             By default on CUDA GPUs, unless the base is quantized (--quantize) or sharded (--strategy fsdp, with
-            which it does not work), and off on CPUs, where it is slower than eager (howto/finetune_lora.md).
+            which it does not work), and off on CPUs, where its steps are no faster (though a third smaller in
+            memory: howto/finetune_lora.md).
         eval_interval: optimizer steps between evaluations (validation loss and a sample answer); also at the end.
         eval_batches: micro-batches of the test set each evaluation uses: always the same records.
         save_interval: optimizer steps between checkpoints (with train_state.pt for --resume); also at the end.

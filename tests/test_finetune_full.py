@@ -1,5 +1,6 @@
 """finetune_full.py on the tiny config (real tokenizer, fp32 on CPU): every weight learns, the loss falls, and the
-directory it writes is a checkpoint generate.py loads, holding the trained weights; bad input in one line."""
+directory it writes is a checkpoint generate.py loads, holding the trained weights, and that exports to a Hugging Face
+directory transformers gives its logits for; bad input in one line."""
 
 import subprocess
 import sys
@@ -9,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, finetune
+from convert_lit_checkpoint import convert_lit_checkpoint
 from finetune_full import setup
 from generate import generate
 from model import LLaMA, Config
 from prepare_alpaca import generate_prompt
+from test_convert_lit_checkpoint import assert_transformers_logits_equal_ours
 from tokenizer import Tokenizer
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
@@ -51,6 +54,10 @@ def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(chec
                              "--temperature", "0", "--max_new_tokens", "20"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+
+    # and it leaves for transformers as it is (scripts/convert_lit_checkpoint.py)
+    convert_lit_checkpoint(out_dir, tmp_path / "hf")
+    assert_transformers_logits_equal_ours(tmp_path / "hf", out_dir, tokenizer.encode(prompt)[None])
 
 
 def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
