@@ -199,9 +199,8 @@ class LLaMA(nn.Module):
         (B, T), each row its own (batched.py decodes requests of different lengths together), or None for a
         plain causal pass over positions 0..T-1 without a cache. kv_rows: (B,) the rows of the KV cache that the
         batch's rows use, by default 0..B-1 (batched.py fills one request's row of a cache shared by many).
-        lengths: for training on several sequences
-        packed into one row without padding (B = 1, T = sum(lengths)): each attends only to itself and its
-        positions start at 0, so every position is a real token. logits_at: a (B, T) boolean mask of the positions
+        lengths: for training on several sequences packed into one row without padding (B = 1, T = sum(lengths)):
+        each attends only to itself and its positions start at 0, so every position is a real token. logits_at: a (B, T) boolean mask of the positions
         whose logits are wanted: the output head, the largest matrix product at a large vocabulary, then runs on
         those positions only (the fine-tuning loss needs them only where there is a target).
         Returns logits (B, T, vocab_size), or (number of True in logits_at, vocab_size) with logits_at."""
