@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lora import check_same_base, lora_scaling, read_lora_config
-from model import Config, LLaMA
+from model import LLaMA
 
 
 @dataclass
