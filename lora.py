@@ -134,6 +134,11 @@ def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + scaling·B·A‖ of each output row (out,): DoRA's denominator, in one product."""
+    return torch.linalg.norm(torch.addmm(weight, B, A, alpha=scaling), dim=1)
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear (its `weight` frozen and where a checkpoint expects it) plus a LoRA update.
 
@@ -182,8 +187,7 @@ class LoRALinear(nn.Linear):
         """‖W + ΔW‖ of each output row (out,), DoRA's denominator; no gradient flows through it. `weight`: W, if the
         caller has it already (`base_weight`)."""
         weight = self.base_weight() if weight is None else weight
-        A, B = self.lora.A.to(weight.dtype), self.lora.B.to(weight.dtype)
-        return torch.linalg.norm(torch.addmm(weight, B, A, alpha=self.lora.scaling), dim=1)
+        return dora_norm(weight, self.lora.A.to(weight.dtype), self.lora.B.to(weight.dtype), self.lora.scaling)
 
     @torch.no_grad()
     def reset_magnitude(self) -> None:
@@ -251,17 +255,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
             for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 
-def adapter_parts(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]]:
-    """For each LoRA layer: its path, A (r, in), B (out, r), the scaling, and for DoRA the factor m/‖W + ΔW‖ (out,)
-    else None. Outside training (no dropout) the layer computes W·x + scaling·B·A·x, and with DoRA
-    factor ⊙ (W·x + scaling·B·A·x): what a server applying many adapters to one base needs, e.g. for a model from
-    load_lora_model(checkpoint_dir, adapter_path)."""
-    for name, layer in lora_layers(model).items():
-        with torch.no_grad():
-            factor = layer.dora_factor()
-        yield name, layer.lora.A.detach(), layer.lora.B.detach(), layer.lora.scaling, factor
-
-
 def get_lora_config(model: LLaMA) -> Optional[LoRAConfig]:
     """The LoRA settings a model was built with, read off its layers; None for a model without LoRA. The most common
     rank and alpha are `r` and `alpha`, any other in `ranks` and `alphas`, so the same layers always read the same."""
@@ -302,6 +295,15 @@ def merge_lora_weights(model: LLaMA) -> None:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.merge()
+
+
+def merged_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
+    """The weights of a model after `merge_lora_weights`, under a base checkpoint's names (what scripts/merge_lora.py
+    and scripts/export_gguf.py write): no LoRA tensors, and a head tied to the embedding stored once, as the embedding."""
+    state_dict = {name: t for name, t in model.state_dict().items() if ".lora." not in name}
+    if model.config.tie_embeddings:
+        del state_dict["lm_head.weight"]
+    return state_dict
 
 
 def save_lora_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] = None) -> None:

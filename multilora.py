@@ -29,7 +29,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lora import check_same_base, lora_scaling, read_lora_config
+from lora import check_same_base, dora_norm, lora_scaling, read_lora_config
 from model import LLaMA
 
 
@@ -68,7 +68,7 @@ def adapter_updates(path: Path, model: LLaMA) -> dict[str, Update]:
         row_factor = None
         if magnitude is not None:  # DoRA, as lora.LoRALinear.dora_factor computes it
             weight = base_weight(model, module).float()
-            row_factor = magnitude.float() / torch.linalg.norm(torch.addmm(weight, B.float(), A.float(), alpha=scaling), dim=1)
+            row_factor = magnitude.float() / dora_norm(weight, A.float(), B.float(), scaling)
         updates[module] = Update(A, B, scaling, row_factor)
     if not updates:
         raise ValueError(f"{path} holds no LoRA weights")

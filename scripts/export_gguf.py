@@ -94,13 +94,11 @@ def export_gguf(
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         tensors = read_tensors(path)
     else:
-        from lora import load_lora_model
+        from lora import load_lora_model, merged_state_dict
 
         model = load_lora_model(checkpoint_dir, lora_path, merge=True)
         config = model.config  # an adapted head is no longer tied to the embedding
-        state_dict = {
-            n: t for n, t in model.state_dict().items() if ".lora." not in n and not (config.tie_embeddings and n == "lm_head.weight")
-        }
+        state_dict = merged_state_dict(model)
         shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
         tensors = iter(state_dict.items())
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.n_layer)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
 from convert_lit_checkpoint import save_hf_checkpoint
-from lora import load_lora_model
+from lora import load_lora_model, merged_state_dict
 from utils import atomic_path, check_checkpoint_dir, cli, copy_tokenizer
 
 
@@ -47,10 +47,7 @@ def merge_lora(
         raise ValueError(f"--format must be lit or hf, not {format!r}")
     model = load_lora_model(checkpoint_dir, lora_path, merge=True)
 
-    # the base's tensor names only: no LoRA A and B, and a head tied to the embedding stored once
-    state_dict = {name: t for name, t in model.state_dict().items() if ".lora." not in name}
-    if model.config.tie_embeddings:
-        del state_dict["lm_head.weight"]
+    state_dict = merged_state_dict(model)
     if format == "hf":
         layout = {name: (tuple(t.shape), t.dtype) for name, t in state_dict.items()}
         save_hf_checkpoint(model.config, layout, state_dict.items(), checkpoint_dir, out_dir)

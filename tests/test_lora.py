@@ -151,26 +151,6 @@ def test_dora_merged_equals_unmerged_and_unmerge_restores_the_weight():
         torch.testing.assert_close(t, weights[name], rtol=0, atol=1e-6)
 
 
-def test_adapter_parts_give_each_layers_output():
-    """What a server applying adapters to a shared base needs: per layer A, B, the scaling and DoRA's factor, from which
-    the layer's output is W·x + scaling·B·A·x, times the factor per output row for DoRA."""
-    from lora import adapter_parts
-
-    for dora in (False, True):
-        _, adapted = tiny_pair(lora_kwargs=dict(r=4, alpha=8, dropout=0.1, targets=("key", "down"), dora=dora,
-                                                rslora=True, ranks={"blocks.1.mlp.down_proj": 2}))
-        randomize_lora(adapted)
-        parts = {name: rest for name, *rest in adapter_parts(adapted)}
-        assert list(parts) == ["blocks.0.attn.k_proj", "blocks.0.mlp.down_proj", "blocks.1.attn.k_proj", "blocks.1.mlp.down_proj"]
-        for name, (A, B, scaling, factor) in parts.items():
-            layer = adapted.get_submodule(name)
-            assert scaling == 8 / math.sqrt(A.shape[0]) and (factor is None) == (not dora)  # rsLoRA: alpha / √r
-            x = torch.randn(3, layer.in_features)
-            expected = x @ layer.weight.T + scaling * (x @ A.T) @ B.T
-            with torch.no_grad():
-                torch.testing.assert_close(layer(x), expected if factor is None else factor * expected)
-
-
 def test_merging_a_tied_head_leaves_the_embedding_alone():
     _, adapted = tiny_pair(lora_kwargs=dict(r=2, alpha=4, dropout=0.0, targets=("query", "value", "head")), tie_embeddings=True)
     randomize_lora(adapted)
