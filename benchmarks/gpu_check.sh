@@ -23,9 +23,8 @@ fi
 cat "$OUT/env.txt"
 # the references and test tools, if missing (requirements-test.txt without its torch line: never a torch from the registry)
 if ! python -c "import transformers, peft, bitsandbytes, lightning, jsonargparse, pytest, sentencepiece" 2>/dev/null; then
-    grep -v '^torch' requirements.txt > "$OUT/requirements-no-torch.txt"
-    python -m pip install -q -r "$OUT/requirements-no-torch.txt" "transformers>=4.45" "peft>=0.13" "pytest>=8" "gguf>=0.10" \
-        2>&1 | tail -3 | tee -a "$OUT/env.txt"
+    cat requirements.txt requirements-test.txt | grep -v -E '^(torch|-r)' > "$OUT/requirements-no-torch.txt"
+    python -m pip install -q -r "$OUT/requirements-no-torch.txt" 2>&1 | tail -3 | tee -a "$OUT/env.txt"
 fi
 python -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|peft|bitsandbytes|liger|triton|lightning) " | tee -a "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$OUT/env.txt"
