@@ -88,12 +88,13 @@ def base_weight(model: LLaMA, path: str) -> torch.Tensor:
 
 
 class MultiLoRALinear(nn.Module):
-    """A projection of the base (`base`, any module mapping (…, in) to (…, out): nn.Linear, a quantized layer) plus
-    the updates of every adapter in `stack`, row by row as `stack.rows` says."""
+    """A projection of the base (`base`: nn.Linear, or a quantized subclass of it) plus the updates of every adapter in
+    `stack`, row by row as `stack.rows` says."""
 
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, stack: "AdapterStack") -> None:
+    def __init__(self, base: nn.Linear, stack: "AdapterStack") -> None:
         super().__init__()
         self.base = base
+        in_features, out_features = base.in_features, base.out_features
         self.stack = [stack]  # in a list: not a submodule, the stack is shared by every layer
         device, dtype = stack.device, stack.dtype  # no slots yet: AdapterStack.wrap appends one per adapter
         self.register_buffer("A", torch.zeros(0, stack.rank, in_features, device=device, dtype=dtype))  # (adapters, r, in)
@@ -192,7 +193,7 @@ class AdapterStack:
             raise ValueError(f"the model has no projection {path}") from None
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{path} is a {type(base).__name__}, not a projection")
-        layer = MultiLoRALinear(base, base.in_features, base.out_features, self)
+        layer = MultiLoRALinear(base, self)
         for _ in self.names:
             layer.append(None)
         setattr(parent, attribute, layer)
