@@ -52,9 +52,13 @@ class Request:
 class BatchGenerator:
     """Slots of a KV cache shared by the requests in flight, and the queue of those waiting for one."""
 
-    def __init__(self, model: LLaMA, stack: AdapterStack, max_batch_size: int, max_seq_length: int, max_waiting: int = 64) -> None:
+    def __init__(
+        self, model: LLaMA, stack: AdapterStack, max_batch_size: int, max_seq_length: int, max_waiting: int = 64
+    ) -> None:
         if max_seq_length > model.config.block_size:
-            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's block_size {model.config.block_size}")
+            raise ValueError(
+                f"max_seq_length {max_seq_length} exceeds the model's block_size {model.config.block_size}"
+            )
         self.model, self.stack = model, stack
         self.max_seq_length, self.max_waiting = max_seq_length, max_waiting
         self.device = model.embed.weight.device
@@ -74,8 +78,10 @@ class BatchGenerator:
         if not request.prompt or request.max_new_tokens < 1:
             raise ValueError("a request needs at least one prompt token and max_new_tokens >= 1")
         if len(request.prompt) + request.max_new_tokens > self.max_seq_length:
-            raise ValueError(f"the prompt ({len(request.prompt)} tokens) plus max_new_tokens ({request.max_new_tokens}) "
-                             f"exceeds max_seq_length {self.max_seq_length}")
+            raise ValueError(
+                f"the prompt ({len(request.prompt)} tokens) plus max_new_tokens ({request.max_new_tokens}) "
+                f"exceeds max_seq_length {self.max_seq_length}"
+            )
         self.stack.index(request.adapter)  # an unknown adapter fails here, not in the loop
         with self.wakeup:
             # free slots take requests at the next step: until then those count as places in the queue too
@@ -117,8 +123,12 @@ class BatchGenerator:
         self.stack.rows = torch.tensor([self.adapter_slots[i]], device=self.device) if self.adapter_slots[i] else None
         logits_at = torch.zeros(1, T, dtype=torch.bool, device=self.device)
         logits_at[0, -1] = True
-        logits = self.model(idx, torch.arange(T, device=self.device)[None], logits_at=logits_at,
-                            kv_rows=torch.tensor([i], device=self.device))  # (1, vocab_size)
+        logits = self.model(
+            idx,
+            torch.arange(T, device=self.device)[None],
+            logits_at=logits_at,
+            kv_rows=torch.tensor([i], device=self.device),
+        )  # (1, vocab_size)
         self.positions[i] = T
         self.take(i, logits[0])
 
@@ -137,7 +147,8 @@ class BatchGenerator:
                 self.take(i, logits[i], greedy[i])
 
     def take(self, i: int, logits: torch.Tensor, greedy: Optional[int] = None) -> None:
-        """Picks slot i's next token from its logits (vocab_size,), hands it over, and ends the request if it is done."""
+        """Picks slot i's next token from its logits (vocab_size,), hands it over, and ends the request if it is
+        done."""
         request = self.slots[i]
         if request.temperature == 0.0 and greedy is not None:
             token = greedy
@@ -175,7 +186,8 @@ class BatchGenerator:
 
     def loop(self, stop: threading.Event) -> None:
         """The generation loop, for a thread of its own: steps while there is work, sleeps while there is none. A step
-        that fails (out of memory, a bug) ends the requests in flight with finish_reason "error", and the loop goes on."""
+        that fails (out of memory, a bug) ends the requests in flight with finish_reason "error", and the loop goes
+        on."""
         while not stop.is_set():
             with self.wakeup:
                 if not self.busy():

@@ -1,7 +1,8 @@
 """Chats with a converted checkpoint in the terminal, in the model's chat template.
 
     python chat.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
-    python chat.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --prompt "What is the capital of France?"
+    python chat.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --prompt "What is the capital of France?"
 
 Type a message and the answer appears as it is generated; a turn ends at the template's end-of-turn token (the
 tokenizer's stop ids). `/reset` starts the conversation again, `/exit` or Ctrl-D quits. With --prompt it answers that
@@ -59,8 +60,10 @@ def main(
             (prepare_chat.py records the template), else the checkpoint's.
     """
     if temperature < 0 or (top_k is not None and top_k < 1) or max_new_tokens < 1:
-        raise ValueError(f"--temperature must be >= 0, --top_k >= 1 (or null) and --max_new_tokens >= 1, "
-                         f"not {temperature}, {top_k} and {max_new_tokens}")
+        raise ValueError(
+            f"--temperature must be >= 0, --top_k >= 1 (or null) and --max_new_tokens >= 1, "
+            f"not {temperature}, {top_k} and {max_new_tokens}"
+        )
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
@@ -68,11 +71,15 @@ def main(
         read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
         template = template or read_lora_chat_template(lora_path)  # what it was trained on, if conversations
     if template is None and tokenizer.chat_template is None:
-        raise ValueError(f"{checkpoint_dir} has no chat template (no chat_template.jinja, no chat_template in "
-                         f"tokenizer_config.json); pass --template with one of {', '.join(CHAT_TEMPLATES)}")
+        raise ValueError(
+            f"{checkpoint_dir} has no chat template (no chat_template.jinja, no chat_template in "
+            f"tokenizer_config.json); pass --template with one of {', '.join(CHAT_TEMPLATES)}"
+        )
     if max_new_tokens >= config.block_size:
-        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the model's "
-                         f"block_size {config.block_size}")
+        raise ValueError(
+            f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the model's "
+            f"block_size {config.block_size}"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision_to_dtype(precision or default_precision())
 
@@ -80,12 +87,17 @@ def main(
     if lora_path is None:
         model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
     else:  # merged, unless the base is quantized: 4 or 8 bits would round the adapter's small update away
-        model = load_lora_model(checkpoint_dir, lora_path, device=device, dtype=dtype, merge=quantize is None, quantize=quantize)
+        model = load_lora_model(
+            checkpoint_dir, lora_path, device=device, dtype=dtype, merge=quantize is None, quantize=quantize
+        )
     model.eval()
     if device.type == "cpu":
         use_cpu_decode_layout(model)
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})",
-          file=sys.stderr)
+    print(
+        f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s "
+        f"({dtype}, {quantize or 'not quantized'}, {device})",
+        file=sys.stderr,
+    )
 
     torch.manual_seed(seed)
     chat = Chat(model, tokenizer, system, template, max_new_tokens, temperature, top_k)
@@ -126,8 +138,14 @@ class Chat:
     prefix with it, and feeds the model only the rest."""
 
     def __init__(
-        self, model: LLaMA, tokenizer: Tokenizer, system: Optional[str], template: Optional[str],
-        max_new_tokens: int, temperature: float, top_k: Optional[int],
+        self,
+        model: LLaMA,
+        tokenizer: Tokenizer,
+        system: Optional[str],
+        template: Optional[str],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: Optional[int],
     ) -> None:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
@@ -152,7 +170,9 @@ class Chat:
             raise
         device = self.model.embed.weight.device
         if len(ids) + self.max_new_tokens > self.capacity:  # a new, longer cache: the conversation is fed again
-            self.capacity = min(self.model.config.block_size, max(2 * self.capacity, len(ids) + self.max_new_tokens, 1024))
+            self.capacity = min(
+                self.model.config.block_size, max(2 * self.capacity, len(ids) + self.max_new_tokens, 1024)
+            )
             self.model.set_kv_cache(batch_size=1, max_seq_length=self.capacity)
             self.cached = []
         n = common_prefix_length(self.cached, ids)
@@ -162,8 +182,13 @@ class Chat:
         answer: list[int] = []
         printed = ""
         new_tokens = generate_tokens(
-            self.model, torch.tensor(ids[n:], device=device), torch.arange(n, len(ids), device=device),
-            self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, stop_ids=self.tokenizer.stop_ids,
+            self.model,
+            torch.tensor(ids[n:], device=device),
+            torch.arange(n, len(ids), device=device),
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            stop_ids=self.tokenizer.stop_ids,
         )
         self.messages.append({"role": "assistant", "content": ""})
         for token in new_tokens:
@@ -176,7 +201,7 @@ class Chat:
             text = self.tokenizer.decode(answer)
             self.messages[-1]["content"] = text
             if not text.endswith("\ufffd") and text.startswith(printed):
-                yield text[len(printed):]
+                yield text[len(printed) :]
                 printed = text
 
     def encode_fitting(self) -> list[int]:
@@ -195,9 +220,11 @@ class Chat:
                     f"exceeds the model's block_size {block_size}; shorten it or lower --max_new_tokens"
                 )
             dropped = 2 if self.messages[first + 1]["role"] == "assistant" else 1
-            del self.messages[first:first + dropped]
-            print(f"(the conversation outgrew the block size of {block_size} tokens: dropped its oldest turn)",
-                  file=sys.stderr)
+            del self.messages[first : first + dropped]
+            print(
+                f"(the conversation outgrew the block size of {block_size} tokens: dropped its oldest turn)",
+                file=sys.stderr,
+            )
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:

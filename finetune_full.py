@@ -23,8 +23,21 @@ from torch.optim import Optimizer
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
-    STATE_NAME, TrainArgs, check_batch_sizes, compile_blocks, find_resume, finish, is_fsdp, launch, load_data,
-    make_optimizer, resume_settings, save_train_state, start_state, train_steps, validate,
+    STATE_NAME,
+    TrainArgs,
+    check_batch_sizes,
+    compile_blocks,
+    find_resume,
+    finish,
+    is_fsdp,
+    launch,
+    load_data,
+    make_optimizer,
+    resume_settings,
+    save_train_state,
+    start_state,
+    train_steps,
+    validate,
 )
 from utils import atomic_path, cli, copy_tokenizer, load_model, precision_to_dtype
 
@@ -100,13 +113,21 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
             save(fabric, model, optimizer, state, settings, args.out_dir / f"step-{step:06d}", args)
 
     save(fabric, model, optimizer, state, settings, args.out_dir, args)
-    fabric.print(f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, "
-                 "the tokenizer's files)")
+    fabric.print(
+        f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, "
+        "the tokenizer's files)"
+    )
     finish(fabric, state["history"], args.out_dir)
 
 
 def save(
-    fabric: Fabric, model: LLaMA, optimizer: Optimizer, state: dict, settings: dict, checkpoint_dir: Path, args: SimpleNamespace
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: Optimizer,
+    state: dict,
+    settings: dict,
+    checkpoint_dir: Path,
+    args: SimpleNamespace,
 ) -> None:
     """Writes out_dir/train_state.pt (training.save_train_state: every weight and what --resume needs), then a
     checkpoint directory for generate.py at `checkpoint_dir`, in the dtype the run started from. Every file is written

@@ -3,8 +3,9 @@ prepared by prepare_chat.py.
 
     python finetune_lora.py --data_dir data/alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 
-The base model stays frozen and only LoRA's small A and B matrices learn (with --lora_dora also a magnitude per output row). On GPUs the base is held in bf16 and
-LoRA in fp32 under bf16 mixed precision; the defaults (the Alpaca-LoRA recipe) fit LLaMA-7B on one 24 GB GPU.
+The base model stays frozen and only LoRA's small A and B matrices learn (with --lora_dora also a magnitude per
+output row). On GPUs the base is held in bf16 and LoRA in fp32 under bf16 mixed precision; the defaults (the
+Alpaca-LoRA recipe) fit LLaMA-7B on one 24 GB GPU.
 With --quantize bnb.nf4 (QLoRA) the base is held in 4 bits, and --train.optimizer AdamW8bit saves optimizer memory:
 see howto/quantize.md.
 Every --train.save_interval steps and at the end, out_dir receives the adapter (a few MB, for generate_lora.py and
@@ -25,8 +26,21 @@ from lora import LoRAConfig, load_lora_state_dict, lora, mark_only_lora_as_train
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
-    STATE_NAME, TrainArgs, check_batch_sizes, compile_blocks, find_resume, finish, is_fsdp, launch, load_data,
-    make_optimizer, resume_settings, save_train_state, start_state, train_steps, validate,
+    STATE_NAME,
+    TrainArgs,
+    check_batch_sizes,
+    compile_blocks,
+    find_resume,
+    finish,
+    is_fsdp,
+    launch,
+    load_data,
+    make_optimizer,
+    resume_settings,
+    save_train_state,
+    start_state,
+    train_steps,
+    validate,
 )
 from utils import cli, load_model, precision_to_dtype
 
@@ -85,8 +99,10 @@ def setup(
     # everything that can be wrong with the input is found here, before any model is loaded or process started
     check_batch_sizes(train, devices * num_nodes)
     if quantize and strategy == "fsdp":
-        raise ValueError("--quantize does not work with --strategy fsdp, which shards floating-point weights; "
-                         "use --strategy ddp or one device")
+        raise ValueError(
+            "--quantize does not work with --strategy fsdp, which shards floating-point weights; "
+            "use --strategy ddp or one device"
+        )
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     train_data, val_data, metadata = load_data(data_dir, checkpoint_dir)
     ignore_index, chat_template = metadata["ignore_index"], metadata.get("chat_template")  # a template: conversations
@@ -113,18 +129,23 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
         for param in trainable:
             param.data = param.data.float()
     model.gradient_checkpointing = args.train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
-    compile_blocks(fabric, model, args.train, quantized=args.quantize is not None)  # --train.compile: by default on CUDA
+    compile_blocks(
+        fabric, model, args.train, quantized=args.quantize is not None
+    )  # --train.compile: by default on CUDA
     total = sum(param.numel() for param in model.parameters())
     n_trainable = sum(param.numel() for param in trainable)
     fabric.print(
-        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), LoRA {args.lora_config}"
+        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), "
+        f"LoRA {args.lora_config}"
     )
     model = fabric.setup_module(model)
 
     # The optimizer (AdamW or one of bitsandbytes' variants) over the LoRA weights only; train_step sets its rate
     train = args.train
     trainable = [param for param in model.parameters() if param.requires_grad]
-    optimizer = fabric.setup_optimizers(make_optimizer(train.optimizer, trainable, train.learning_rate, train.weight_decay))
+    optimizer = fabric.setup_optimizers(
+        make_optimizer(train.optimizer, trainable, train.learning_rate, train.weight_decay)
+    )
 
     settings = resume_settings(model, train, len(args.train_data), lora=asdict(args.lora_config))
     state = start_state(fabric, args.resume, model, optimizer, settings)
@@ -134,8 +155,15 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
         if step % train.eval_interval == 0 or step == train.max_steps:
             validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index, args.chat_template)
         if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
-            save(fabric, model, optimizer, state, settings, args.out_dir / f"lora_step-{step:06d}.safetensors",
-                 args.chat_template)
+            save(
+                fabric,
+                model,
+                optimizer,
+                state,
+                settings,
+                args.out_dir / f"lora_step-{step:06d}.safetensors",
+                args.chat_template,
+            )
 
     save(fabric, model, optimizer, state, settings, args.out_dir / ADAPTER_NAME, args.chat_template)
     fabric.print(f"Saved the adapter to {args.out_dir / ADAPTER_NAME}")
@@ -143,7 +171,12 @@ def main(fabric: Fabric, args: SimpleNamespace) -> None:
 
 
 def save(
-    fabric: Fabric, model: LLaMA, optimizer: Optimizer, state: dict, settings: dict, adapter_path: Path,
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: Optimizer,
+    state: dict,
+    settings: dict,
+    adapter_path: Path,
     chat_template: Optional[str],
 ) -> None:
     """Writes train_state.pt beside `adapter_path` (training.save_train_state: the LoRA weights and what --resume

@@ -72,8 +72,11 @@ def main(
     if compile:
         model.rope(device)  # built now, the compiled graphs never see it missing: one compilation less
         model = torch.compile(model)
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})",
-          file=sys.stderr)
+    print(
+        f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s "
+        f"({dtype}, {quantize or 'not quantized'}, {device})",
+        file=sys.stderr,
+    )
 
     torch.manual_seed(seed)
     for i in range(num_samples):
@@ -108,11 +111,22 @@ def generate(
         raise ValueError(f"idx must be the prompt's token ids as a 1-D tensor, not of shape {tuple(idx.shape)}")
     T = idx.size(0)
     if T + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}")
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}"
+        )
     model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens)
     try:
-        new = list(generate_tokens(model, idx, torch.arange(T, device=idx.device), max_new_tokens,
-                                   temperature=temperature, top_k=top_k, stop_ids=stop_ids))
+        new = list(
+            generate_tokens(
+                model,
+                idx,
+                torch.arange(T, device=idx.device),
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                stop_ids=stop_ids,
+            )
+        )
     finally:
         model.clear_kv_cache()  # the cache can be as large as the weights: free it for the caller
     return torch.cat([idx, *new])
@@ -152,7 +166,10 @@ def printable(ids: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float] = None,
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """One token id, shape (1,), from the logits (vocab_size,) of the last position. top_p < 1 draws from the most

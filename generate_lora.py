@@ -6,9 +6,9 @@
 Wraps the instruction (and --input) in the prompt the adapter was trained with: the Alpaca template
 (prepare_alpaca.py), or, for an adapter trained on conversations (prepare_chat.py), a one-turn conversation in the
 chat template recorded in the adapter, followed by the assistant header. It reads r, alpha and the adapted layers
-from the adapter itself, and by default merges it into the weights, so generation runs at the base model's speed. Prints only the response to stdout; load time, tokens/sec and peak
-memory go to stderr. Greedy output (--temperature 0) equals generate.py's on the directory that
-scripts/merge_lora.py writes from the same adapter.
+from the adapter itself, and by default merges it into the weights, so generation runs at the base model's speed.
+Prints only the response to stdout; load time, tokens/sec and peak memory go to stderr. Greedy output
+(--temperature 0) equals generate.py's on the directory that scripts/merge_lora.py writes from the same adapter.
 """
 
 import sys
@@ -83,8 +83,11 @@ def main(
     model.eval()
     if device.type == "cpu":
         use_cpu_decode_layout(model)
-    print(f"Loaded {checkpoint_dir} with {lora_path} ({'merged' if merge else 'not merged'}) in "
-          f"{time.perf_counter() - t0:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})", file=sys.stderr)
+    print(
+        f"Loaded {checkpoint_dir} with {lora_path} ({'merged' if merge else 'not merged'}) in "
+        f"{time.perf_counter() - t0:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})",
+        file=sys.stderr,
+    )
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import model as llama
-from model import LLaMA, Config
+from model import Config, LLaMA
 from utils import atomic_path, load_config, load_model
 
 # The places LoRA can adapt, as lora(targets=...), the --lora_targets flag and adapter files name them, and the
@@ -82,8 +82,10 @@ class LoRAConfig:
     def from_dict(cls, values: dict) -> "LoRAConfig":
         """From asdict() of one, or from an adapter written before `targets` existed (a flag per target)."""
         if "targets" not in values:
-            values = {**{key: values[key] for key in ("r", "alpha", "dropout")},
-                      "targets": [target for target in (*TARGETS, *SHORTHANDS) if values.get(target)]}
+            values = {
+                **{key: values[key] for key in ("r", "alpha", "dropout")},
+                "targets": [target for target in (*TARGETS, *SHORTHANDS) if values.get(target)],
+            }
         return cls(**values)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
@@ -102,7 +104,13 @@ class LoRA(nn.Module):
     adapter = True  # not part of a base checkpoint: utils.load_weights initialises it instead
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, rslora: bool = False,
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        rslora: bool = False,
         dora: bool = False,
     ) -> None:
         super().__init__()
@@ -148,8 +156,15 @@ class LoRALinear(nn.Linear):
     `merge` refuses to add ΔW to."""
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, rslora: bool = False,
-        dora: bool = False, **base_settings,
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        rslora: bool = False,
+        dora: bool = False,
+        **base_settings,
     ) -> None:
         super().__init__(in_features, out_features, bias=False, **base_settings)
         self.lora = LoRA(in_features, out_features, r, alpha, dropout, rslora, dora)
@@ -163,13 +178,14 @@ class LoRALinear(nn.Linear):
             return result  # a plain linear layer
         if self.lora.magnitude is None:
             return result + self.lora(x)
-        # DoRA, as PEFT computes it: each output row i scaled by f_i = m_i / ‖W_i + ΔW_i‖, the norm a constant to autograd
-        # (the paper's section 4.3); a quantized W is dequantized once, for both uses below
+        # DoRA, as PEFT computes it: each output row i scaled by f_i = m_i / ‖W_i + ΔW_i‖, the norm a constant to
+        # autograd (the paper's section 4.3); a quantized W is dequantized once, for both uses below
         weight = self.base_weight()
         factor = self.lora.magnitude / self.weight_norm(weight).to(x.dtype)
         if not self.training or self.lora.dropout.p == 0:
             return factor * (result + self.lora(x))  # f ⊙ (W + ΔW)·x
-        # with dropout the rescaling applies to the dropped-out input, as in PEFT: W·x + f ⊙ (W + ΔW)·drop(x) - W·drop(x)
+        # with dropout the rescaling applies to the dropped-out input, as in PEFT:
+        # W·x + f ⊙ (W + ΔW)·drop(x) - W·drop(x)
         x = self.lora.dropout(x)
         base = F.linear(x, weight.to(x.dtype))
         return result - base + factor * (base + (x @ self.lora.A.T * self.lora.scaling) @ self.lora.B.T)
@@ -226,8 +242,14 @@ class LoRALinear(nn.Linear):
 
 @contextmanager
 def lora(
-    r: int, alpha: float, dropout: float, targets: Sequence[str] = ("query", "value"), rslora: bool = False,
-    dora: bool = False, ranks: Optional[dict[str, int]] = None, alphas: Optional[dict[str, float]] = None,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: Sequence[str] = ("query", "value"),
+    rslora: bool = False,
+    dora: bool = False,
+    ranks: Optional[dict[str, int]] = None,
+    alphas: Optional[dict[str, float]] = None,
 ) -> Iterator[LoRAConfig]:
     """A `LLaMA(config)` built inside this context has LoRA layers on the `targets` (keys of TARGETS or SHORTHANDS;
     "all_linear", every projection of attention and MLP, is today's common practice), each with the rank and alpha
@@ -250,9 +272,13 @@ def lora(
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The LoRA layers of a model by their path in model.py ("blocks.0.attn.q_proj", "lm_head"), also through
-    wrappers (Fabric's `_forward_module`, FSDP's `_fsdp_wrapped_module`, torch.compile's `_orig_mod`, DDP's `module`)."""
-    return {".".join(part for part in name.split(".") if not part.startswith("_")).removeprefix("module."): module
-            for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    wrappers (Fabric's `_forward_module`, FSDP's `_fsdp_wrapped_module`, torch.compile's `_orig_mod`, DDP's
+    `module`)."""
+    return {
+        ".".join(part for part in name.split(".") if not part.startswith("_")).removeprefix("module."): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoRALinear)
+    }
 
 
 def get_lora_config(model: LLaMA) -> Optional[LoRAConfig]:
@@ -265,8 +291,12 @@ def get_lora_config(model: LLaMA) -> Optional[LoRAConfig]:
     alpha = Counter(layer.lora.alpha for layer in layers.values()).most_common(1)[0][0]
     first = next(iter(layers.values())).lora
     return LoRAConfig(
-        r, alpha, first.dropout.p,
-        targets=tuple(target for target, name in TARGETS.items() if any(path.rpartition(".")[2] == name for path in layers)),
+        r,
+        alpha,
+        first.dropout.p,
+        targets=tuple(
+            target for target, name in TARGETS.items() if any(path.rpartition(".")[2] == name for path in layers)
+        ),
         rslora=first.rslora,
         dora=first.magnitude is not None,
         ranks={path: layer.lora.r for path, layer in layers.items() if layer.lora.r != r},
@@ -281,8 +311,8 @@ def mark_only_lora_as_trainable(model: LLaMA) -> None:
 
 
 def lora_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
-    """What an adapter consists of: every LoRA A and B (and DoRA magnitude), by its name in the checkpoint (also through a wrapper such
-    as Fabric's); the parameters themselves (keep_vars)."""
+    """What an adapter consists of: every LoRA A and B (and DoRA magnitude), by its name in the checkpoint (also
+    through a wrapper such as Fabric's); the parameters themselves (keep_vars)."""
     return {name: param for name, param in model.state_dict(keep_vars=True).items() if ".lora." in name}
 
 
@@ -299,7 +329,8 @@ def merge_lora_weights(model: LLaMA) -> None:
 
 def merged_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     """The weights of a model after `merge_lora_weights`, under a base checkpoint's names (what scripts/merge_lora.py
-    and scripts/export_gguf.py write): no LoRA tensors, and a head tied to the embedding stored once, as the embedding."""
+    and scripts/export_gguf.py write): no LoRA tensors, and a head tied to the embedding stored once, as the
+    embedding."""
     state_dict = {name: t for name, t in model.state_dict().items() if ".lora." not in name}
     if model.config.tie_embeddings:
         del state_dict["lm_head.weight"]
@@ -314,7 +345,11 @@ def save_lora_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] 
     if lora_config is None:
         raise ValueError("the model has no LoRA layers to save; build it inside lora()")
     state_dict = {name: param.detach().cpu().contiguous() for name, param in lora_state_dict(model).items()}
-    metadata = {"format": "pt", "lora": json.dumps(asdict(lora_config)), "model_config": json.dumps(asdict(model.config))}
+    metadata = {
+        "format": "pt",
+        "lora": json.dumps(asdict(lora_config)),
+        "model_config": json.dumps(asdict(model.config)),
+    }
     if chat_template is not None:
         metadata["chat_template"] = chat_template
     with atomic_path(path) as tmp:
@@ -359,7 +394,8 @@ def load_lora_model(
 ) -> LLaMA:
     """The base model of `checkpoint_dir` with LoRA where the adapter at `lora_path` says, the adapter
     loaded, and merged into the weights when `merge` (for inference at the base model's speed). `quantize` holds the
-    base in 4 or 8 bits (quantize.QUANTIZE_MODES), LoRA on top; an adapter trained with or without it fits either way."""
+    base in 4 or 8 bits (quantize.QUANTIZE_MODES), LoRA on top; an adapter trained with or without it fits either
+    way."""
     lora_config, base_config = read_lora_config(lora_path)
     check_same_base(base_config, load_config(checkpoint_dir), lora_path)  # before the slow part
     with lora(**asdict(lora_config)):
@@ -419,6 +455,8 @@ def load_lora_state_dict(model: LLaMA, state_dict: dict[str, torch.Tensor], sour
         raise ValueError(f"{source} does not fit the model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     for name, tensor in state_dict.items():
         if tensor.shape != allowed[name].shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(allowed[name].shape)}")
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(allowed[name].shape)}"
+            )
     # copied into the model's own parameters (their device and dtype); a model on the meta device takes them as they are
     model.load_state_dict(state_dict, strict=False, assign=any(allowed[name].is_meta for name in state_dict))

@@ -41,9 +41,9 @@ class Config:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # the output head shares the token embedding's weight
-    # "llama3" rope scaling (Llama 3.1/3.2), or None for plain rotary embeddings: a dict with the keys of ROPE_SCALING_KEYS,
-    # as the Hub's config.json names them, e.g. dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-    # original_max_position_embeddings=8192)
+    # "llama3" rope scaling (Llama 3.1/3.2), or None for plain rotary embeddings: a dict with the keys of
+    # ROPE_SCALING_KEYS, as the Hub's config.json names them, e.g. dict(factor=8.0, low_freq_factor=1.0,
+    # high_freq_factor=4.0, original_max_position_embeddings=8192)
     rope_scaling: Optional[dict] = None
 
     def __post_init__(self):
@@ -53,8 +53,10 @@ class Config:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict) or set(self.rope_scaling) != set(ROPE_SCALING_KEYS):
-                raise ValueError(f"rope_scaling must be None or a dict with exactly the keys {', '.join(ROPE_SCALING_KEYS)}, "
-                                 f"not {self.rope_scaling!r}")
+                raise ValueError(
+                    f"rope_scaling must be None or a dict with exactly the keys {', '.join(ROPE_SCALING_KEYS)}, "
+                    f"not {self.rope_scaling!r}"
+                )
             self.rope_scaling = dict(self.rope_scaling)  # a copy: the presets' dicts stay as they are
 
     @property
@@ -77,7 +79,9 @@ class Config:
             raise ValueError(f"{path} must hold a JSON object of Config fields; convert the checkpoint again")
         unknown = sorted(set(values) - {field.name for field in fields(cls)})
         if unknown:
-            raise ValueError(f"{path} has keys model.Config does not know: {', '.join(unknown)}; convert the checkpoint again")
+            raise ValueError(
+                f"{path} has keys model.Config does not know: {', '.join(unknown)}; convert the checkpoint again"
+            )
         return cls(**values)
 
     def to_file(self, path: Path) -> None:
@@ -94,8 +98,10 @@ class Config:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{where} rope scaling {rope_type!r} is not implemented; only plain rotary embeddings and "
-                             f"Llama 3.1's 'llama3' scaling are")
+            raise ValueError(
+                f"{where} rope scaling {rope_type!r} is not implemented; only plain rotary embeddings and "
+                f"Llama 3.1's 'llama3' scaling are"
+            )
         rope_scaling = None
         if rope_type == "llama3":
             missing = [key for key in ROPE_SCALING_KEYS if key not in rope]
@@ -113,9 +119,12 @@ class Config:
         n_head = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
         if head_dim * n_head != hf["hidden_size"]:
-            raise ValueError(f"{where} head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported")
+            raise ValueError(
+                f"{where} head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported"
+            )
         block_size = hf.get("max_position_embeddings", 4096)
-        # Mistral v0.1 attends over a sliding window; within one window that is plain causal attention (v0.3 has none: null)
+        # Mistral v0.1 attends over a sliding window; within one window that is plain causal attention (v0.3 has
+        # none: null)
         if hf.get("sliding_window"):
             block_size = min(block_size, hf["sliding_window"])
         return cls(
@@ -138,29 +147,137 @@ configs = {
     "Llama-2-7b-hf": dict(n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008),
     "Llama-2-13b-hf": dict(n_layer=40, n_head=40, n_query_groups=40, n_embd=5120, intermediate_size=13824),
     "Llama-2-70b-hf": dict(n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672),
-    "llama-7b": dict(block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
-    "llama-13b": dict(block_size=2048, n_layer=40, n_head=40, n_query_groups=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6),
-    "llama-30b": dict(block_size=2048, n_layer=60, n_head=52, n_query_groups=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6),
-    "llama-65b": dict(block_size=2048, n_layer=80, n_head=64, n_query_groups=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-6),
-    "TinyLlama-1.1B-intermediate-step-1431k-3T": dict(block_size=2048, n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
-    "open_llama_3b": dict(block_size=2048, n_layer=26, n_head=32, n_query_groups=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
-    "open_llama_7b": dict(block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
-    "Mistral-7B-v0.1": dict(n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336),  # block_size = its 4096 sliding window
-    "Mistral-7B-v0.3": dict(block_size=32768, vocab_size=32768, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336, rope_base=1000000.0),
+    "llama-7b": dict(
+        block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6
+    ),
+    "llama-13b": dict(
+        block_size=2048, n_layer=40, n_head=40, n_query_groups=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6
+    ),
+    "llama-30b": dict(
+        block_size=2048, n_layer=60, n_head=52, n_query_groups=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6
+    ),
+    "llama-65b": dict(
+        block_size=2048, n_layer=80, n_head=64, n_query_groups=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-6
+    ),
+    "TinyLlama-1.1B-intermediate-step-1431k-3T": dict(
+        block_size=2048, n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632
+    ),
+    "open_llama_3b": dict(
+        block_size=2048, n_layer=26, n_head=32, n_query_groups=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6
+    ),
+    "open_llama_7b": dict(
+        block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6
+    ),
+    "Mistral-7B-v0.1": dict(
+        n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336
+    ),  # block_size = its 4096 sliding window
+    "Mistral-7B-v0.3": dict(
+        block_size=32768,
+        vocab_size=32768,
+        n_layer=32,
+        n_head=32,
+        n_query_groups=8,
+        n_embd=4096,
+        intermediate_size=14336,
+        rope_base=1000000.0,
+    ),
     # Llama 3 and later; each -Instruct variant has its base model's shapes
-    "Meta-Llama-3-8B": dict(block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336, rope_base=500000.0),
-    "Llama-3.1-8B": dict(block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336, rope_base=500000.0,
-                         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "Llama-3.2-1B": dict(block_size=131072, vocab_size=128256, n_layer=16, n_head=32, n_query_groups=8, n_embd=2048, intermediate_size=8192, rope_base=500000.0,
-                         tie_embeddings=True, rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "Llama-3.2-3B": dict(block_size=131072, vocab_size=128256, n_layer=28, n_head=24, n_query_groups=8, n_embd=3072, intermediate_size=8192, rope_base=500000.0,
-                         tie_embeddings=True, rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "SmolLM2-135M": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
-    "SmolLM2-360M": dict(block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_query_groups=5, n_embd=960, intermediate_size=2560, rope_base=100000.0, tie_embeddings=True),
-    "SmolLM2-1.7B": dict(block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_query_groups=32, n_embd=2048, intermediate_size=8192, rope_base=130000.0, tie_embeddings=True),
+    "Meta-Llama-3-8B": dict(
+        block_size=8192,
+        vocab_size=128256,
+        n_layer=32,
+        n_head=32,
+        n_query_groups=8,
+        n_embd=4096,
+        intermediate_size=14336,
+        rope_base=500000.0,
+    ),
+    "Llama-3.1-8B": dict(
+        block_size=131072,
+        vocab_size=128256,
+        n_layer=32,
+        n_head=32,
+        n_query_groups=8,
+        n_embd=4096,
+        intermediate_size=14336,
+        rope_base=500000.0,
+        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    "Llama-3.2-1B": dict(
+        block_size=131072,
+        vocab_size=128256,
+        n_layer=16,
+        n_head=32,
+        n_query_groups=8,
+        n_embd=2048,
+        intermediate_size=8192,
+        rope_base=500000.0,
+        tie_embeddings=True,
+        rope_scaling=dict(
+            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+    ),
+    "Llama-3.2-3B": dict(
+        block_size=131072,
+        vocab_size=128256,
+        n_layer=28,
+        n_head=24,
+        n_query_groups=8,
+        n_embd=3072,
+        intermediate_size=8192,
+        rope_base=500000.0,
+        tie_embeddings=True,
+        rope_scaling=dict(
+            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+    ),
+    "SmolLM2-135M": dict(
+        block_size=8192,
+        vocab_size=49152,
+        n_layer=30,
+        n_head=9,
+        n_query_groups=3,
+        n_embd=576,
+        intermediate_size=1536,
+        rope_base=100000.0,
+        tie_embeddings=True,
+    ),
+    "SmolLM2-360M": dict(
+        block_size=8192,
+        vocab_size=49152,
+        n_layer=32,
+        n_head=15,
+        n_query_groups=5,
+        n_embd=960,
+        intermediate_size=2560,
+        rope_base=100000.0,
+        tie_embeddings=True,
+    ),
+    "SmolLM2-1.7B": dict(
+        block_size=8192,
+        vocab_size=49152,
+        n_layer=24,
+        n_head=32,
+        n_query_groups=32,
+        n_embd=2048,
+        intermediate_size=8192,
+        rope_base=130000.0,
+        tie_embeddings=True,
+    ),
     # small shapes for tests and benchmarks
-    "stories260K": dict(block_size=512, vocab_size=512, n_layer=5, n_head=8, n_query_groups=4, n_embd=64, intermediate_size=172, tie_embeddings=True),
-    "tiny": dict(block_size=256, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=172),
+    "stories260K": dict(
+        block_size=512,
+        vocab_size=512,
+        n_layer=5,
+        n_head=8,
+        n_query_groups=4,
+        n_embd=64,
+        intermediate_size=172,
+        tie_embeddings=True,
+    ),
+    "tiny": dict(
+        block_size=256, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=172
+    ),
     "134M": dict(block_size=2048, n_layer=12, n_head=12, n_query_groups=12, n_embd=768, intermediate_size=2048),
 }
 
@@ -200,16 +317,19 @@ class LLaMA(nn.Module):
         plain causal pass over positions 0..T-1 without a cache. kv_rows: (B,) the rows of the KV cache that the
         batch's rows use, by default 0..B-1 (batched.py fills one request's row of a cache shared by many).
         lengths: for training on several sequences packed into one row without padding (B = 1, T = sum(lengths)):
-        each attends only to itself and its positions start at 0, so every position is a real token. logits_at: a (B, T) boolean mask of the positions
-        whose logits are wanted: the output head, the largest matrix product at a large vocabulary, then runs on
-        those positions only (the fine-tuning loss needs them only where there is a target).
+        each attends only to itself and its positions start at 0, so every position is a real token. logits_at: a
+        (B, T) boolean mask of the positions whose logits are wanted: the output head, the largest matrix product at
+        a large vocabulary, then runs on those positions only (the fine-tuning loss needs them only where there is a
+        target).
         Returns logits (B, T, vocab_size), or (number of True in logits_at, vocab_size) with logits_at."""
         T = idx.size(1)
         cos, sin = self.rope(idx.device)
         if lengths is not None:
             if input_pos is not None or idx.size(0) != 1 or sum(lengths) != T or max(lengths) > self.config.block_size:
-                raise ValueError(f"lengths {lengths} must add up to the one row of {T} tokens, each at most block_size "
-                                 f"{self.config.block_size}, without input_pos")
+                raise ValueError(
+                    f"lengths {lengths} must add up to the one row of {T} tokens, each at most block_size "
+                    f"{self.config.block_size}, without input_pos"
+                )
             positions = torch.cat([torch.arange(n, device=idx.device) for n in lengths])
             cos, sin = cos[positions], sin[positions]
         elif input_pos is None:
@@ -259,7 +379,12 @@ class Block(nn.Module):
         self.mlp = MLP(config, f"{path}.mlp")
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]],
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: Optional[torch.Tensor],
+        lengths: Optional[list[int]],
         kv_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, lengths, kv_rows)
@@ -281,13 +406,22 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor], lengths: Optional[list[int]],
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: Optional[torch.Tensor],
+        lengths: Optional[list[int]],
         kv_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
-        k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_query_groups, T, head_size)
-        v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_query_groups, T, head_size)
+        k = (
+            self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        )  # (B, n_query_groups, T, head_size)
+        v = (
+            self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        )  # (B, n_query_groups, T, head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if input_pos is None:
@@ -348,10 +482,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
         y = varlen_attn(q, k, v, starts, starts, max(lengths), max(lengths), window_size=(-1, 0), enable_gqa=gqa)
         return y.transpose(0, 1)[None]
-    return torch.cat([
-        F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=gqa)
-        for q_i, k_i, v_i in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
-    ], dim=2)
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=gqa)
+            for q_i, k_i, v_i in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+        ],
+        dim=2,
+    )
 
 
 class MLP(nn.Module):
@@ -397,7 +534,11 @@ def build_rope_cache(
 
 
 def llama3_scaled(
-    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_position_embeddings: int
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
 ) -> torch.Tensor:
     """Llama 3.1's rope scaling of the inverse frequencies (head_size / 2,), as transformers computes it: a frequency
     whose wavelength is longer than original_max_position_embeddings / low_freq_factor turns `factor` times slower, one

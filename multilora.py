@@ -97,8 +97,12 @@ class MultiLoRALinear(nn.Module):
         in_features, out_features = base.in_features, base.out_features
         self.stack = [stack]  # in a list: not a submodule, the stack is shared by every layer
         device, dtype = stack.device, stack.dtype  # no slots yet: AdapterStack.wrap appends one per adapter
-        self.register_buffer("A", torch.zeros(0, stack.rank, in_features, device=device, dtype=dtype))  # (adapters, r, in)
-        self.register_buffer("B", torch.zeros(0, out_features, stack.rank, device=device, dtype=dtype))  # (adapters, out, r)
+        self.register_buffer(
+            "A", torch.zeros(0, stack.rank, in_features, device=device, dtype=dtype)
+        )  # (adapters, r, in)
+        self.register_buffer(
+            "B", torch.zeros(0, out_features, stack.rank, device=device, dtype=dtype)
+        )  # (adapters, out, r)
         self.row_factor: Optional[torch.Tensor] = None  # (adapters, out), None while every adapter's is ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,15 +174,21 @@ class AdapterStack:
                 self.layers[path] = self.wrap(path)
             layer = self.layers[path]
             if update.A.size(1) != layer.A.size(2) or update.B.size(0) != layer.B.size(1):
-                raise ValueError(f"adapter {name!r}: {path} has shapes A {tuple(update.A.shape)}, B "
-                                 f"{tuple(update.B.shape)}; the model's projection is {layer.B.size(1)} x {layer.A.size(2)}")
+                raise ValueError(
+                    f"adapter {name!r}: {path} has shapes A {tuple(update.A.shape)}, B "
+                    f"{tuple(update.B.shape)}; the model's projection is {layer.B.size(1)} x {layer.A.size(2)}"
+                )
         self.rank = max([self.rank, *(update.A.size(0) for update in updates.values())])
         for path, layer in self.layers.items():
             layer.grow(self.rank)
             update = updates.get(path)
             if update is not None:
-                update = Update(update.A.to(self.device, self.dtype), update.B.to(self.device, self.dtype), update.scaling,
-                                None if update.row_factor is None else update.row_factor.to(self.device, self.dtype))
+                update = Update(
+                    update.A.to(self.device, self.dtype),
+                    update.B.to(self.device, self.dtype),
+                    update.scaling,
+                    None if update.row_factor is None else update.row_factor.to(self.device, self.dtype),
+                )
             layer.append(update)
         self.names.append(name)
         return len(self.names) - 1

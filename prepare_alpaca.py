@@ -62,8 +62,18 @@ def setup(
             stopping at the first one.
     """
     main(
-        destination_path, checkpoint_dir, data_file_path, data_repo_id, data_file_name, test_split_fraction,
-        max_seq_length, mask_inputs, ignore_index, seed, skip_invalid, fields=ALPACA_FIELDS,
+        destination_path,
+        checkpoint_dir,
+        data_file_path,
+        data_repo_id,
+        data_file_name,
+        test_split_fraction,
+        max_seq_length,
+        mask_inputs,
+        ignore_index,
+        seed,
+        skip_invalid,
+        fields=ALPACA_FIELDS,
     )
 
 
@@ -164,8 +174,7 @@ def download(repo_id: str, file_name: str) -> Path:
     finally:
         hub_logger.setLevel(level)
     raise ValueError(
-        f"cannot download {file_name} from the Hub dataset {repo_id}: {reason}; "
-        "pass a local copy with --data_file_path"
+        f"cannot download {file_name} from the Hub dataset {repo_id}: {reason}; pass a local copy with --data_file_path"
     )
 
 
@@ -215,18 +224,18 @@ def to_examples(
     for where, record in records:
         problem = find_problem(record, fields)
         if problem is None:
-            examples.append({
-                "instruction": record[fields["instruction"]],
-                "input": record.get(fields["input"]) or "",
-                "output": record[fields["output"]],
-            })
+            examples.append(
+                {
+                    "instruction": record[fields["instruction"]],
+                    "input": record.get(fields["input"]) or "",
+                    "output": record[fields["output"]],
+                }
+            )
             wheres.append(where)
         elif skip_invalid:
             invalid.append(f"{where} {problem}")
         else:
-            raise ValueError(
-                f"{path} {where} {problem}; fix it or pass --skip_invalid to leave such records out"
-            )
+            raise ValueError(f"{path} {where} {problem}; fix it or pass --skip_invalid to leave such records out")
     return examples, wheres, invalid
 
 
@@ -267,13 +276,23 @@ def encode_prompt(tokenizer: Tokenizer, example: dict[str, str], chat_template: 
     conversation (the input, if any, after the instruction) and the assistant header that asks for the answer."""
     if chat_template is None:
         return tokenizer.encode(generate_prompt(example))
-    content = f"{example['instruction']}\n\n{example['input']}" if (example.get("input") or "").strip() else example["instruction"]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, template=chat_template)
+    content = (
+        f"{example['instruction']}\n\n{example['input']}"
+        if (example.get("input") or "").strip()
+        else example["instruction"]
+    )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, template=chat_template
+    )
     return tokenizer.encode(text, bos=False)  # the template writes BOS itself where it wants one
 
 
 def tokenize(
-    examples: list[dict[str, str]], tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool, ignore_index: int,
+    examples: list[dict[str, str]],
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    mask_inputs: bool,
+    ignore_index: int,
     batch_size: int = 1024,
 ) -> tuple[list[Optional[dict[str, torch.Tensor]]], list[int], int, list[int]]:
     """One {"input_ids", "labels"} per example (None where the prompt alone fills `max_seq_length`), the full
@@ -344,8 +363,13 @@ def split_samples(samples: list[Optional[dict]], order: list[int], n_test: int) 
 
 
 def split_metadata(
-    train_set: list[dict], test_set: list[dict], max_seq_length: int, ignore_index: int, test_split_fraction: float,
-    seed: int, source: str,
+    train_set: list[dict],
+    test_set: list[dict],
+    max_seq_length: int,
+    ignore_index: int,
+    test_split_fraction: float,
+    seed: int,
+    source: str,
 ) -> dict:
     """The settings and sizes of the splits, for metadata.json (prepare_alpaca.py and prepare_chat.py)."""
     return {

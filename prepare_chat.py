@@ -24,7 +24,14 @@ import torch
 from tqdm import tqdm
 
 from prepare_alpaca import (
-    METADATA_FORMAT, download, load_records, print_summary, split_metadata, split_order, split_samples, tokenizer_metadata,
+    METADATA_FORMAT,
+    download,
+    load_records,
+    print_summary,
+    split_metadata,
+    split_order,
+    split_samples,
+    tokenizer_metadata,
     write,
 )
 from tokenizer import CHAT_TEMPLATES, Tokenizer, tokenizer_file
@@ -160,8 +167,12 @@ def to_conversations(records: list[tuple[str, Any]], path: Path) -> list[list[di
 
 
 def tokenize(
-    conversations: list[list[dict[str, str]]], wheres: list[str], tokenizer: Tokenizer, chat_template: str,
-    max_seq_length: int, ignore_index: int,
+    conversations: list[list[dict[str, str]]],
+    wheres: list[str],
+    tokenizer: Tokenizer,
+    chat_template: str,
+    max_seq_length: int,
+    ignore_index: int,
 ) -> tuple[list[Optional[dict[str, torch.Tensor]]], list[int], int, list[str]]:
     """One {"input_ids", "labels"} per conversation (None where its first assistant turn does not fit in
     `max_seq_length`), the full length of every conversation, how many were cut, and where those left out were.
@@ -171,7 +182,9 @@ def tokenize(
     that follows it (`assistant_targets`). A longer conversation is cut after the last assistant turn that fits."""
     special = {token.content for token in tokenizer.processor.get_added_tokens_decoder().values() if token.special}
     samples, lengths, truncated, too_long = [], [], 0, []
-    for conversation, where in tqdm(zip(conversations, wheres), total=len(conversations), desc="Tokenizing", disable=None):
+    for conversation, where in tqdm(
+        zip(conversations, wheres), total=len(conversations), desc="Tokenizing", disable=None
+    ):
         try:
             text = tokenizer.apply_chat_template(conversation, template=chat_template)
         except ValueError as e:

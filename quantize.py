@@ -38,15 +38,24 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
         base, settings = bnb.nn.Linear8bitLt, dict(has_fp16_weights=False, threshold=6.0)
     else:
         quant_type, compress_statistics = mode.removeprefix("bnb.").removesuffix("-dq"), mode.endswith("-dq")
-        base, settings = bnb.nn.Linear4bit, dict(compute_dtype=dtype, quant_type=quant_type, compress_statistics=compress_statistics)
+        base, settings = (
+            bnb.nn.Linear4bit,
+            dict(compute_dtype=dtype, quant_type=quant_type, compress_statistics=compress_statistics),
+        )
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, nn.Linear) or (name == "lm_head" and model.config.tie_embeddings):
             continue
         if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
             lora = layer.lora
             quantized = on_base(type(layer), base)(
-                layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout.p, lora.rslora,
-                lora.magnitude is not None, **settings,
+                layer.in_features,
+                layer.out_features,
+                lora.r,
+                lora.alpha,
+                lora.dropout.p,
+                lora.rslora,
+                lora.magnitude is not None,
+                **settings,
             )
         else:
             quantized = base(layer.in_features, layer.out_features, bias=False, **settings)
@@ -89,14 +98,21 @@ def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device
     if isinstance(layer, bnb.nn.Linear4bit):  # the meta weight knows the mode's settings
         old = layer.weight
         layer.weight = bnb.nn.Params4bit(
-            weight, requires_grad=False, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type, quant_storage=old.quant_storage, module=layer,
+            weight,
+            requires_grad=False,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=layer,
         ).to(device)
     else:
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
 
 
-def make_bnb_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_bnb_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """One of bitsandbytes' AdamW variants. AdamW8bit holds the two moments in 8 bits per value (one quarter of
     AdamW's optimizer memory; tensors under 4096 values keep 32 bits). The paged ones (CUDA only) keep their state in
     memory that the driver pages out to the CPU when the GPU runs out, instead of failing; on CPU bitsandbytes runs
@@ -105,7 +121,10 @@ def make_bnb_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, wei
         raise ValueError(f"--train.optimizer {name!r} is not one of AdamW, {', '.join(BNB_OPTIMIZERS)}")
     params = list(params)
     if name.startswith("Paged") and params[0].device.type != "cuda":
-        print(f"note: --train.optimizer {name} pages its state only on CUDA; on {params[0].device.type} it runs unpaged", file=sys.stderr)
+        print(
+            f"note: --train.optimizer {name} pages its state only on CUDA; on {params[0].device.type} it runs unpaged",
+            file=sys.stderr,
+        )
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")  # bitsandbytes' own note
     return getattr(import_bitsandbytes().optim, name)(params, lr=lr, weight_decay=weight_decay)
 
@@ -115,7 +134,9 @@ def import_bitsandbytes() -> ModuleType:
     try:
         import bitsandbytes
     except ImportError as e:
-        raise ImportError(f"--quantize and the 8-bit optimizers need bitsandbytes ({e}); pip install bitsandbytes") from None
+        raise ImportError(
+            f"--quantize and the 8-bit optimizers need bitsandbytes ({e}); pip install bitsandbytes"
+        ) from None
     # LLM.int8() multiplies in fp16 by design; bitsandbytes would log that at every product of fp32 or bf16 inputs
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return bitsandbytes

@@ -89,19 +89,28 @@ def main(
     if device.type == "cpu":
         use_cpu_decode_layout(model)
     server = Server(
-        base_name=Path(checkpoint_dir).resolve().name, tokenizer=Tokenizer(checkpoint_dir),
+        base_name=Path(checkpoint_dir).resolve().name,
+        tokenizer=Tokenizer(checkpoint_dir),
         generator=BatchGenerator(model, AdapterStack(model), max_batch_size, max_seq_length, max_waiting),
-        adapters_dir=None if adapters_dir is None else Path(adapters_dir), template=template, api_key=api_key,
-        max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+        adapters_dir=None if adapters_dir is None else Path(adapters_dir),
+        template=template,
+        api_key=api_key,
+        max_tokens=max_tokens,
+        max_prompt_tokens=max_prompt_tokens,
     )
     server.scan_adapters()
-    print(f"Loaded {checkpoint_dir} and {len(server.adapters)} adapters in {time.perf_counter() - t0:.2f} s ({dtype}, "
-          f"{device}); serving {', '.join(server.model_names())} on http://{host}:{port}/v1", file=sys.stderr)
+    print(
+        f"Loaded {checkpoint_dir} and {len(server.adapters)} adapters in {time.perf_counter() - t0:.2f} s ({dtype}, "
+        f"{device}); serving {', '.join(server.model_names())} on http://{host}:{port}/v1",
+        file=sys.stderr,
+    )
     # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again for the handler it found: this
     # one makes that an exit with status 0 instead of death by the signal (or a KeyboardInterrupt's traceback)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: sys.exit(0))
-    uvicorn.run(build_app(server), host=host, port=port, timeout_graceful_shutdown=shutdown_timeout, log_level="warning")
+    uvicorn.run(
+        build_app(server), host=host, port=port, timeout_graceful_shutdown=shutdown_timeout, log_level="warning"
+    )
 
 
 @dataclass
@@ -153,15 +162,22 @@ class Server:
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
 def build_app(server: Server):
     """The FastAPI application: its endpoints, error handlers, and the generation loop's thread for its lifetime."""
-    from fastapi import Depends, FastAPI, Request as HTTPRequest
+    from fastapi import Depends, FastAPI
+    from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -180,8 +196,13 @@ def build_app(server: Server):
 
     app = FastAPI(title="lora-llama", lifespan=lifespan)
 
-    def error(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-              code: Optional[str] = None) -> JSONResponse:
+    def error(
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ) -> JSONResponse:
         body = {"error": {"message": message, "type": type, "param": param, "code": code}}
         return JSONResponse(body, status_code=status)
 
@@ -203,23 +224,31 @@ def build_app(server: Server):
 
     async def authorized(request: HTTPRequest) -> None:
         if server.api_key is not None and request.headers.get("authorization") != f"Bearer {server.api_key}":
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
         await asyncio.to_thread(server.scan_adapters)
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": server.created, "owned_by": "lora-llama"}
-            for name in server.model_names()
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": server.created, "owned_by": "lora-llama"}
+                for name in server.model_names()
+            ],
+        }
 
     @app.get("/health")
     async def health() -> dict:
         """For load balancers and tests: requests decoding now, waiting for a slot, and ended so far by reason."""
         running = sum(slot is not None for slot in server.generator.slots)
-        return {"status": "ok", "running": running, "waiting": len(server.generator.waiting),
-                "ended": dict(server.generator.ended)}
+        return {
+            "status": "ok",
+            "running": running,
+            "waiting": len(server.generator.waiting),
+            "ended": dict(server.generator.ended),
+        }
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionBody, request: HTTPRequest):
@@ -251,31 +280,55 @@ def build_app(server: Server):
         if model not in server.adapters:
             await asyncio.to_thread(server.scan_adapters)
         if model not in server.adapters:
-            raise APIError(404, f"the model {model!r} does not exist; GET /v1/models lists them", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; GET /v1/models lists them",
+                param="model",
+                code="model_not_found",
+            )
         return model
 
     async def respond(body, request: HTTPRequest, adapter: str, ids: list[int], kind: str):
-        max_tokens = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
+        max_tokens = (
+            body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
+        )
         max_tokens = max_tokens or max(1, min(server.max_tokens, server.generator.max_seq_length - len(ids)))
         if max_tokens > server.max_tokens:
-            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {server.max_tokens} "
-                                "(serve.py --max_tokens)", param="max_tokens", code="max_tokens_too_large")
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} is above this server's limit of {server.max_tokens} (serve.py --max_tokens)",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         if len(ids) > server.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
-                                f"{server.max_prompt_tokens} (serve.py --max_prompt_tokens)", param="prompt",
-                           code="prompt_too_long")
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens, above this server's limit of "
+                f"{server.max_prompt_tokens} (serve.py --max_prompt_tokens)",
+                param="prompt",
+                code="prompt_too_long",
+            )
         if not ids or any(not 0 <= i < server.generator.model.config.vocab_size for i in ids):
             raise APIError(400, "the prompt is empty or holds token ids outside the vocabulary", param="prompt")
         if len(ids) + max_tokens > server.generator.max_seq_length:
-            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
-                                f"limit of {server.generator.max_seq_length} tokens (serve.py --max_seq_length)",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
+                f"limit of {server.generator.max_seq_length} tokens (serve.py --max_seq_length)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         job = Request(
-            prompt=ids, max_new_tokens=max_tokens, adapter=adapter, temperature=body.temperature, top_k=body.top_k,
-            top_p=body.top_p, stop_ids=server.tokenizer.stop_ids, seed=body.seed,
+            prompt=ids,
+            max_new_tokens=max_tokens,
+            adapter=adapter,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            stop_ids=server.tokenizer.stop_ids,
+            seed=body.seed,
             on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
         )
         try:
@@ -301,8 +354,12 @@ def build_app(server: Server):
                 if text is not None and answer.sent == len(text):  # the first piece: OpenAI sends the role with it only
                     delta = {"role": "assistant", **delta}
                 return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish_reason}
+            return {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
 
         def chunk(choices: list, with_usage: Optional[dict] = None) -> str:
             obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
@@ -312,6 +369,7 @@ def build_app(server: Server):
             return f"data: {json.dumps(data)}\n\n"
 
         if body.stream:
+
             async def events() -> AsyncIterator[str]:
                 try:
                     while True:
@@ -345,8 +403,14 @@ def build_app(server: Server):
             job.cancelled = True  # a no-op for a request that has ended; else its slot is freed at the next step
         if job.finish_reason == "error":
             raise APIError(500, "generation failed; the server's log has the traceback", type="server_error")
-        data = {"id": reply_id, "object": kind, "created": int(time.time()), "model": model_name,
-                "choices": [choice(answer.text, answer.finish_reason, False)], "usage": usage()}
+        data = {
+            "id": reply_id,
+            "object": kind,
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [choice(answer.text, answer.finish_reason, False)],
+            "usage": usage(),
+        }
         return data
 
     return app
@@ -386,7 +450,7 @@ class Answer:
                 return ""
             hold = max((len(stop) - 1 for stop in self.stops), default=0)  # could be the start of a stop string
         end = max(self.sent, len(self.text) - hold)
-        new, self.sent = self.text[self.sent:end], end
+        new, self.sent = self.text[self.sent : end], end
         return new
 
 

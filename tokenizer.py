@@ -28,14 +28,14 @@ import torch
 CHAT_TEMPLATES = {
     "llama-3": (
         "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
     "llama-2": (
         "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
-        "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-        "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+        "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
         "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\n' + system_message + "
         "'\n<</SYS>>\n\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
@@ -48,10 +48,10 @@ CHAT_TEMPLATES = {
     ),
     "alpaca": (
         "{{ bos_token or '' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
-        "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes the request.' }}"
-        "{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
-        "{{ '\n\n### Instruction:\n' + message['content'] + '\n\n### Response:' }}{% elif message['role'] == 'assistant' %}"
-        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.' }}{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '\n\n### Instruction:\n' + message['content'] + '\n\n### Response:' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
     ),
 }
 # the tokens transformers passes to a template by name (its special_tokens_map), as tokenizer_config.json gives them
@@ -79,7 +79,10 @@ class Tokenizer:
             self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
         else:
             self.processor = load_sentencepiece(self.path)
-            token_to_id = lambda piece: piece_id(self.processor, piece)
+
+            def token_to_id(piece: str) -> Optional[int]:
+                return piece_id(self.processor, piece)
+
             self.vocab_size = self.processor.vocab_size()
 
         self.bos_id = special_id(config.get("bos_token"), token_to_id, generation.get("bos_token_id"))
@@ -110,7 +113,8 @@ class Tokenizer:
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
         self.special_tokens = {
             name: token["content"] if isinstance(token, dict) else token
-            for name, token in ((name, config.get(name)) for name in SPECIAL_TOKENS) if token is not None
+            for name, token in ((name, config.get(name)) for name in SPECIAL_TOKENS)
+            if token is not None
         }
 
     def apply_chat_template(
@@ -177,7 +181,9 @@ def compile_chat_template(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators=None, sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators=None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])

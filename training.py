@@ -101,7 +101,8 @@ class TrainArgs:
 def check_batch_sizes(train: TrainArgs, devices: int) -> None:
     if train.micro_batch_size < 1 or train.micro_batch_size > train.batch_size:
         raise ValueError(
-            f"--train.micro_batch_size {train.micro_batch_size} must be between 1 and --train.batch_size {train.batch_size}"
+            f"--train.micro_batch_size {train.micro_batch_size} must be between 1 and "
+            f"--train.batch_size {train.batch_size}"
         )
     if train.batch_size % (train.micro_batch_size * devices):
         raise ValueError(
@@ -146,13 +147,18 @@ def launch(main: Callable[[Fabric, SimpleNamespace], None], args: SimpleNamespac
     strategy = args.strategy
     if strategy == "fsdp":
         checkpointing = {Block} if args.train.gradient_checkpointing else None
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy=checkpointing,
-                                state_dict_type="full", limit_all_gathers=True)
+        strategy = FSDPStrategy(
+            auto_wrap_policy={Block},
+            activation_checkpointing_policy=checkpointing,
+            state_dict_type="full",
+            limit_all_gathers=True,
+        )
     loggers = [CSVLogger(args.out_dir, name="logs", flush_logs_every_n_steps=10)]
     if importlib.util.find_spec("tensorboard"):
         loggers.append(TensorBoardLogger(args.out_dir, name="logs"))
-    fabric = Fabric(devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
-                    loggers=loggers)
+    fabric = Fabric(
+        devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision, loggers=loggers
+    )
     fabric.seed_everything(args.train.seed)  # in every process: the DDP/FSDP workers run the script anew
     fabric.launch(main, args)
 
@@ -162,7 +168,9 @@ def is_fsdp(fabric: Fabric) -> bool:
     return isinstance(fabric.strategy, FSDPStrategy)
 
 
-def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], dict]:
+def load_data(
+    data_dir: Path, checkpoint_dir: Path
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], dict]:
     """train.pt and test.pt of prepare_alpaca.py or prepare_chat.py (lists of {"input_ids", "labels"} tensors) and
     their metadata.json (the "ignore_index" of their labels, the "chat_template" of conversations), after checking
     that they were tokenized for this checkpoint. Read with weights_only=True: plain
@@ -182,9 +190,13 @@ def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torc
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found; prepare the data with prepare_alpaca.py") from None
         except Exception as e:  # not a file torch.save wrote, or one holding objects that are not plain tensors
-            raise ValueError(f"{path} is not data prepared by prepare_alpaca.py ({one_line(e)}); prepare it again") from None
+            raise ValueError(
+                f"{path} is not data prepared by prepare_alpaca.py ({one_line(e)}); prepare it again"
+            ) from None
         if not isinstance(records, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("input_ids"), torch.Tensor) and isinstance(r.get("labels"), torch.Tensor)
+            isinstance(r, dict)
+            and isinstance(r.get("input_ids"), torch.Tensor)
+            and isinstance(r.get("labels"), torch.Tensor)
             for r in records
         ):
             raise ValueError(f"{path} does not hold a list of input_ids/labels records; prepare the data again")
@@ -193,7 +205,8 @@ def load_data(data_dir: Path, checkpoint_dir: Path) -> tuple[list[dict[str, torc
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """--train.optimizer: torch's AdamW, or one of bitsandbytes' 8-bit or paged variants (quantize.make_bnb_optimizer)."""
+    """--train.optimizer: torch's AdamW, or one of bitsandbytes' 8-bit or paged variants
+    (quantize.make_bnb_optimizer)."""
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return make_bnb_optimizer(name, params, lr, weight_decay)
@@ -261,8 +274,11 @@ def train_step(
         raise FloatingPointError(
             f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {state['step'] + 1}; "
             "stopped before updating the weights. "
-            + (f"The last good checkpoint is {saved}: resume from it with a lower --train.learning_rate"
-               if saved.is_file() else "Nothing was saved; try a lower --train.learning_rate")
+            + (
+                f"The last good checkpoint is {saved}: resume from it with a lower --train.learning_rate"
+                if saved.is_file()
+                else "Nothing was saved; try a lower --train.learning_rate"
+            )
         )
     lr = learning_rate(state["step"], train.learning_rate, train.warmup_steps, train.max_steps)
     for group in optimizer.param_groups:
@@ -314,7 +330,10 @@ def pack_batch(
 
 
 def cross_entropy_sum(
-    model: LLaMA, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    model: LLaMA,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
     lengths: Optional[list[int]] = None,
 ) -> torch.Tensor:
     """The model's cross-entropy on `input_ids` (B, T), summed over the `targets` (B, T) that are not `ignore_index`;
@@ -324,7 +343,8 @@ def cross_entropy_sum(
     micro-batches and devices. Two things make it cheaper than F.cross_entropy over model(input_ids), with the
     same value and gradient: the output head, a step's largest matrix product at a vocabulary of 32000, only
     computes logits where there is a target (in instruction data the prompt, and padding if any, have none:
-    often more than half of the positions), and CrossEntropySum keeps one tensor of the logits' size instead of three."""
+    often more than half of the positions), and CrossEntropySum keeps one tensor of the logits' size instead of
+    three."""
     where = targets != ignore_index
     logits = model(input_ids, lengths=lengths, logits_at=where)  # (n_targets, vocab_size)
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -371,12 +391,14 @@ class Progress:
     def __init__(self, fabric: Fabric, train: TrainArgs, n_records: int, first_step: int) -> None:
         fabric.print(
             f"Training {n_records} records for {train.max_steps} steps of {train.batch_size} records "
-            f"({train.max_steps * train.batch_size / n_records:.2f} epochs), micro-batches of {train.micro_batch_size}, "
+            f"({train.max_steps * train.batch_size / n_records:.2f} epochs), "
+            f"micro-batches of {train.micro_batch_size}, "
             f"{fabric.world_size} device(s), {fabric.strategy.precision.precision}"
         )
         self.fabric, self.t0, self.tokens, self.first_step = fabric, time.perf_counter(), 0, True
-        self.bar = tqdm(total=train.max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=train.max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True
+        )
 
     def update(self, figures: dict[str, float]) -> None:
         """After a step, with what train_step returned."""
@@ -386,11 +408,21 @@ class Progress:
             self.first_step = False
         self.tokens += figures["tokens"]
         tokens_per_sec = self.tokens / (time.perf_counter() - self.t0)
-        self.fabric.log_dict({"train_loss": figures["train_loss"], "learning_rate": figures["learning_rate"],
-                              "tokens_per_sec": tokens_per_sec}, step)
+        self.fabric.log_dict(
+            {
+                "train_loss": figures["train_loss"],
+                "learning_rate": figures["learning_rate"],
+                "tokens_per_sec": tokens_per_sec,
+            },
+            step,
+        )
         memory = peak_memory_gb(self.fabric.device)
-        self.bar.set_postfix(loss=f"{figures['train_loss']:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}",
-                             peak_memory=f"{memory:.2f} GB", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{figures['train_loss']:.4f}",
+            tokens_per_sec=f"{tokens_per_sec:.0f}",
+            peak_memory=f"{memory:.2f} GB",
+            refresh=False,
+        )
         self.bar.update()
 
     def close(self) -> None:
@@ -443,8 +475,14 @@ def validate(
 def resume_settings(model: LLaMA, train: TrainArgs, n_records: int, **extra) -> dict:
     """What a resumed run must share with the run it continues (`load_train_state` checks it): the model's config, what
     decides the batches (their size, the seed, the number of records), the optimizer, and the script's `extra`."""
-    return {"model": asdict(model.config), "batch_size": train.batch_size, "seed": train.seed,
-            "train_records": n_records, "optimizer": train.optimizer, **extra}
+    return {
+        "model": asdict(model.config),
+        "batch_size": train.batch_size,
+        "seed": train.seed,
+        "train_records": n_records,
+        "optimizer": train.optimizer,
+        **extra,
+    }
 
 
 def save_train_state(
@@ -507,7 +545,9 @@ def load_train_state(
         saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
     except Exception as e:  # not a file torch.save wrote, or not one of ours
         raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
-    differences = [f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value]
+    differences = [
+        f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
+    ]
     if differences:
         raise ValueError(
             f"--resume {path} was saved by a run with other settings: {'; '.join(differences)}; "

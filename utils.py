@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from model import LLaMA, Config
+from model import Config, LLaMA
 from quantize import quantize_weight, quantized_layers, swap_in_layers
 
 # What a user's mistake raises in the library (a missing or broken file, a bad flag or combination, a missing package,
@@ -22,7 +22,13 @@ USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 
 # The files that make up a checkpoint's tokenizer (tokenizer.py): tokenizer.model or tokenizer.json, and the others
 # when the repository has them. Copied as a whole into every checkpoint directory made from another.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def cli(function: Callable, **kwargs) -> None:
@@ -91,7 +97,10 @@ def load_config(checkpoint_dir: Path) -> Config:
 
 
 def load_model(
-    checkpoint_dir: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None
+    checkpoint_dir: Path,
+    device: torch.device | str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    quantize: Optional[str] = None,
 ) -> LLaMA:
     """Builds the model on the meta device (no memory) and gives it the checkpoint's tensors one at a time, each
     converted to `dtype` on its way: peak memory stays within a tensor of the weights' size in `dtype`.

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from model import LLaMA, Config  # noqa: E402  after the path is set
+from model import Config, LLaMA  # noqa: E402  after the path is set
 from utils import copy_tokenizer  # noqa: E402
 
 DTYPES = {"134M": torch.float32, "Llama-3.2-1B": torch.bfloat16}
@@ -47,7 +47,8 @@ print(json.dumps(dict(seconds=time.perf_counter() - start, peak=hwm(), baseline=
 WORK = {
     "convert_lit_checkpoint.py": "convert_lit_checkpoint({ckpt!r}, {out!r} + '/hf')",
     "transformers from_pretrained + save_pretrained": (
-        "transformers.AutoModelForCausalLM.from_pretrained({out!r} + '/hf', dtype='auto').save_pretrained({out!r} + '/hf_ref')"
+        "transformers.AutoModelForCausalLM.from_pretrained({out!r} + '/hf', dtype='auto')"
+        ".save_pretrained({out!r} + '/hf_ref')"
     ),
     "export_gguf.py --dtype f16": "export_gguf({ckpt!r}, {out!r} + '/model.f16.gguf', dtype='f16')",
     "export_gguf.py --dtype q8_0": "export_gguf({ckpt!r}, {out!r} + '/model.q8_0.gguf', dtype='q8_0')",
@@ -66,7 +67,9 @@ def main(models: list[str] = ["134M"]) -> None:
             ckpt, out = Path(tmp) / "ckpt", Path(tmp) / "out"
             weights = make_checkpoint(name, ckpt)
             print(f"\n{name}: {weights / 1e9:.2f} GB of weights in {DTYPES[name]}")
-            print("| step | time | peak RSS | peak over baseline | over baseline / weights |\n|---|---:|---:|---:|---:|")
+            print(
+                "| step | time | peak RSS | peak over baseline | over baseline / weights |\n|---|---:|---:|---:|---:|"
+            )
             results = {}
             for step, work in WORK.items():
                 out.mkdir(exist_ok=True)
@@ -76,10 +79,15 @@ def main(models: list[str] = ["134M"]) -> None:
                     raise RuntimeError(f"{step} failed:\n{run.stderr[-2000:]}")
                 r = results[step] = json.loads(run.stdout.strip().splitlines()[-1])
                 over = r["peak"] - r["baseline"]
-                print(f"| {step} | {r['seconds']:.1f} s | {r['peak'] / 1e9:.2f} GB | {over / 1e9:.2f} GB | {over / weights:.2f} |")
+                print(
+                    f"| {step} | {r['seconds']:.1f} s | {r['peak'] / 1e9:.2f} GB | {over / 1e9:.2f} GB "
+                    f"| {over / weights:.2f} |"
+                )
             ours, ref = results["convert_lit_checkpoint.py"], results["transformers from_pretrained + save_pretrained"]
-            print(f"Hugging Face export, ours / transformers: time {ours['seconds'] / ref['seconds']:.2f}x, peak over "
-                  f"baseline {(ours['peak'] - ours['baseline']) / (ref['peak'] - ref['baseline']):.2f}x")
+            print(
+                f"Hugging Face export, ours / transformers: time {ours['seconds'] / ref['seconds']:.2f}x, peak over "
+                f"baseline {(ours['peak'] - ours['baseline']) / (ref['peak'] - ref['baseline']):.2f}x"
+            )
 
 
 def make_checkpoint(name: str, directory: Path) -> int:
@@ -93,8 +101,11 @@ def make_checkpoint(name: str, directory: Path) -> int:
     generator = torch.Generator().manual_seed(0)
     tensors = {}
     for n, shape in shapes.items():
-        tensors[n] = torch.ones(shape, dtype=DTYPES[name]) if n.endswith("norm.weight") else \
-            torch.empty(shape, dtype=DTYPES[name]).normal_(std=0.02, generator=generator)
+        tensors[n] = (
+            torch.ones(shape, dtype=DTYPES[name])
+            if n.endswith("norm.weight")
+            else torch.empty(shape, dtype=DTYPES[name]).normal_(std=0.02, generator=generator)
+        )
     directory.mkdir(parents=True)
     save_file(tensors, directory / "lit_model.safetensors")
     config.to_file(directory / "model_config.json")

@@ -6,8 +6,8 @@ Builds a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, 
 saves it in Hub format and converts it, so both sides hold the same weights; writes one initial LoRA adapter
 (r=8, alpha=16, dropout 0.05, query and value) and exports it with scripts/export_peft.py, so both start from
 the same LoRA weights; prepares real Alpaca records (../shared/data/alpaca_en_demo.json, prepare_alpaca.py's
-default max_seq_length 256) and takes the same micro-batches of 4 for both: transformers pads each to its longest record (its
-documented way), ours packs the records into one row without padding (finetune_lora.py's way).
+default max_seq_length 256) and takes the same micro-batches of 4 for both: transformers pads each to its longest
+record (its documented way), ours packs the records into one row without padding (finetune_lora.py's way).
 
 Each side trains in its own process, so that its peak resident memory (VmHWM, Linux) is its own: ours as
 finetune_lora.py does a step (training.pack_batch, training.cross_entropy_sum, AdamW over the LoRA weights), and
@@ -68,8 +68,10 @@ def main(
         lengths = make_inputs(workdir, steps, micro_batch_size)
         command = [sys.executable, __file__, "--workdir", str(workdir)]
         command += ["--threads", str(threads)] if threads else []
-        processes = {name: subprocess.Popen(command + ["--side", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            text=True) for name in NAMES}
+        processes = {
+            name: subprocess.Popen(command + ["--side", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for name in NAMES
+        }
         reports = {name: json.loads(process.stdout.readline()) for name, process in processes.items()}  # loaded
         times, cpu_times, losses = ({name: [] for name in NAMES} for _ in range(3))
         for step in range(rounds * steps):
@@ -89,16 +91,23 @@ def main(
     tokens = [lengths[step % steps][0] for step in range(rounds * steps)][1:]  # the first step warms up
     speed = {name: sum(tokens) / sum(times[name][1:]) for name in NAMES}
     paired = statistics.median(hf / ours for hf, ours in zip(times["hf"][1:], times["ours"][1:]))
-    print(f"134M LLaMA, LoRA r=8 on query and value, fp32, CPU ({reports['ours']['threads']} threads), "
-          f"{rounds} x {steps} "
-          f"steps of {micro_batch_size} Alpaca records ({sum(tokens)} tokens, padded to {min(l for _, l in lengths)}-"
-          f"{max(l for _, l in lengths)} per record), the sides taking turns:")
+    print(
+        f"134M LLaMA, LoRA r=8 on query and value, fp32, CPU ({reports['ours']['threads']} threads), "
+        f"{rounds} x {steps} "
+        f"steps of {micro_batch_size} Alpaca records ({sum(tokens)} tokens, "
+        f"padded to {min(padded for _, padded in lengths)}-{max(padded for _, padded in lengths)} per record), "
+        "the sides taking turns:"
+    )
     for name in NAMES:
-        print(f"  {NAMES[name]:32s} {speed[name]:6.0f} tokens/s   max RSS {reports[name]['max_rss_gb']:.2f} GB "
-              f"(after loading: {reports[name]['loaded_rss_gb']:.2f} GB)")
-    print(f"  throughput ours / transformers + peft: {speed['ours'] / speed['hf']:.2f}x "
-          f"(median of paired steps: {paired:.2f}x; "
-          f"CPU time per step: {sum(cpu_times['hf'][1:]) / sum(cpu_times['ours'][1:]):.2f}x)")
+        print(
+            f"  {NAMES[name]:32s} {speed[name]:6.0f} tokens/s   max RSS {reports[name]['max_rss_gb']:.2f} GB "
+            f"(after loading: {reports[name]['loaded_rss_gb']:.2f} GB)"
+        )
+    print(
+        f"  throughput ours / transformers + peft: {speed['ours'] / speed['hf']:.2f}x "
+        f"(median of paired steps: {paired:.2f}x; "
+        f"CPU time per step: {sum(cpu_times['hf'][1:]) / sum(cpu_times['ours'][1:]):.2f}x)"
+    )
     memory = reports["ours"]["max_rss_gb"] / reports["hf"]["max_rss_gb"]
     print(f"  max RSS ours / transformers + peft:    {memory:.2f}x")
     # LoRA's B starts at 0, so the first loss is the base model's and dropout cannot change it
@@ -119,12 +128,20 @@ def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tu
     config = Config.from_name("134M")
     checkpoint_dir = workdir / "checkpoint"
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_query_groups,
-        max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_base,
-        tie_word_embeddings=config.tie_embeddings,
-    ))
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.n_embd,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head,
+            num_key_value_heads=config.n_query_groups,
+            max_position_embeddings=config.block_size,
+            rms_norm_eps=config.norm_eps,
+            rope_theta=config.rope_base,
+            tie_word_embeddings=config.tie_embeddings,
+        )
+    )
     hf.save_pretrained(checkpoint_dir)
     del hf
     shutil.copyfile(SHARED_DATA / "tokenizer.model", checkpoint_dir / "tokenizer.model")
@@ -135,8 +152,11 @@ def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tu
     save_lora_checkpoint(model, workdir / "adapter.safetensors")
     export_peft(lora_path=workdir / "adapter.safetensors", out_dir=workdir / "peft")
 
-    prepare(destination_path=workdir / "data", checkpoint_dir=checkpoint_dir,
-            data_file_path=SHARED_DATA / "alpaca_en_demo.json")
+    prepare(
+        destination_path=workdir / "data",
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=SHARED_DATA / "alpaca_en_demo.json",
+    )
     records = torch.load(workdir / "data" / "train.pt", weights_only=True)  # already in random order
     batches = [records[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(n_batches)]
     torch.save(batches, workdir / "batches.pt")

@@ -48,10 +48,16 @@ def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, s
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-            num_key_value_heads=config.n_query_groups, max_position_embeddings=config.block_size,
-            rms_norm_eps=config.norm_eps, rope_theta=config.rope_base, tie_word_embeddings=config.tie_embeddings,
+            vocab_size=config.vocab_size,
+            hidden_size=config.n_embd,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head,
+            num_key_value_heads=config.n_query_groups,
+            max_position_embeddings=config.block_size,
+            rms_norm_eps=config.norm_eps,
+            rope_theta=config.rope_base,
+            tie_word_embeddings=config.tie_embeddings,
         )
     ).eval()
     hf.generation_config.eos_token_id = None  # always generate max_new_tokens
@@ -71,8 +77,10 @@ def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, s
     compiled = torch.compile(ours)
     runs = {
         "transformers": lambda: hf.generate(
-            prompt.view(1, -1), attention_mask=torch.ones(1, prompt_length, dtype=torch.long),
-            max_new_tokens=max_new_tokens, do_sample=False,
+            prompt.view(1, -1),
+            attention_mask=torch.ones(1, prompt_length, dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
         )[0],
         "ours": lambda: generate(ours, prompt, max_new_tokens, temperature=0.0),
         "ours, nn.Linear layout": lambda: generate(plain, prompt, max_new_tokens, temperature=0.0),
@@ -84,21 +92,27 @@ def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, s
         for name, run in runs.items():
             speeds[name].append(max_new_tokens / timed_on_idle_cpus(run))
 
-    print(f"134M LLaMA, fp32, CPU ({torch.get_num_threads()} threads), {prompt_length}-token prompt, "
-          f"{max_new_tokens} greedy new tokens; best (median) of {repeats} runs:")
+    print(
+        f"134M LLaMA, fp32, CPU ({torch.get_num_threads()} threads), {prompt_length}-token prompt, "
+        f"{max_new_tokens} greedy new tokens; best (median) of {repeats} runs:"
+    )
     for name, values in speeds.items():
         print(f"  {name:24s} {max(values):5.1f} tokens/s ({statistics.median(values):.1f})")
     for name in ("ours", "ours, torch.compile"):
-        best, median = (max(speeds[name]) / max(speeds["transformers"]),
-                        statistics.median(speeds[name]) / statistics.median(speeds["transformers"]))
+        best, median = (
+            max(speeds[name]) / max(speeds["transformers"]),
+            statistics.median(speeds[name]) / statistics.median(speeds["transformers"]),
+        )
         print(f"  {name} / transformers: {best:.2f}x ({median:.2f}x)")
     identical = all(torch.equal(outputs["transformers"], out) for out in outputs.values())
     print(f"  greedy tokens identical: {identical}")
 
     weight_bytes = sum(m.weight.nbytes for m in ours.modules() if isinstance(m, torch.nn.Linear))
     gb_per_s = matvec_bandwidth()
-    print(f"  large fp32 matvec: {gb_per_s:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of weights per token "
-          f"-> at most {gb_per_s * 1e9 / weight_bytes:.1f} tokens/s")
+    print(
+        f"  large fp32 matvec: {gb_per_s:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of weights per token "
+        f"-> at most {gb_per_s * 1e9 / weight_bytes:.1f} tokens/s"
+    )
 
 
 def timed_on_idle_cpus(run: Callable[[], object], patience_s: float = 1800) -> float:
@@ -151,7 +165,7 @@ def matvec_bandwidth(rows: int = 128_000, cols: int = 768) -> float:
     seconds = []
     for w in (weight, weight.t().contiguous().t()):
         torch.nn.functional.linear(x, w)
-        seconds += [timed_on_idle_cpus(lambda: torch.nn.functional.linear(x, w)) for _ in range(5)]
+        seconds += [timed_on_idle_cpus(lambda w=w: torch.nn.functional.linear(x, w)) for _ in range(5)]
     return weight.nbytes / min(seconds) / 1e9
 
 

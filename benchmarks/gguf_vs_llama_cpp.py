@@ -2,13 +2,14 @@
 logits of llama.cpp (through llama-cpp-python: pip install -r requirements-llamacpp.txt) beside ours (model.py, fp32).
 
     python benchmarks/gguf_vs_llama_cpp.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
-        [--lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors] [--reference_gguf SmolLM2-135M-Instruct.Q4_1.gguf]
+        [--lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors] \
+        [--reference_gguf SmolLM2-135M-Instruct.Q4_1.gguf]
 
 Each question is put in the checkpoint's chat template (if it has one); both sides decode `new_tokens` greedy tokens
-without stopping at the end of the turn. Printed per file and llama.cpp KV-cache type (f32, and llama.cpp's default f16): how many of
-the new tokens equal ours before the first difference (one figure per question), and the largest difference of the
-logits over the prompts. `--reference_gguf` runs another GGUF file of the same model the same way (e.g. one written by
-llama.cpp's own converter) as a point of comparison for the quantized types.
+without stopping at the end of the turn. Printed per file and llama.cpp KV-cache type (f32, and llama.cpp's default
+f16): how many of the new tokens equal ours before the first difference (one figure per question), and the largest
+difference of the logits over the prompts. `--reference_gguf` runs another GGUF file of the same model the same way
+(e.g. one written by llama.cpp's own converter) as a point of comparison for the quantized types.
 """
 
 import sys
@@ -29,7 +30,9 @@ from tokenizer import Tokenizer  # noqa: E402
 from utils import load_model  # noqa: E402
 
 QUESTIONS = [
-    "What is the capital of France?", "Write a short poem about the sea.", "Explain in a few sentences why the sky is blue."
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain in a few sentences why the sky is blue.",
 ]
 KV_TYPES = {"f32": 0, "f16": 1}  # GGML_TYPE_F32, GGML_TYPE_F16
 
@@ -55,14 +58,17 @@ def main(
     model = load_lora_model(checkpoint_dir, lora_path, merge=True) if lora_path else load_model(checkpoint_dir)
     model.eval()
     if tokenizer.chat_template is not None:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            for q in QUESTIONS
+        ]
     else:  # a base model: the questions as they are
         texts = QUESTIONS
     prompts = [tokenizer.encode(text).tolist() for text in texts]
     ours = []
     with torch.no_grad():
         for ids in prompts:
-            tokens = generate(model, torch.tensor(ids), new_tokens, temperature=0.0).tolist()[len(ids):]
+            tokens = generate(model, torch.tensor(ids), new_tokens, temperature=0.0).tolist()[len(ids) :]
             ours.append((tokens, model(torch.tensor([ids]))[0].numpy()))
     adapter = f" + {lora_path}" if lora_path else ""
     print(f"{checkpoint_dir}{adapter}: {len(QUESTIONS)} questions, {new_tokens} greedy tokens each")
@@ -77,8 +83,15 @@ def main(
             files[f"reference {Path(reference_gguf).name}"] = Path(reference_gguf)
         for label, path in files.items():
             for kv, kv_type in KV_TYPES.items():
-                llm = Llama(str(path), n_ctx=512, n_threads=torch.get_num_threads(), logits_all=True, verbose=False,
-                            type_k=kv_type, type_v=kv_type)
+                llm = Llama(
+                    str(path),
+                    n_ctx=512,
+                    n_threads=torch.get_num_threads(),
+                    logits_all=True,
+                    verbose=False,
+                    type_k=kv_type,
+                    type_v=kv_type,
+                )
                 agree, worst = [], 0.0
                 for ids, (expected, expected_logits) in zip(prompts, ours):
                     llm.reset()

@@ -45,12 +45,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 sys.path.insert(0, str(Path(__file__).parent))
+from memory import max_rss_mb
+
 from convert_hf_checkpoint import hf_to_lit_name
 from export_peft import lit_to_peft_name
 from generate import generate
 from lora import TARGETS, LoRAConfig, LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
-from memory import max_rss_mb
-from model import LLaMA, Config
+from model import Config, LLaMA
 from quantize import quantize_weight, quantized_layers, swap_in_layers
 from training import cross_entropy_sum, pack_batch
 from utils import cli
@@ -115,8 +116,10 @@ def main(
 
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     peak_rate = matmul_rate(device, dtype)
-    print(f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"{'bf16-mixed' if cuda else 'fp32'}; a {dtype} matrix product (measured): {peak_rate / 1e9:,.0f} GFLOP/s")
+    print(
+        f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"{'bf16-mixed' if cuda else 'fp32'}; a {dtype} matrix product (measured): {peak_rate / 1e9:,.0f} GFLOP/s"
+    )
     liger = liger_kernel_version()
     if liger is None:
         print("liger_kernel is not installed: no transformers + Liger row")
@@ -127,16 +130,19 @@ def main(
         batches = alpaca_micro_batches(steps + 1, micro_batch_size, max_length, config.vocab_size)
         tokens = sum(ids.numel() for ids, _, _ in batches[1:])
         flops = sum(step_flops(config, lengths) for _, _, lengths in batches[1:])
-        print(f"\n{name}: {config.n_layer} layers, n_embd {config.n_embd}, vocab {config.vocab_size}; micro-batches of "
-              f"{micro_batch_size} Alpaca-length records packed into one row ({tokens / steps:.0f} tokens a step on "
-              f"average, at most {max_length} a record), {steps} steps after a warm-up")
+        print(
+            f"\n{name}: {config.n_layer} layers, n_embd {config.n_embd}, vocab {config.vocab_size}; micro-batches of "
+            f"{micro_batch_size} Alpaca-length records packed into one row ({tokens / steps:.0f} tokens a step on "
+            f"average, at most {max_length} a record), {steps} steps after a warm-up"
+        )
         for target_name in targets:
             lora_config = LoRAConfig(r=8, alpha=16, dropout=0.05, targets=TARGET_SETS[target_name])
             results, first_losses = {}, {}
             peft_model = build_peft_model(config, lora_config, device, dtype)
             ours = build_ours(peft_model, config, lora_config, device, dtype)  # the same weights, before any step
             results["transformers + peft"], first_losses["transformers + peft"] = time_steps(
-                peft_model, hf_loss(peft_model), batches, device, autocast)
+                peft_model, hf_loss(peft_model), batches, device, autocast
+            )
             del peft_model
             free_memory(device)
             results["ours"], first_losses["ours"] = time_steps(ours, ours_loss(ours), batches, device, autocast)
@@ -151,7 +157,8 @@ def main(
                     with liger_patched():
                         liger_model = build_peft_model(config, lora_config, device, dtype, liger=True)
                         results["transformers + liger + peft"], _ = time_steps(
-                            liger_model, hf_loss(liger_model, liger=True), batches, device, autocast)
+                            liger_model, hf_loss(liger_model, liger=True), batches, device, autocast
+                        )
                         del liger_model
                 except Exception as e:  # Liger's kernels are young: a failure there should not lose the other rows
                     print(f"  transformers + liger + peft failed: {type(e).__name__}: {str(e)[:300]}")
@@ -161,15 +168,19 @@ def main(
                 peft_model = build_peft_model(config, dora_config, device, dtype)
                 ours = build_ours(peft_model, config, dora_config, device, dtype)
                 results["transformers + peft, DoRA"], first_losses["transformers + peft, DoRA"] = time_steps(
-                    peft_model, hf_loss(peft_model), batches, device, autocast)
+                    peft_model, hf_loss(peft_model), batches, device, autocast
+                )
                 del peft_model
                 free_memory(device)
                 results["ours, DoRA"], first_losses["ours, DoRA"] = time_steps(
-                    ours, ours_loss(ours), batches, device, autocast)
+                    ours, ours_loss(ours), batches, device, autocast
+                )
                 del ours
                 free_memory(device)
-            print(f"  LoRA on {target_name}; first step's loss: "
-                  + ", ".join(f"{impl} {loss:.5f}" for impl, loss in first_losses.items()))
+            print(
+                f"  LoRA on {target_name}; first step's loss: "
+                + ", ".join(f"{impl} {loss:.5f}" for impl, loss in first_losses.items())
+            )
             report(results, tokens, flops, steps, peak_rate, cuda)
         if memory:
             memory_figures(config, micro_batch_size, max_length, device)
@@ -185,8 +196,9 @@ def alpaca_micro_batches(
     it), the first PROMPT_SHARE of each masked out of the labels, packed by training.pack_batch. Seeded: the same on
     every run and machine."""
     generator = torch.Generator().manual_seed(0)
-    bins = torch.multinomial(torch.tensor(ALPACA_LENGTHS, dtype=torch.float), n * micro_batch_size, replacement=True,
-                             generator=generator)
+    bins = torch.multinomial(
+        torch.tensor(ALPACA_LENGTHS, dtype=torch.float), n * micro_batch_size, replacement=True, generator=generator
+    )
     batches = []
     for i in range(n):
         records = []
@@ -225,16 +237,24 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / min(times[1:])
 
 
-def build_peft_model(config: Config, lora_config: LoRAConfig, device: torch.device, dtype: torch.dtype,
-                     liger: bool = False) -> torch.nn.Module:
+def build_peft_model(
+    config: Config, lora_config: LoRAConfig, device: torch.device, dtype: torch.dtype, liger: bool = False
+) -> torch.nn.Module:
     """`build_hf_model` with PEFT's LoRA (DoRA with `lora_config.dora`) on the projections `lora_config` names."""
     from peft import LoraConfig, get_peft_model
 
     model = build_hf_model(config, device, dtype, liger)
     modules = [TARGETS[target] for target in lora_config.targets]  # LoRAConfig has spelled shorthands out
-    return get_peft_model(model, LoraConfig(r=lora_config.r, lora_alpha=lora_config.alpha,
-                                            lora_dropout=lora_config.dropout, target_modules=modules,
-                                            use_dora=lora_config.dora))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora_config.r,
+            lora_alpha=lora_config.alpha,
+            lora_dropout=lora_config.dropout,
+            target_modules=modules,
+            use_dora=lora_config.dora,
+        ),
+    )
 
 
 def build_hf_model(config: Config, device: torch.device, dtype: torch.dtype, liger: bool = False) -> torch.nn.Module:
@@ -246,10 +266,18 @@ def build_hf_model(config: Config, device: torch.device, dtype: torch.dtype, lig
     if config.rope_scaling:
         rope = {**rope, "rope_type": "llama3", **config.rope_scaling}
     hf_config = LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_query_groups,
-        max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_parameters=rope,
-        tie_word_embeddings=config.tie_embeddings, attn_implementation="sdpa", use_cache=False,
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_query_groups,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_embeddings,
+        attn_implementation="sdpa",
+        use_cache=False,
     )
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
@@ -266,10 +294,12 @@ def build_hf_model(config: Config, device: torch.device, dtype: torch.dtype, lig
     return model
 
 
-def build_ours(peft_model: torch.nn.Module, config: Config, lora_config: LoRAConfig, device: torch.device,
-               dtype: torch.dtype) -> LLaMA:
+def build_ours(
+    peft_model: torch.nn.Module, config: Config, lora_config: LoRAConfig, device: torch.device, dtype: torch.dtype
+) -> LLaMA:
     """Our LLaMA with LoRA on the same projections, holding the weights of `peft_model` (base and LoRA alike, DoRA's
-    magnitude too), the base in `dtype` and LoRA's A and B (and magnitude) in fp32, as finetune_lora.py holds them (PEFT does the same with its own)."""
+    magnitude too), the base in `dtype` and LoRA's A and B (and magnitude) in fp32, as finetune_lora.py holds them
+    (PEFT does the same with its own)."""
     with torch.device("meta"), lora(**vars(lora_config)):
         model = LLaMA(config)
     peft_state = peft_model.state_dict()
@@ -277,7 +307,7 @@ def build_ours(peft_model: torch.nn.Module, config: Config, lora_config: LoRACon
     for name, tensor in peft_state.items():
         if ".lora_" not in name:
             state[hf_to_lit_name(name.removeprefix("base_model.model.").replace(".base_layer", ""))] = tensor.clone()
-    for name, param in model.named_parameters():
+    for name, _param in model.named_parameters():
         if ".lora." in name:
             peft_name = lit_to_peft_name(name).replace(".weight", ".default.weight")
             peft_name = peft_name.replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")
@@ -296,6 +326,7 @@ def ours_loss(model: LLaMA) -> Callable:
 def hf_loss(model: torch.nn.Module, liger: bool = False) -> Callable:
     """The summed loss of transformers' model on a packed row: `position_ids` restart at each record. With Liger,
     through its fused head + cross-entropy (given the already shifted targets); else over all the logits."""
+
     def loss(input_ids: torch.Tensor, targets: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         positions = torch.cat([torch.arange(n, device=input_ids.device) for n in lengths])[None]
         if liger:
@@ -345,12 +376,17 @@ def time_steps(
 
 
 def report(results: dict, tokens: int, flops: float, steps: int, peak_rate: float, cuda: bool) -> None:
-    print(f"    {'':30s} {'mean step':>10s} {'median':>8s} {'tokens/s':>9s} {'MFU':>6s} {'peak mem':>9s} {'first step':>10s}")
+    print(
+        f"    {'':30s} {'mean step':>10s} {'median':>8s} {'tokens/s':>9s} {'MFU':>6s} {'peak mem':>9s} "
+        f"{'first step':>10s}"
+    )
     for name, r in results.items():
         total = sum(r["times"])
         memory = f"{r['peak_gb']:6.2f} GB"
-        print(f"    {name:30s} {1000 * total / steps:7.1f} ms {1000 * statistics.median(r['times']):5.1f} ms "
-              f"{tokens / total:9.0f} {100 * flops / total / peak_rate:5.1f}% {memory} {r['first']:9.1f} s")
+        print(
+            f"    {name:30s} {1000 * total / steps:7.1f} ms {1000 * statistics.median(r['times']):5.1f} ms "
+            f"{tokens / total:9.0f} {100 * flops / total / peak_rate:5.1f}% {memory} {r['first']:9.1f} s"
+        )
     mean = {name: sum(r["times"]) for name, r in results.items()}
     peak = {name: r["peak_gb"] for name, r in results.items()}
     ratios = [(name, "ours") for name in results if name != "ours" and "DoRA" not in name]
@@ -358,7 +394,9 @@ def report(results: dict, tokens: int, flops: float, steps: int, peak_rate: floa
         ratios += [("transformers + peft, DoRA", "ours, DoRA"), ("ours, DoRA", "ours")]
     for name, over in ratios:
         if name in results and over in results:
-            print(f"    {name} / {over}: time {mean[name] / mean[over]:.2f}x, peak memory {peak[name] / peak[over]:.2f}x")
+            print(
+                f"    {name} / {over}: time {mean[name] / mean[over]:.2f}x, peak memory {peak[name] / peak[over]:.2f}x"
+            )
 
 
 def memory_figures(config: Config, micro_batch_size: int, max_seq_length: int, device: torch.device) -> None:
@@ -370,18 +408,31 @@ def memory_figures(config: Config, micro_batch_size: int, max_seq_length: int, d
     for quantize, rows in ((None, micro_batch_size), ("bnb.nf4-dq", 1)):
         model = random_lora_model(config, device, quantize)
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
-        ids = torch.randint(3, config.vocab_size, (3, rows, max_seq_length + 1), generator=torch.Generator().manual_seed(0))
-        batches = [pack_batch([{"input_ids": row, "labels": row} for row in batch], max_seq_length + 1) for batch in ids]
+        ids = torch.randint(
+            3, config.vocab_size, (3, rows, max_seq_length + 1), generator=torch.Generator().manual_seed(0)
+        )
+        batches = [
+            pack_batch([{"input_ids": row, "labels": row} for row in batch], max_seq_length + 1) for batch in ids
+        ]
         base = quantize or ("bf16" if device.type == "cuda" else "fp32")
-        print(f"  ours, {base} base ({weights:.2f} GB of weights), LoRA query+value, micro-batch {rows} x {max_seq_length}:")
+        print(
+            f"  ours, {base} base ({weights:.2f} GB of weights), LoRA query+value, "
+            f"micro-batch {rows} x {max_seq_length}:"
+        )
         for checkpointing in (True, False):
             model.gradient_checkpointing = checkpointing
             free_memory(device)
             r, _ = time_steps(model, ours_loss(model), batches, device, autocast)
             # all the device holds (the 4-bit weights' scales too) is this model's
-            peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB" if device.type == "cuda" else "not measured on CPU"
-            print(f"    gradient checkpointing {'on ' if checkpointing else 'off'}: peak memory {peak}, "
-                  f"step {1000 * statistics.median(r['times']):.0f} ms")
+            peak = (
+                f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
+                if device.type == "cuda"
+                else "not measured on CPU"
+            )
+            print(
+                f"    gradient checkpointing {'on ' if checkpointing else 'off'}: peak memory {peak}, "
+                f"step {1000 * statistics.median(r['times']):.0f} ms"
+            )
         del model
         free_memory(device)
 
@@ -400,8 +451,11 @@ def random_lora_model(config: Config, device: torch.device, quantize: Optional[s
         for layer in quantized_layers(model).values():  # one full-precision weight at a time
             weight = torch.randn(layer.out_features, layer.in_features, device=device, dtype=dtype) * 0.02
             quantize_weight(layer, weight, device)
-    rest = {name: torch.randn(param.shape, device=device, dtype=dtype) * 0.02
-            for name, param in model.named_parameters() if param.is_meta}
+    rest = {
+        name: torch.randn(param.shape, device=device, dtype=dtype) * 0.02
+        for name, param in model.named_parameters()
+        if param.is_meta
+    }
     model.load_state_dict(rest, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -452,6 +506,7 @@ def liger_kernel_version() -> Optional[str]:
         from importlib.metadata import version
 
         import liger_kernel.transformers  # noqa: F401
+
         return version("liger-kernel")
     except Exception:  # not installed, or its Triton kernels cannot load here (no GPU)
         return None

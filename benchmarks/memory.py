@@ -46,6 +46,7 @@ from jsonargparse import CLI
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from quantize import BNB_OPTIMIZERS, QUANTIZE_MODES  # noqa: E402  after the path is set
+
 LORA = dict(r=8, alpha=16, dropout=0.05, targets=("query", "value"))
 LOAD_MODEL = "TinyLlama-1.1B-intermediate-step-1431k-3T"
 LOAD_TARGET = 1.15  # peak RSS / the weights, in the dtype they are held in
@@ -112,22 +113,29 @@ def main(
 def measure_cpu(seq_len: int, new_tokens: int) -> None:
     import bitsandbytes
 
-    print(f"134M config on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, bitsandbytes "
-          f"{bitsandbytes.__version__}; every row in its own process, whose peak RSS includes its baseline (torch and "
-          "bitsandbytes imported)")
+    print(
+        f"134M config on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, bitsandbytes "
+        f"{bitsandbytes.__version__}; every row in its own process, whose peak RSS includes its baseline (torch and "
+        "bitsandbytes imported)"
+    )
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint_dir = Path(workdir) / "134M"
         make_checkpoint(checkpoint_dir, "134M", torch.float32)
 
-        print(f"\nload + generate {new_tokens} tokens  weights (all)     projections     peak RSS  over baseline  resident after")
+        print(
+            f"\nload + generate {new_tokens} tokens  weights (all)     projections     peak RSS  over baseline  "
+            "resident after"
+        )
         rows = {mode: run("generate", checkpoint_dir, quantize=mode) for mode in (None, *QUANTIZE_MODES)}
         fp32 = rows[None]
         for mode, row in rows.items():
             after = row["resident_mb"] - row["baseline_mb"]
-            print(f"  {mode or 'fp32':26s} {row['weight_mb']:6.1f} MB {row['weight_mb'] / fp32['weight_mb']:.2f}x"
-                  f"  {row['projection_mb']:5.1f} MB {row['projection_mb'] / fp32['projection_mb']:.2f}x"
-                  f"  {row['peak_mb']:6.0f} MB  {over(row):5.0f} MB {over(row) / over(fp32):.2f}x"
-                  f"  {after:5.0f} MB {after / (fp32['resident_mb'] - fp32['baseline_mb']):.2f}x")
+            print(
+                f"  {mode or 'fp32':26s} {row['weight_mb']:6.1f} MB {row['weight_mb'] / fp32['weight_mb']:.2f}x"
+                f"  {row['projection_mb']:5.1f} MB {row['projection_mb'] / fp32['projection_mb']:.2f}x"
+                f"  {row['peak_mb']:6.0f} MB  {over(row):5.0f} MB {over(row) / over(fp32):.2f}x"
+                f"  {after:5.0f} MB {after / (fp32['resident_mb'] - fp32['baseline_mb']):.2f}x"
+            )
 
         print(f"\nLoRA step (r=8, query and value; 1 x {seq_len} tokens)    optimizer state   peak RSS   over baseline")
         reference = None
@@ -135,16 +143,24 @@ def measure_cpu(seq_len: int, new_tokens: int) -> None:
             for optimizer in ("AdamW", *BNB_OPTIMIZERS):
                 row = run("lora", checkpoint_dir, quantize=base, optimizer=optimizer, seq_len=seq_len)
                 reference = reference or row
-                print(f"  base {base or 'fp32':8s} {optimizer:16s}                {row['optimizer_mb']:8.2f} MB"
-                      f"  {row['peak_mb']:6.0f} MB  {over(row):6.0f} MB {over(row) / over(reference):.2f}x")
+                print(
+                    f"  base {base or 'fp32':8s} {optimizer:16s}                {row['optimizer_mb']:8.2f} MB"
+                    f"  {row['peak_mb']:6.0f} MB  {over(row):6.0f} MB {over(row) / over(reference):.2f}x"
+                )
 
-        print(f"\nfull fine-tuning step (fp32; 1 x {seq_len} tokens)             optimizer state   peak RSS   over baseline")
+        print(
+            f"\nfull fine-tuning step (fp32; 1 x {seq_len} tokens)             optimizer state   peak RSS   "
+            "over baseline"
+        )
         reference = None
         for optimizer in ("AdamW", *BNB_OPTIMIZERS):
             row = run("full", checkpoint_dir, optimizer=optimizer, seq_len=seq_len)
             reference = reference or row
-            print(f"  {optimizer:47s} {row['optimizer_mb']:8.1f} MB {row['optimizer_mb'] / reference['optimizer_mb']:.2f}x"
-                  f"  {row['peak_mb']:6.0f} MB  {over(row):6.0f} MB {over(row) / over(reference):.2f}x")
+            print(
+                f"  {optimizer:47s} {row['optimizer_mb']:8.1f} MB "
+                f"{row['optimizer_mb'] / reference['optimizer_mb']:.2f}x"
+                f"  {row['peak_mb']:6.0f} MB  {over(row):6.0f} MB {over(row) / over(reference):.2f}x"
+            )
 
 
 def measure_loading() -> None:
@@ -157,23 +173,29 @@ def measure_loading() -> None:
         adapter = Path(workdir) / "adapter.safetensors"
         make_adapter(checkpoint_dir, adapter)
         size = (checkpoint_dir / "lit_model.safetensors").stat().st_size
-        print(f"\nloading: {LOAD_MODEL} config, random weights stored in bf16 ({size / 1e9:.2f} GB file, LoRA adapter "
-              f"r={LORA['r']} on query and value; written in {time.perf_counter() - t0:.0f} s); every row in its own "
-              "process, whose baseline is torch and bitsandbytes imported")
+        print(
+            f"\nloading: {LOAD_MODEL} config, random weights stored in bf16 ({size / 1e9:.2f} GB file, LoRA adapter "
+            f"r={LORA['r']} on query and value; written in {time.perf_counter() - t0:.0f} s); every row in its own "
+            "process, whose baseline is torch and bitsandbytes imported"
+        )
         cases = {
             "(a) utils.load_model, fp32": dict(dtype="float32"),
             "(b) lora.load_lora_model, fp32, merged": dict(dtype="float32", lora_path=adapter),
             "(c) utils.load_model, bf16 (file's)": dict(),
         }
-        print(f"  {'':40s} {'weights':>9s} {'baseline':>9s} {'peak RSS':>9s} {'peak/weights':>13s} "
-              f"{'(peak-baseline)/weights':>24s} {'resident after':>15s} {'load':>6s}")
+        print(
+            f"  {'':40s} {'weights':>9s} {'baseline':>9s} {'peak RSS':>9s} {'peak/weights':>13s} "
+            f"{'(peak-baseline)/weights':>24s} {'resident after':>15s} {'load':>6s}"
+        )
         for label, settings in cases.items():
             row = run("load", checkpoint_dir, **settings)
             weights = row["weight_mb"]
-            print(f"  {label:40s} {weights / 1e3:6.2f} GB {row['baseline_mb'] / 1e3:6.2f} GB"
-                  f" {row['peak_mb'] / 1e3:6.2f} GB {row['peak_mb'] / weights:12.2f}x {over(row) / weights:23.2f}x"
-                  f" {row['resident_mb'] / 1e3:12.2f} GB"
-                  f" {row['load_s']:5.1f} s")
+            print(
+                f"  {label:40s} {weights / 1e3:6.2f} GB {row['baseline_mb'] / 1e3:6.2f} GB"
+                f" {row['peak_mb'] / 1e3:6.2f} GB {row['peak_mb'] / weights:12.2f}x {over(row) / weights:23.2f}x"
+                f" {row['resident_mb'] / 1e3:12.2f} GB"
+                f" {row['load_s']:5.1f} s"
+            )
     print(f"  target: peak RSS <= {LOAD_TARGET}x the weights (in the dtype they are held in)")
 
 
@@ -182,19 +204,24 @@ def measure_gpu(gpu_model: str, seq_len: int) -> None:
         checkpoint_dir = Path(workdir) / gpu_model
         t0 = time.perf_counter()
         make_checkpoint(checkpoint_dir, gpu_model, torch.bfloat16)
-        print(f"\n{gpu_model} config, random weights (written in {time.perf_counter() - t0:.0f} s), on "
-              f"{torch.cuda.get_device_name()}: QLoRA step, nf4-dq base in bf16, LoRA r=8 on query and value in fp32 "
-              f"under bf16 autocast, AdamW, 1 x {seq_len} tokens")
+        print(
+            f"\n{gpu_model} config, random weights (written in {time.perf_counter() - t0:.0f} s), on "
+            f"{torch.cuda.get_device_name()}: QLoRA step, nf4-dq base in bf16, LoRA r=8 on query and value in fp32 "
+            f"under bf16 autocast, AdamW, 1 x {seq_len} tokens"
+        )
         row = run("lora", checkpoint_dir, quantize="bnb.nf4-dq", optimizer="AdamW", seq_len=seq_len, device="cuda")
-        print(f"  peak GPU memory {row['cuda_peak_gb']:.2f} GB (target <= 8 GB), of which weights {row['weight_mb'] / 1e3:.2f} GB; "
-              f"{row['step_s']:.2f} s for the step, the first (warm-up included)")
+        print(
+            f"  peak GPU memory {row['cuda_peak_gb']:.2f} GB (target <= 8 GB), "
+            f"of which weights {row['weight_mb'] / 1e3:.2f} GB; "
+            f"{row['step_s']:.2f} s for the step, the first (warm-up included)"
+        )
 
 
 def make_checkpoint(directory: Path, name: str, dtype: torch.dtype) -> None:
     """A converted checkpoint directory with random N(0, 0.02) weights (norms 1) and the shared tokenizer."""
     from safetensors.torch import save_file
 
-    from model import LLaMA, Config
+    from model import Config, LLaMA
 
     config = Config.from_name(name)
     with torch.device("meta"):
@@ -215,7 +242,7 @@ def make_adapter(checkpoint_dir: Path, path: Path) -> None:
     the weights, written by lora.save_lora_checkpoint from a model on the meta device whose LoRA tensors alone are real
     (as finetune_lora.py's `save` does with its skeleton)."""
     from lora import lora, save_lora_checkpoint
-    from model import LLaMA, Config
+    from model import Config, LLaMA
 
     with torch.device("meta"), lora(**LORA):
         skeleton = LLaMA(Config.from_file(checkpoint_dir / "model_config.json"))
@@ -228,10 +255,30 @@ def make_adapter(checkpoint_dir: Path, path: Path) -> None:
     save_lora_checkpoint(skeleton, path)
 
 
-def run(measure: str, checkpoint_dir: Path, quantize: Optional[str] = None, optimizer: str = "AdamW",
-        seq_len: int = 512, device: str = "cpu", lora_path: Optional[Path] = None, dtype: Optional[str] = None) -> dict:
-    command = [sys.executable, __file__, "--measure", measure, "--checkpoint_dir", str(checkpoint_dir),
-               "--optimizer", optimizer, "--seq_len", str(seq_len), "--device", device]
+def run(
+    measure: str,
+    checkpoint_dir: Path,
+    quantize: Optional[str] = None,
+    optimizer: str = "AdamW",
+    seq_len: int = 512,
+    device: str = "cpu",
+    lora_path: Optional[Path] = None,
+    dtype: Optional[str] = None,
+) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        measure,
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--optimizer",
+        optimizer,
+        "--seq_len",
+        str(seq_len),
+        "--device",
+        device,
+    ]
     if quantize:
         command += ["--quantize", quantize]
     if lora_path:
@@ -274,9 +321,11 @@ def measure_load(checkpoint_dir: Path, lora_path: Optional[Path], dtype: Optiona
     return {"load_s": load_s, "resident_mb": max_rss_mb("VmRSS"), **weight_figures(model)}
 
 
-def measure_step(checkpoint_dir: Path, kind: str, quantize: Optional[str], optimizer_name: str, seq_len: int, device: str) -> dict:
-    """One forward, backward and optimizer step as the fine-tuning scripts take it (training.cross_entropy_sum over every
-    position; on CUDA bf16 weights, LoRA in fp32, under bf16 autocast as in bf16-mixed)."""
+def measure_step(
+    checkpoint_dir: Path, kind: str, quantize: Optional[str], optimizer_name: str, seq_len: int, device: str
+) -> dict:
+    """One forward, backward and optimizer step as the fine-tuning scripts take it (training.cross_entropy_sum over
+    every position; on CUDA bf16 weights, LoRA in fp32, under bf16 autocast as in bf16-mixed)."""
     from contextlib import nullcontext
 
     from lora import lora, mark_only_lora_as_trainable
@@ -292,7 +341,9 @@ def measure_step(checkpoint_dir: Path, kind: str, quantize: Optional[str], optim
     for param in trainable:
         param.data = param.data.float()
     optimizer = make_optimizer(optimizer_name, trainable, lr=1e-4, weight_decay=0.0)
-    tokens = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     model.train()
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext():
@@ -308,10 +359,13 @@ def measure_step(checkpoint_dir: Path, kind: str, quantize: Optional[str], optim
 
 
 def weight_figures(model: torch.nn.Module) -> dict:
-    """MB of every tensor of the state dict (codes and quantization scales; a tied tensor once) and of the projections'."""
+    """MB of every tensor of the state dict (codes and quantization scales; a tied tensor once) and of the
+    projections'."""
     unique = {t.data_ptr(): (name, t) for name, t in model.state_dict().items()}.values()
     size = {name: t.numel() * t.element_size() for name, t in unique}
-    projections = sum(n for name, n in size.items() if not name.startswith(("embed.", "norm.")) and "_norm." not in name)
+    projections = sum(
+        n for name, n in size.items() if not name.startswith(("embed.", "norm.")) and "_norm." not in name
+    )
     return {"weight_mb": sum(size.values()) / 1e6, "projection_mb": projections / 1e6}
 
 

@@ -27,10 +27,10 @@ from model import packed_attention
 
 def main(device: str = "cpu", lengths: list[int] = [180, 90, 300, 120], repeats: int = 20, threads: int = 0) -> None:
     """Args:
-        device: "cpu" (fp32) or "cuda" (bf16).
-        lengths: the packed records' lengths.
-        repeats: timed forward + backward passes of each (after 3 untimed).
-        threads: CPU threads for PyTorch, 0 for one per core (on a machine shared with other jobs 1 is steadier).
+    device: "cpu" (fp32) or "cuda" (bf16).
+    lengths: the packed records' lengths.
+    repeats: timed forward + backward passes of each (after 3 untimed).
+    threads: CPU threads for PyTorch, 0 for one per core (on a machine shared with other jobs 1 is steadier).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -43,8 +43,13 @@ def main(device: str = "cpu", lengths: list[int] = [180, 90, 300, 120], repeats:
     mask = (records[:, None] == records[None, :]) & (positions[:, None] >= positions[None, :])  # (T, T)
 
     def per_record(q, k, v):
-        return torch.cat([F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True)
-                          for q_i, k_i, v_i in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))], 2)
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True)
+                for q_i, k_i, v_i in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
+            ],
+            2,
+        )
 
     ways: dict[str, Callable] = {
         "per record": per_record,
@@ -54,13 +59,16 @@ def main(device: str = "cpu", lengths: list[int] = [180, 90, 300, 120], repeats:
         ways["varlen flash (model.py)"] = lambda q, k, v: packed_attention(q, k, v, lengths)
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        block_mask = create_block_mask(lambda b, h, q_i, k_i: (records[q_i] == records[k_i]) & (q_i >= k_i),
-                                       None, None, T, T, device=device)
+        block_mask = create_block_mask(
+            lambda b, h, q_i, k_i: (records[q_i] == records[k_i]) & (q_i >= k_i), None, None, T, T, device=device
+        )
         flex = torch.compile(flex_attention)
         ways["flex, compiled"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
-    print(f"{torch.cuda.get_device_name(device) if cuda else 'CPU'}, {dtype}, {n_head} heads x {head_size}, "
-          f"records of {lengths} tokens; forward + backward, mean of {repeats}")
+    print(
+        f"{torch.cuda.get_device_name(device) if cuda else 'CPU'}, {dtype}, {n_head} heads x {head_size}, "
+        f"records of {lengths} tokens; forward + backward, mean of {repeats}"
+    )
     q, k, v = (torch.randn(1, n_head, T, head_size, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     expected = per_record(q, k, v).detach().float()
     for name, attention in ways.items():

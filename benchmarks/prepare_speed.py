@@ -41,13 +41,19 @@ def main(records: int = 52_000, max_seq_length: int = 256) -> None:
         (tmp / "data.json").write_text(json.dumps(data))
 
         start = time.perf_counter()
-        setup(destination_path=tmp / "out", checkpoint_dir=tmp / "checkpoint", data_file_path=tmp / "data.json",
-              max_seq_length=max_seq_length)
+        setup(
+            destination_path=tmp / "out",
+            checkpoint_dir=tmp / "checkpoint",
+            data_file_path=tmp / "data.json",
+            max_seq_length=max_seq_length,
+        )
         elapsed = time.perf_counter() - start
         size = sum(p.stat().st_size for p in (tmp / "out").iterdir())
 
-    print(f"\n{records} records in {elapsed:.1f} s on {os.cpu_count()} CPU cores: {records / elapsed:,.0f} records/s "
-          f"({size / 1e6:.0f} MB written)")
+    print(
+        f"\n{records} records in {elapsed:.1f} s on {os.cpu_count()} CPU cores: {records / elapsed:,.0f} records/s "
+        f"({size / 1e6:.0f} MB written)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,13 +31,14 @@ from jsonargparse import CLI
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 sys.path.insert(0, str(Path(__file__).parent))
+from lora_vs_peft import build_hf_model, synchronize
+
 from batched import BatchGenerator, Request
 from convert_hf_checkpoint import hf_to_lit_name
 from export_peft import lit_to_peft_name
 from generate import generate, use_cpu_decode_layout
 from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
-from lora_vs_peft import build_hf_model, synchronize
-from model import LLaMA, Config
+from model import Config, LLaMA
 from multilora import AdapterStack, Update
 
 R, ALPHA, TARGETS = 8, 16, ("query", "value")
@@ -72,8 +73,12 @@ def main(
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"{model_name}: {config.n_layer} layers, n_embd {config.n_embd}; {requests} requests x {new_tokens} new tokens, "
-          f"{dtype}, {where}, torch {torch.__version__}", file=sys.stderr)
+    print(
+        f"{model_name}: {config.n_layer} layers, n_embd {config.n_embd}; "
+        f"{requests} requests x {new_tokens} new tokens, "
+        f"{dtype}, {where}, torch {torch.__version__}",
+        file=sys.stderr,
+    )
 
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -129,7 +134,9 @@ def main(
     most = f"ours, {max(adapter_counts)} adapters"
     print()
     if "ours, 1 adapters" in throughput:
-        print(f"{most} / ours, 1 adapter:      {throughput[most] / throughput['ours, 1 adapters']:.2f}x  (target >= 0.8x)")
+        print(
+            f"{most} / ours, 1 adapter:      {throughput[most] / throughput['ours, 1 adapters']:.2f}x  (target >= 0.8x)"
+        )
     if sequential:
         print(f"{most} / one after another: {throughput[most] / throughput['one after another']:.2f}x  (target >= 4x)")
     if peft:
@@ -138,8 +145,10 @@ def main(
 
 def random_adapter(lora_model: LLaMA, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {name: (torch.randn(param.shape, generator=generator) * 0.02).to(param.dtype).to(param.device)
-            for name, param in lora_state_dict(lora_model).items()}
+    return {
+        name: (torch.randn(param.shape, generator=generator) * 0.02).to(param.dtype).to(param.device)
+        for name, param in lora_state_dict(lora_model).items()
+    }
 
 
 def updates_of(adapter: dict[str, torch.Tensor]) -> dict:
@@ -148,8 +157,9 @@ def updates_of(adapter: dict[str, torch.Tensor]) -> dict:
     return {m: Update(adapter[f"{m}.lora.A"], adapter[f"{m}.lora.B"], ALPHA / R) for m in modules}
 
 
-def run_batched(generator: BatchGenerator, prompts: list[list[int]], names: list[str], new_tokens: int,
-                device: torch.device) -> tuple[float, list[float]]:
+def run_batched(
+    generator: BatchGenerator, prompts: list[list[int]], names: list[str], new_tokens: int, device: torch.device
+) -> tuple[float, list[float]]:
     """All requests submitted at once, stepped to the end: the wall time and each request's latency."""
     done: dict[int, float] = {}
     jobs = [Request(prompt=p, max_new_tokens=new_tokens, adapter=name) for p, name in zip(prompts, names)]
@@ -167,8 +177,9 @@ def run_batched(generator: BatchGenerator, prompts: list[list[int]], names: list
     return wall, [done[i] - t0 for i in range(len(jobs))]
 
 
-def run_peft(hf_model, adapters: list[dict[str, torch.Tensor]], prompts: list[list[int]], new_tokens: int,
-             device: torch.device) -> tuple[float, list[float]]:
+def run_peft(
+    hf_model, adapters: list[dict[str, torch.Tensor]], prompts: list[list[int]], new_tokens: int, device: torch.device
+) -> tuple[float, list[float]]:
     from peft import LoraConfig, get_peft_model
 
     settings = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -185,11 +196,16 @@ def run_peft(hf_model, adapters: list[dict[str, torch.Tensor]], prompts: list[li
     idx = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     names = [f"a{i}" for i in range(len(prompts))]
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                  use_cache=True)  # the model is built for training steps, without a KV cache
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, use_cache=True
+    )  # the model is built for training steps, without a KV cache
     with torch.no_grad():
-        peft_model.generate(input_ids=idx[:2, -4:], attention_mask=mask[:2, -4:], adapter_names=names[:2],
-                            **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        peft_model.generate(
+            input_ids=idx[:2, -4:],
+            attention_mask=mask[:2, -4:],
+            adapter_names=names[:2],
+            **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4},
+        )  # warm-up
         synchronize(device)
         t0 = time.perf_counter()
         out = peft_model.generate(input_ids=idx, attention_mask=mask, adapter_names=names, **kwargs)
@@ -202,8 +218,11 @@ def run_peft(hf_model, adapters: list[dict[str, torch.Tensor]], prompts: list[li
 def report(name: str, figures: tuple[float, list[float]], n_tokens: int) -> None:
     wall, latencies = figures
     p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98] if len(latencies) > 1 else latencies[0]
-    print(f"  {name:40s} {n_tokens / wall:8.1f} tokens/s   latency p50 {statistics.median(latencies):6.2f} s   "
-          f"p99 {p99:6.2f} s", flush=True)
+    print(
+        f"  {name:40s} {n_tokens / wall:8.1f} tokens/s   latency p50 {statistics.median(latencies):6.2f} s   "
+        f"p99 {p99:6.2f} s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

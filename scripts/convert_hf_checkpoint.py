@@ -16,11 +16,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
-from model import LLaMA, Config
+from model import Config, LLaMA
 from utils import atomic_path, cli, load_tensor_file
 
 # Hub tensor names -> ours; per-layer names follow `model.layers.{i}.` -> `blocks.{i}.`
-TOP_LEVEL_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
+TOP_LEVEL_NAMES = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn.q_proj.weight",
@@ -34,7 +38,9 @@ LAYER_NAMES = {
 }
 
 
-def convert_hf_checkpoint(checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), dtype: Optional[str] = None) -> None:
+def convert_hf_checkpoint(
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), dtype: Optional[str] = None
+) -> None:
     """Converts the Hub weights in `checkpoint_dir` into lit_model.safetensors and model_config.json.
 
     Args:
@@ -78,7 +84,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path = Path("checkpoints/meta-llama/Ll
     with atomic_path(checkpoint_dir / "model_config.json") as tmp:
         config.to_file(tmp)
     size = sum(t.numel() * t.element_size() for t in converted.values())
-    print(f"Wrote {checkpoint_dir / 'lit_model.safetensors'} ({size / 1e9:.2f} GB) and model_config.json", file=sys.stderr)
+    print(
+        f"Wrote {checkpoint_dir / 'lit_model.safetensors'} ({size / 1e9:.2f} GB) and model_config.json", file=sys.stderr
+    )
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """Converts a checkpoint directory of this repository into a Hugging Face directory (the reverse of
 scripts/convert_hf_checkpoint.py).
 
-    python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/Llama-2-7b-alpaca --out_dir out/hf/Llama-2-7b-alpaca
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir checkpoints/Llama-2-7b-alpaca \
+        --out_dir out/hf/Llama-2-7b-alpaca
 
 Writes `config.json` (a LlamaForCausalLM), the weights as `model.safetensors` (or shards of at most
 `--max_shard_size_gb` with `model.safetensors.index.json`), the tokenizer's files and `generation_config.json`:
@@ -25,7 +26,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
 from convert_hf_checkpoint import lit_to_hf_name
-from model import LLaMA, Config
+from model import Config, LLaMA
 from tokenizer import Tokenizer
 from utils import atomic_path, check_checkpoint_dir, cli, copy_tokenizer, load_config, read_tensors
 
@@ -47,8 +48,10 @@ def convert_lit_checkpoint(
             tokenizer's files).
         out_dir: the Hugging Face directory to write; created if needed, and it must not be `checkpoint_dir`
             (a converted checkpoint directory still holds the Hub files it came from).
-        dtype: store the weights as "bfloat16", "float16" or "float32"; by default as they are in lit_model.safetensors.
-        max_shard_size_gb: weights above this size are split into several safetensors files with an index, as on the Hub.
+        dtype: store the weights as "bfloat16", "float16" or "float32"; by default as they are in
+            lit_model.safetensors.
+        max_shard_size_gb: weights above this size are split into several safetensors files with an index, as on
+            the Hub.
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_checkpoint_dir(checkpoint_dir)
@@ -58,9 +61,12 @@ def convert_lit_checkpoint(
     path = checkpoint_dir / "lit_model.safetensors"
     with safe_open(path, framework="pt") as f:  # the header only: shapes and dtypes
         layout = {
-            name: (tuple(f.get_slice(name).get_shape()), target or TORCH_DTYPES[f.get_slice(name).get_dtype()]) for name in f.keys()
+            name: (tuple(f.get_slice(name).get_shape()), target or TORCH_DTYPES[f.get_slice(name).get_dtype()])
+            for name in f.keys()
         }
-    save_hf_checkpoint(load_config(checkpoint_dir), layout, read_tensors(path, target), checkpoint_dir, out_dir, max_shard_size_gb)
+    save_hf_checkpoint(
+        load_config(checkpoint_dir), layout, read_tensors(path, target), checkpoint_dir, out_dir, max_shard_size_gb
+    )
 
 
 def save_hf_checkpoint(
@@ -81,8 +87,11 @@ def save_hf_checkpoint(
     with torch.device("meta"):
         expected = set(LLaMA(config).state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
     if set(layout) != expected:
-        raise ValueError(f"the checkpoint's tensors are not the model's (missing: {sorted(expected - set(layout))[:3]}, "
-                         f"unexpected: {sorted(set(layout) - expected)[:3]}); a LoRA adapter must be merged first (scripts/merge_lora.py)")
+        raise ValueError(
+            f"the checkpoint's tensors are not the model's (missing: {sorted(expected - set(layout))[:3]}, "
+            f"unexpected: {sorted(set(layout) - expected)[:3]}); "
+            "a LoRA adapter must be merged first (scripts/merge_lora.py)"
+        )
     shards, size = [[]], 0
     for name, (shape, dtype) in layout.items():
         nbytes = math.prod(shape) * dtype.itemsize
@@ -105,7 +114,9 @@ def save_hf_checkpoint(
     if len(names) > 1:
         index = {
             "metadata": {"total_size": sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())},
-            "weight_map": {lit_to_hf_name(name): file_name for file_name, shard in zip(names, shards) for name in shard},
+            "weight_map": {
+                lit_to_hf_name(name): file_name for file_name, shard in zip(names, shards) for name in shard
+            },
         }
         with atomic_path(out_dir / "model.safetensors.index.json") as tmp:
             tmp.write_text(json.dumps(index, indent=2) + "\n")
@@ -134,7 +145,9 @@ def write_safetensors(
     for name, (shape, dtype) in layout.items():
         nbytes = math.prod(shape) * dtype.itemsize
         header[lit_to_hf_name(name)] = {
-            "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
@@ -145,7 +158,9 @@ def write_safetensors(
         for name, (shape, dtype) in layout.items():
             got, tensor = next(tensors)
             if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"expected {name} {tuple(shape)} {dtype}, got {got} {tuple(tensor.shape)} {tensor.dtype}")
+                raise ValueError(
+                    f"expected {name} {tuple(shape)} {dtype}, got {got} {tuple(tensor.shape)} {tensor.dtype}"
+                )
             f.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 

@@ -119,7 +119,9 @@ def explain_hub_errors(repo_id: str, token: Optional[str]) -> Iterator[None]:
         raise ValueError(f"{repo_id} was not found on the Hub; check the name, or {hint}") from None
     except HfHubHTTPError as e:
         if getattr(e.response, "status_code", None) == 401:
-            raise ValueError("the Hub refused the access token; create a new one at https://huggingface.co/settings/tokens") from None
+            raise ValueError(
+                "the Hub refused the access token; create a new one at https://huggingface.co/settings/tokens"
+            ) from None
         raise ValueError(f"the Hub answered {str(e).splitlines()[0]}") from None
     except OfflineModeIsEnabled:
         raise ValueError("huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); unset it to download") from None

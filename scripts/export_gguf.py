@@ -2,7 +2,8 @@
 format llama.cpp, Ollama and LM Studio read.
 
     python scripts/export_gguf.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
-        --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --out_path out/smollm2-alpaca.q8_0.gguf --dtype q8_0
+        --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --out_path out/smollm2-alpaca.q8_0.gguf \
+        --dtype q8_0
 
 The file is written with `gguf`, llama.cpp's own Python package: its writer, its tensor names (gguf.TensorNameMap,
 from the Hub's names of scripts/convert_hf_checkpoint.py), its quantizers and its reader of special tokens and merges,
@@ -45,7 +46,8 @@ from utils import atomic_path, check_checkpoint_dir, cli, load_config, read_tens
 # llama.cpp sets for "llama-bpe" alone. Another pre-tokenizer is refused with one line: llama.cpp would split its
 # text differently, and the model would read token ids it was never trained on.
 LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 PRE_TOKENIZERS = {
     # Llama 3, 3.1, 3.2: Meta's regex, then bytes
@@ -85,7 +87,10 @@ def export_gguf(
     check_checkpoint_dir(checkpoint_dir)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    matrix_type, file_type = (getattr(gguf.GGMLQuantizationType, DTYPES[dtype][0]), getattr(gguf.LlamaFileType, DTYPES[dtype][1]))
+    matrix_type, file_type = (
+        getattr(gguf.GGMLQuantizationType, DTYPES[dtype][0]),
+        getattr(gguf.LlamaFileType, DTYPES[dtype][1]),
+    )
     tokenizer = Tokenizer(checkpoint_dir)
     config = load_config(checkpoint_dir)
     if lora_path is None:
@@ -106,8 +111,10 @@ def export_gguf(
     for name in shapes:
         gguf_names[name] = names.get_name(lit_to_hf_name(name), try_suffixes=(".weight",))
         if gguf_names[name] is None:
-            raise ValueError(f"tensor {name!r} has no place in llama.cpp's llama architecture; "
-                             f"a LoRA adapter must be merged (--lora_path)")
+            raise ValueError(
+                f"tensor {name!r} has no place in llama.cpp's llama architecture; "
+                f"a LoRA adapter must be merged (--lora_path)"
+            )
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
@@ -122,7 +129,9 @@ def export_gguf(
         types = {name: tensor_type(shape, matrix_type) for name, shape in shapes.items()}
         for name, shape in shapes.items():
             # quantized tensors are written as bytes, (rows, bytes per row), which the writer turns back into the shape
-            stored_shape = gguf.quant_shape_to_byte_shape(shape, types[name]) if types[name] not in float_types() else shape
+            stored_shape = (
+                gguf.quant_shape_to_byte_shape(shape, types[name]) if types[name] not in float_types() else shape
+            )
             numpy_dtype = float_types().get(types[name], np.uint8)
             nbytes = int(np.prod(stored_shape)) * np.dtype(numpy_dtype).itemsize
             writer.add_tensor_info(gguf_names[name], stored_shape, np.dtype(numpy_dtype), nbytes, raw_dtype=types[name])
@@ -131,7 +140,9 @@ def export_gguf(
         writer.write_ti_data_to_file()
         if rope_freqs is not None:
             writer.write_tensor_data(rope_freqs)
-        for name, tensor in tqdm(tensors, desc=f"Writing {out_path.name}", total=len(shapes), unit="tensor", disable=None):
+        for name, tensor in tqdm(
+            tensors, desc=f"Writing {out_path.name}", total=len(shapes), unit="tensor", disable=None
+        ):
             writer.write_tensor_data(gguf_tensor(name, tensor, config, types[name]))
         writer.close()
     print(f"Wrote {out_path} ({out_path.stat().st_size / 1e9:.2f} GB, {dtype})", file=sys.stderr)
@@ -164,7 +175,9 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
     # gguf's reader of merges and of the unk and pad tokens; its warnings concern the BOS/EOS handling taken from
     # tokenizer.py instead
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
-    special = gguf.SpecialVocab(checkpoint_dir, load_merges=True, special_token_types=("unk", "pad"), n_vocab=vocab_size)
+    special = gguf.SpecialVocab(
+        checkpoint_dir, load_merges=True, special_token_types=("unk", "pad"), n_vocab=vocab_size
+    )
     tokenizer_json = json.loads(tokenizer.path.read_text()) if tokenizer.path.name == "tokenizer.json" else {}
     decoder = (tokenizer_json.get("decoder") or {}).get("type")
     byte_level = tokenizer_json.get("model", {}).get("type") == "BPE" and decoder == "ByteLevel"
@@ -174,10 +187,17 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
         tokens, scores, types = map(list, zip(*gguf.vocab.SentencePieceVocab(checkpoint_dir).all_tokens()))
         model, pre, merges = "llama", "default", []
     elif not byte_level:
-        raise ValueError(f"{tokenizer.path} is not a byte-level BPE tokenizer and there is no tokenizer.model beside it; "
-                         f"only those two kinds can be exported to GGUF")
+        raise ValueError(
+            f"{tokenizer.path} is not a byte-level BPE tokenizer and there is no tokenizer.model beside it; "
+            f"only those two kinds can be exported to GGUF"
+        )
     else:
-        model, pre, merges, scores = "gpt2", llama_cpp_pre_tokenizer(tokenizer_json, tokenizer.path), special.merges, None
+        model, pre, merges, scores = (
+            "gpt2",
+            llama_cpp_pre_tokenizer(tokenizer_json, tokenizer.path),
+            special.merges,
+            None,
+        )
         added = {token["id"]: token for token in tokenizer_json.get("added_tokens", [])}
         by_id = {i: token for token, i in tokenizer.processor.get_vocab(with_added_tokens=True).items()}
         tokens = [by_id[i].encode() for i in range(len(by_id))]
@@ -192,7 +212,9 @@ def add_tokenizer(writer, checkpoint_dir: Path, tokenizer: Tokenizer, vocab_size
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     if model == "gpt2":
-        writer.add_add_space_prefix(False)  # byte-level BPE never adds one (for sentencepiece, llama.cpp's default: True)
+        writer.add_add_space_prefix(
+            False
+        )  # byte-level BPE never adds one (for sentencepiece, llama.cpp's default: True)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if scores is not None:
@@ -214,10 +236,15 @@ def llama_cpp_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
     """The name llama.cpp knows the pre-tokenizer of `tokenizer_json` by (PRE_TOKENIZERS), or a ValueError."""
     steps = pre_tokenizer_steps(tokenizer_json.get("pre_tokenizer") or {})
     for name, known in PRE_TOKENIZERS.items():
-        if tokenizer_json.get("normalizer") is None and (steps, bool(tokenizer_json["model"].get("ignore_merges"))) == known:
+        if (
+            tokenizer_json.get("normalizer") is None
+            and (steps, bool(tokenizer_json["model"].get("ignore_merges"))) == known
+        ):
             return name
-    raise ValueError(f"{path}'s pre-tokenizer is not one llama.cpp is known to split text the same way as "
-                     f"({', '.join(PRE_TOKENIZERS)}); its GGUF file would tokenize differently")
+    raise ValueError(
+        f"{path}'s pre-tokenizer is not one llama.cpp is known to split text the same way as "
+        f"({', '.join(PRE_TOKENIZERS)}); its GGUF file would tokenize differently"
+    )
 
 
 def pre_tokenizer_steps(pre_tokenizer: dict) -> tuple:
@@ -241,7 +268,9 @@ def rope_frequency_factors(config: Config) -> Optional[np.ndarray]:
     """Llama 3.1's rope scaling as llama.cpp applies it: each rotary frequency divided by a factor (rope_freqs)."""
     if config.rope_scaling is None:
         return None
-    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size))
+    inv_freq = 1.0 / (
+        config.rope_base ** (torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size)
+    )
     return (inv_freq / llama3_scaled(inv_freq, **config.rope_scaling)).numpy()
 
 
@@ -276,12 +305,15 @@ def gguf_tensor(name: str, tensor: torch.Tensor, config: Config, ggml_type) -> n
         tensor = interleave_rotary_rows(tensor, config.n_query_groups)
     if ggml_type in float_types():
         return tensor.to(TORCH_FLOATS[ggml_type]).numpy()
-    return np.concatenate([gguf.quants.quantize(rows.to(torch.float32).numpy(), ggml_type) for rows in tensor.split(4096)])
+    return np.concatenate(
+        [gguf.quants.quantize(rows.to(torch.float32).numpy(), ggml_type) for rows in tensor.split(4096)]
+    )
 
 
 def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(n_heads * head_size, in) rows in the Hub's rotary order, each head's first half then its second, to
-    llama.cpp's, where the pairs that rotate together are adjacent: rows i and i + head_size / 2 become 2i and 2i + 1."""
+    llama.cpp's, where the pairs that rotate together are adjacent: rows i and i + head_size / 2 become 2i and
+    2i + 1."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2).reshape(weight.shape)
 

@@ -81,12 +81,20 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     for name, tensor in weights.items():
         ours = peft_to_lit_name(name)
         if ours is None:
-            raise ValueError(f"{adapter_dir} holds {name!r}, which is not the LoRA A, B or DoRA magnitude of a LLaMA projection")
+            raise ValueError(
+                f"{adapter_dir} holds {name!r}, which is not the LoRA A, B or DoRA magnitude of a LLaMA projection"
+            )
         state_dict[ours] = tensor
-    ranks = {name.removesuffix(".lora.A"): tensor.shape[0] for name, tensor in state_dict.items() if name.endswith(".lora.A")}
+    ranks = {
+        name.removesuffix(".lora.A"): tensor.shape[0] for name, tensor in state_dict.items() if name.endswith(".lora.A")
+    }
     projections = {path.rpartition(".")[2] for path in ranks}  # q_proj, v_proj, ...
     for projection in sorted(projections - {"lm_head"}):
-        layers = [i for i in range(base_config.n_layer) if any(path.startswith(f"blocks.{i}.") and path.endswith(projection) for path in ranks)]
+        layers = [
+            i
+            for i in range(base_config.n_layer)
+            if any(path.startswith(f"blocks.{i}.") and path.endswith(projection) for path in ranks)
+        ]
         if len(layers) < base_config.n_layer:
             raise ValueError(
                 f"{adapter_dir} adapts {projection} in layers {layers} of {base_config.n_layer} only; lora.py adapts a "
@@ -99,10 +107,14 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     alphas = {}
     for path in ranks:
         hf_path = lit_to_hf_module(path)
-        key = next((key for key in peft_config.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({key})$", hf_path)), None)
+        key = next(
+            (key for key in peft_config.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({key})$", hf_path)), None
+        )
         alphas[path] = alpha if key is None else peft_config["alpha_pattern"][key]
     lora_config = LoRAConfig(
-        peft_config["r"], alpha, peft_config.get("lora_dropout", 0.0),
+        peft_config["r"],
+        alpha,
+        peft_config.get("lora_dropout", 0.0),
         targets=tuple(target for target, projection in TARGETS.items() if projection in projections),
         rslora=bool(peft_config.get("use_rslora")),
         dora=bool(peft_config.get("use_dora")),
@@ -113,9 +125,20 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
         model = LLaMA(base_config)  # the base stays on the meta device: only its LoRA tensors are real
     load_lora_state_dict(model, state_dict, adapter_dir)
     save_lora_checkpoint(model, out_path)
-    variants = [name for name, used in (("rslora", lora_config.rslora), ("dora", lora_config.dora), ("per-module ranks or alphas", lora_config.ranks or lora_config.alphas)) if used]
-    print(f"Wrote {out_path} (r={lora_config.r}, alpha={lora_config.alpha}, targets: {', '.join(lora_config.targets)}"
-          f"{''.join(', ' + v for v in variants)})", file=sys.stderr)
+    variants = [
+        name
+        for name, used in (
+            ("rslora", lora_config.rslora),
+            ("dora", lora_config.dora),
+            ("per-module ranks or alphas", lora_config.ranks or lora_config.alphas),
+        )
+        if used
+    ]
+    print(
+        f"Wrote {out_path} (r={lora_config.r}, alpha={lora_config.alpha}, targets: {', '.join(lora_config.targets)}"
+        f"{''.join(', ' + v for v in variants)})",
+        file=sys.stderr,
+    )
 
 
 def check_unchanged_head(head: torch.Tensor, checkpoint_dir: Path, adapter_dir: Path) -> None:
@@ -127,11 +150,15 @@ def check_unchanged_head(head: torch.Tensor, checkpoint_dir: Path, adapter_dir: 
         with safe_open(Path(checkpoint_dir) / "lit_model.safetensors", framework="pt") as f:
             base = f.get_tensor(name)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{adapter_dir} holds lm_head.base_layer.weight, to compare with {checkpoint_dir}'s head, which "
-                         f"cannot be read ({e})") from None
+        raise ValueError(
+            f"{adapter_dir} holds lm_head.base_layer.weight, to compare with {checkpoint_dir}'s head, which "
+            f"cannot be read ({e})"
+        ) from None
     if not torch.equal(head.to(base.dtype), base):
-        raise ValueError(f"{adapter_dir} holds a trained lm_head (lm_head.base_layer.weight differs from {checkpoint_dir}'s), "
-                         "which a LoRA adapter cannot hold")
+        raise ValueError(
+            f"{adapter_dir} holds a trained lm_head (lm_head.base_layer.weight differs from {checkpoint_dir}'s), "
+            "which a LoRA adapter cannot hold"
+        )
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:

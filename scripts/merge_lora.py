@@ -33,7 +33,8 @@ def merge_lora(
     """Writes the base model of `checkpoint_dir` with the adapter at `lora_path` merged in, to `out_dir`.
 
     Args:
-        checkpoint_dir: the base checkpoint the adapter was trained on (as converted by scripts/convert_hf_checkpoint.py).
+        checkpoint_dir: the base checkpoint the adapter was trained on (as converted by
+            scripts/convert_hf_checkpoint.py).
         lora_path: the LoRA checkpoint written by finetune_lora.py.
         out_dir: the new checkpoint directory; created if needed, and it must not be `checkpoint_dir`.
         format: "lit" for a checkpoint directory of this repository, "hf" for a Hugging Face directory

@@ -50,8 +50,18 @@ def setup(
             stopping at the first one.
     """
     main(
-        destination_path, checkpoint_dir, data_file_path, data_repo_id, data_file_name, test_split_fraction,
-        max_seq_length, mask_inputs, ignore_index, seed, skip_invalid, fields=DOLLY_FIELDS,
+        destination_path,
+        checkpoint_dir,
+        data_file_path,
+        data_repo_id,
+        data_file_name,
+        test_split_fraction,
+        max_seq_length,
+        mask_inputs,
+        ignore_index,
+        seed,
+        skip_invalid,
+        fields=DOLLY_FIELDS,
     )
 
 

@@ -46,8 +46,15 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, tokenizer_dir: Optional[P
     from utils import copy_tokenizer
 
     defaults = dict(
-        vocab_size=32000, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**defaults, **config})).eval()
@@ -107,8 +114,13 @@ def eight_records(tmp_path_factory, checkpoint_dir) -> Path:
     records = json.loads(shared_file("alpaca_en_demo.json").read_text())
     records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
     (directory / "records.json").write_text(json.dumps(records))
-    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=directory / "records.json",
-            test_split_fraction=0.12, max_seq_length=128)
+    prepare(
+        destination_path=directory,
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=directory / "records.json",
+        test_split_fraction=0.12,
+        max_seq_length=128,
+    )
     return directory
 
 
@@ -121,7 +133,9 @@ def finetune(setup, **flags) -> None:
     from training import TrainArgs
 
     names = {field.name for field in fields(TrainArgs)}
-    train = replace(inspect.signature(setup).parameters["train"].default, **{k: v for k, v in flags.items() if k in names})
+    train = replace(
+        inspect.signature(setup).parameters["train"].default, **{k: v for k, v in flags.items() if k in names}
+    )
     setup(**{k: v for k, v in flags.items() if k not in names}, train=train)
 
 
@@ -156,8 +170,16 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def make_adapter(checkpoint_dir: Path, path: Path, r: int, alpha: float, targets, seed: int,
-                 chat_template: Optional[str] = None, **settings) -> None:
+def make_adapter(
+    checkpoint_dir: Path,
+    path: Path,
+    r: int,
+    alpha: float,
+    targets,
+    seed: int,
+    chat_template: Optional[str] = None,
+    **settings,
+) -> None:
     """An adapter file for `checkpoint_dir` with random, non-zero A and B (a fresh one has B = 0: the base exactly),
     and for DoRA a magnitude off ‖W‖. `settings`: lora()'s rslora, dora, ranks, alphas."""
     from lora import LoRALinear, lora, save_lora_checkpoint

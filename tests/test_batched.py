@@ -1,6 +1,6 @@
 """batched.py and multilora.py: a batch mixing 5 adapters of different ranks, targets and variants (rsLoRA, DoRA), the
-plain base, and prompts of different lengths, decoded together with continuous batching; each row's greedy ids must equal generate_lora.py's path
-for that adapter alone (lora.load_lora_model unmerged, fp32, generate.generate)."""
+plain base, and prompts of different lengths, decoded together with continuous batching; each row's greedy ids must
+equal generate_lora.py's path for that adapter alone (lora.load_lora_model unmerged, fp32, generate.generate)."""
 
 from pathlib import Path
 
@@ -23,8 +23,13 @@ ADAPTERS = [
     ("ko1", 1, 1, ("key", "projection"), {}),
     ("dora_rs", 4, 4, ("query", "down"), dict(rslora=True, dora=True, ranks={"blocks.1.mlp.down_proj": 6})),
 ]
-PROMPTS = [[1, 450, 4996, 17354], [1, 306, 763, 2, 99, 7], [1, 15043], [1, 450, 263, 4086, 310, 278, 29871, 13, 8, 19],
-           [1, 3532, 1024]]
+PROMPTS = [
+    [1, 450, 4996, 17354],
+    [1, 306, 763, 2, 99, 7],
+    [1, 15043],
+    [1, 450, 263, 4086, 310, 278, 29871, 13, 8, 19],
+    [1, 3532, 1024],
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def reference(checkpoint_dir, adapters):
 
     def greedy(name: str, prompt: list[int], n: int) -> list[int]:
         ids = generate(models[name], torch.tensor(prompt), n, temperature=0.0)
-        return ids[len(prompt):].tolist()
+        return ids[len(prompt) :].tolist()
 
     return greedy
 
@@ -61,8 +66,9 @@ def stacked(checkpoint_dir, adapters, max_batch_size, max_seq_length=64, max_wai
 def test_each_row_equals_its_adapter_alone(checkpoint_dir, adapters, reference):
     generator = stacked(checkpoint_dir, adapters, max_batch_size=10)
     names = ["", *adapters]
-    requests = [Request(prompt=PROMPTS[i % len(PROMPTS)], adapter=names[i % len(names)], max_new_tokens=12)
-                for i in range(10)]
+    requests = [
+        Request(prompt=PROMPTS[i % len(PROMPTS)], adapter=names[i % len(names)], max_new_tokens=12) for i in range(10)
+    ]
     generate_all(generator, requests)
     for request in requests:
         assert request.tokens == reference(request.adapter, request.prompt, 12), request.adapter
@@ -101,8 +107,10 @@ def test_an_adapter_added_later_and_sampling_by_seed(checkpoint_dir, adapters, r
     assert first.tokens == reference("qv2", PROMPTS[1], 8)
     assert late.tokens == reference("all4", PROMPTS[3], 8)
 
-    sampled = [Request(prompt=PROMPTS[0], adapter="all4", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
-               for seed in (1, 1, 2)]
+    sampled = [
+        Request(prompt=PROMPTS[0], adapter="all4", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+        for seed in (1, 1, 2)
+    ]
     generate_all(generator, sampled)
     assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
 
@@ -137,6 +145,8 @@ def test_stacked_layer_pads_ranks_and_applies_a_per_row_factor():
     x = torch.randn(3, 2, 6)  # (B, T, in)
     stack.rows = torch.tensor([2, 0, 1])
     W = model.proj.base.weight
-    expected = torch.stack([factor * (x[0] @ W.T + x[0] @ A2.T @ B2.T * 0.5), x[1] @ W.T, x[2] @ W.T + x[2] @ A1.T @ B1.T * 2.0])
+    expected = torch.stack(
+        [factor * (x[0] @ W.T + x[0] @ A2.T @ B2.T * 0.5), x[1] @ W.T, x[2] @ W.T + x[2] @ A1.T @ B1.T * 2.0]
+    )
     torch.testing.assert_close(model.proj(x), expected)
     torch.testing.assert_close(model.proj(x[:, -1]), expected[:, -1])  # one position per row, as under logits_at

@@ -48,8 +48,14 @@ def reference(checkpoint):
 
     def generate_answer(messages, max_new_tokens):
         idx = torch.tensor(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
-        out = hf.generate(idx[None], attention_mask=torch.ones_like(idx[None]), max_new_tokens=max_new_tokens,
-                          do_sample=False, eos_token_id=IM_END, pad_token_id=IM_END)[0, len(idx):].tolist()
+        out = hf.generate(
+            idx[None],
+            attention_mask=torch.ones_like(idx[None]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=IM_END,
+            pad_token_id=IM_END,
+        )[0, len(idx) :].tolist()
         text = tokenizer.decode(out[:-1] if out[-1] == IM_END else out)
         return idx.tolist(), out, text
 
@@ -61,7 +67,10 @@ def test_prompt_prints_only_the_answer_transformers_gives(checkpoint, reference)
     assert ids[-1] == IM_END and expected == "The capital of France is Paris."
     result = subprocess.run(
         [sys.executable, "chat.py", "--checkpoint_dir", str(checkpoint), "--prompt", FRANCE, "--temperature", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
@@ -79,8 +88,11 @@ def test_two_turns_through_the_cache_equal_recomputing_and_feed_only_the_new_tok
     assert sum(fed[1:], []) == ids1[:-1]
 
     fed.clear()
-    messages = [{"role": "user", "content": FRANCE}, {"role": "assistant", "content": text1},
-                {"role": "user", "content": GERMANY}]
+    messages = [
+        {"role": "user", "content": FRANCE},
+        {"role": "assistant", "content": text1},
+        {"role": "user", "content": GERMANY},
+    ]
     prompt2, ids2, text2 = reference(messages)
     assert "".join(chat.reply(GERMANY)) == text2 and ids2[-1] == IM_END
     assert chat.messages == messages + [{"role": "assistant", "content": text2}]
@@ -107,7 +119,9 @@ def test_the_oldest_turn_is_dropped_when_the_conversation_outgrows_the_block_siz
     assert "dropped its oldest turn" in capsys.readouterr().err
 
     before = [dict(message) for message in chat.messages]
-    with pytest.raises(ValueError, match=r"the message \(\d+ tokens in the template\) plus --max_new_tokens 32 exceeds"):
+    with pytest.raises(
+        ValueError, match=r"the message \(\d+ tokens in the template\) plus --max_new_tokens 32 exceeds"
+    ):
         "".join(chat.reply("word " * 9000))
     assert chat.messages == before  # refused, and the conversation goes on as it was
 
@@ -135,14 +149,32 @@ def read_until(fd: int, marker: str, timeout: float = 60.0) -> str:
 def test_interactive_turns_reset_and_exit_through_a_terminal(checkpoint, reference):
     primary, secondary = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "chat.py", "--checkpoint_dir", str(checkpoint), "--temperature", "0", "--max_new_tokens", "32"],
-        cwd=ROOT, stdin=secondary, stdout=secondary, stderr=secondary, close_fds=True,
+        [
+            sys.executable,
+            "chat.py",
+            "--checkpoint_dir",
+            str(checkpoint),
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "32",
+        ],
+        cwd=ROOT,
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        close_fds=True,
     )
     os.close(secondary)
     try:
         _, _, first = reference([{"role": "user", "content": FRANCE}])  # while chat.py loads
-        _, _, second = reference([{"role": "user", "content": FRANCE}, {"role": "assistant", "content": first},
-                                  {"role": "user", "content": GERMANY}])
+        _, _, second = reference(
+            [
+                {"role": "user", "content": FRANCE},
+                {"role": "assistant", "content": first},
+                {"role": "user", "content": GERMANY},
+            ]
+        )
         _, _, alone = reference([{"role": "user", "content": GERMANY}])
         assert second != alone  # the history changes the answer, so that /reset shows
         read_until(primary, ">>> ")

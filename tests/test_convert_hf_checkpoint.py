@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_hf_checkpoint
 from safetensors.torch import load_file
 
+from conftest import ROOT, make_hf_checkpoint
 from convert_hf_checkpoint import convert_hf_checkpoint, lit_to_hf_name
 from model import Config
 from utils import load_model
@@ -45,7 +45,10 @@ def test_sharded_bin_with_index(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     state_dict = hf.state_dict()
     names = sorted(state_dict)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2], "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for shard, shard_names in shards.items():
         tensors = {name: state_dict[name] for name in shard_names}
         if shard.startswith("pytorch_model-00001"):
@@ -81,8 +84,15 @@ def test_dtype_option(tmp_path):
 
 
 def write_config(directory, **change):
-    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
-              "num_hidden_layers": 2, "vocab_size": 1000, **change}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 1000,
+        **change,
+    }
     (directory / "config.json").write_text(json.dumps(config))
 
 
@@ -93,8 +103,8 @@ def write_config(directory, **change):
         (lambda d: write_config(d), "error: {d} has no model*.safetensors or pytorch_model*.bin weights"),
         (
             lambda d: write_config(d, rope_scaling={"rope_type": "yarn", "factor": 8.0}),
-            "error: cannot use {d}/config.json: {d}/config.json: rope scaling 'yarn' is not implemented; only plain rotary "
-            "embeddings and Llama 3.1's 'llama3' scaling are",
+            "error: cannot use {d}/config.json: {d}/config.json: rope scaling 'yarn' is not implemented; "
+            "only plain rotary embeddings and Llama 3.1's 'llama3' scaling are",
         ),
     ],
     ids=["no config.json", "no weights", "rope scaling"],
@@ -103,7 +113,8 @@ def test_cli_errors_are_one_line(tmp_path, setup, message):
     setup(tmp_path)
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/convert_hf_checkpoint.py"), "--checkpoint_dir", str(tmp_path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [message.format(d=tmp_path)]
@@ -125,7 +136,8 @@ def test_a_truncated_download_is_one_line(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/convert_hf_checkpoint.py"), "--checkpoint_dir", str(tmp_path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith(f"error: {weights} is not a complete weight file (")
@@ -139,5 +151,7 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     with pytest.raises(ValueError, match=r"lack 9 tensors, e.g. \['blocks.2.attn.k_proj.weight'"):
         convert_hf_checkpoint(tmp_path)
     write_config(tmp_path, num_hidden_layers=1)
-    with pytest.raises(ValueError, match="holds 'model.layers.1.input_layernorm.weight', which model.py has no place for"):
+    with pytest.raises(
+        ValueError, match="holds 'model.layers.1.input_layernorm.weight', which model.py has no place for"
+    ):
         convert_hf_checkpoint(tmp_path)

@@ -29,7 +29,9 @@ CONFIGS = {
 
 def hub_tensors(directory) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     return {name: t for file in files for name, t in load_file(directory / file).items()}
 
 
@@ -49,12 +51,18 @@ def test_round_trip_gives_the_hub_tensors_back_and_transformers_our_logits(tmp_p
     original = make_checkpoint(tmp_path / "ours", vocab_size=1000, **CONFIGS[name])
     convert_lit_checkpoint(tmp_path / "ours", tmp_path / "hf")
 
-    expected = {k: v for k, v in original.state_dict().items() if not (original.config.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {
+        k: v
+        for k, v in original.state_dict().items()
+        if not (original.config.tie_word_embeddings and k == "lm_head.weight")
+    }
     actual = hub_tensors(tmp_path / "hf")
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
     assert Config.from_hf(tmp_path / "hf" / "config.json") == load_config(tmp_path / "ours")
-    idx = torch.randint(0, 1000, (2, 200), generator=torch.Generator().manual_seed(0))  # beyond the 32 original positions
+    idx = torch.randint(
+        0, 1000, (2, 200), generator=torch.Generator().manual_seed(0)
+    )  # beyond the 32 original positions
     assert_transformers_logits_equal_ours(tmp_path / "hf", tmp_path / "ours", idx)
 
 
@@ -64,7 +72,10 @@ def test_transformers_reads_the_llama3_tokenizer_and_its_stop_ids(llama3_checkpo
 
     convert_lit_checkpoint(llama3_checkpoint_dir, tmp_path)
     text = "Hello, my name is Ada. 12345 apples\n\n<|eot_id|>"
-    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == Tokenizer(llama3_checkpoint_dir).encode(text).tolist()
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"]
+        == Tokenizer(llama3_checkpoint_dir).encode(text).tolist()
+    )
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (128000, 128009)  # <|begin_of_text|>, <|eot_id|>
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == 128009
@@ -129,8 +140,18 @@ def test_merge_lora_writes_a_hub_directory_with_the_adapted_logits(checkpoint_di
 
 def test_cli_refuses_to_write_into_the_checkpoint_directory(checkpoint_dir):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "convert_lit_checkpoint.py"), "--checkpoint_dir", str(checkpoint_dir),
-         "--out_dir", str(checkpoint_dir)], capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "convert_lit_checkpoint.py"),
+            "--checkpoint_dir",
+            str(checkpoint_dir),
+            "--out_dir",
+            str(checkpoint_dir),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: --out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory"
+    ]

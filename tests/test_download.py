@@ -14,15 +14,31 @@ import download
 from conftest import ROOT
 
 LLAMA_CONFIG = {
-    "model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
-    "num_hidden_layers": 2, "vocab_size": 32000, "rope_theta": 10000.0,
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 32000,
+    "rope_theta": 10000.0,
 }
 # What meta-llama/Llama-2-7b-hf holds: both weight formats, sharded
 LLAMA_2_FILES = [
-    ".gitattributes", "LICENSE.txt", "README.md", "config.json", "generation_config.json",
-    "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-    "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-    "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    ".gitattributes",
+    "LICENSE.txt",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model-00001-of-00002.bin",
+    "pytorch_model-00002-of-00002.bin",
+    "pytorch_model.bin.index.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
 ]
 
 
@@ -69,8 +85,14 @@ def test_downloads_safetensors_when_the_repo_has_both_formats(tmp_path, monkeypa
     assert hub.calls[0][1] == {"repo_id": "meta-llama/Llama-2-7b-hf", "token": "hf_abc"}
     assert hub.calls[1][1] == {"repo_id": "meta-llama/Llama-2-7b-hf", "filename": "config.json", "token": "hf_abc"}
     assert hub.calls[2][1]["allow_patterns"] == [
-        "config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "config.json",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
     ]
     assert (tmp_path / "meta-llama/Llama-2-7b-hf/model.safetensors.index.json").is_file()
     err = capsys.readouterr().err
@@ -95,23 +117,45 @@ def test_llama_3_repo_without_tokenizer_model(tmp_path, monkeypatch):
     # what meta-llama/Llama-3.1-8B-Instruct holds (original/ is Meta's own format), plus a chat_template.jinja as
     # transformers 5 writes it
     files = [
-        ".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
-        "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors",
-        "model-00004-of-00004.safetensors", "model.safetensors.index.json", "original/consolidated.00.pth",
-        "original/params.json", "original/tokenizer.model", "special_tokens_map.json", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.jinja",
+        ".gitattributes",
+        "LICENSE",
+        "README.md",
+        "USE_POLICY.md",
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00004.safetensors",
+        "model-00002-of-00004.safetensors",
+        "model-00003-of-00004.safetensors",
+        "model-00004-of-00004.safetensors",
+        "model.safetensors.index.json",
+        "original/consolidated.00.pth",
+        "original/params.json",
+        "original/tokenizer.model",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
     ]
     hub = FakeHub(monkeypatch, files)
     download.download("meta-llama/Llama-3.1-8B-Instruct", checkpoint_dir=tmp_path)
     assert hub.calls[-1][1]["allow_patterns"] == [
-        "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-        *[f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)], "model.safetensors.index.json",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        *[f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)],
+        "model.safetensors.index.json",
     ]
 
 
 def test_refuses_repo_without_a_tokenizer(tmp_path, monkeypatch):
-    hub = FakeHub(monkeypatch, ["config.json", "tokenizer_config.json", "original/tokenizer.model", "model.safetensors"])
-    with pytest.raises(ValueError, match="^org/name has no tokenizer.model or tokenizer.json; this toolkit needs one") as exc:
+    hub = FakeHub(
+        monkeypatch, ["config.json", "tokenizer_config.json", "original/tokenizer.model", "model.safetensors"]
+    )
+    with pytest.raises(
+        ValueError, match="^org/name has no tokenizer.model or tokenizer.json; this toolkit needs one"
+    ) as exc:
         download.download("org/name", checkpoint_dir=tmp_path)
     assert "\n" not in str(exc.value)
     assert [name for name, _ in hub.calls] == ["list_repo_files"]  # nothing downloaded
@@ -134,13 +178,29 @@ def test_refuses_unsupported_config_before_downloading_weights(tmp_path, monkeyp
 @pytest.mark.parametrize(
     "token, error, message",
     [
-        (None, http_error(GatedRepoError, 401), "org/name is gated: accept its license on https://huggingface.co/org/name, then pass --access_token"),
+        (
+            None,
+            http_error(GatedRepoError, 401),
+            "org/name is gated: accept its license on https://huggingface.co/org/name, then pass --access_token",
+        ),
         ("hf_abc", http_error(GatedRepoError, 403), "org/name is gated and your token has no access to it yet"),
-        (None, http_error(RepositoryNotFoundError, 404), "org/name was not found on the Hub; check the name, or it is private or gated"),
-        ("hf_abc", http_error(RepositoryNotFoundError, 404), "org/name was not found on the Hub; check the name, or your token cannot see it"),
+        (
+            None,
+            http_error(RepositoryNotFoundError, 404),
+            "org/name was not found on the Hub; check the name, or it is private or gated",
+        ),
+        (
+            "hf_abc",
+            http_error(RepositoryNotFoundError, 404),
+            "org/name was not found on the Hub; check the name, or your token cannot see it",
+        ),
         ("hf_bad", http_error(HfHubHTTPError, 401), "the Hub refused the access token"),
         (None, http_error(HfHubHTTPError, 500, "Server Error"), "the Hub answered 500 Server Error"),
-        (None, LocalEntryNotFoundError("cannot find the requested files"), "cannot reach the Hugging Face Hub \\(LocalEntryNotFoundError\\)"),
+        (
+            None,
+            LocalEntryNotFoundError("cannot find the requested files"),
+            "cannot reach the Hugging Face Hub \\(LocalEntryNotFoundError\\)",
+        ),
         (None, download.TransportError("[Errno -2] Name or service not known"), "cannot reach the Hugging Face Hub"),
     ],
 )
@@ -171,14 +231,25 @@ def test_files_missing_after_download_are_reported(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["--repo_id", "org/name"], {"HF_HUB_OFFLINE": "1"}, "error: huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); unset it to download"),
-        (["--repo_id", "Llama-2-7b-hf"], {}, "error: --repo_id must look like <org>/<name> (e.g. meta-llama/Llama-2-7b-hf), not 'Llama-2-7b-hf'"),
+        (
+            ["--repo_id", "org/name"],
+            {"HF_HUB_OFFLINE": "1"},
+            "error: huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); unset it to download",
+        ),
+        (
+            ["--repo_id", "Llama-2-7b-hf"],
+            {},
+            "error: --repo_id must look like <org>/<name> (e.g. meta-llama/Llama-2-7b-hf), not 'Llama-2-7b-hf'",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, env, message):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/download.py"), *args, "--checkpoint_dir", str(tmp_path)],
-        capture_output=True, text=True, env={**os.environ, **env}, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=tmp_path,
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [message]

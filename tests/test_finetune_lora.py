@@ -26,22 +26,34 @@ import training
 from conftest import ROOT, caught_models, finetune, shared_file
 from finetune_lora import setup
 from lora import lora, mark_only_lora_as_trainable, read_lora_config
-from model import LLaMA, Config
+from model import Config, LLaMA
 from prepare_alpaca import setup as prepare
 from training import TrainArgs, batch_indices, cross_entropy_sum, learning_rate, pack_batch
 
 TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
 # a short run: tests pass what they are about on top
-QUICK = dict(batch_size=4, micro_batch_size=2, max_steps=3, warmup_steps=1, eval_interval=1000, eval_batches=1,
-             save_interval=1000, max_seq_length=96)
+QUICK = dict(
+    batch_size=4,
+    micro_batch_size=2,
+    max_steps=3,
+    warmup_steps=1,
+    eval_interval=1000,
+    eval_batches=1,
+    save_interval=1000,
+    max_seq_length=96,
+)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, checkpoint_dir) -> Path:
     """The 999 shared records, prepared with max_seq_length 128."""
     directory = tmp_path_factory.mktemp("alpaca")
-    prepare(destination_path=directory, checkpoint_dir=checkpoint_dir, data_file_path=shared_file("alpaca_en_demo.json"),
-            max_seq_length=128)
+    prepare(
+        destination_path=directory,
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=shared_file("alpaca_en_demo.json"),
+        max_seq_length=128,
+    )
     return directory
 
 
@@ -50,10 +62,25 @@ def overfit(tmp_path_factory, checkpoint_dir, eight_records):
     """80 steps on the 8 records, with the model finetune_lora.py trained (caught where it is loaded)."""
     out_dir = tmp_path_factory.mktemp("overfit")
     with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
-        finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, **{
-            **QUICK, "batch_size": 8, "micro_batch_size": 4, "max_steps": 80, "warmup_steps": 5, "learning_rate": 3e-2,
-            "lora_dropout": 0.0, "lora_targets": ["query", "value", "head"], "max_seq_length": 128, "eval_interval": 40, "save_interval": 40,
-        })
+        finetune(
+            setup,
+            data_dir=eight_records,
+            checkpoint_dir=checkpoint_dir,
+            out_dir=out_dir,
+            **{
+                **QUICK,
+                "batch_size": 8,
+                "micro_batch_size": 4,
+                "max_steps": 80,
+                "warmup_steps": 5,
+                "learning_rate": 3e-2,
+                "lora_dropout": 0.0,
+                "lora_targets": ["query", "value", "head"],
+                "max_seq_length": 128,
+                "eval_interval": 40,
+                "save_interval": 40,
+            },
+        )
     return out_dir, models[0]
 
 
@@ -70,12 +97,22 @@ def assert_same_history(actual: dict, expected: dict, atol: float) -> None:
     (pytest.approx compares flat lists only)."""
     for split in ("train", "val"):
         assert [step for step, _ in actual[split]] == [step for step, _ in expected[split]], split
-        assert [loss for _, loss in actual[split]] == pytest.approx([loss for _, loss in expected[split]], abs=atol), split
+        assert [loss for _, loss in actual[split]] == pytest.approx([loss for _, loss in expected[split]], abs=atol), (
+            split
+        )
 
 
 def command(data_dir: Path, checkpoint_dir: Path, out_dir: Path, **settings) -> list[str]:
-    args = [sys.executable, "finetune_lora.py", "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint_dir),
-            "--out_dir", str(out_dir)]
+    args = [
+        sys.executable,
+        "finetune_lora.py",
+        "--data_dir",
+        str(data_dir),
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--out_dir",
+        str(out_dir),
+    ]
     train_fields = {field.name for field in fields(TrainArgs)}
     for key, value in settings.items():
         flag = f"--train.{key}" if key in train_fields else f"--{key}"
@@ -85,8 +122,9 @@ def command(data_dir: Path, checkpoint_dir: Path, out_dir: Path, **settings) -> 
 
 def run_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Runs a command in its own process group, killed whole (Fabric's DDP workers too) if it overruns."""
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -136,7 +174,8 @@ def test_packed_records_give_each_records_own_logits_loss_and_gradients(gradient
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     expected = sum(
-        F.cross_entropy(model(r["input_ids"][None, :12][:, :-1])[0], r["labels"][1:12], reduction="sum") for r in records
+        F.cross_entropy(model(r["input_ids"][None, :12][:, :-1])[0], r["labels"][1:12], reduction="sum")
+        for r in records
     )
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
@@ -153,7 +192,9 @@ def test_compiled_blocks_give_the_eager_losses_and_gradients():
     gradients. Off by default on CPU."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile on CPU needs a C++ compiler (g++), which this machine lacks")
-    cpu = argparse.Namespace(device=torch.device("cpu"), strategy=None, print=print)  # what compile_blocks asks of a Fabric
+    cpu = argparse.Namespace(
+        device=torch.device("cpu"), strategy=None, print=print
+    )  # what compile_blocks asks of a Fabric
     torch.manual_seed(0)
     with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "mlp")):
         model = LLaMA(Config(**TINY))
@@ -279,8 +320,14 @@ def test_bf16_mixed_precision_holds_the_base_in_bf16_and_lora_in_fp32(checkpoint
         # the sample answer is not what this is about, and decoding in bf16 on a CPU takes half a minute
         monkeypatch.setattr(training, "generate", lambda model, prompt, *args, **kwargs: prompt)
         for precision in ("bf16-mixed", "32-true"):
-            finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / precision,
-                  precision=precision, **{**QUICK, "batch_size": 2, "max_steps": 2, "max_seq_length": 64})
+            finetune(
+                setup,
+                data_dir=eight_records,
+                checkpoint_dir=checkpoint_dir,
+                out_dir=tmp_path / precision,
+                precision=precision,
+                **{**QUICK, "batch_size": 2, "max_steps": 2, "max_seq_length": 64},
+            )
             losses_by_precision[precision] = losses(train_state(tmp_path / precision))
     parameters = dict(models[0].named_parameters())
     assert {p.dtype for name, p in parameters.items() if ".lora." in name} == {torch.float32}
@@ -306,12 +353,23 @@ def test_the_saved_adapter_holds_only_lora_tensors_and_its_settings(overfit, che
 
 def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_dir, data_dir, tmp_path):
     # LoRA dropout is on (the default 0.05), so the resumed run must also restore the RNG it draws from
-    settings = {**QUICK, "batch_size": 4, "micro_batch_size": 1, "max_steps": 16, "save_interval": 4, "eval_interval": 8}
+    settings = {
+        **QUICK,
+        "batch_size": 4,
+        "micro_batch_size": 1,
+        "max_steps": 16,
+        "save_interval": 4,
+        "eval_interval": 8,
+    }
     finetune(setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "whole", **settings)
     whole = train_state(tmp_path / "whole")
 
-    process = subprocess.Popen(command(data_dir, checkpoint_dir, tmp_path / "killed", **settings), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(data_dir, checkpoint_dir, tmp_path / "killed", **settings),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (tmp_path / "killed" / "train_state.pt").exists():
         assert process.poll() is None, "the run ended before its first checkpoint"
@@ -322,7 +380,9 @@ def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_d
     stopped_at = train_state(tmp_path / "killed")["step"]
     assert stopped_at in (4, 8, 12)
 
-    finetune(setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "killed", resume="auto", **settings)
+    finetune(
+        setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "killed", resume="auto", **settings
+    )
     resumed = train_state(tmp_path / "killed")
     assert resumed["step"] == 16
     assert_same_history(resumed["history"], whole["history"], atol=1e-5)
@@ -331,8 +391,16 @@ def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_d
 
 
 def test_ddp_on_two_cpu_processes_gives_the_loss_of_one_process(checkpoint_dir, data_dir, tmp_path):
-    settings = {**QUICK, "batch_size": 8, "micro_batch_size": 2, "max_steps": 3, "eval_interval": 3, "eval_batches": 4,
-                "lora_dropout": 0.0, "learning_rate": 1e-2}
+    settings = {
+        **QUICK,
+        "batch_size": 8,
+        "micro_batch_size": 2,
+        "max_steps": 3,
+        "eval_interval": 3,
+        "eval_batches": 4,
+        "lora_dropout": 0.0,
+        "learning_rate": 1e-2,
+    }
     finetune(setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "one", **settings)
     two_processes = command(data_dir, checkpoint_dir, tmp_path / "two", devices=2, strategy="ddp", **settings)
     result = run_command(two_processes, timeout=300)
@@ -346,13 +414,25 @@ def test_ddp_on_two_cpu_processes_gives_the_loss_of_one_process(checkpoint_dir, 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(checkpoint_dir, eight_records, tmp_path):
     with pytest.raises(FloatingPointError) as raised:  # a learning rate that blows the LoRA weights up in a step or two
-        finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **{
-            **QUICK, "max_steps": 10, "save_interval": 1, "learning_rate": 1e30, "lora_targets": ["query", "value", "head"]})
+        finetune(
+            setup,
+            data_dir=eight_records,
+            checkpoint_dir=checkpoint_dir,
+            out_dir=tmp_path,
+            **{
+                **QUICK,
+                "max_steps": 10,
+                "save_interval": 1,
+                "learning_rate": 1e30,
+                "lora_targets": ["query", "value", "head"],
+            },
+        )
     state = train_state(tmp_path)
     message = str(raised.value)
     assert message.startswith("the loss (") and "is not finite at step" in message
     assert message.endswith(
-        f"The last good checkpoint is {tmp_path / 'train_state.pt'}: resume from it with a lower --train.learning_rate")
+        f"The last good checkpoint is {tmp_path / 'train_state.pt'}: resume from it with a lower --train.learning_rate"
+    )
     assert f"at step {state['step'] + 1};" in message and "\n" not in message
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert all(torch.isfinite(torch.tensor(losses(state))))
@@ -371,64 +451,117 @@ def link_checkpoint(source: Path, destination: Path, **changes) -> Path:
 
 def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, tmp_path):
     def error(**settings) -> str:
-        arguments = {"data_dir": eight_records, "checkpoint_dir": checkpoint_dir, "out_dir": tmp_path / "out",
-                     **QUICK, **settings}
+        arguments = {
+            "data_dir": eight_records,
+            "checkpoint_dir": checkpoint_dir,
+            "out_dir": tmp_path / "out",
+            **QUICK,
+            **settings,
+        }
         with pytest.raises((ValueError, OSError)) as raised:
             finetune(setup, **arguments)
         assert "\n" not in str(raised.value)
         return str(raised.value)
 
     assert error(data_dir=tmp_path / "missing") == (
-        f"{tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first")
+        f"{tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first"
+    )
     tokenizer = (checkpoint_dir / "tokenizer.model").read_bytes()
-    other_tokenizer = link_checkpoint(checkpoint_dir, tmp_path / "other_tokenizer",
-                                      **{"tokenizer.model": tokenizer + b"\0"})
+    other_tokenizer = link_checkpoint(
+        checkpoint_dir, tmp_path / "other_tokenizer", **{"tokenizer.model": tokenizer + b"\0"}
+    )
     assert error(checkpoint_dir=other_tokenizer).startswith(
-        f"{eight_records} was tokenized with another tokenizer than {other_tokenizer / 'tokenizer.model'}")
+        f"{eight_records} was tokenized with another tokenizer than {other_tokenizer / 'tokenizer.model'}"
+    )
     config = json.loads((checkpoint_dir / "model_config.json").read_text())
-    small_vocab = link_checkpoint(checkpoint_dir, tmp_path / "small_vocab",
-                                  **{"model_config.json": json.dumps({**config, "vocab_size": 1000}).encode()})
+    small_vocab = link_checkpoint(
+        checkpoint_dir,
+        tmp_path / "small_vocab",
+        **{"model_config.json": json.dumps({**config, "vocab_size": 1000}).encode()},
+    )
     assert error(checkpoint_dir=small_vocab) == (
         f"{eight_records} holds token ids up to 31999, but the model's vocabulary has 1000; "
-        "prepare the data with this checkpoint's tokenizer")
+        "prepare the data with this checkpoint's tokenizer"
+    )
     assert error(checkpoint_dir=tmp_path / "nothing").startswith(
-        f"checkpoint directory {tmp_path / 'nothing'} does not exist")
-    assert error(batch_size=4, micro_batch_size=8) == "--train.micro_batch_size 8 must be between 1 and --train.batch_size 4"
+        f"checkpoint directory {tmp_path / 'nothing'} does not exist"
+    )
+    assert (
+        error(batch_size=4, micro_batch_size=8)
+        == "--train.micro_batch_size 8 must be between 1 and --train.batch_size 4"
+    )
     assert error(batch_size=6, micro_batch_size=4) == (
-        "--train.batch_size 6 must be a multiple of --train.micro_batch_size 4 x 1 devices")
+        "--train.batch_size 6 must be a multiple of --train.micro_batch_size 4 x 1 devices"
+    )
     assert error(resume=str(tmp_path / "nope.pt")) == (
-        f"--resume {tmp_path / 'nope.pt'}: no such file (use --resume auto for the latest in --out_dir)")
+        f"--resume {tmp_path / 'nope.pt'}: no such file (use --resume auto for the latest in --out_dir)"
+    )
 
     out_dir, _ = overfit  # a state of LoRA r=8 on query, value and the head, batches of 8
-    fitting = dict(resume=str(out_dir / "train_state.pt"), batch_size=8, lora_targets=["query", "value", "head"], lora_dropout=0.0)
+    fitting = dict(
+        resume=str(out_dir / "train_state.pt"), batch_size=8, lora_targets=["query", "value", "head"], lora_dropout=0.0
+    )
     assert error(**{**fitting, "lora_r": 4}) == (
         f"--resume {out_dir / 'train_state.pt'} was saved by a run with other settings: "
         "lora={'r': 8, 'alpha': 16, 'dropout': 0.0, 'targets': ('query', 'value', 'head'), 'rslora': False, "
         "'dora': False, 'ranks': {}, 'alphas': {}} (now: {'r': 4, 'alpha': 16, 'dropout': 0.0, "
         "'targets': ('query', 'value', 'head'), 'rslora': False, 'dora': False, 'ranks': {}, 'alphas': {}}); "
-        "resume with the same checkpoint, data, LoRA and batch settings")
+        "resume with the same checkpoint, data, LoRA and batch settings"
+    )
     assert error(**{**fitting, "batch_size": 4}).endswith(
-        "batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings")
+        "batch_size=8 (now: 4); resume with the same checkpoint, data, LoRA and batch settings"
+    )
     assert error(**{**fitting, "resume": str(out_dir / "lit_model_lora_finetuned.safetensors")}).startswith(
-        f"--resume {out_dir / 'lit_model_lora_finetuned.safetensors'} is not a train_state.pt of a fine-tuning script (")
+        f"--resume {out_dir / 'lit_model_lora_finetuned.safetensors'} is not a train_state.pt of a fine-tuning script ("
+    )
 
 
 def test_command_line_errors_are_one_line_on_stderr_with_nonzero_exit(checkpoint_dir, tmp_path):
     result = run_command(command(tmp_path / "missing", checkpoint_dir, tmp_path / "out"), timeout=120)
     assert result.returncode == 1
     assert result.stderr == (
-        f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first\n")
+        f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first\n"
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_every_flag_with_its_explanation():
-    result = subprocess.run([sys.executable, "finetune_lora.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            check=True)
-    train_flags = ("micro_batch_size", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "epochs",
-                   "max_seq_length", "eval_interval", "eval_batches", "save_interval", "seed", "gradient_checkpointing",
-                   "optimizer", "grad_clip", "compile")
-    for flag in ("--devices", "--num_nodes", "--strategy", "--precision", "--quantize", "--lora_r", "--lora_alpha",
-                 "--lora_dropout", "--lora_targets", "--lora_rslora", "--lora_dora", "--resume", *(f"--train.{name}" for name in train_flags)):
+    result = subprocess.run(
+        [sys.executable, "finetune_lora.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    train_flags = (
+        "micro_batch_size",
+        "batch_size",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "max_steps",
+        "epochs",
+        "max_seq_length",
+        "eval_interval",
+        "eval_batches",
+        "save_interval",
+        "seed",
+        "gradient_checkpointing",
+        "optimizer",
+        "grad_clip",
+        "compile",
+    )
+    for flag in (
+        "--devices",
+        "--num_nodes",
+        "--strategy",
+        "--precision",
+        "--quantize",
+        "--lora_r",
+        "--lora_alpha",
+        "--lora_dropout",
+        "--lora_targets",
+        "--lora_rslora",
+        "--lora_dora",
+        "--resume",
+        *(f"--train.{name}" for name in train_flags),
+    ):
         assert f"  {flag} " in result.stdout, flag
     assert "Fine-tune a checkpoint with LoRA on data prepared by prepare_alpaca.py." in result.stdout
 
@@ -437,12 +570,20 @@ def test_help_lists_every_flag_with_its_explanation():
     "content, message",
     [
         (lambda path: path.write_bytes(b"not a torch file"), "is not data prepared by prepare_alpaca.py ("),
-        (lambda path: torch.save([argparse.Namespace(input_ids=1)], path), "is not data prepared by prepare_alpaca.py ("),
-        (lambda path: torch.save({"input_ids": torch.ones(3)}, path), "does not hold a list of input_ids/labels records"),
+        (
+            lambda path: torch.save([argparse.Namespace(input_ids=1)], path),
+            "is not data prepared by prepare_alpaca.py (",
+        ),
+        (
+            lambda path: torch.save({"input_ids": torch.ones(3)}, path),
+            "does not hold a list of input_ids/labels records",
+        ),
     ],
     ids=["not torch.save", "a pickled object", "not records"],
 )
-def test_a_damaged_train_pt_is_one_line_and_nothing_is_written(checkpoint_dir, eight_records, tmp_path, content, message):
+def test_a_damaged_train_pt_is_one_line_and_nothing_is_written(
+    checkpoint_dir, eight_records, tmp_path, content, message
+):
     """train.pt is read with weights_only=True: a pickled object other than tensors is refused, in one line."""
     data_dir = tmp_path / "data"
     shutil.copytree(eight_records, data_dir)
@@ -459,8 +600,19 @@ def test_dora_and_rslora_train_their_parameters_and_the_adapter_records_them(che
     from lora import load_lora_model
 
     with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
-        finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **{
-            **QUICK, "learning_rate": 1e-2, "lora_targets": ["value", "down"], "lora_rslora": True, "lora_dora": True})
+        finetune(
+            setup,
+            data_dir=eight_records,
+            checkpoint_dir=checkpoint_dir,
+            out_dir=tmp_path,
+            **{
+                **QUICK,
+                "learning_rate": 1e-2,
+                "lora_targets": ["value", "down"],
+                "lora_rslora": True,
+                "lora_dora": True,
+            },
+        )
     adapter = tmp_path / finetune_lora.ADAPTER_NAME
     config, _ = read_lora_config(adapter)
     assert config.dora and config.rslora and config.targets == ("value", "down")
@@ -475,8 +627,13 @@ def test_dora_and_rslora_train_their_parameters_and_the_adapter_records_them(che
 
 def test_lora_targets_take_one_name_or_a_list_on_the_command_line():
     for flag, expected in [("mlp", "lora_targets: mlp"), ("[all_linear, head]", "lora_targets:\n- all_linear\n- head")]:
-        result = subprocess.run([sys.executable, "finetune_lora.py", "--lora_targets", flag, "--print_config"], cwd=ROOT,
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "finetune_lora.py", "--lora_targets", flag, "--print_config"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert expected in result.stdout
 
 
@@ -491,20 +648,42 @@ def test_lora_on_multi_turn_conversations_lowers_the_validation_loss_and_generat
     from tokenizer import Tokenizer
 
     things = ["sky", "sea", "grass", "snow", "coal", "sun", "blood", "milk", "leaf", "night", "cloud", "ice"]
-    conversations = [{"messages": [
-        {"role": "system", "content": "Answer in three words."},
-        {"role": "user", "content": f"What colour is the {thing}?"},
-        {"role": "assistant", "content": f"The {thing} colour."},
-        {"role": "user", "content": "Again?"},
-        {"role": "assistant", "content": f"The {thing} colour."},
-    ]} for thing in things]
+    conversations = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer in three words."},
+                {"role": "user", "content": f"What colour is the {thing}?"},
+                {"role": "assistant", "content": f"The {thing} colour."},
+                {"role": "user", "content": "Again?"},
+                {"role": "assistant", "content": f"The {thing} colour."},
+            ]
+        }
+        for thing in things
+    ]
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
-    prepare_chat(destination_path=tmp_path / "data", checkpoint_dir=llama3_checkpoint_dir,
-                 data_file_path=tmp_path / "chats.jsonl", test_split_fraction=0.25)
-    finetune(setup, data_dir=tmp_path / "data", checkpoint_dir=llama3_checkpoint_dir, out_dir=tmp_path / "out",
-             batch_size=8, micro_batch_size=4, max_steps=30, warmup_steps=2, learning_rate=2e-2, lora_dropout=0.0,
-             lora_targets=["query", "value", "head"], eval_interval=1, eval_batches=1, save_interval=1000,
-             max_seq_length=128)
+    prepare_chat(
+        destination_path=tmp_path / "data",
+        checkpoint_dir=llama3_checkpoint_dir,
+        data_file_path=tmp_path / "chats.jsonl",
+        test_split_fraction=0.25,
+    )
+    finetune(
+        setup,
+        data_dir=tmp_path / "data",
+        checkpoint_dir=llama3_checkpoint_dir,
+        out_dir=tmp_path / "out",
+        batch_size=8,
+        micro_batch_size=4,
+        max_steps=30,
+        warmup_steps=2,
+        learning_rate=2e-2,
+        lora_dropout=0.0,
+        lora_targets=["query", "value", "head"],
+        eval_interval=1,
+        eval_batches=1,
+        save_interval=1000,
+        max_seq_length=128,
+    )
     losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+)", capsys.readouterr().out)]
     assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
 
@@ -513,12 +692,19 @@ def test_lora_on_multi_turn_conversations_lowers_the_validation_loss_and_generat
     assert read_lora_chat_template(adapter) == tokenizer.chat_template  # the checkpoint's, recorded by prepare_chat
     prompts = []
     monkeypatch.setattr(generate_lora, "generate", lambda model, ids, *args, **kwargs: prompts.append(ids) or ids)
-    generate_lora.main(checkpoint_dir=llama3_checkpoint_dir, lora_path=adapter, prompt="What colour is the sky?",
-                       temperature=0.0, max_new_tokens=5)
+    generate_lora.main(
+        checkpoint_dir=llama3_checkpoint_dir,
+        lora_path=adapter,
+        prompt="What colour is the sky?",
+        temperature=0.0,
+        max_new_tokens=5,
+    )
     from transformers import AutoTokenizer
 
     expected = AutoTokenizer.from_pretrained(llama3_checkpoint_dir).apply_chat_template(
-        [{"role": "user", "content": "What colour is the sky?"}], add_generation_prompt=True, tokenize=True,
+        [{"role": "user", "content": "What colour is the sky?"}],
+        add_generation_prompt=True,
+        tokenize=True,
         return_dict=False,
     )
     assert prompts[0].tolist() == list(expected)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_checkpoint
 
 import lora
+from conftest import ROOT, make_checkpoint
 from generate import generate, sample, use_cpu_decode_layout
-from model import LLaMA, Config
+from model import Config, LLaMA
 from tokenizer import Tokenizer
 from utils import load_model
 
@@ -21,7 +21,9 @@ from utils import load_model
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = Config(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=86)
+    config = Config(
+        block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=86
+    )
     return LLaMA(config).eval()
 
 
@@ -91,7 +93,16 @@ def test_sample_follows_softmax_of_the_top_k():
 @pytest.mark.parametrize("tied", [False, True])
 def test_cpu_decode_layout_changes_strides_not_results(tied):
     torch.manual_seed(0)
-    config = Config(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=86, tie_embeddings=tied)
+    config = Config(
+        block_size=64,
+        vocab_size=100,
+        n_layer=2,
+        n_head=4,
+        n_query_groups=2,
+        n_embd=32,
+        intermediate_size=86,
+        tie_embeddings=tied,
+    )
     model = LLaMA(config).eval()
     idx = torch.randint(0, 100, (1, 10))
     with torch.no_grad():
@@ -109,7 +120,9 @@ def test_cpu_decode_layout_changes_strides_not_results(tied):
 
 def test_cpu_decode_layout_leaves_bfloat16_alone():
     # strided bfloat16 weights decode 15x slower on CPU
-    config = Config(block_size=64, vocab_size=100, n_layer=1, n_head=4, n_query_groups=4, n_embd=32, intermediate_size=86)
+    config = Config(
+        block_size=64, vocab_size=100, n_layer=1, n_head=4, n_query_groups=4, n_embd=32, intermediate_size=86
+    )
     model = LLaMA(config).to(torch.bfloat16)
     use_cpu_decode_layout(model)
     assert all(p.is_contiguous() for p in model.parameters())
@@ -132,7 +145,9 @@ def test_cpu_decode_layout_with_lora_before_and_after_merging(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_cli_prints_the_greedy_continuation_of_transformers(tmp_path):
@@ -141,8 +156,12 @@ def test_cli_prints_the_greedy_continuation_of_transformers(tmp_path):
     tokenizer = Tokenizer(tmp_path)
     idx = tokenizer.encode(prompt).view(1, -1)
     hf.generation_config.pad_token_id = 0
-    expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False, eos_token_id=2)[0]
-    result = run_cli("--checkpoint_dir", tmp_path, "--prompt", prompt, "--max_new_tokens", 12, "--temperature", 0, "--num_samples", 2)
+    expected = hf.generate(
+        idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False, eos_token_id=2
+    )[0]
+    result = run_cli(
+        "--checkpoint_dir", tmp_path, "--prompt", prompt, "--max_new_tokens", 12, "--temperature", 0, "--num_samples", 2
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == 2 * (tokenizer.decode(expected) + "\n")
     assert f"Loaded {tmp_path} in " in result.stderr
@@ -153,10 +172,27 @@ def test_cli_prints_the_greedy_continuation_of_transformers(tmp_path):
 @pytest.mark.parametrize(
     "setup, args, message",
     [
-        (lambda d: None, ["--max_new_tokens", 300], "error: the prompt (6 tokens) plus --max_new_tokens 300 exceeds the model's block_size 256; shorten the prompt or lower --max_new_tokens"),
-        (lambda d: (d / "lit_model.safetensors").unlink(), [], "error: {d} has no lit_model.safetensors; run scripts/convert_hf_checkpoint.py --checkpoint_dir {d} first"),
-        (lambda d: d.rename(d.with_name("elsewhere")), [], "error: checkpoint directory {d} does not exist; see howto/download_weights.md"),
-        (lambda d: None, ["--precision", "bf16-mixed"], "error: precision 'bf16-mixed' is not one of bf16-true, 16-true, 32-true"),
+        (
+            lambda d: None,
+            ["--max_new_tokens", 300],
+            "error: the prompt (6 tokens) plus --max_new_tokens 300 exceeds the model's block_size 256; "
+            "shorten the prompt or lower --max_new_tokens",
+        ),
+        (
+            lambda d: (d / "lit_model.safetensors").unlink(),
+            [],
+            "error: {d} has no lit_model.safetensors; run scripts/convert_hf_checkpoint.py --checkpoint_dir {d} first",
+        ),
+        (
+            lambda d: d.rename(d.with_name("elsewhere")),
+            [],
+            "error: checkpoint directory {d} does not exist; see howto/download_weights.md",
+        ),
+        (
+            lambda d: None,
+            ["--precision", "bf16-mixed"],
+            "error: precision 'bf16-mixed' is not one of bf16-true, 16-true, 32-true",
+        ),
         (lambda d: None, ["--top_k", 0], "error: --temperature must be >= 0 and --top_k >= 1 (or null), not 0.8 and 0"),
     ],
     ids=["too long", "not converted", "no directory", "bad precision", "bad top_k"],
@@ -181,11 +217,23 @@ def add_config_key(directory: Path) -> None:
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: truncate(d / "lit_model.safetensors", 4), "{d}/lit_model.safetensors is not a complete safetensors file ("),
-        (lambda d: truncate(d / "lit_model.safetensors", 100_000), "{d}/lit_model.safetensors is not a complete safetensors file ("),
+        (
+            lambda d: truncate(d / "lit_model.safetensors", 4),
+            "{d}/lit_model.safetensors is not a complete safetensors file (",
+        ),
+        (
+            lambda d: truncate(d / "lit_model.safetensors", 100_000),
+            "{d}/lit_model.safetensors is not a complete safetensors file (",
+        ),
         (lambda d: (d / "model_config.json").write_text('{"n_layer": 2,'), "{d}/model_config.json is not valid JSON ("),
-        (lambda d: (d / "model_config.json").write_text("[2]"), "{d}/model_config.json must hold a JSON object of Config fields"),
-        (add_config_key, "{d}/model_config.json has keys model.Config does not know: sliding_window; convert the checkpoint again"),
+        (
+            lambda d: (d / "model_config.json").write_text("[2]"),
+            "{d}/model_config.json must hold a JSON object of Config fields",
+        ),
+        (
+            add_config_key,
+            "{d}/model_config.json has keys model.Config does not know: sliding_window; convert the checkpoint again",
+        ),
     ],
     ids=["truncated header", "truncated tensors", "config not JSON", "config not an object", "config with unknown key"],
 )

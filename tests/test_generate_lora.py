@@ -23,9 +23,23 @@ def adapter(tmp_path_factory, checkpoint_dir, eight_records) -> Path:
     """LoRA trained until it has memorised 8 short records of the shared data, RECORD among them."""
     directory = tmp_path_factory.mktemp("pipeline")
     assert RECORD in json.loads((eight_records / "records.json").read_text())
-    finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=directory / "out", batch_size=8,
-             micro_batch_size=4, max_steps=80, warmup_steps=5, learning_rate=3e-2, lora_dropout=0.0, lora_targets=["query", "value", "head"],
-             eval_interval=1000, eval_batches=1, save_interval=1000, max_seq_length=128)
+    finetune(
+        setup,
+        data_dir=eight_records,
+        checkpoint_dir=checkpoint_dir,
+        out_dir=directory / "out",
+        batch_size=8,
+        micro_batch_size=4,
+        max_steps=80,
+        warmup_steps=5,
+        learning_rate=3e-2,
+        lora_dropout=0.0,
+        lora_targets=["query", "value", "head"],
+        eval_interval=1000,
+        eval_batches=1,
+        save_interval=1000,
+        max_seq_length=128,
+    )
     return directory / "out" / "lit_model_lora_finetuned.safetensors"
 
 
@@ -34,15 +48,43 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_greedy_answer_equals_generate_py_on_the_merged_checkpoint(checkpoint_dir, adapter, tmp_path):
-    merged = run("scripts/merge_lora.py", "--checkpoint_dir", str(checkpoint_dir), "--lora_path", str(adapter),
-                 "--out_dir", str(tmp_path / "merged"))
+    merged = run(
+        "scripts/merge_lora.py",
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--lora_path",
+        str(adapter),
+        "--out_dir",
+        str(tmp_path / "merged"),
+    )
     assert merged.returncode == 0, merged.stderr
-    ours = run("generate_lora.py", "--checkpoint_dir", str(checkpoint_dir), "--lora_path", str(adapter),
-               "--prompt", RECORD["instruction"], "--input", RECORD["input"],
-               "--temperature", "0", "--max_new_tokens", "40")
+    ours = run(
+        "generate_lora.py",
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--lora_path",
+        str(adapter),
+        "--prompt",
+        RECORD["instruction"],
+        "--input",
+        RECORD["input"],
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "40",
+    )
     prompt = generate_prompt(RECORD)
-    reference = run("generate.py", "--checkpoint_dir", str(tmp_path / "merged"), "--prompt", prompt,
-                    "--temperature", "0", "--max_new_tokens", "40")
+    reference = run(
+        "generate.py",
+        "--checkpoint_dir",
+        str(tmp_path / "merged"),
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "40",
+    )
     assert ours.returncode == 0 and reference.returncode == 0, ours.stderr + reference.stderr
 
     assert ours.stdout == RECORD["output"] + "\n"  # stdout is the response alone, here the memorised one
@@ -53,27 +95,44 @@ def test_greedy_answer_equals_generate_py_on_the_merged_checkpoint(checkpoint_di
 def test_merged_and_separate_adapter_give_the_same_text(checkpoint_dir, adapter, capsys):
     answers = []
     for merge in (True, False):
-        generate_lora(checkpoint_dir=checkpoint_dir, lora_path=adapter, prompt="Name three natural elements.",
-                      merge=merge, temperature=0.0, max_new_tokens=30)
+        generate_lora(
+            checkpoint_dir=checkpoint_dir,
+            lora_path=adapter,
+            prompt="Name three natural elements.",
+            merge=merge,
+            temperature=0.0,
+            max_new_tokens=30,
+        )
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] == "1. Oxygen\n2. Hydrogen\n3. Nitrogen\n"
     # sampling: reproducible by seed
     samples = []
     for seed in (1, 1, 2):
-        generate_lora(checkpoint_dir=checkpoint_dir, lora_path=adapter, prompt="Tell me a story.", temperature=1.0,
-                      top_k=None, seed=seed, max_new_tokens=20)
+        generate_lora(
+            checkpoint_dir=checkpoint_dir,
+            lora_path=adapter,
+            prompt="Tell me a story.",
+            temperature=1.0,
+            top_k=None,
+            seed=seed,
+            max_new_tokens=20,
+        )
         samples.append(capsys.readouterr().out)
     assert samples[0] == samples[1] != samples[2]
 
 
 def test_bad_input_is_one_line_with_nonzero_exit(checkpoint_dir, adapter, tmp_path):
-    missing = run("generate_lora.py", "--checkpoint_dir", str(checkpoint_dir),
-                  "--lora_path", str(tmp_path / "nope.safetensors"))
+    missing = run(
+        "generate_lora.py", "--checkpoint_dir", str(checkpoint_dir), "--lora_path", str(tmp_path / "nope.safetensors")
+    )
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr == f"error: LoRA checkpoint {tmp_path / 'nope.safetensors'} not found\n"
 
-    with pytest.raises(ValueError, match=r"^the prompt \(\d+ tokens with the template\) plus --max_new_tokens 250 "
-                                         r"exceeds the model's block_size 256; shorten the prompt or lower --max_new_tokens$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^the prompt \(\d+ tokens with the template\) plus --max_new_tokens 250 "
+        r"exceeds the model's block_size 256; shorten the prompt or lower --max_new_tokens$",
+    ):
         generate_lora(checkpoint_dir=checkpoint_dir, lora_path=adapter, max_new_tokens=250)
     with pytest.raises(ValueError, match=f"^checkpoint directory {tmp_path / 'nothing'} does not exist"):
         generate_lora(checkpoint_dir=tmp_path / "nothing", lora_path=adapter)
@@ -87,12 +146,12 @@ def test_a_tokenizer_json_checkpoint_end_to_end(llama3_checkpoint_dir, tmp_path,
     """Llama 3.1's tokenizer.json, no tokenizer.model: convert (the fixture) -> prepare_alpaca.py, whose ids are
     transformers' -> finetune_lora.py -> generate_lora.py, and generate.py on scripts/merge_lora.py's directory, whose
     greedy text is what transformers + PEFT generate from scripts/export_peft.py's adapter."""
-    from export_peft import export_peft
-    from merge_lora import merge_lora
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from export_peft import export_peft
     from generate import main as generate_main
+    from merge_lora import merge_lora
     from prepare_alpaca import setup as prepare
     from tokenizer import Tokenizer
 
@@ -102,26 +161,56 @@ def test_a_tokenizer_json_checkpoint_end_to_end(llama3_checkpoint_dir, tmp_path,
     records = json.loads((ROOT.parent / "shared" / "data" / "alpaca_en_demo.json").read_text())
     records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:9]
     (tmp_path / "records.json").write_text(json.dumps(records))
-    prepare(destination_path=tmp_path / "data", checkpoint_dir=checkpoint_dir, data_file_path=tmp_path / "records.json",
-            test_split_fraction=0.12, max_seq_length=128)
+    prepare(
+        destination_path=tmp_path / "data",
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=tmp_path / "records.json",
+        test_split_fraction=0.12,
+        max_seq_length=128,
+    )
     prepared = torch.load(tmp_path / "data" / "train.pt") + torch.load(tmp_path / "data" / "test.pt")
-    expected = [reference(generate_prompt(r))["input_ids"] + reference(r["output"], add_special_tokens=False)["input_ids"]
-                + [128009] for r in records]  # <|begin_of_text|> prompt response <|eot_id|>
+    expected = [
+        reference(generate_prompt(r))["input_ids"]
+        + reference(r["output"], add_special_tokens=False)["input_ids"]
+        + [128009]
+        for r in records
+    ]  # <|begin_of_text|> prompt response <|eot_id|>
     assert sorted(s["input_ids"].tolist() for s in prepared) == sorted(expected)
 
-    finetune(setup, data_dir=tmp_path / "data", checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "out", batch_size=4,
-             micro_batch_size=4, max_steps=3, warmup_steps=1, learning_rate=1e-2, lora_targets=["query", "value"],
-             eval_interval=3, eval_batches=1, save_interval=1000, max_seq_length=128)
+    finetune(
+        setup,
+        data_dir=tmp_path / "data",
+        checkpoint_dir=checkpoint_dir,
+        out_dir=tmp_path / "out",
+        batch_size=4,
+        micro_batch_size=4,
+        max_steps=3,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        lora_targets=["query", "value"],
+        eval_interval=3,
+        eval_batches=1,
+        save_interval=1000,
+        max_seq_length=128,
+    )
     adapter = tmp_path / "out" / "lit_model_lora_finetuned.safetensors"
     capsys.readouterr()
-    generate_lora(checkpoint_dir=checkpoint_dir, lora_path=adapter, prompt=RECORD["instruction"], input=RECORD["input"],
-                  temperature=0.0, max_new_tokens=12)
+    generate_lora(
+        checkpoint_dir=checkpoint_dir,
+        lora_path=adapter,
+        prompt=RECORD["instruction"],
+        input=RECORD["input"],
+        temperature=0.0,
+        max_new_tokens=12,
+    )
     ours = capsys.readouterr().out
     merge_lora(checkpoint_dir, adapter, tmp_path / "merged")
     assert not (tmp_path / "merged" / "tokenizer.model").exists()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_bytes() == (checkpoint_dir / name).read_bytes()
-    generate_main(checkpoint_dir=tmp_path / "merged", prompt=generate_prompt(RECORD), temperature=0.0, max_new_tokens=12)
+    generate_main(
+        checkpoint_dir=tmp_path / "merged", prompt=generate_prompt(RECORD), temperature=0.0, max_new_tokens=12
+    )
     merged = capsys.readouterr().out
 
     export_peft(lora_path=adapter, out_dir=tmp_path / "peft")

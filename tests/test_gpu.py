@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from conftest import REAL_CUDA, finetune, make_checkpoint
 
 import model as model_module
+from conftest import REAL_CUDA, finetune, make_checkpoint
 from generate import generate
 from lora import LoRALinear, lora, mark_only_lora_as_trainable
 from model import varlen_attn
@@ -34,7 +34,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_logits_match_transformers_on_cuda_in_fp32_and_bf16(tmp_path):
-    """fp32 on the GPU equals transformers' fp32 logits; in bf16 ours strays from them no more than transformers' bf16."""
+    """fp32 on the GPU equals transformers' fp32 logits; in bf16 ours strays from them no more than transformers'
+    bf16."""
     hf = make_checkpoint(tmp_path, **GQA)
     idx = torch.randint(0, 32000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -52,7 +53,9 @@ def test_packed_records_give_each_records_own_logits_and_gradients_on_cuda(tmp_p
     """Packed records: in bf16 one varlen flash-attention call per layer (model.packed_attention), in fp32 one
     scaled_dot_product_attention call per record; either way each record's own logits and LoRA gradients."""
     calls = []
-    monkeypatch.setattr(model_module, "varlen_attn", lambda *args, **kwargs: calls.append(1) or varlen_attn(*args, **kwargs))
+    monkeypatch.setattr(
+        model_module, "varlen_attn", lambda *args, **kwargs: calls.append(1) or varlen_attn(*args, **kwargs)
+    )
     make_checkpoint(tmp_path, **GQA)
     with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value")):
         model = load_model(tmp_path, device="cuda", dtype=dtype)
@@ -62,8 +65,10 @@ def test_packed_records_give_each_records_own_logits_and_gradients_on_cuda(tmp_p
             if name.endswith("lora.B"):
                 param.normal_(std=0.1)
     generator = torch.Generator().manual_seed(0)
-    records = [{"input_ids": torch.randint(0, 32000, (n,), generator=generator), "labels": torch.zeros(n, dtype=torch.long)}
-               for n in (37, 5, 64)]
+    records = [
+        {"input_ids": torch.randint(0, 32000, (n,), generator=generator), "labels": torch.zeros(n, dtype=torch.long)}
+        for n in (37, 5, 64)
+    ]
     input_ids, _, lengths = pack_batch(records, max_seq_length=128)
     packed = model(input_ids.cuda(), lengths=lengths)[0].float()
     packed.square().mean().backward()
@@ -79,7 +84,8 @@ def test_packed_records_give_each_records_own_logits_and_gradients_on_cuda(tmp_p
 
 def test_compiled_blocks_give_the_eager_loss_and_gradients_in_bf16_mixed_on_cuda(tmp_path):
     """--train.compile on CUDA (its default there): Blocks compiled by inductor, with gradient checkpointing, packed
-    micro-batches of other lengths, bf16 autocast over a bf16 base and fp32 LoRA, give the eager losses and gradients."""
+    micro-batches of other lengths, bf16 autocast over a bf16 base and fp32 LoRA, give the eager losses and
+    gradients."""
     make_checkpoint(tmp_path, **GQA)
     with lora(r=8, alpha=16, dropout=0.0, targets=("all_linear",)):
         eager = load_model(tmp_path, device="cuda", dtype=torch.bfloat16)
@@ -97,7 +103,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_in_bf16_mixed_on_cuda
     assert compile_blocks(fabric, compiled, TrainArgs())  # on by default on CUDA
     generator = torch.Generator().manual_seed(0)
     for lengths in ((37, 5, 64), (100, 20), (7, 90, 11, 30)):
-        records = [{"input_ids": (ids := torch.randint(3, 32000, (n,), generator=generator)), "labels": ids} for n in lengths]
+        records = [
+            {"input_ids": (ids := torch.randint(3, 32000, (n,), generator=generator)), "labels": ids} for n in lengths
+        ]
         input_ids, targets, packed = pack_batch(records, max_seq_length=128)
         losses, grads = [], []
         for model in (eager, compiled):
@@ -159,8 +167,20 @@ def test_finetune_lora_trains_in_bf16_mixed_on_cuda_by_default(checkpoint_dir, e
 
     from finetune_lora import ADAPTER_NAME, setup
 
-    finetune(setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, batch_size=4, micro_batch_size=2,
-          max_steps=3, eval_interval=3, eval_batches=1, save_interval=3, warmup_steps=1, max_seq_length=64)
+    finetune(
+        setup,
+        data_dir=eight_records,
+        checkpoint_dir=checkpoint_dir,
+        out_dir=tmp_path,
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=3,
+        eval_interval=3,
+        eval_batches=1,
+        save_interval=3,
+        warmup_steps=1,
+        max_seq_length=64,
+    )
     out = capsys.readouterr().out
     assert "1 device(s), bf16-mixed" in out
     assert "Compiling each Block with torch.compile" in out and "First step:" in out  # --train.compile's default

@@ -22,7 +22,7 @@ from lora import (
     read_lora_config,
     save_lora_checkpoint,
 )
-from model import LLaMA, Config
+from model import Config, LLaMA
 from utils import load_model
 
 TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
@@ -56,10 +56,11 @@ def tokens(n: int = 10, vocab: int = 100) -> torch.Tensor:
 
 
 def rounding_tolerance(model: torch.nn.Module, output: torch.Tensor) -> dict:
-    """assert_close's tolerance for two outputs of `model` that differ only in rounding, such as merged and unmerged LoRA
-    (x @ (W + s·BA)ᵀ against x @ Wᵀ + s·(x @ Aᵀ) @ Bᵀ): each product's sum over fan-in terms rounds with errors that
-    add like a random walk, about eps·sqrt(fan_in) of the output's size. 4 of those, against the largest output
-    (measured: 1.5 to 3 eps·max|output|), follows from fp32 and the model's shapes rather than from one machine's BLAS."""
+    """assert_close's tolerance for two outputs of `model` that differ only in rounding, such as merged and unmerged
+    LoRA (x @ (W + s·BA)ᵀ against x @ Wᵀ + s·(x @ Aᵀ) @ Bᵀ): each product's sum over fan-in terms rounds with errors
+    that add like a random walk, about eps·sqrt(fan_in) of the output's size. 4 of those, against the largest output
+    (measured: 1.5 to 3 eps·max|output|), follows from fp32 and the model's shapes rather than from one machine's
+    BLAS."""
     eps = torch.finfo(output.dtype).eps
     fan_in = max(layer.in_features for layer in model.modules() if isinstance(layer, torch.nn.Linear))
     return dict(rtol=0, atol=4 * eps * math.sqrt(fan_in) * output.abs().max().item())
@@ -152,7 +153,9 @@ def test_dora_merged_equals_unmerged_and_unmerge_restores_the_weight():
 
 
 def test_merging_a_tied_head_leaves_the_embedding_alone():
-    _, adapted = tiny_pair(lora_kwargs=dict(r=2, alpha=4, dropout=0.0, targets=("query", "value", "head")), tie_embeddings=True)
+    _, adapted = tiny_pair(
+        lora_kwargs=dict(r=2, alpha=4, dropout=0.0, targets=("query", "value", "head")), tie_embeddings=True
+    )
     randomize_lora(adapted)
     embedding = adapted.embed.weight.clone()
     x = tokens()
@@ -178,7 +181,9 @@ def test_targets_per_projection_and_shorthands():
             model = LLaMA(config)
         adapted = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
         assert adapted == wanted, targets
-        expected = [t for t in ("query", "key", "value", "projection", "gate", "up", "down", "head") if TARGETS[t] in wanted]
+        expected = [
+            t for t in ("query", "key", "value", "projection", "gate", "up", "down", "head") if TARGETS[t] in wanted
+        ]
         assert list(get_lora_config(model).targets) == expected
 
 
@@ -187,8 +192,10 @@ def test_lora_settings_are_checked_with_a_value_error():
         (dict(r=0), "rank r must be a whole number of at least 1, not 0"),
         (dict(ranks={"blocks.0.attn.q_proj": 0}), "at least 1, not 0"),
         (dict(dropout=1.0), "dropout must be in"),
-        (dict(targets=("query", "gates")), "must be some of query, key, value, projection, gate, up, down, head, "
-                                           "attention, mlp, all_linear"),
+        (
+            dict(targets=("query", "gates")),
+            "must be some of query, key, value, projection, gate, up, down, head, attention, mlp, all_linear",
+        ),
         (dict(targets=()), "must be some of"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -216,8 +223,17 @@ def test_adapters_written_with_a_flag_per_target_still_load(tmp_path):
     """Adapters from before `targets` recorded {"query": true, "value": true, ...} in their metadata."""
     trained = save_adapter(tmp_path, lora_kwargs=dict(r=4, alpha=8, dropout=0.05, targets=("query", "value", "mlp")))
     path = tmp_path / "adapter.safetensors"
-    old_style = {"r": 4, "alpha": 8, "dropout": 0.05, "query": True, "key": False, "value": True, "projection": False,
-                 "mlp": True, "head": False}
+    old_style = {
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.05,
+        "query": True,
+        "key": False,
+        "value": True,
+        "projection": False,
+        "mlp": True,
+        "head": False,
+    }
     metadata = {"format": "pt", "lora": json.dumps(old_style), "model_config": json.dumps(asdict(trained.config))}
     save_file(load_file(path), tmp_path / "old.safetensors", metadata=metadata)
     assert read_lora_config(tmp_path / "old.safetensors")[0] == read_lora_config(path)[0]
@@ -238,7 +254,14 @@ def test_adapters_written_before_per_projection_targets_still_load(tmp_path):
     assert torch.equal(load_lora_model(tmp_path, tmp_path / "old.safetensors").eval()(x), trained(x))
 
 
-@pytest.mark.parametrize("settings", [dict(rslora=True), dict(dora=True), dict(ranks={"blocks.1.attn.q_proj": 6}, alphas={"blocks.0.mlp.gate_proj": 3.0})])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(rslora=True),
+        dict(dora=True),
+        dict(ranks={"blocks.1.attn.q_proj": 6}, alphas={"blocks.0.mlp.gate_proj": 3.0}),
+    ],
+)
 def test_variants_save_and_load_with_their_settings(tmp_path, settings):
     lora_kwargs = dict(r=4, alpha=8, dropout=0.05, targets=("query", "mlp"), **settings)
     trained = save_adapter(tmp_path, lora_kwargs=lora_kwargs)
@@ -289,8 +312,8 @@ def test_trainable_count_is_r_times_in_plus_out_per_adapted_layer():
     with lora(r=r, alpha=8, dropout=0.0, targets=("all_linear", "head")):
         model = LLaMA(config)
     mark_only_lora_as_trainable(model)
-    C, I = config.n_embd, config.intermediate_size
-    per_layer = r * ((C + C) + (C + kv) + (C + kv) + (C + C) + (C + I) + (C + I) + (I + C))
+    C, hidden = config.n_embd, config.intermediate_size
+    per_layer = r * ((C + C) + (C + kv) + (C + kv) + (C + C) + (C + hidden) + (C + hidden) + (hidden + C))
     expected = config.n_layer * per_layer + r * (C + config.vocab_size)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
 
@@ -324,8 +347,14 @@ def save_adapter(tmp_path, lora_kwargs=None, **config):
     torch.manual_seed(0)
     config = Config(**{**TINY, **config})
     base = LLaMA(config)
-    save_file({k: v.contiguous() for k, v in base.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")},
-              tmp_path / "lit_model.safetensors")
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in base.state_dict().items()
+            if not (config.tie_embeddings and k == "lm_head.weight")
+        },
+        tmp_path / "lit_model.safetensors",
+    )
     config.to_file(tmp_path / "model_config.json")
     (tmp_path / "tokenizer.model").write_bytes(b"")
     with lora(**(lora_kwargs or dict(r=4, alpha=8, dropout=0.05, targets=("query", "value", "mlp")))):
@@ -352,7 +381,9 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(fresh.eval()(x), trained(x))
     merged = load_lora_model(tmp_path, tmp_path / "adapter.safetensors", merge=True)
     torch.testing.assert_close(merged.eval()(x), trained(x), **rounding_tolerance(trained, trained(x)))
-    double = load_lora_model(tmp_path, tmp_path / "adapter.safetensors", dtype=torch.float64)  # cast to the model's dtype
+    double = load_lora_model(
+        tmp_path, tmp_path / "adapter.safetensors", dtype=torch.float64
+    )  # cast to the model's dtype
     assert all(torch.equal(t, saved[name].double()) for name, t in lora_state_dict(double).items())
 
 
@@ -413,7 +444,9 @@ def test_tampered_tensors_are_named(tmp_path):
     )
     del tensors["blocks.1.mlp.up_proj.lora.B"]
     save_file(tensors, tmp_path / "missing.safetensors", metadata=metadata)
-    assert "missing: ['blocks.1.mlp.up_proj.lora.B']" in error_of(load_lora_model, tmp_path, tmp_path / "missing.safetensors")
+    assert "missing: ['blocks.1.mlp.up_proj.lora.B']" in error_of(
+        load_lora_model, tmp_path, tmp_path / "missing.safetensors"
+    )
 
 
 def test_invalid_settings_are_refused():

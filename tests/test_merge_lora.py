@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT
 from lora import LoRALinear, load_lora_model, lora, merge_lora_weights, save_lora_checkpoint
 from merge_lora import merge_lora
-from model import LLaMA, Config
+from model import Config, LLaMA
 from utils import load_model
 
 TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
@@ -40,11 +40,23 @@ def test_merged_checkpoint_is_complete_and_equals_the_lora_model(tmp_path):
     merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
 
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
-        "generation_config.json", "lit_model.safetensors", "model_config.json", "tokenizer.json", "tokenizer_config.json"]
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):  # every tokenizer file, unchanged
+        "generation_config.json",
+        "lit_model.safetensors",
+        "model_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):  # every tokenizer file, unchanged
         assert (tmp_path / "merged" / name).read_text() == f"the {name} bytes"
     assert Config.from_file(tmp_path / "merged" / "model_config.json") == adapted.config
-    assert load_file(tmp_path / "merged" / "lit_model.safetensors").keys() == load_file(tmp_path / "base" / "lit_model.safetensors").keys()
+    assert (
+        load_file(tmp_path / "merged" / "lit_model.safetensors").keys()
+        == load_file(tmp_path / "base" / "lit_model.safetensors").keys()
+    )
 
     merged = load_model(tmp_path / "merged").eval()  # a plain model, as generate.py loads it
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
@@ -55,7 +67,9 @@ def test_merged_checkpoint_is_complete_and_equals_the_lora_model(tmp_path):
 
 
 def test_adapted_head_of_tied_embeddings_is_stored_untied(tmp_path):
-    adapted = base_and_adapter(tmp_path / "base", dict(r=2, alpha=4, dropout=0.0, targets=("query", "value", "head")), tie_embeddings=True)
+    adapted = base_and_adapter(
+        tmp_path / "base", dict(r=2, alpha=4, dropout=0.0, targets=("query", "value", "head")), tie_embeddings=True
+    )
     merge_lora(tmp_path / "base", tmp_path / "base" / "adapter.safetensors", tmp_path / "merged")
     assert Config.from_file(tmp_path / "merged" / "model_config.json").tie_embeddings is False
     assert "lm_head.weight" in load_file(tmp_path / "merged" / "lit_model.safetensors")
@@ -84,9 +98,20 @@ def test_merging_happens_in_place(tmp_path):
 def test_cli_refuses_to_overwrite_the_base(tmp_path):
     base_and_adapter(tmp_path, dict(r=2, alpha=4, dropout=0.0))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "merge_lora.py"), "--checkpoint_dir", str(tmp_path),
-         "--lora_path", str(tmp_path / "adapter.safetensors"), "--out_dir", str(tmp_path)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "merge_lora.py"),
+            "--checkpoint_dir",
+            str(tmp_path),
+            "--lora_path",
+            str(tmp_path / "adapter.safetensors"),
+            "--out_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"error: --out_dir {tmp_path} is the base checkpoint directory; choose a new directory"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out_dir {tmp_path} is the base checkpoint directory; choose a new directory"
+    ]

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_checkpoint, shared_file
 from safetensors.torch import save_file
 
+from conftest import make_checkpoint, shared_file
 from convert_hf_checkpoint import convert_hf_checkpoint
 from generate import generate
 from model import Config, LLaMA, build_rope_cache
 from utils import load_model
 
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+)
 
 # Small random LlamaForCausalLM configs, each exercising one feature of model.py
 PARITY_CONFIGS = {
@@ -23,7 +25,14 @@ PARITY_CONFIGS = {
     "gqa": dict(num_attention_heads=8, num_key_value_heads=2),
     "tied": dict(tie_word_embeddings=True),
     "rope_theta_500000": dict(rope_theta=500000.0),
-    "odd_sizes": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=90, num_hidden_layers=3, vocab_size=1000),
+    "odd_sizes": dict(
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=90,
+        num_hidden_layers=3,
+        vocab_size=1000,
+    ),
     # Llama 3.1's rope scaling, trained on 32 positions and stretched to 256: with head_size 16 and base 10000 the
     # wavelengths (6.3, 19.9, 62.8, ...) fall in all three of its ranges (kept, interpolated, divided by `factor`)
     "llama3_rope": dict(rope_parameters=dict(LLAMA3_ROPE, rope_theta=10000.0)),
@@ -75,10 +84,14 @@ def test_llama3_rope_tables_equal_transformers():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = Config.from_name("Llama-3.1-8B")
-    hf = LlamaRotaryEmbedding(LlamaConfig(
-        hidden_size=config.n_embd, num_attention_heads=config.n_head, max_position_embeddings=config.block_size,
-        rope_parameters=dict(config.rope_scaling, rope_type="llama3", rope_theta=config.rope_base),
-    ))
+    hf = LlamaRotaryEmbedding(
+        LlamaConfig(
+            hidden_size=config.n_embd,
+            num_attention_heads=config.n_head,
+            max_position_embeddings=config.block_size,
+            rope_parameters=dict(config.rope_scaling, rope_type="llama3", rope_theta=config.rope_base),
+        )
+    )
     positions = torch.tensor([[0, 1, 100, 8191, 8192, 20000]])
     expected_cos, expected_sin = hf(torch.zeros(1, dtype=torch.float32), positions)
     cos, sin = build_rope_cache(20001, config.head_size, config.rope_base, torch.device("cpu"), config.rope_scaling)
@@ -113,10 +126,21 @@ def test_decoding_with_the_kv_cache_traces_into_one_graph():
 def test_config_from_hf_old_style(tmp_path):
     # as in most Llama-2 repositories: top-level rope_theta and torch_dtype, no head_dim
     hf = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "torch_dtype": "float16", "vocab_size": 32000, "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "vocab_size": 32000,
+        "hidden_act": "silu",
     }
     (tmp_path / "config.json").write_text(json.dumps(hf))
     assert Config.from_hf(tmp_path / "config.json") == Config.from_name("Llama-2-7b-hf")
@@ -125,35 +149,85 @@ def test_config_from_hf_old_style(tmp_path):
 def test_config_from_hf_transformers_5_style(tmp_path):
     # as transformers 5 writes it: rope_parameters, dtype and head_dim
     hf = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
-        "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4, "head_dim": 64,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-05, "dtype": "bfloat16", "vocab_size": 32000,
-        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "tie_word_embeddings": True,
-        "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 22,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-05,
+        "dtype": "bfloat16",
+        "vocab_size": 32000,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
     }
     (tmp_path / "config.json").write_text(json.dumps(hf))
     expected = Config(
-        block_size=2048, vocab_size=32000, n_layer=22, n_head=32, n_query_groups=4, n_embd=2048,
-        intermediate_size=5632, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=True,
+        block_size=2048,
+        vocab_size=32000,
+        n_layer=22,
+        n_head=32,
+        n_query_groups=4,
+        n_embd=2048,
+        intermediate_size=5632,
+        rope_base=500000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
     )
     assert Config.from_hf(tmp_path / "config.json") == expected
 
 
 def test_config_from_hf_llama_3_2_and_mistral_v0_3(tmp_path):
-    # the Hub's config.json of Llama-3.2-1B (rope_scaling, as transformers 4 writes it) and Mistral-7B-v0.3 (no sliding window)
+    # the Hub's config.json of Llama-3.2-1B (rope_scaling, as transformers 4 writes it) and Mistral-7B-v0.3 (no
+    # sliding window)
     llama = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
-        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "head_dim": 64,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "torch_dtype": "bfloat16", "vocab_size": 128256, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "torch_dtype": "bfloat16",
+        "vocab_size": 128256,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
     }
     mistral = {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
-        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "vocab_size": 32768, "hidden_act": "silu",
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 32768,
+        "hidden_act": "silu",
     }
     for hf, name in ((llama, "Llama-3.2-1B"), (mistral, "Mistral-7B-v0.3")):
         (tmp_path / "config.json").write_text(json.dumps(hf))
@@ -167,16 +241,28 @@ def test_config_from_hf_llama_3_2_and_mistral_v0_3(tmp_path):
     "change, message",
     [
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}}, "rope scaling 'yarn' is not implemented"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "'llama3' rope scaling lacks low_freq_factor"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}},
+            "rope scaling 'yarn' is not implemented",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},
+            "'llama3' rope scaling lacks low_freq_factor",
+        ),
         ({"attention_bias": True}, "attention_bias=True"),
         ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ],
 )
 def test_config_from_hf_refuses_unsupported_features(tmp_path, change, message):
     hf = {
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
-        "num_hidden_layers": 2, "vocab_size": 100, "rope_theta": 10000.0, **change,
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 100,
+        "rope_theta": 10000.0,
+        **change,
     }
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ValueError, match=message):
@@ -184,7 +270,28 @@ def test_config_from_hf_refuses_unsupported_features(tmp_path, change, message):
 
 
 # Greedy decoding from BOS with the reference C implementation (llama2.c), from ../shared/data/README.md
-STORIES_REFERENCE_IDS = [461, 461, 401, 401, 401, 461, 378, 455, 473, 456, 435, 299, 362, 409, 283, 264, 283, 452, 288, 13]
+STORIES_REFERENCE_IDS = [
+    461,
+    461,
+    401,
+    401,
+    401,
+    461,
+    378,
+    455,
+    473,
+    456,
+    435,
+    299,
+    362,
+    409,
+    283,
+    264,
+    283,
+    452,
+    288,
+    13,
+]
 
 
 def test_stories260K_greedy_decoding_matches_llama2c(tmp_path):
@@ -246,10 +353,19 @@ def write_stories260K_hub_checkpoint(path: Path, directory: Path) -> None:
         }
     save_file({k: v.contiguous() for k, v in state_dict.items()}, directory / "model.safetensors")
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim, "intermediate_size": hidden_dim,
-        "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads,
-        "vocab_size": vocab_size, "max_position_embeddings": seq_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": tied, "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dim,
+        "intermediate_size": hidden_dim,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": seq_len,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
     }
     (directory / "config.json").write_text(json.dumps(config))
     write_sentencepiece_model(directory / "tokenizer.model", vocab_size)
@@ -260,7 +376,9 @@ def write_sentencepiece_model(path: Path, vocab_size: int) -> None:
 
     texts = [record["output"] for record in json.loads(shared_file("alpaca_en_demo.json").read_text())]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, minloglevel=2
+    )
     path.write_bytes(model.getvalue())
 
 
@@ -272,11 +390,17 @@ def test_meta_device_construction_allocates_nothing():
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616  # Llama-2-7b's published parameter count
 
 
-# Published parameter counts, checked against transformers' LlamaForCausalLM / MistralForCausalLM built on the meta device
+# Published parameter counts, checked against transformers' LlamaForCausalLM / MistralForCausalLM built on the meta
+# device
 PUBLISHED_PARAMETERS = {
-    "Meta-Llama-3-8B": 8_030_261_248, "Llama-3.1-8B": 8_030_261_248, "Llama-3.2-1B": 1_235_814_400,
-    "Llama-3.2-3B": 3_212_749_824, "Mistral-7B-v0.3": 7_248_023_552, "SmolLM2-135M": 134_515_008,
-    "SmolLM2-360M": 361_821_120, "SmolLM2-1.7B": 1_711_376_384,
+    "Meta-Llama-3-8B": 8_030_261_248,
+    "Llama-3.1-8B": 8_030_261_248,
+    "Llama-3.2-1B": 1_235_814_400,
+    "Llama-3.2-3B": 3_212_749_824,
+    "Mistral-7B-v0.3": 7_248_023_552,
+    "SmolLM2-135M": 134_515_008,
+    "SmolLM2-360M": 361_821_120,
+    "SmolLM2-1.7B": 1_711_376_384,
 }
 
 
@@ -289,7 +413,9 @@ def test_presets_have_the_published_parameter_count(name):
 
 def test_logits_at_computes_the_head_only_at_the_chosen_positions():
     torch.manual_seed(0)
-    model = LLaMA(Config(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64))
+    model = LLaMA(
+        Config(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64)
+    )
     idx = torch.randint(0, 100, (2, 10))
     where = torch.rand(2, 10) < 0.5
     head_rows = []
@@ -299,4 +425,6 @@ def test_logits_at_computes_the_head_only_at_the_chosen_positions():
     assert chosen.shape == (int(where.sum()), 100) and head_rows == [int(where.sum()), 2]
     torch.testing.assert_close(chosen, full[where], rtol=0, atol=1e-6)
     packed = model(idx[:1], lengths=[4, 6], logits_at=where[:1])  # with packed records too
-    torch.testing.assert_close(packed, torch.cat([model(idx[:1, :4]), model(idx[:1, 4:])], dim=1)[where[:1]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        packed, torch.cat([model(idx[:1, :4]), model(idx[:1, 4:])], dim=1)[where[:1]], rtol=0, atol=1e-5
+    )

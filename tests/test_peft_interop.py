@@ -32,14 +32,26 @@ def trained(tmp_path_factory):
 
 
 def test_names_map_both_ways():
-    assert lit_to_peft_name("blocks.3.attn.q_proj.lora.A") == "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
-    assert lit_to_peft_name("blocks.0.mlp.down_proj.lora.B") == "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    assert (
+        lit_to_peft_name("blocks.3.attn.q_proj.lora.A")
+        == "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
+    )
+    assert (
+        lit_to_peft_name("blocks.0.mlp.down_proj.lora.B")
+        == "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    )
     assert lit_to_peft_name("lm_head.lora.A") == "base_model.model.lm_head.lora_A.weight"
     for name in ("blocks.3.attn.q_proj.lora.A", "blocks.11.mlp.gate_proj.lora.B", "lm_head.lora.B"):
         assert peft_to_lit_name(lit_to_peft_name(name)) == name
     assert peft_to_lit_name("base_model.model.model.layers.0.self_attn.rotary.lora_A.weight") is None
-    assert lit_to_peft_name("blocks.1.mlp.up_proj.lora.magnitude") == "base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector"
-    assert peft_to_lit_name("base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector") == "blocks.1.mlp.up_proj.lora.magnitude"
+    assert (
+        lit_to_peft_name("blocks.1.mlp.up_proj.lora.magnitude")
+        == "base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector"
+    )
+    assert (
+        peft_to_lit_name("base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector")
+        == "blocks.1.mlp.up_proj.lora.magnitude"
+    )
     assert peft_to_lit_name("base_model.model.model.embed_tokens.lora_embedding_A") is None
 
 
@@ -47,7 +59,9 @@ def test_exported_adapter_gives_peft_the_same_logits_and_imports_back_identicall
     from peft import PeftModel
 
     directory, hf_model, model = trained
-    export_peft(lora_path=directory / "adapter.safetensors", out_dir=tmp_path / "peft", base_model_name_or_path="tiny/llama")
+    export_peft(
+        lora_path=directory / "adapter.safetensors", out_dir=tmp_path / "peft", base_model_name_or_path="tiny/llama"
+    )
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8 and adapter_config["lora_dropout"] == 0.05
     assert adapter_config["base_model_name_or_path"] == "tiny/llama"
@@ -66,7 +80,10 @@ def test_exported_adapter_gives_peft_the_same_logits_and_imports_back_identicall
     original, imported = load_file(directory / "adapter.safetensors"), load_file(tmp_path / "imported.safetensors")
     assert original.keys() == imported.keys()
     assert all(torch.equal(original[name], imported[name]) for name in original)
-    with safe_open(directory / "adapter.safetensors", "pt") as a, safe_open(tmp_path / "imported.safetensors", "pt") as b:
+    with (
+        safe_open(directory / "adapter.safetensors", "pt") as a,
+        safe_open(tmp_path / "imported.safetensors", "pt") as b,
+    ):
         assert json.loads(a.metadata()["lora"]) == json.loads(b.metadata()["lora"])
         assert json.loads(a.metadata()["model_config"]) == json.loads(b.metadata()["model_config"])
 
@@ -77,7 +94,9 @@ def test_adapter_trained_with_peft_imports_and_matches_peft(trained, tmp_path):
 
     directory, _, _ = trained
     hf_model = LlamaForCausalLM.from_pretrained(directory).eval()
-    peft_model = get_peft_model(hf_model, LoraConfig(r=2, lora_alpha=5, target_modules=["k_proj", "o_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        hf_model, LoraConfig(r=2, lora_alpha=5, target_modules=["k_proj", "o_proj"], task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -97,7 +116,10 @@ def peft_dir(tmp_path, trained, **changes):
     export_peft(lora_path=directory / "adapter.safetensors", out_dir=tmp_path / "peft")
     tensors = changes.pop("tensors", None)
     if tensors is not None:
-        save_file(tensors(load_file(tmp_path / "peft" / "adapter_model.safetensors")), tmp_path / "peft" / "adapter_model.safetensors")
+        save_file(
+            tensors(load_file(tmp_path / "peft" / "adapter_model.safetensors")),
+            tmp_path / "peft" / "adapter_model.safetensors",
+        )
     config_path = tmp_path / "peft" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **changes}))
     return tmp_path / "peft"
@@ -167,10 +189,20 @@ VARIANTS = {
     "rslora": (dict(target_modules=ALL_LINEAR, use_rslora=True), {}, None),
     "dora": (dict(target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "lm_head"], use_dora=True), {}, None),
     # transformers keeps a tied head unquantized, as we do (an untied one it keeps in full precision, we do not)
-    "dora on nf4": (dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), dict(tie_word_embeddings=True), "bnb.nf4"),
-    "per-module ranks": (dict(target_modules=["q_proj", "v_proj", "down_proj"],
-                              rank_pattern={"model.layers.1.self_attn.q_proj": 6, "down_proj": 2},
-                              alpha_pattern={"layers.0.mlp.down_proj": 3, "v_proj": 5}), {}, None),
+    "dora on nf4": (
+        dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+        dict(tie_word_embeddings=True),
+        "bnb.nf4",
+    ),
+    "per-module ranks": (
+        dict(
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"model.layers.1.self_attn.q_proj": 6, "down_proj": 2},
+            alpha_pattern={"layers.0.mlp.down_proj": 3, "v_proj": 5},
+        ),
+        {},
+        None,
+    ),
 }
 
 
@@ -254,7 +286,9 @@ def test_peft_variants_import_and_export_with_the_same_logits_and_tokens(bases, 
     with safe_open(tmp_path / "ours.safetensors", "pt") as a, safe_open(tmp_path / "again.safetensors", "pt") as b:
         assert a.metadata()["lora"] == b.metadata()["lora"]
 
-    if quantize is None:  # merged equals unmerged (a quantized base cannot be merged into: refused, tests/test_quantize.py)
+    if (
+        quantize is None
+    ):  # merged equals unmerged (a quantized base cannot be merged into: refused, tests/test_quantize.py)
         merged = load_lora_model(directory, tmp_path / "ours.safetensors", merge=True).eval()
         assert not any(isinstance(m, LoRALinear) and not m.merged for m in merged.modules())
         with torch.no_grad():
@@ -299,8 +333,13 @@ def test_a_dora_training_step_gives_peft_s_loss_and_gradients(bases, tmp_path, v
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
 
     ours_grads = {name: p.grad for name, p in ours.named_parameters() if p.requires_grad}
-    peft_grads = {peft_to_lit_name(name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")): p.grad
-                  for name, p in peft_model.named_parameters() if p.requires_grad}
+    peft_grads = {
+        peft_to_lit_name(
+            name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+        ): p.grad
+        for name, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
     assert ours_grads.keys() == peft_grads.keys() and any(".magnitude" in name for name in ours_grads)
     for name, grad in ours_grads.items():
         assert peft_grads[name].abs().max() > 0

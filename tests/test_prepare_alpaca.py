@@ -158,8 +158,13 @@ def test_truncation_cuts_the_response_and_records_whose_prompt_fills_the_limit_a
     long_input = {"instruction": "Summarize.", "input": " ".join(["word"] * 80), "output": "Words."}
     records = [short, long_output, long_input, short, short, short]
     data = write_json(tmp_path / "d.json", records)
-    setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir, data_file_path=data, max_seq_length=60,
-          test_split_fraction=0.5)
+    setup(
+        destination_path=tmp_path / "out",
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=data,
+        max_seq_length=60,
+        test_split_fraction=0.5,
+    )
     assert len([1] + sp.encode(generate_prompt(long_output))) < 60 <= len([1] + sp.encode(generate_prompt(long_input)))
     out = capsys.readouterr().out
     assert "Truncated to --max_seq_length 60: 1 records" in out
@@ -170,7 +175,7 @@ def test_truncation_cuts_the_response_and_records_whose_prompt_fills_the_limit_a
     prompt_ids = [1] + sp.encode(generate_prompt(long_output))
     expected = (prompt_ids + sp.encode(long_output["output"]))[:60]  # no room left for EOS
     assert cut["input_ids"].tolist() == expected
-    assert cut["labels"].tolist() == [-100] * len(prompt_ids) + expected[len(prompt_ids):]
+    assert cut["labels"].tolist() == [-100] * len(prompt_ids) + expected[len(prompt_ids) :]
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert (metadata["truncated"], metadata["left_out_prompt_too_long"], metadata["longest_sequence"]) == (1, 1, 60)
 
@@ -193,8 +198,10 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
         (b"", "is empty"),
         (b" \n\n", "is empty"),
         (b"[]", "holds an empty JSON array"),
-        (b'[{"instruction": "caf\xc3\xa9", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]',
-         "is not UTF-8 text (byte 0xe9 on line 2)"),
+        (
+            b'[{"instruction": "caf\xc3\xa9", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]',
+            "is not UTF-8 text (byte 0xe9 on line 2)",
+        ),
     ],
 )
 def test_bad_input_stops_with_one_line_and_writes_nothing(checkpoint_dir, tmp_path, content, message):
@@ -232,8 +239,13 @@ def test_bad_input_leaves_an_earlier_preparation_untouched(checkpoint_dir, tmp_p
 
 def test_skip_invalid_drops_bad_records_and_reports_how_many(checkpoint_dir, tmp_path, capsys):
     records = [GOOD, {"instruction": "a"}, GOOD, {"input": "x", "output": "b"}, GOOD, GOOD]
-    setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
-          data_file_path=write_json(tmp_path / "d.json", records), skip_invalid=True, test_split_fraction=0.25)
+    setup(
+        destination_path=tmp_path / "out",
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=write_json(tmp_path / "d.json", records),
+        skip_invalid=True,
+        test_split_fraction=0.25,
+    )
     assert "Left out 2 invalid records (--skip_invalid), e.g. record index 1 has no 'output'" in capsys.readouterr().out
     train, test = load(tmp_path / "out")
     assert (len(train), len(test)) == (3, 1)
@@ -251,9 +263,18 @@ def test_command_line_errors_are_one_line_on_stderr_with_nonzero_exit(checkpoint
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     args = [str(tmp_path / "bad.jsonl") if a == "BAD" else str(tmp_path / a) if a == "NOWHERE" else a for a in args]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "prepare_alpaca.py"), "--destination_path", str(tmp_path / "out"),
-         "--checkpoint_dir", str(checkpoint_dir), *args],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "prepare_alpaca.py"),
+            "--destination_path",
+            str(tmp_path / "out"),
+            "--checkpoint_dir",
+            str(checkpoint_dir),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
@@ -277,8 +298,13 @@ def test_without_a_data_file_the_alpaca_data_is_downloaded_from_the_hub(checkpoi
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert metadata["source"] == "hf://datasets/yahma/alpaca-cleaned/alpaca_data_cleaned.json"
 
-    setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir, test_split_fraction=0.2,
-          data_repo_id="me/my-data", data_file_name="train.jsonl")
+    setup(
+        destination_path=tmp_path / "out",
+        checkpoint_dir=checkpoint_dir,
+        test_split_fraction=0.2,
+        data_repo_id="me/my-data",
+        data_file_name="train.jsonl",
+    )
     assert requests[-1] == {"repo_id": "me/my-data", "filename": "train.jsonl", "repo_type": "dataset"}
 
 
@@ -310,9 +336,19 @@ def test_metadata_lets_fine_tuning_refuse_data_from_another_tokenizer(prepared, 
     metadata = check_prepared_data(prepared, checkpoint_dir)
     tokenizer_bytes = (checkpoint_dir / "tokenizer.model").read_bytes()
     assert metadata["tokenizer_sha256"] == hashlib.sha256(tokenizer_bytes).hexdigest()
-    expected = {"vocab_size": 32000, "bos_id": 1, "add_bos": True, "eos_id": 2, "tokenizer_file": "tokenizer.model",
-                "max_seq_length": 256, "mask_inputs": True,
-                "ignore_index": -100, "template": "alpaca", "test_split_fraction": 0.03865, "seed": 42}
+    expected = {
+        "vocab_size": 32000,
+        "bos_id": 1,
+        "add_bos": True,
+        "eos_id": 2,
+        "tokenizer_file": "tokenizer.model",
+        "max_seq_length": 256,
+        "mask_inputs": True,
+        "ignore_index": -100,
+        "template": "alpaca",
+        "test_split_fraction": 0.03865,
+        "seed": 42,
+    }
     assert {key: metadata[key] for key in expected} == expected
     assert metadata["prompt_without_input"].endswith("### Instruction:\n{instruction}\n\n### Response:")
 

@@ -75,7 +75,10 @@ def test_ids_equal_transformers_and_targets_are_exactly_the_assistant_turns_with
     samples, metadata = prepare(tmp_path, directory, CONVERSATIONS, template=template or None)
     reference = AutoTokenizer.from_pretrained(directory)
     tokenizer = Tokenizer(directory)
-    assistant = lambda c: [m["content"] for m in c if m["role"] == "assistant"]
+
+    def assistant(conversation):
+        return [m["content"] for m in conversation if m["role"] == "assistant"]
+
     expected_runs = {  # what each template writes of an assistant turn, and its end-of-turn token
         "llama-3.1": lambda content: content.strip() + "<|eot_id|>",
         "llama-3": lambda content: content.strip() + "<|eot_id|>",
@@ -106,10 +109,16 @@ def test_ids_equal_transformers_and_targets_are_exactly_the_assistant_turns_with
 def test_sharegpt_and_openai_formats_give_the_same_data(tmp_path):
     directory = tokenizer_dir(tmp_path)
     names = {"system": "system", "user": "human", "assistant": "gpt"}
-    sharegpt = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in c]} for c in CONVERSATIONS]
+    sharegpt = [
+        {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in c]} for c in CONVERSATIONS
+    ]
     (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt))
-    setup(destination_path=tmp_path / "sharegpt", checkpoint_dir=directory, data_file_path=tmp_path / "sharegpt.json",
-          test_split_fraction=0.34)
+    setup(
+        destination_path=tmp_path / "sharegpt",
+        checkpoint_dir=directory,
+        data_file_path=tmp_path / "sharegpt.json",
+        test_split_fraction=0.34,
+    )
     prepare(tmp_path, directory, CONVERSATIONS)
     for split in ("train.pt", "test.pt"):
         for ours, theirs in zip(torch.load(tmp_path / "sharegpt" / split), torch.load(tmp_path / "out" / split)):
@@ -139,15 +148,19 @@ BAD = [
     ('{"messages": "hello"}\n', "line 1: 'messages' must be a non-empty list"),
     ('{"messages": [{"role": "user", "content": "x"}]}\n', "line 1 has no assistant turn"),
     ('{"messages": [{"role": "user", "content": 3}]}\n', "message 1 is not an object with a text 'content'"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
-     '{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}\n',
-     "line 2 is in the ShareGPT format but the file starts in the OpenAI format"),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+        '{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}\n',
+        "line 2 is in the ShareGPT format but the file starts in the OpenAI format",
+    ),
     ('{"text": "x"}\n', "line 1 has neither a 'messages' \\(OpenAI\\) nor a 'conversations' \\(ShareGPT\\) list"),
     ('{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [\n', "malformed JSON on line 2"),
-    ('[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, '
-     '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
-     '{"role": "assistant", "content": "c"}]}]',
-     "record index 1: the chat template failed: Conversation roles must alternate"),
+    (
+        '[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, '
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
+        '{"role": "assistant", "content": "c"}]}]',
+        "record index 1: the chat template failed: Conversation roles must alternate",
+    ),
 ]
 
 
@@ -156,8 +169,13 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, content, mes
     directory = tokenizer_dir(tmp_path)
     (tmp_path / "chats.jsonl").write_text(content)
     with pytest.raises(ValueError, match=message) as error:
-        setup(destination_path=tmp_path / "out", checkpoint_dir=directory, data_file_path=tmp_path / "chats.jsonl",
-              template="llama-2", test_split_fraction=0.5)
+        setup(
+            destination_path=tmp_path / "out",
+            checkpoint_dir=directory,
+            data_file_path=tmp_path / "chats.jsonl",
+            template="llama-2",
+            test_split_fraction=0.5,
+        )
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 

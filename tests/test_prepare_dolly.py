@@ -16,13 +16,24 @@ from conftest import ROOT, shared_file
 from prepare_dolly import setup
 
 RECORDS = [
-    {"instruction": "When did Virgin Australia start operating?",
-     "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.",
-     "response": "Virgin Australia commenced services on 31 August 2000.", "category": "closed_qa"},
-    {"instruction": "Which is a species of fish? Tope or Rope", "context": "", "response": "Tope",
-     "category": "classification"},
-    {"instruction": "Why can camels survive for long without water?", "context": "",
-     "response": "Camels use the fat in their humps to keep them filled with energy.", "category": "open_qa"},
+    {
+        "instruction": "When did Virgin Australia start operating?",
+        "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.",
+        "response": "Virgin Australia commenced services on 31 August 2000.",
+        "category": "closed_qa",
+    },
+    {
+        "instruction": "Which is a species of fish? Tope or Rope",
+        "context": "",
+        "response": "Tope",
+        "category": "classification",
+    },
+    {
+        "instruction": "Why can camels survive for long without water?",
+        "context": "",
+        "response": "Camels use the fat in their humps to keep them filled with energy.",
+        "category": "open_qa",
+    },
     {"instruction": "Name the capital.", "context": "France", "response": "Paris.", "category": "open_qa"},
 ]
 # the prompts written out by hand from the Alpaca template
@@ -53,8 +64,12 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def test_context_becomes_the_input_and_response_the_output(checkpoint_dir, tmp_path):
-    setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
-          data_file_path=write_jsonl(tmp_path / "dolly.jsonl", RECORDS), test_split_fraction=0.25)
+    setup(
+        destination_path=tmp_path / "out",
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=write_jsonl(tmp_path / "dolly.jsonl", RECORDS),
+        test_split_fraction=0.25,
+    )
     sp = spm.SentencePieceProcessor()
     sp.Load(str(checkpoint_dir / "tokenizer.model"))
     expected = Counter()
@@ -88,17 +103,30 @@ def test_without_a_data_file_dolly_is_downloaded_from_the_hub(checkpoint_dir, tm
 def test_a_record_without_response_is_named_by_its_line_and_dolly_key(checkpoint_dir, tmp_path):
     records = RECORDS[:2] + [{"instruction": "Tell me a joke.", "context": "", "category": "brainstorming"}]
     with pytest.raises(ValueError, match=r"line 3 has no 'response'; fix it or pass --skip_invalid"):
-        setup(destination_path=tmp_path / "out", checkpoint_dir=checkpoint_dir,
-              data_file_path=write_jsonl(tmp_path / "dolly.jsonl", records))
+        setup(
+            destination_path=tmp_path / "out",
+            checkpoint_dir=checkpoint_dir,
+            data_file_path=write_jsonl(tmp_path / "dolly.jsonl", records),
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_script_runs_from_another_directory_and_prints_the_summary(checkpoint_dir, tmp_path):
     data = write_jsonl(tmp_path / "dolly.jsonl", RECORDS * 5)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "prepare_dolly.py"), "--destination_path", "out",
-         "--checkpoint_dir", str(checkpoint_dir), "--data_file_path", str(data)],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "prepare_dolly.py"),
+            "--destination_path",
+            "out",
+            "--checkpoint_dir",
+            str(checkpoint_dir),
+            "--data_file_path",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     for line in ("Read 20 records", "Train: 18 records", "Test: 2 records"):

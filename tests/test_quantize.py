@@ -26,8 +26,8 @@ from lora import LoRALinear, load_lora_model, lora, lora_state_dict, save_lora_c
 from merge_lora import merge_lora
 from model import LLaMA
 from prepare_alpaca import generate_prompt
-from tokenizer import Tokenizer
 from quantize import QUANTIZE_MODES
+from tokenizer import Tokenizer
 from training import make_optimizer
 from utils import load_model
 
@@ -54,9 +54,22 @@ def qlora(tmp_path_factory, checkpoint_dir, eight_records):
     with pytest.MonkeyPatch.context() as monkeypatch, caught_models(monkeypatch, finetune_lora) as models:
         finetune(
             finetune_lora.setup,
-            data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, quantize="bnb.nf4", optimizer="AdamW8bit",
-            batch_size=8, micro_batch_size=8, max_steps=8, warmup_steps=2, learning_rate=3e-2, lora_dropout=0.0,
-            lora_targets=["query", "value", "head"], eval_interval=1000, eval_batches=1, save_interval=1000, max_seq_length=128,
+            data_dir=eight_records,
+            checkpoint_dir=checkpoint_dir,
+            out_dir=out_dir,
+            quantize="bnb.nf4",
+            optimizer="AdamW8bit",
+            batch_size=8,
+            micro_batch_size=8,
+            max_steps=8,
+            warmup_steps=2,
+            learning_rate=3e-2,
+            lora_dropout=0.0,
+            lora_targets=["query", "value", "head"],
+            eval_interval=1000,
+            eval_batches=1,
+            save_interval=1000,
+            max_seq_length=128,
         )
     return out_dir, models[0].eval()
 
@@ -70,11 +83,14 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def dequantized_copy(quantized: torch.nn.Module, checkpoint_dir: Path) -> torch.nn.Module:
-    """The fp32 model with each projection's weight replaced by bitsandbytes' own dequantization of the quantized one."""
+    """The fp32 model with each projection's weight replaced by bitsandbytes' own dequantization of the quantized
+    one."""
     model = load_model(checkpoint_dir).eval()
     for name, layer in quantized.named_modules():
         if isinstance(layer, bnb.nn.Linear4bit):
-            model.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+            model.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(
+                layer.weight.data, layer.weight.quant_state
+            )
     return model
 
 
@@ -85,7 +101,9 @@ def test_a_4bit_model_computes_exactly_with_its_dequantized_weights(checkpoint_d
     model = load_model(checkpoint_dir, quantize=mode).eval()
     layers = [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
     assert len(layers) == 2 * 7 + 1 and all(isinstance(layer, bnb.nn.Linear4bit) for layer in layers)
-    assert all(layer.weight.dtype == torch.uint8 and layer.weight.quant_state.quant_type == mode[4:7] for layer in layers)
+    assert all(
+        layer.weight.dtype == torch.uint8 and layer.weight.quant_state.quant_type == mode[4:7] for layer in layers
+    )
     assert all(bool(layer.weight.quant_state.nested) == mode.endswith("-dq") for layer in layers)
     assert model.embed.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
     reference = dequantized_copy(model, checkpoint_dir)  # before the model runs, which must not change its layers
@@ -152,8 +170,11 @@ def test_nf4_logits_stay_within_the_error_band_of_fp32(checkpoint_dir):
         for mode in ("bnb.nf4", "bnb.fp4", "bnb.int8"):
             errors[mode] = relative_error(load_model(checkpoint_dir, quantize=mode).eval()(tokens()), expected)
     dequantized = dequantized_copy(load_model(checkpoint_dir, quantize="bnb.nf4"), checkpoint_dir)
-    e = [relative_error(dequantized.get_submodule(name).weight, layer.weight)
-         for name, layer in reference.named_modules() if isinstance(layer, torch.nn.Linear)]
+    e = [
+        relative_error(dequantized.get_submodule(name).weight, layer.weight)
+        for name, layer in reference.named_modules()
+        if isinstance(layer, torch.nn.Linear)
+    ]
     e = sum(e) / len(e)
     assert 0.08 < e < 0.10
     assert e < errors["bnb.nf4"] < 2 * e
@@ -166,10 +187,16 @@ def test_weights_are_quantized_one_layer_at_a_time_while_loading(checkpoint_dir,
     the full-precision model never exists on the device."""
     built, seen = [], []
     swap_in_layers, quantize = utils.swap_in_layers, bnb.nn.Params4bit._quantize
-    monkeypatch.setattr(utils, "swap_in_layers", lambda model, *args: built.append(model) or swap_in_layers(model, *args))
+    monkeypatch.setattr(
+        utils, "swap_in_layers", lambda model, *args: built.append(model) or swap_in_layers(model, *args)
+    )
 
     def checked_quantize(param, device):
-        others = [layer.weight for layer in built[0].modules() if isinstance(layer, bnb.nn.Linear4bit) and layer.weight is not param]
+        others = [
+            layer.weight
+            for layer in built[0].modules()
+            if isinstance(layer, bnb.nn.Linear4bit) and layer.weight is not param
+        ]
         seen.append(sum(w.is_floating_point() and not w.is_meta for w in others))
         return quantize(param, device)
 
@@ -183,9 +210,13 @@ def test_4bit_projections_take_a_seventh_of_fp32s_memory_and_int8_a_quarter(chec
     NF4 is 4 bits + one fp32 scale per 64 weights = 0.5625 of 4 bytes (0.14x); -dq stores the scales in 8 bits, with
     an fp32 scale per 256 of those (0.5159 bytes: 0.13x, plus a table of 256 values per layer); int8 is 1 byte + one
     fp32 scale per row of 64 inputs (0.27x)."""
+
     def projection_bytes(model) -> int:
-        return sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if not name.startswith(("embed", "norm"))
-                   and "_norm" not in name)
+        return sum(
+            t.numel() * t.element_size()
+            for name, t in model.state_dict().items()
+            if not name.startswith(("embed", "norm")) and "_norm" not in name
+        )
 
     fp32 = projection_bytes(load_model(checkpoint_dir))
     ratios = {mode: projection_bytes(load_model(checkpoint_dir, quantize=mode)) / fp32 for mode in QUANTIZE_MODES}
@@ -200,11 +231,16 @@ def test_qlora_fine_tune_lowers_the_loss_with_lora_in_fp32_on_an_unchanged_4bit_
     assert len(losses) == 8 and losses[0] > 10 and losses[-1] < 0.5 * losses[0]
 
     layers = [layer for layer in model.modules() if isinstance(layer, LoRALinear)]
-    assert len(layers) == 2 * 2 + 1 and all(isinstance(layer, bnb.nn.Linear4bit) for layer in layers)  # query, value, head
+    assert len(layers) == 2 * 2 + 1 and all(
+        isinstance(layer, bnb.nn.Linear4bit) for layer in layers
+    )  # query, value, head
     assert all(layer.lora.A.dtype == torch.float32 and layer.lora.A.requires_grad for layer in layers)
     fresh = load_model(checkpoint_dir, quantize="bnb.nf4")  # the trained model's 4-bit codes are those it loaded
-    assert all(torch.equal(layer.weight, fresh.get_submodule(name).weight)
-               for name, layer in model.named_modules() if isinstance(layer, bnb.nn.Linear4bit))
+    assert all(
+        torch.equal(layer.weight, fresh.get_submodule(name).weight)
+        for name, layer in model.named_modules()
+        if isinstance(layer, bnb.nn.Linear4bit)
+    )
 
     # the adapter is the one an unquantized run writes: the same LoRA tensors, in fp32, nothing of the 4-bit base
     adapter = load_file(out_dir / "lit_model_lora_finetuned.safetensors")
@@ -215,13 +251,17 @@ def test_qlora_fine_tune_lowers_the_loss_with_lora_in_fp32_on_an_unchanged_4bit_
     assert all(torch.equal(t, model.state_dict()[name]) for name, t in adapter.items())
 
 
-def test_an_adapter_trained_on_nf4_loads_into_both_bases_and_merges_into_the_full_precision_one(qlora, checkpoint_dir, tmp_path):
+def test_an_adapter_trained_on_nf4_loads_into_both_bases_and_merges_into_the_full_precision_one(
+    qlora, checkpoint_dir, tmp_path
+):
     out_dir, trained = qlora
     adapter = out_dir / "lit_model_lora_finetuned.safetensors"
     x = tokens()
     with torch.no_grad():
         # on an nf4 base again: exactly the model that was trained
-        torch.testing.assert_close(load_lora_model(checkpoint_dir, adapter, quantize="bnb.nf4").eval()(x), trained(x), rtol=0, atol=0)
+        torch.testing.assert_close(
+            load_lora_model(checkpoint_dir, adapter, quantize="bnb.nf4").eval()(x), trained(x), rtol=0, atol=0
+        )
         # on the full-precision base: the same LoRA, so the output moves from the base's the way the trained model's did
         full = load_lora_model(checkpoint_dir, adapter).eval()
         base = load_model(checkpoint_dir).eval()
@@ -275,15 +315,44 @@ def test_generate_scripts_take_quantize(checkpoint_dir, qlora, capsys):
     """generate.py --quantize prints what the quantized model generates; generate_lora.py --quantize --merge false (the
     command line, in its own process) answers as the nf4 base with the adapter on top does."""
     tokenizer = Tokenizer(checkpoint_dir)
-    generate_py.main(checkpoint_dir=checkpoint_dir, prompt="Hello", max_new_tokens=10, temperature=0.0, quantize="bnb.int8")
+    generate_py.main(
+        checkpoint_dir=checkpoint_dir, prompt="Hello", max_new_tokens=10, temperature=0.0, quantize="bnb.int8"
+    )
     model = load_model(checkpoint_dir, quantize="bnb.int8").eval()
-    assert capsys.readouterr().out == tokenizer.decode(generate(model, tokenizer.encode("Hello", bos=True), 10, temperature=0.0, stop_ids=tokenizer.stop_ids)) + "\n"
+    assert (
+        capsys.readouterr().out
+        == tokenizer.decode(
+            generate(model, tokenizer.encode("Hello", bos=True), 10, temperature=0.0, stop_ids=tokenizer.stop_ids)
+        )
+        + "\n"
+    )
 
     adapter = qlora[0] / "lit_model_lora_finetuned.safetensors"
     result = subprocess.run(
-        [sys.executable, "generate_lora.py", "--checkpoint_dir", str(checkpoint_dir), "--lora_path", str(adapter),
-         "--prompt", RECORD["instruction"], "--input", RECORD["input"], "--quantize", "bnb.nf4", "--merge", "false",
-         "--temperature", "0", "--max_new_tokens", "10"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "generate_lora.py",
+            "--checkpoint_dir",
+            str(checkpoint_dir),
+            "--lora_path",
+            str(adapter),
+            "--prompt",
+            RECORD["instruction"],
+            "--input",
+            RECORD["input"],
+            "--quantize",
+            "bnb.nf4",
+            "--merge",
+            "false",
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "10",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "bnb.nf4" in result.stderr
@@ -297,6 +366,7 @@ def test_8bit_and_paged_optimizers_follow_adamw(capsys):
     """On a least-squares problem: AdamW8bit's update is within 5% of torch's AdamW with its moments in one byte
     each; on CPU the paged variants run unpaged (a one-line note says so): PagedAdamW8bit is AdamW8bit, PagedAdamW
     is AdamW."""
+
     def train(name: str):
         torch.manual_seed(0)
         w, b = torch.nn.Parameter(torch.randn(64, 128) * 0.1), torch.nn.Parameter(torch.zeros(64))
@@ -317,7 +387,10 @@ def test_8bit_and_paged_optimizers_follow_adamw(capsys):
     assert relative_error(update, adamw) < 0.05 and state["state1"].dtype == state["state2"].dtype == torch.uint8
     paged, _ = train("PagedAdamW8bit")
     assert torch.equal(paged, update)
-    assert capsys.readouterr().err == "note: --train.optimizer PagedAdamW8bit pages its state only on CUDA; on cpu it runs unpaged\n"
+    assert (
+        capsys.readouterr().err
+        == "note: --train.optimizer PagedAdamW8bit pages its state only on CUDA; on cpu it runs unpaged\n"
+    )
     paged, _ = train("PagedAdamW")
     torch.testing.assert_close(paged, adamw, rtol=1e-5, atol=1e-7)
 
@@ -326,9 +399,23 @@ def test_finetune_full_trains_with_adamw8bit(checkpoint_dir, eight_records, tmp_
     """The optimizer state it saves takes about 2 bytes per parameter (two 8-bit moments, and a scale per 256
     values) instead of AdamW's 8."""
     out_dir = tmp_path / "full"
-    finetune(finetune_full, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=out_dir, optimizer="AdamW8bit", batch_size=8,
-                  micro_batch_size=8, max_steps=2, warmup_steps=1, learning_rate=1e-2, eval_interval=1000, eval_batches=1,
-                  save_interval=1000, max_seq_length=128, gradient_checkpointing=False)
+    finetune(
+        finetune_full,
+        data_dir=eight_records,
+        checkpoint_dir=checkpoint_dir,
+        out_dir=out_dir,
+        optimizer="AdamW8bit",
+        batch_size=8,
+        micro_batch_size=8,
+        max_steps=2,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        eval_interval=1000,
+        eval_batches=1,
+        save_interval=1000,
+        max_seq_length=128,
+        gradient_checkpointing=False,
+    )
     state = torch.load(out_dir / "train_state.pt", weights_only=True)
     losses = [loss for _, loss in state["history"]["train"]]
     assert losses[-1] < losses[0] and state["settings"]["optimizer"] == "AdamW8bit"
@@ -341,10 +428,14 @@ def test_finetune_full_trains_with_adamw8bit(checkpoint_dir, eight_records, tmp_
                 yield from tensors(item)
 
     n_params = sum(t.numel() for t in state["model"].values())
-    assert 2 * n_params < sum(t.numel() * t.element_size() for t in tensors(state["optimizer"]["state"])) < 2.1 * n_params
+    assert (
+        2 * n_params < sum(t.numel() * t.element_size() for t in tensors(state["optimizer"]["state"])) < 2.1 * n_params
+    )
 
 
-def test_bad_input_and_impossible_combinations_stop_with_one_line(checkpoint_dir, eight_records, qlora, tmp_path, monkeypatch):
+def test_bad_input_and_impossible_combinations_stop_with_one_line(
+    checkpoint_dir, eight_records, qlora, tmp_path, monkeypatch
+):
     def error(function, *args, **kwargs) -> str:
         with pytest.raises((ValueError, ImportError)) as exit_info:
             function(*args, **kwargs)
@@ -355,19 +446,32 @@ def test_bad_input_and_impossible_combinations_stop_with_one_line(checkpoint_dir
     modes = "bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8"
     assert error(load_model, checkpoint_dir, quantize="nf4") == f"--quantize 'nf4' is not one of {modes}"
     assert error(make_optimizer, "SGD", [torch.nn.Parameter(torch.ones(1))], 1e-3, 0.0) == (
-        "--train.optimizer 'SGD' is not one of AdamW, AdamW8bit, PagedAdamW8bit, PagedAdamW")
+        "--train.optimizer 'SGD' is not one of AdamW, AdamW8bit, PagedAdamW8bit, PagedAdamW"
+    )
 
     adapter = qlora[0] / "lit_model_lora_finetuned.safetensors"
     # merging into 4-bit weights would round the update away: refused, by generate_lora.py before loading anything
     assert error(generate_lora, checkpoint_dir=checkpoint_dir, lora_path=adapter, quantize="bnb.nf4") == (
         "--quantize bnb.nf4 holds the base in 4 or 8 bits, which would round the merged adapter's small update "
-        "away; pass --merge false to apply LoRA on top of the quantized base")
+        "away; pass --merge false to apply LoRA on top of the quantized base"
+    )
     assert error(load_lora_model, checkpoint_dir, adapter, merge=True, quantize="bnb.int8").startswith(
-        "cannot merge LoRA into a quantized base (--quantize)")
-    assert error(finetune_lora.setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "out",
-                 quantize="bnb.nf4", strategy="fsdp") == (
-        "--quantize does not work with --strategy fsdp, which shards floating-point weights; use --strategy ddp or one device")
+        "cannot merge LoRA into a quantized base (--quantize)"
+    )
+    assert error(
+        finetune_lora.setup,
+        data_dir=eight_records,
+        checkpoint_dir=checkpoint_dir,
+        out_dir=tmp_path / "out",
+        quantize="bnb.nf4",
+        strategy="fsdp",
+    ) == (
+        "--quantize does not work with --strategy fsdp, which shards floating-point weights; "
+        "use --strategy ddp or one device"
+    )
     assert not (tmp_path / "out").exists()
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
-    assert error(load_model, checkpoint_dir, quantize="bnb.nf4").startswith("--quantize and the 8-bit optimizers need bitsandbytes (")
+    assert error(load_model, checkpoint_dir, quantize="bnb.nf4").startswith(
+        "--quantize and the 8-bit optimizers need bitsandbytes ("
+    )

@@ -1,5 +1,5 @@
-"""serve.py as a real server (a subprocess on a free localhost port, a tiny random checkpoint and adapters) spoken to with
-the real `openai` client: concurrent clients on different adapters, streaming and not, each answer equal to greedy
+"""serve.py as a real server (a subprocess on a free localhost port, a tiny random checkpoint and adapters) spoken to
+with the real `openai` client: concurrent clients on different adapters, streaming and not, each answer equal to greedy
 generation with that adapter alone (generate_lora.py's path, unmerged); adapters copied in while it runs; every bad
 request's status code and OpenAI-shaped error; a client that disconnects mid-stream; SIGTERM."""
 
@@ -26,8 +26,11 @@ from utils import load_model
 openai = pytest.importorskip("openai")
 
 KEY = "test-key"
-ADAPTERS = [("qv2", 2, 4, ("query", "value"), None), ("all4", 4, 8, ("all_linear",), "chatml"),
-            ("head8", 8, 16, ("mlp", "head"), None)]
+ADAPTERS = [
+    ("qv2", 2, 4, ("query", "value"), None),
+    ("all4", 4, 8, ("all_linear",), "chatml"),
+    ("head8", 8, 16, ("mlp", "head"), None),
+]
 LATE = ("ko1", 1, 1, ("key", "projection"), None)  # copied into the directory while the server runs
 
 
@@ -57,12 +60,43 @@ def server(tmp_path_factory, checkpoint_dir, adapters):
     (served / "broken.safetensors").write_text("not an adapter")
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "serve.py", "--checkpoint_dir", str(checkpoint_dir), "--adapters_dir", str(served),
-         "--port", str(port), "--api_key", KEY, "--max_batch_size", "4", "--max_waiting", "2", "--max_seq_length", "200",
-         "--max_tokens", "200", "--max_prompt_tokens", "50", "--template", "alpaca", "--shutdown_timeout", "5"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "serve.py",
+            "--checkpoint_dir",
+            str(checkpoint_dir),
+            "--adapters_dir",
+            str(served),
+            "--port",
+            str(port),
+            "--api_key",
+            KEY,
+            "--max_batch_size",
+            "4",
+            "--max_waiting",
+            "2",
+            "--max_seq_length",
+            "200",
+            "--max_tokens",
+            "200",
+            "--max_prompt_tokens",
+            "50",
+            "--template",
+            "alpaca",
+            "--shutdown_timeout",
+            "5",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    server = {"url": f"http://127.0.0.1:{port}", "port": port, "process": process, "dir": served, "name": checkpoint_dir.name}
+    server = {
+        "url": f"http://127.0.0.1:{port}",
+        "port": port,
+        "process": process,
+        "dir": served,
+        "name": checkpoint_dir.name,
+    }
     for _ in range(300):
         try:
             request(server, "GET", "/health")
@@ -85,7 +119,7 @@ def reference(checkpoint_dir, adapters):
 
     def greedy(name: str, ids: list[int], n: int) -> tuple[str, int]:
         model = models.get(name) or models.setdefault(name, load_model(checkpoint_dir).eval())
-        new = generate(model, torch.tensor(ids), n, temperature=0.0, stop_ids=tokenizer.stop_ids)[len(ids):].tolist()
+        new = generate(model, torch.tensor(ids), n, temperature=0.0, stop_ids=tokenizer.stop_ids)[len(ids) :].tolist()
         return tokenizer.decode([i for i in new if i not in tokenizer.stop_ids]), len(new)
 
     return tokenizer, greedy
@@ -116,12 +150,23 @@ def test_concurrent_clients_on_different_adapters_get_their_greedy_answers(serve
         model, chat, stream, prompt, n = job
         api = client(server)
         if chat:
-            created = api.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                  max_tokens=n, temperature=0, stream=stream,
-                                                  **({"stream_options": {"include_usage": True}} if stream else {}))
+            created = api.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=n,
+                temperature=0,
+                stream=stream,
+                **({"stream_options": {"include_usage": True}} if stream else {}),
+            )
         else:
-            created = api.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0, stream=stream,
-                                             **({"stream_options": {"include_usage": True}} if stream else {}))
+            created = api.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=n,
+                temperature=0,
+                stream=stream,
+                **({"stream_options": {"include_usage": True}} if stream else {}),
+            )
         if not stream:
             text = created.choices[0].message.content if chat else created.choices[0].text
             return text, created.usage.completion_tokens, created.choices[0].finish_reason
@@ -152,14 +197,22 @@ def test_concurrent_clients_on_different_adapters_get_their_greedy_answers(serve
 def test_stop_strings_seed_and_top_p(server, reference):
     api = client(server)
     full = api.completions.create(model="qv2", prompt="Hello", max_tokens=12, temperature=0).choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = api.completions.create(model="qv2", prompt="Hello", max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = "".join(event.choices[0].text for event in api.completions.create(
-        model="qv2", prompt="Hello", max_tokens=12, temperature=0, stop=stop, stream=True))
+    streamed = "".join(
+        event.choices[0].text
+        for event in api.completions.create(
+            model="qv2", prompt="Hello", max_tokens=12, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == full[: full.index(stop)]
-    sampled = [api.completions.create(model="all4", prompt="Hello", max_tokens=10, temperature=1.0, top_p=0.9,
-                                      seed=seed).choices[0].text for seed in (1, 1, 2)]
+    sampled = [
+        api.completions.create(model="all4", prompt="Hello", max_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+        .choices[0]
+        .text
+        for seed in (1, 1, 2)
+    ]
     assert sampled[0] == sampled[1] != sampled[2]
 
 
@@ -168,29 +221,71 @@ def request(server, method: str, path: str, body=None, key: str = KEY) -> tuple[
     connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
     try:
         content = body if body is None or isinstance(body, str) else json.dumps(body)
-        connection.request(method, path, body=content,
-                           headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        connection.request(
+            method, path, body=content, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         return response.status, json.loads(response.read())
     finally:
         connection.close()
 
 
-@pytest.mark.parametrize("path, body, key, status, code, message", [
-    ("/v1/completions", {"model": "qv2", "prompt": "Hi", "max_tokens": 201}, KEY, 400, "max_tokens_too_large",
-     "max_tokens 201 is above this server's limit of 200"),
-    ("/v1/completions", {"model": "qv2", "prompt": "word " * 60}, KEY, 400, "prompt_too_long",
-     "above this server's limit of 50"),
-    ("/v1/completions", {"model": "qv2", "prompt": "word " * 40, "max_tokens": 190}, KEY, 400, "context_length_exceeded",
-     "plus max_tokens (190) exceeds this server's limit of 200 tokens"),
-    ("/v1/completions", {"model": "nope", "prompt": "Hi"}, KEY, 404, "model_not_found", "the model 'nope' does not exist"),
-    ("/v1/completions", '{"model": "qv2", "prompt": ', KEY, 400, "invalid_json", "not valid JSON"),
-    ("/v1/completions", {"model": "qv2", "prompt": "Hi", "temperature": -1}, KEY, 422, "invalid_field", "temperature"),
-    ("/v1/chat/completions", {"model": "qv2", "messages": [{"role": "robot", "content": "Hi"}]}, KEY, 422,
-     "invalid_field", "messages.0.role"),
-    ("/v1/chat/completions", {"model": "qv2"}, KEY, 422, "invalid_field", "messages: Field required"),
-    ("/v1/completions", {"model": "qv2", "prompt": "Hi"}, "wrong", 401, "invalid_api_key", "API key"),
-])
+@pytest.mark.parametrize(
+    "path, body, key, status, code, message",
+    [
+        (
+            "/v1/completions",
+            {"model": "qv2", "prompt": "Hi", "max_tokens": 201},
+            KEY,
+            400,
+            "max_tokens_too_large",
+            "max_tokens 201 is above this server's limit of 200",
+        ),
+        (
+            "/v1/completions",
+            {"model": "qv2", "prompt": "word " * 60},
+            KEY,
+            400,
+            "prompt_too_long",
+            "above this server's limit of 50",
+        ),
+        (
+            "/v1/completions",
+            {"model": "qv2", "prompt": "word " * 40, "max_tokens": 190},
+            KEY,
+            400,
+            "context_length_exceeded",
+            "plus max_tokens (190) exceeds this server's limit of 200 tokens",
+        ),
+        (
+            "/v1/completions",
+            {"model": "nope", "prompt": "Hi"},
+            KEY,
+            404,
+            "model_not_found",
+            "the model 'nope' does not exist",
+        ),
+        ("/v1/completions", '{"model": "qv2", "prompt": ', KEY, 400, "invalid_json", "not valid JSON"),
+        (
+            "/v1/completions",
+            {"model": "qv2", "prompt": "Hi", "temperature": -1},
+            KEY,
+            422,
+            "invalid_field",
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "qv2", "messages": [{"role": "robot", "content": "Hi"}]},
+            KEY,
+            422,
+            "invalid_field",
+            "messages.0.role",
+        ),
+        ("/v1/chat/completions", {"model": "qv2"}, KEY, 422, "invalid_field", "messages: Field required"),
+        ("/v1/completions", {"model": "qv2", "prompt": "Hi"}, "wrong", 401, "invalid_api_key", "API key"),
+    ],
+)
 def test_bad_requests_get_their_status_and_an_openai_error(server, path, body, key, status, code, message):
     got, answer = request(server, "POST", path, body, key)
     assert got == status
@@ -220,8 +315,12 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(server):
     before = request(server, "GET", "/health")[1]["ended"].get("cancelled", 0)
     connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
     body = {"model": "qv2", "prompt": "Hi", "max_tokens": 190, "stream": True, "temperature": 0}
-    connection.request("POST", "/v1/completions", json.dumps(body),
-                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        json.dumps(body),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     response = connection.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: ")  # the first token has come
     connection.close()  # and the client goes away

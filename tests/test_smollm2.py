@@ -35,7 +35,9 @@ def models(smollm2_dir):
 
 def chat_prompt(tokenizer, question: str) -> torch.Tensor:
     """The prompt's token ids, (T,), as the chat template makes them, ending with the assistant's turn opened."""
-    return torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"])
+    return torch.tensor(
+        tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"]
+    )
 
 
 def test_converted_config_is_the_preset(models):
@@ -62,7 +64,11 @@ def test_greedy_chat_answers_match_transformers(models, question):
     ours, hf, tokenizer = models
     idx = chat_prompt(tokenizer, question)
     expected = hf.generate(
-        idx[None], attention_mask=torch.ones_like(idx[None]), max_new_tokens=64, do_sample=False, eos_token_id=IM_END,
+        idx[None],
+        attention_mask=torch.ones_like(idx[None]),
+        max_new_tokens=64,
+        do_sample=False,
+        eos_token_id=IM_END,
         pad_token_id=IM_END,
     )[0]
     assert generate(ours, idx, 64, temperature=0.0, stop_ids=[IM_END]).tolist() == expected.tolist()
@@ -78,6 +84,6 @@ def test_our_tokenizer_gives_the_chat_prompt_ids_and_stops_at_im_end(models, smo
     idx = tokenizer.encode(text)
     assert idx.tolist() == chat_prompt(hf_tokenizer, messages[0]["content"]).tolist()
     assert IM_END in tokenizer.stop_ids
-    answer = generate(ours, idx, 64, temperature=0.0, stop_ids=tokenizer.stop_ids)[len(idx):].tolist()
+    answer = generate(ours, idx, 64, temperature=0.0, stop_ids=tokenizer.stop_ids)[len(idx) :].tolist()
     assert answer[-1] == IM_END
     assert tokenizer.decode(answer[:-1]) == "The capital of France is Paris."

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import SHARED_DATA, shared_file
 
+from conftest import SHARED_DATA, shared_file
 from tokenizer import CHAT_TEMPLATES, Tokenizer
 
 
@@ -25,7 +25,9 @@ def test_known_ids(tokenizer):
     assert tokenizer.add_bos and tokenizer.chat_template is None
 
 
-@pytest.mark.parametrize("text", ["Hello world", "naïve café 😀\n\ttabs  and  spaces", " leading space", "3.14159 ≈ π", ""])
+@pytest.mark.parametrize(
+    "text", ["Hello world", "naïve café 😀\n\ttabs  and  spaces", " leading space", "3.14159 ≈ π", ""]
+)
 def test_round_trip(tokenizer, text):
     # byte fallback: any text, emoji included, decodes back exactly
     assert tokenizer.decode(tokenizer.encode(text, bos=True, eos=True)) == text
@@ -60,7 +62,9 @@ def test_file_that_is_not_sentencepiece(tmp_path):
     assert "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b'{"version": "1.0", "model": {"type": "Nope"}}'])
+@pytest.mark.parametrize(
+    "damage", [lambda b: b[: len(b) // 2], lambda b: b'{"version": "1.0", "model": {"type": "Nope"}}']
+)
 def test_corrupt_tokenizer_json(tmp_path, damage):
     path = tmp_path / "tokenizer.json"
     path.write_bytes(damage(llama_dir("llama-3.1").joinpath("tokenizer.json").read_bytes()))
@@ -105,16 +109,21 @@ def test_ids_equal_transformers(hf_dir, text):
     reference = AutoTokenizer.from_pretrained(hf_dir)
     tokenizer = Tokenizer(hf_dir)
     assert tokenizer.encode(text).tolist() == reference(text)["input_ids"]
-    assert tokenizer.encode_batch([text, text[::-1]]) == [reference(t, add_special_tokens=False)["input_ids"] for t in (text, text[::-1])]
+    assert tokenizer.encode_batch([text, text[::-1]]) == [
+        reference(t, add_special_tokens=False)["input_ids"] for t in (text, text[::-1])
+    ]
     ids = tokenizer.encode(text, bos=False)
     assert tokenizer.decode(ids) == text  # byte-level BPE: every text decodes back exactly
     assert tokenizer.decode(ids) == reference.decode(ids.tolist(), clean_up_tokenization_spaces=False)
 
 
-@pytest.mark.parametrize("name, bos, eos, add_bos", [
-    ("llama-3", 128000, 128001, False),  # the first Llama 3 release: tokenizer.json adds no <|begin_of_text|>
-    ("llama-3.1", 128000, 128009, True),
-])
+@pytest.mark.parametrize(
+    "name, bos, eos, add_bos",
+    [
+        ("llama-3", 128000, 128001, False),  # the first Llama 3 release: tokenizer.json adds no <|begin_of_text|>
+        ("llama-3.1", 128000, 128009, True),
+    ],
+)
 def test_llama3_special_ids(name, bos, eos, add_bos):
     from transformers import AutoTokenizer
 
@@ -122,7 +131,9 @@ def test_llama3_special_ids(name, bos, eos, add_bos):
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos, tokenizer.stop_ids) == (bos, eos, add_bos, (eos,))
     assert (reference.bos_token_id, reference.eos_token_id) == (bos, eos)
     assert tokenizer.vocab_size == len(reference) == 128256
-    assert tokenizer.chat_template == json.loads((llama_dir(name) / "tokenizer_config.json").read_text())["chat_template"]
+    assert (
+        tokenizer.chat_template == json.loads((llama_dir(name) / "tokenizer_config.json").read_text())["chat_template"]
+    )
     assert tokenizer.encode("Hi", bos=True, eos=True).tolist() == [128000, 13347, eos]
 
 
@@ -134,9 +145,12 @@ def test_smollm2_special_ids(smollm2_dir):
     assert "<|im_start|>" in tokenizer.chat_template
 
 
-@pytest.mark.parametrize("eos_token_id, stop_ids", [(128001, (128009, 128001)), ([128001, 128008, 128009], (128009, 128001, 128008))])
+@pytest.mark.parametrize(
+    "eos_token_id, stop_ids", [(128001, (128009, 128001)), ([128001, 128008, 128009], (128009, 128001, 128008))]
+)
 def test_stop_ids_from_generation_config(tmp_path, eos_token_id, stop_ids):
-    """Llama 3.1 Instruct's generation_config.json lists <|end_of_text|>, <|eom_id|> and <|eot_id|>; an int is one id."""
+    """Llama 3.1 Instruct's generation_config.json lists <|end_of_text|>, <|eom_id|> and <|eot_id|>; an int is one
+    id."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(llama_dir("llama-3.1") / name, tmp_path / name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": eos_token_id}))
