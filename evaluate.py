@@ -38,6 +38,7 @@ from tqdm import tqdm
 from generate import peak_memory_gb, sample, use_cpu_decode_layout
 from lora import check_same_base, load_lora_model, read_lora_config
 from model import LLaMA
+from quantize import check_mode
 from tokenizer import Tokenizer
 from training import cross_entropy_sum, load_data, pack_batch
 from utils import atomic_path, cli, default_precision, load_config, load_model, one_line, precision_to_dtype
@@ -108,6 +109,9 @@ def main(
             f"--quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
             "update away; leave out --merge to apply LoRA on top of the quantized base"
         )
+    if quantize is not None:
+        check_mode(quantize)
+    dtype = precision_to_dtype(precision or default_precision())
     config = load_config(checkpoint_dir)
     max_length = max_length or config.block_size
     if not 1 < max_length <= config.block_size:
@@ -132,7 +136,6 @@ def main(
             raise ValueError(f"{data_dir}/test.pt holds no records; prepare the data with a test split")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = precision_to_dtype(precision or default_precision())
     t0 = time.perf_counter()
     if lora_path is not None:
         model = load_lora_model(checkpoint_dir, lora_path, device, dtype, merge=merge, quantize=quantize)
@@ -184,9 +187,12 @@ def main(
             "records": len(test_data),
         }
     seconds = time.perf_counter() - t0
-    memory = peak_memory_gb(device)
+    write_results(Path(out_dir), results, perplexities, seconds, peak_memory_gb(device))
 
-    out_dir = Path(out_dir)
+
+def write_results(out_dir: Path, results: Optional[dict], perplexities: dict, seconds: float, memory: float) -> None:
+    """results.json and samples_<task>.jsonl (lm-eval's results, as `lm-eval --output_path` writes them but under
+    fixed names) and perplexity.json in `out_dir`, each written whole or not at all; the tables on stdout."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if results is not None:
         samples = results.pop("samples", None) or {}

@@ -13,8 +13,9 @@ request type, are built from the 999 Alpaca records in ../shared/data (no Hub ne
 - alpaca_answer, generate_until: greedy, until a blank line or 32 tokens, exact match against the response.
 
 Each task runs `repeats` times with each backend, taking turns (the machine's load then weighs on both alike).
-Printed per task: requests/s of each (median of the runs, the whole lm-eval call), the ratio, and whether every
-per-request answer and metric agree (log-likelihoods within 1e-4, or 1e-6 relative for long texts; the same text).
+Printed per task and for all three: requests per second of each (the whole lm-eval call; median of the runs) of wall
+time and of the process's CPU time, the ratio, and whether every per-request answer and metric agree
+(log-likelihoods within 1e-4, or 1e-6 relative for long texts; the same text).
 """
 
 import json
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from jsonargparse import CLI
@@ -43,6 +45,7 @@ def main(
     num_fewshot: int = 3,
     batch_size: int = 8,
     repeats: int = 3,
+    threads: Optional[int] = None,
 ) -> None:
     """Times HarnessLM and HFLM on the three Alpaca tasks.
 
@@ -52,6 +55,9 @@ def main(
         num_fewshot: solved examples before each multiple-choice question.
         batch_size: sequences per forward pass, for both backends.
         repeats: timed runs of each backend on each task, in turns.
+        threads: torch's CPU threads (torch.set_num_threads), by default one per core. On a machine other jobs
+            share, take 1: the CPU time of one thread is then the work done, while several threads' wall time and
+            CPU time both grow with the others' load (each kernel waits at its barriers for the slowest thread).
     """
     import logging
 
@@ -61,6 +67,8 @@ def main(
 
     logging.disable(logging.WARNING)  # lm-eval's notes on the tasks' default metrics, once per run
     torch.set_grad_enabled(False)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = load_model(checkpoint_dir).eval()
     use_cpu_decode_layout(model)  # as evaluate.py does on CPU
     backends = {
@@ -70,42 +78,46 @@ def main(
     with tempfile.TemporaryDirectory() as folder:
         tasks = write_tasks(Path(folder), docs, num_fewshot)
         manager = TaskManager(include_path=folder, include_defaults=False)
-        seconds = {(task, name): [] for task in tasks for name in backends}
+        wall = {(task, name): [] for task in tasks for name in backends}
+        cpu = {(task, name): [] for task in tasks for name in backends}
         answers, metrics = {}, {}
         for _ in range(repeats):
             for task in tasks:
                 for name, lm in backends.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     results = simple_evaluate(
                         model=lm, tasks=[task], task_manager=manager, log_samples=True, bootstrap_iters=0
                     )
-                    seconds[task, name].append(time.perf_counter() - t0)
+                    wall[task, name].append(time.perf_counter() - t0)
+                    cpu[task, name].append(time.process_time() - c0)
                     answers[task, name] = [sample["resps"] for sample in results["samples"][task]]
                     metrics[task, name] = results["results"][task]
-
-                print(f"{task}: " + ", ".join(f"{n} {seconds[task, n][-1]:.1f} s" for n in backends), file=sys.stderr)
+                times = ", ".join(f"{n} {wall[task, n][-1]:.1f} s ({cpu[task, n][-1]:.1f} s CPU)" for n in backends)
+                print(f"{task}: {times}", file=sys.stderr)
 
     print(
         f"{checkpoint_dir}, fp32, CPU ({torch.get_num_threads()} threads), batch_size {batch_size}; "
-        f"median of {repeats} runs each, in turns:"
+        f"median of {repeats} runs each, in turns; requests per second of wall time (of CPU time):"
     )
-    print("| task | requests | HFLM requests/s | ours requests/s | ours / HFLM | same answers and metrics |")
+    print("| task | requests | HFLM | ours | ours / HFLM | same answers and metrics |")
     print("|---|---:|---:|---:|---:|---|")
-    total = {name: 0.0 for name in backends}
-    for task in tasks:
-        requests = sum(len(resps) for resps in answers[task, "ours"])
-        rates = {name: requests / statistics.median(seconds[task, name]) for name in backends}
-        for name in backends:
-            total[name] += statistics.median(seconds[task, name])
-        same = agree(answers[task, "ours"], answers[task, "HFLM"]) and agree_metrics(
-            metrics[task, "ours"], metrics[task, "HFLM"]
+    rows = [(task, [task]) for task in tasks] + [("all three", tasks)]
+    for label, row_tasks in rows:
+        requests = sum(len(resps) for task in row_tasks for resps in answers[task, "ours"])
+        rate = {
+            (name, clock): requests / sum(statistics.median(times[task, name]) for task in row_tasks)
+            for name in backends
+            for clock, times in (("wall", wall), ("cpu", cpu))
+        }
+        same = all(
+            agree(answers[task, "ours"], answers[task, "HFLM"])
+            and agree_metrics(metrics[task, "ours"], metrics[task, "HFLM"])
+            for task in row_tasks
         )
-        print(
-            f"| {task} | {requests} | {rates['HFLM']:.2f} | {rates['ours']:.2f} | "
-            f"{rates['ours'] / rates['HFLM']:.2f}x | {'yes' if same else 'NO'} |"
-        )
-    speedup = total["HFLM"] / total["ours"]
-    print(f"| all three (seconds) | | {total['HFLM']:.1f} s | {total['ours']:.1f} s | {speedup:.2f}x | |")
+        figures = [f"{rate[name, 'wall']:.2f} ({rate[name, 'cpu']:.2f})" for name in backends] + [
+            f"{rate['ours', 'wall'] / rate['HFLM', 'wall']:.2f}x ({rate['ours', 'cpu'] / rate['HFLM', 'cpu']:.2f}x)"
+        ]
+        print(f"| {label} | {requests} | {' | '.join(figures)} | {'yes' if same else 'NO'} |")
 
 
 def write_tasks(folder: Path, docs: int, num_fewshot: int) -> list[str]:

@@ -245,6 +245,51 @@ def test_an_adapter_matches_hflm_with_the_exported_peft_adapter(
     assert max(abs(a[0][0] - b[0][0]) for a, b in zip(ours, base)) > 0.1
 
 
+def test_batched_scoring_equals_each_request_alone(checkpoint_dir):
+    """HarnessLM's batching on the tiny checkpoint, against each request scored by a plain forward pass of its own:
+    groups of continuations sharing a context (of 1 to 5 tokens, some of a single token, some groups larger than
+    others, so that later passes have rows with nothing left), lone requests, inputs cut from the left at max_length,
+    at every batch size; and greedy generation of prompts of different lengths in one batch, against generate.py's
+    one prompt at a time."""
+    from evaluate import HarnessLM
+    from generate import generate
+    from tokenizer import Tokenizer
+    from utils import load_model
+
+    model = load_model(checkpoint_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 32000, (n,), generator=generator).tolist()
+
+    requests = []
+    for context_length, n_continuations in ((12, 4), (9, 2), (30, 3), (7, 1), (40, 1), (5, 3)):
+        context = tokens(context_length)
+        requests += [(("", ""), context, tokens(1 + (k * 3) % 5)) for k in range(n_continuations)]
+    requests.append((("", ""), tokens(50), tokens(3)))  # cut from the left to max_length 48
+    expected = []
+    with torch.no_grad():
+        for _, context, continuation in requests:
+            ids = torch.tensor((context + continuation)[-49:])
+            log_probs = model(ids[None, :-1])[0, -len(continuation) :].log_softmax(-1)
+            target = torch.tensor(continuation)
+            likelihood = log_probs[torch.arange(len(target)), target].sum().item()
+            expected.append((likelihood, bool((log_probs.argmax(-1) == target).all())))
+    for batch_size in (1, 2, 3, 8):
+        lm = HarnessLM(model, Tokenizer(checkpoint_dir), batch_size=batch_size, max_length=48)
+        for (likelihood, greedy), (reference, reference_greedy) in zip(
+            lm._loglikelihood_tokens(requests, True), expected
+        ):
+            assert likelihood == pytest.approx(reference, abs=1e-4) and greedy == reference_greedy
+
+    prompts = [tokens(n) for n in (9, 3, 17, 5)]
+    lm = HarnessLM(model, Tokenizer(checkpoint_dir), batch_size=4)
+    texts = lm.generate_batch(prompts, 12, [], 0.0, None, None)
+    for prompt, text in zip(prompts, texts):
+        alone = generate(model, torch.tensor(prompt), 12, temperature=0.0, stop_ids=lm.tokenizer.stop_ids)
+        assert text == lm.tokenizer.decode(alone[len(prompt) :], skip_special_tokens=True)
+
+
 def transformers_sliding_window_nll(model, ids: torch.Tensor, max_length: int, stride: int) -> float:
     """transformers' perplexity guide (docs/source/en/perplexity.md), line for line, with one change: its
     `num_loss_tokens = num_valid_tokens - batch_size` counts the labels the loss scores after its internal shift
@@ -292,6 +337,39 @@ def test_corpus_perplexity_equals_transformers_sliding_window(smollm2, tmp_path)
         assert figures["perplexity"] == pytest.approx(expected, rel=1e-4)
         # each token once but the first; without overlap, each window's first token has no context in it
         assert figures["tokens"] == ids.size(1) - (1 if stride < 64 else math.ceil(ids.size(1) / 64))
+
+
+def test_a_4bit_base_equals_transformers_with_bitsandbytes(smollm2, tmp_path):
+    """--quantize bnb.nf4: the corpus perplexity equals that of transformers' LlamaForCausalLM quantized by its own
+    bitsandbytes integration (nf4, fp32 compute), on the same weights: the same 4-bit codes and scales. Its layers
+    are kept from repacking into bf16 on CPUs with AVX512-BF16, as quantize.py keeps ours (exact, not bf16)."""
+    import bitsandbytes as bnb
+    from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
+
+    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
+    text = records[11]["output"]
+    (tmp_path / "corpus.txt").write_text(text)
+    evaluate(
+        checkpoint_dir=smollm2,
+        data_file=tmp_path / "corpus.txt",
+        quantize="bnb.nf4",
+        max_length=64,
+        stride=64,
+        out_dir=tmp_path,
+    )
+    figures = json.loads((tmp_path / "perplexity.json").read_text())["data_file"]
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(smollm2, dtype=torch.float32, quantization_config=nf4, device_map="cpu")
+    for module in hf.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    ids = AutoTokenizer.from_pretrained(smollm2)(text, return_tensors="pt").input_ids
+    expected = math.exp(transformers_sliding_window_nll(hf.eval(), ids, 64, 64))
+    assert figures["perplexity"] == pytest.approx(expected, rel=1e-4)
+    full_precision = math.exp(
+        transformers_sliding_window_nll(LlamaForCausalLM.from_pretrained(smollm2).eval(), ids, 64, 64)
+    )
+    assert abs(expected / full_precision - 1) > 1e-3  # 4 bits do change the model
 
 
 def test_test_split_loss_is_the_masked_loss_of_transformers(checkpoint_dir, eight_records, tmp_path):
