@@ -3,12 +3,13 @@
     python finetune_full.py --data_dir data/alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --devices 8 --strategy fsdp
 
-The same training loop as finetune_lora.py, but all weights learn. That takes about 16 bytes per parameter
-(fp32 weights, gradients and AdamW's two moments) before activations: 110 GB for a 7B model, so beyond small
-models it needs several GPUs with --strategy fsdp, which shards all of it across them (and recomputes each
-Block's activations in the backward pass). See howto/finetune_full.md. Every --train.save_interval steps, out_dir
-receives step-NNNNNN/ and, at the end, out_dir itself: a complete checkpoint directory (lit_model.safetensors,
-model_config.json, the tokenizer's files) for generate.py, and each time train_state.pt, from which --resume continues.
+The training loop of finetune_lora.py (its own copy, `fit`, to change here alone), but all weights learn. That takes
+about 16 bytes per parameter (fp32 weights, gradients and AdamW's two moments) before activations: 110 GB for a 7B
+model, so beyond small models it needs several GPUs with --strategy fsdp, which shards all of it across them (and
+recomputes each Block's activations in the backward pass). See howto/finetune_full.md. Every --train.save_interval
+steps, out_dir receives step-NNNNNN/ and, at the end, out_dir itself: a complete checkpoint directory
+(lit_model.safetensors, model_config.json, the tokenizer's files) for generate.py, and each time train_state.pt, from
+which --resume continues.
 """
 
 from pathlib import Path

@@ -11,6 +11,8 @@ see howto/quantize.md.
 Every --train.save_interval steps and at the end, out_dir receives the adapter (a few MB, for generate_lora.py and
 scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also
 logs/ (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_lora.md.
+The story is here, top to bottom (setup: the flags and every check; main: the model and the optimizer; fit: the
+training loop and its step; save), the parts it calls in training.py and data.py.
 """
 
 from dataclasses import asdict
