@@ -18,11 +18,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from generate import generate_tokens, use_cpu_decode_layout
+from generate import generate_tokens
 from lora import load_lora_model, read_lora_chat_template, read_lora_config
 from model import LLaMA
 from tokenizer import CHAT_TEMPLATES, Tokenizer
-from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype
+from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype, use_cpu_decode_layout
 
 
 def main(

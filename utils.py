@@ -1,8 +1,10 @@
-"""Pieces every script shares: the command line with one-line errors, choosing a precision, loading a checkpoint
-directory (quantized if asked) and writing files atomically. The training machinery of the fine-tuning scripts is in
-training.py, bitsandbytes' quantization in quantize.py."""
+"""Pieces every script shares: the command line with one-line errors (`cli`, `one_line`), choosing a precision,
+loading a checkpoint directory (quantized if asked), writing files atomically, and the device helpers (the CPU
+decoding layout, peak memory). The training parts of the fine-tuning scripts are in training.py, the data pieces in
+data.py, bitsandbytes' quantization in quantize.py."""
 
 import os
+import resource
 import shutil
 import sys
 from contextlib import contextmanager
@@ -45,6 +47,7 @@ def cli(function: Callable, **kwargs) -> None:
 
 
 def one_line(error: BaseException) -> str:
+    """An exception as one line: its message's first line (an OSError's as "path: reason"), or its type's name."""
     message = str(error).strip()
     if isinstance(error, OSError) and error.filename and error.strerror:  # FileNotFoundError(2, "No such file", path)
         message = f"{error.filename}: {error.strerror}"
@@ -189,3 +192,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def use_cpu_decode_layout(model: torch.nn.Module) -> None:
+    """Stores the float32 Linear weights with at least as many outputs as inputs column-major, for decoding on CPU.
+
+    Decoding multiplies a single row by each weight. On CPU (MKL, measured on an AVX2 EPYC) that product
+    reads a float32 weight with out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out)
+    than in nn.Linear's (out, in): the head 1.6x, gate/up 1.3x, square ones about the same. A weight with
+    out < in (down_proj) is 1.2x slower that way, and a bfloat16 one 15x slower, so those stay as they are.
+    `t().contiguous().t()` keeps the shape (out, in) and only changes the strides, so F.linear, LoRA layers
+    and merging work unchanged; a tied head re-lays out the embedding it shares, which lookups do not mind.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            if module.out_features >= module.in_features:
+                module.weight.data = module.weight.data.t().contiguous().t()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA's peak allocation on GPU; on CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss / (1e9 if sys.platform == "darwin" else 1e6)  # bytes on macOS, kilobytes on Linux

@@ -2,6 +2,7 @@
 fine-tuning tests (a tiny converted checkpoint, 9 short real records prepared for it)."""
 
 import json
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,6 +104,24 @@ def llama3_checkpoint_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("llama3_checkpoint")
     make_checkpoint(directory, tokenizer_dir=tokenizer_dir, vocab_size=128256, bos_token_id=128000, eos_token_id=128009)
     return directory
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory) -> Path:
+    """A directory with LLaMA's real tokenizer.model and nothing else: all that preparing data needs."""
+    directory = tmp_path_factory.mktemp("sentencepiece")
+    shutil.copy(shared_file("tokenizer.model"), directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sp():
+    """sentencepiece itself (a SentencePieceProcessor of LLaMA's tokenizer.model), the reference for prepared ids."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor()
+    processor.Load(str(shared_file("tokenizer.model")))
+    return processor
 
 
 @pytest.fixture(scope="module")
