@@ -55,10 +55,11 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
                 lora.dropout.p,
                 lora.rslora,
                 lora.magnitude is not None,
+                layer.bias is not None,
                 **settings,
             )
         else:
-            quantized = base(layer.in_features, layer.out_features, bias=False, **settings)
+            quantized = base(layer.in_features, layer.out_features, bias=layer.bias is not None, **settings)
         if isinstance(quantized, bnb.nn.Linear4bit):
             # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight at its first forward pass in eval
             # mode without gradients (validation, generation): from then on it computes in bf16, passes no gradient

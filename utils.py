@@ -178,6 +178,38 @@ def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path
         )
 
 
+def read_safetensors_metadata(path: Path, what: str) -> dict[str, str]:
+    """The metadata of a safetensors file, read without its tensors (an adapter's settings and base config); `what`
+    names the file in the error of a missing one ("LoRA checkpoint")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+
+
+def assign_adapter_tensors(
+    model: LLaMA, state_dict: dict[str, torch.Tensor], allowed: dict[str, torch.Tensor], source: Path
+) -> None:
+    """Assigns an adapter's tensors to the model's parameters `allowed` (by name, as lora.lora_state_dict and
+    adapter.adapter_state_dict give them), after checking every name and shape; also works for a base left on the meta
+    device."""
+    missing = [name for name in allowed if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in allowed]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit the model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    for name, tensor in state_dict.items():
+        if tensor.shape != allowed[name].shape:
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(allowed[name].shape)}"
+            )
+    # copied into the model's own parameters (their device and dtype); a model on the meta device takes them as they are
+    model.load_state_dict(state_dict, strict=False, assign=any(allowed[name].is_meta for name in state_dict))
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside `path` and renames it to `path` only once writing succeeded,

@@ -58,6 +58,10 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, tokenizer_dir: Optional[P
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**defaults, **config})).eval()
+    with torch.no_grad():  # biases (attention_bias, mlp_bias) start at zero: random ones, so that a test sees them
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=0.02)
     model.save_pretrained(directory)
     copy_tokenizer(tokenizer_dir or shared_file("tokenizer.model").parent, directory)
     return model
