@@ -25,32 +25,13 @@ from adapter import (
     read_adapter_config,
     save_adapter_checkpoint,
 )
-from conftest import make_adapter, make_checkpoint
+from conftest import make_adapter, make_checkpoint, randomize_adapter
 from generate import generate
 from lora import read_lora_config
 from model import Config, LLaMA
 from utils import load_model
 
 TINY = dict(block_size=64, vocab_size=100, n_layer=3, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
-
-
-def randomize_adapter(model: LLaMA, seed: int = 1) -> None:
-    """Gates away from zero (a fresh one is zero: the base model), and for v2 biases, scales and norms moved off their
-    starting values, as if trained."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def noise(t: torch.Tensor) -> torch.Tensor:
-        return torch.randn(t.shape, generator=generator)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, AdaptionPrompt):
-                module.gate.copy_(0.5 + noise(module.gate).abs())
-            elif isinstance(module, AdapterV2Linear):
-                module.bias_scale.bias.copy_(0.05 * noise(module.bias_scale.bias))
-                module.bias_scale.scale.copy_(1 + 0.1 * noise(module.bias_scale.scale))
-            elif isinstance(module, llama.RMSNorm) and get_adapter_config(model).version == 2:
-                module.weight.mul_(1 + 0.1 * noise(module.weight))
 
 
 def tiny_pair(settings: dict, seed: int = 0, **config) -> tuple[LLaMA, LLaMA]:
