@@ -231,7 +231,10 @@ def read_adapter_chat_template(path: Path) -> Optional[str]:
 def read_adapter_metadata(path: Path) -> dict[str, str]:
     metadata = read_safetensors_metadata(path, "LLaMA-Adapter checkpoint")
     if "lora" in metadata and "model_config" in metadata:
-        raise ValueError(f"{path} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; pass it as --lora_path")
+        raise ValueError(
+            f"{path} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; LoRA files go to --lora_path "
+            "(generate with generate_lora.py)"
+        )
     if "adapter" not in metadata or "model_config" not in metadata:
         raise ValueError(
             f"{path} has no LLaMA-Adapter settings in its metadata; it was not written by "

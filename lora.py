@@ -376,7 +376,8 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
     metadata = read_safetensors_metadata(path, "LoRA checkpoint")
     if "adapter" in metadata and "model_config" in metadata:
         raise ValueError(
-            f"{path} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; pass it as --adapter_path"
+            f"{path} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; LLaMA-Adapter files go to "
+            "--adapter_path (generate with generate_adapter.py)"
         )
     if "lora" not in metadata or "model_config" not in metadata:
         raise ValueError(

@@ -45,6 +45,11 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, nn.Linear) or (name == "lm_head" and model.config.tie_embeddings):
             continue
+        if hasattr(layer, "bias_scale"):
+            raise ValueError(
+                "LLaMA-Adapter v2 (a learned bias and scale on every projection) on a quantized base is not "
+                "implemented; quantize without it, or use v1 (its prompts only)"
+            )
         if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
             lora = layer.lora
             quantized = on_base(type(layer), base)(

@@ -233,12 +233,12 @@ def test_files_of_another_kind_or_base_or_settings_are_refused_in_one_line(tmp_p
     make_adapter(tmp_path / "base", tmp_path / "lora.safetensors", r=2, alpha=4, targets=("query",), seed=0)
 
     assert error_of(read_adapter_config, tmp_path / "lora.safetensors") == (
-        f"{tmp_path / 'lora.safetensors'} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; pass it as "
-        "--lora_path"
+        f"{tmp_path / 'lora.safetensors'} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; LoRA files go "
+        "to --lora_path (generate with generate_lora.py)"
     )
     assert error_of(read_lora_config, tmp_path / "adapter.safetensors") == (
-        f"{tmp_path / 'adapter.safetensors'} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; pass it as "
-        "--adapter_path"
+        f"{tmp_path / 'adapter.safetensors'} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; "
+        "LLaMA-Adapter files go to --adapter_path (generate with generate_adapter.py)"
     )
     assert "trained on another base model: n_layer=3 (model: 2)" in error_of(
         load_adapter_model, tmp_path / "other", tmp_path / "adapter.safetensors"

@@ -167,13 +167,13 @@ def test_cli_refuses_prompts_and_files_of_the_other_kind_in_one_line(tmp_path):
         ),
         (
             ("--adapter_path", str(tmp_path / "lora.safetensors")),
-            f"{tmp_path / 'lora.safetensors'} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; pass it as "
-            "--lora_path",
+            f"{tmp_path / 'lora.safetensors'} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; LoRA files go "
+            "to --lora_path (generate with generate_lora.py)",
         ),
         (
             ("--lora_path", str(tmp_path / "v1.safetensors")),
-            f"{tmp_path / 'v1.safetensors'} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; pass it as "
-            "--adapter_path",
+            f"{tmp_path / 'v1.safetensors'} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; "
+            "LLaMA-Adapter files go to --adapter_path (generate with generate_adapter.py)",
         ),
         ((), "pass either --lora_path (a LoRA checkpoint) or --adapter_path (a LLaMA-Adapter v2 one)"),
     ]

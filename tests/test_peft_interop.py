@@ -464,7 +464,7 @@ def test_adapters_that_cannot_cross_are_refused_in_one_line(prompt_bases, tmp_pa
     save_adapter_checkpoint(model, tmp_path / "v2.safetensors")
     with pytest.raises(ValueError, match="is a LLaMA-Adapter v2, whose learned biases, scales and norms PEFT has no "):
         export_peft(adapter_path=tmp_path / "v2.safetensors", out_dir=tmp_path / "v2")
-    with pytest.raises(ValueError, match="is a LLaMA-Adapter checkpoint .*; pass it as --adapter_path"):
+    with pytest.raises(ValueError, match="is a LLaMA-Adapter checkpoint .*; LLaMA-Adapter files go to --adapter_path"):
         export_peft(lora_path=tmp_path / "v2.safetensors", out_dir=tmp_path / "v2")
     with pytest.raises(ValueError, match="^pass either --lora_path .* or --adapter_path"):
         export_peft(out_dir=tmp_path / "v2")
