@@ -82,7 +82,6 @@ class AdaptionPrompt(nn.Module):
         self.prompt = nn.Parameter(torch.empty(adapter_len, config.n_embd))
         self.gate = nn.Parameter(torch.empty(1))
         self.n_query_groups, self.head_size = config.n_query_groups, config.head_size
-        self.cache: Optional[tuple[list, tuple[torch.Tensor, torch.Tensor]]] = None  # see keys_values
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,26 +91,16 @@ class AdaptionPrompt(nn.Module):
     def forward(self, q: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
         """q: (B, n_head, T, head_size), the layer's queries with their rotary embedding; k_proj, v_proj: the layer's
         projections. Returns gate · softmax(q·kᵀ / √head_size)·v over the prompt's keys k and values v, in the shape of
-        q: every position attends to the whole prompt, whatever its own position or cache."""
+        q: every position attends to the whole prompt, whatever its own position or cache. The keys and values are
+        projected anew at every call, also when decoding token by token: keeping them measured no faster
+        (howto/finetune_adapter.md)."""
         B, n_head = q.size(0), q.size(1)
-        k, v = self.keys_values(k_proj, v_proj)
+        n = self.prompt.size(0)
+        k = k_proj(self.prompt).view(1, n, self.n_query_groups, self.head_size).transpose(1, 2)  # (1, groups, n, hs)
+        v = v_proj(self.prompt).view(1, n, self.n_query_groups, self.head_size).transpose(1, 2)
         k, v = k.expand(B, -1, -1, -1).to(q.dtype), v.expand(B, -1, -1, -1).to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_query_groups != n_head)
         return self.gate.to(y.dtype) * y
-
-    def keys_values(self, k_proj: nn.Module, v_proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's keys and values, (1, n_query_groups, adapter_len, head_size) each. Without gradients
-        (generation, validation) they are kept from one call to the next until a tensor they come from changes, in
-        place (its version counter) or for another (its storage): decoding a token then projects no prompt (without
-        this, 1.4x the time of a SmolLM2-135M decoding step with prompts in all 30 layers)."""
-        sources = [(t.data_ptr(), t._version) for t in (*self.parameters(), *k_proj.parameters(), *v_proj.parameters())]
-        if not torch.is_grad_enabled() and self.cache is not None and self.cache[0] == sources:
-            return self.cache[1]
-        n = self.prompt.size(0)
-        k = k_proj(self.prompt).view(1, n, self.n_query_groups, self.head_size).transpose(1, 2)
-        v = v_proj(self.prompt).view(1, n, self.n_query_groups, self.head_size).transpose(1, 2)
-        self.cache = None if torch.is_grad_enabled() else (sources, (k, v))
-        return k, v
 
 
 class BiasScale(nn.Module):
