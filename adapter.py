@@ -172,18 +172,20 @@ def adapter_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     prompt and gate, and for v2 every bias and scale and the weights of the norms; the parameters themselves
     (keep_vars)."""
     v2 = any(isinstance(module, AdapterV2Linear) for module in model.modules())
-    return {
-        name: param
-        for name, param in model.state_dict(keep_vars=True).items()
-        if ".adaption_prompt." in name or ".bias_scale." in name or (v2 and name.endswith("norm.weight"))
-    }
+    return {name: param for name, param in model.state_dict(keep_vars=True).items() if is_adapter_tensor(name, v2)}
 
 
 def mark_only_adapter_as_trainable(model: LLaMA) -> None:
     """Freezes the base model: only what `adapter_state_dict` holds learns."""
-    trainable = set(adapter_state_dict(model))
+    v2 = any(isinstance(module, AdapterV2Linear) for module in model.modules())
     for name, param in model.named_parameters():
-        param.requires_grad = name in trainable
+        param.requires_grad = is_adapter_tensor(name, v2)
+
+
+def is_adapter_tensor(name: str, v2: bool) -> bool:
+    """Whether the parameter `name` belongs to the adapter: a prompt or gate, and in a v2 model also a bias, scale or
+    norm weight (its names end in "norm.weight": attn_norm, mlp_norm and the final norm)."""
+    return ".adaption_prompt." in name or ".bias_scale." in name or (v2 and name.endswith("norm.weight"))
 
 
 def save_adapter_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] = None) -> None:

@@ -155,10 +155,11 @@ def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path
     """Assigns `state_dict` to a model built on the meta device; the output head is re-tied when
     the config ties it to the embedding (safetensors files hold a shared tensor only once).
 
-    Modules that add to the base model (LoRA's A and B in a model built inside lora.lora(), marked
-    `adapter = True`) are not in a base checkpoint: they are created beside the weights, on their
-    device and in their dtype, and initialised by their own `reset_parameters()`; DoRA's magnitude then starts
-    from the loaded weight it adapts (lora.LoRALinear.reset_magnitude: the norm of each row)."""
+    Modules that add to the base model (LoRA's A and B in a model built inside lora.lora(), LLaMA-Adapter's prompts
+    and v2's biases and scales inside adapter.adapter(), marked `adapter = True`) are not in a base checkpoint: they
+    are created beside the weights, on their device and in their dtype, and initialised by their own
+    `reset_parameters()`; DoRA's magnitude then starts from the loaded weight it adapts
+    (lora.LoRALinear.reset_magnitude: the norm of each row)."""
     _, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -158,6 +158,20 @@ def test_only_the_adapter_learns_and_a_zero_gate_passes_no_gradient_to_its_promp
             assert param.grad is None, name
 
 
+def test_a_fabric_wrapped_model_marks_and_saves_the_same_adapter(tmp_path):
+    from lightning.fabric import Fabric
+
+    _, model = tiny_pair(V2)
+    randomize_adapter(model)
+    save_adapter_checkpoint(model, tmp_path / "adapter.safetensors")
+    wrapped = Fabric(accelerator="cpu", devices=1).setup(model)
+    mark_only_adapter_as_trainable(wrapped)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(adapter_state_dict(model))
+    save_adapter_checkpoint(wrapped, tmp_path / "wrapped.safetensors")
+    saved, direct = load_file(tmp_path / "wrapped.safetensors"), load_file(tmp_path / "adapter.safetensors")
+    assert saved.keys() == direct.keys() and all(torch.equal(saved[name], direct[name]) for name in saved)
+
+
 def test_the_adapters_size_is_two_tensors_per_adapted_layer():
     """The paper's v1 on LLaMA 7B: 10 prompt vectors of 4096 in the top 30 layers, and a gate each: 1.2M parameters."""
     with adapter(version=1, adapter_len=10, adapter_layers=30), torch.device("meta"):
