@@ -35,12 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import model as llama
 from lora import check_same_base
 from model import Config, LLaMA
-from utils import assign_adapter_tensors, atomic_path, load_config, load_model, read_safetensors_metadata
+from utils import assign_adapter_tensors, load_config, load_model, read_safetensors_metadata, save_adapter_file
 
 
 @dataclass
@@ -195,16 +195,7 @@ def save_adapter_checkpoint(model: LLaMA, path: Path, chat_template: Optional[st
     adapter_config = get_adapter_config(model)
     if adapter_config is None:
         raise ValueError("the model has no LLaMA-Adapter prompts or v2 layers to save; build it inside adapter()")
-    state_dict = {name: param.detach().cpu().contiguous() for name, param in adapter_state_dict(model).items()}
-    metadata = {
-        "format": "pt",
-        "adapter": json.dumps(asdict(adapter_config)),
-        "model_config": json.dumps(asdict(model.config)),
-    }
-    if chat_template is not None:
-        metadata["chat_template"] = chat_template
-    with atomic_path(path) as tmp:
-        save_file(state_dict, tmp, metadata=metadata)
+    save_adapter_file(path, adapter_state_dict(model), "adapter", asdict(adapter_config), model.config, chat_template)
 
 
 def read_adapter_config(path: Path) -> tuple[AdapterConfig, Config]:

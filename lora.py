@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import model as llama
 from model import Config, LLaMA
-from utils import assign_adapter_tensors, atomic_path, load_config, load_model, read_safetensors_metadata
+from utils import assign_adapter_tensors, load_config, load_model, read_safetensors_metadata, save_adapter_file
 
 # The places LoRA can adapt, as lora(targets=...), the --lora_targets flag and adapter files name them, and the
 # projection of model.py each one is (the last part of model.linear's `name`, also the Hugging Face / PEFT module name)
@@ -349,16 +349,7 @@ def save_lora_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] 
     lora_config = get_lora_config(model)
     if lora_config is None:
         raise ValueError("the model has no LoRA layers to save; build it inside lora()")
-    state_dict = {name: param.detach().cpu().contiguous() for name, param in lora_state_dict(model).items()}
-    metadata = {
-        "format": "pt",
-        "lora": json.dumps(asdict(lora_config)),
-        "model_config": json.dumps(asdict(model.config)),
-    }
-    if chat_template is not None:
-        metadata["chat_template"] = chat_template
-    with atomic_path(path) as tmp:
-        save_file(state_dict, tmp, metadata=metadata)
+    save_adapter_file(path, lora_state_dict(model), "lora", asdict(lora_config), model.config, chat_template)
 
 
 def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:

@@ -2,16 +2,18 @@
 directory (quantized if asked) and writing files atomically. The training machinery of the fine-tuning scripts is in
 training.py, bitsandbytes' quantization in quantize.py."""
 
+import json
 import os
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from model import Config, LLaMA
 from quantize import quantize_weight, quantized_layers, swap_in_layers
@@ -190,6 +192,24 @@ def read_safetensors_metadata(path: Path, what: str) -> dict[str, str]:
             return f.metadata() or {}
     except SafetensorError as e:
         raise ValueError(f"{path} is not a safetensors file ({e})") from None
+
+
+def save_adapter_file(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    kind: str,
+    settings: dict,
+    config: Config,
+    chat_template: Optional[str] = None,
+) -> None:
+    """Writes an adapter's tensors to a safetensors file that describes itself: its metadata holds the settings under
+    `kind` ("lora" for lora.py, "adapter" for adapter.py: what the readers tell the kinds apart by), the base model's
+    config, and the chat template of the conversations it was trained on, if any."""
+    metadata = {"format": "pt", kind: json.dumps(settings), "model_config": json.dumps(asdict(config))}
+    if chat_template is not None:
+        metadata["chat_template"] = chat_template
+    with atomic_path(path) as tmp:
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
 
 
 def assign_adapter_tensors(
