@@ -94,9 +94,12 @@ def test_bad_input_is_one_line_with_nonzero_exit(checkpoint_dir, tmp_path):
             "checkpoint directory it was trained on",
         ),
     ]
-    for path, message in cases:
-        result = run("generate_adapter.py", "--checkpoint_dir", str(checkpoint_dir), "--adapter_path", str(path))
-        assert result.returncode == 1 and result.stdout == ""
-        assert result.stderr == f"error: {message}\n"
+    (path, message), *others = cases
+    result = run("generate_adapter.py", "--checkpoint_dir", str(checkpoint_dir), "--adapter_path", str(path))
+    assert result.returncode == 1 and result.stdout == "" and result.stderr == f"error: {message}\n"
+    for path, message in others:  # in-process: the command line turns each into its one line, as above
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            generate_adapter(checkpoint_dir=checkpoint_dir, adapter_path=path)
+        assert str(e.value) == message
     with pytest.raises(ValueError, match=r"plus --max_new_tokens 250 exceeds the model's block_size 256"):
         generate_adapter(checkpoint_dir=checkpoint_dir, adapter_path=tmp_path / "other.safetensors", max_new_tokens=250)

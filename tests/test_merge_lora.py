@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -160,24 +161,28 @@ def test_cli_refuses_prompts_and_files_of_the_other_kind_in_one_line(tmp_path):
     base = ("--checkpoint_dir", str(tmp_path / "base"), "--out_dir", str(tmp_path / "merged"))
     cases = [
         (
-            ("--adapter_path", str(tmp_path / "v1.safetensors")),
+            ("adapter_path", tmp_path / "v1.safetensors"),
             f"{tmp_path / 'v1.safetensors'} holds LLaMA-Adapter prompts (v1, in 1 layers), which are attention over "
             "learned keys and values, not a change of any weight, and cannot merge; generate with it unmerged "
             "(generate_adapter.py)",
         ),
         (
-            ("--adapter_path", str(tmp_path / "lora.safetensors")),
+            ("adapter_path", tmp_path / "lora.safetensors"),
             f"{tmp_path / 'lora.safetensors'} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; LoRA files go "
             "to --lora_path (generate with generate_lora.py)",
         ),
         (
-            ("--lora_path", str(tmp_path / "v1.safetensors")),
+            ("lora_path", tmp_path / "v1.safetensors"),
             f"{tmp_path / 'v1.safetensors'} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; "
             "LLaMA-Adapter files go to --adapter_path (generate with generate_adapter.py)",
         ),
         ((), "pass either --lora_path (a LoRA checkpoint) or --adapter_path (a LLaMA-Adapter v2 one)"),
     ]
-    for flags, message in cases:
-        result = merge_cli(*base, *flags)
-        assert result.returncode == 1 and result.stderr.splitlines() == [f"error: {message}"]
-        assert not (tmp_path / "merged").exists()
+    (flags, message), *others = cases
+    result = merge_cli(*base, f"--{flags[0]}", str(flags[1]))  # the command line: one line, exit status 1
+    assert result.returncode == 1 and result.stderr.splitlines() == [f"error: {message}"]
+    for flags, message in others:  # the same check in-process: the CLI turns each ValueError into that line
+        with pytest.raises(ValueError) as e:
+            merge_lora(tmp_path / "base", out_dir=tmp_path / "merged", **dict(zip(flags[::2], flags[1::2])))
+        assert str(e.value) == message
+    assert not (tmp_path / "merged").exists()
