@@ -18,11 +18,12 @@ from typing import Iterator, Optional
 
 import torch
 
-from generate import generate_tokens, use_cpu_decode_layout
+from adapter import load_adapter_model, read_adapter_chat_template, read_adapter_config
+from generate import generate_tokens
 from lora import load_lora_model, read_lora_chat_template, read_lora_config
 from model import LLaMA
 from tokenizer import CHAT_TEMPLATES, Tokenizer
-from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype
+from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype, use_cpu_decode_layout
 
 
 def main(
@@ -37,13 +38,14 @@ def main(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
     template: Optional[str] = None,
+    adapter_path: Optional[Path] = None,
 ) -> None:
     """Opens an interactive chat with a converted checkpoint, or answers one message with --prompt.
 
     Args:
         checkpoint_dir: directory with lit_model.safetensors, model_config.json and the tokenizer, with its chat
             template (chat_template.jinja or tokenizer_config.json's chat_template; see howto/download_weights.md).
-        lora_path: an adapter written by finetune_lora.py to chat with, merged into the weights (on top of the
+        lora_path: a LoRA adapter written by finetune_lora.py to chat with, merged into the weights (on top of the
             quantized base, unmerged, with --quantize).
         system: a system prompt, the first message of the conversation; /reset keeps it.
         prompt: answer this one message, print only the answer to stdout, and exit (for scripts).
@@ -58,6 +60,8 @@ def main(
         template: a chat template built into tokenizer.py (llama-3, llama-2, chatml, alpaca), for a checkpoint that
             ships none (or to override its own). By default the adapter's, when it was trained on conversations
             (prepare_chat.py records the template), else the checkpoint's.
+        adapter_path: a LLaMA-Adapter (v1 or v2) written by finetune_adapter.py to chat with, instead of --lora_path;
+            its prompts stay separate from the weights (they cannot merge), and the base is not quantized.
     """
     if temperature < 0 or (top_k is not None and top_k < 1) or max_new_tokens < 1:
         raise ValueError(
@@ -67,9 +71,16 @@ def main(
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
+    if lora_path is not None and adapter_path is not None:
+        raise ValueError("pass --lora_path (a LoRA adapter) or --adapter_path (a LLaMA-Adapter), not both")
+    if adapter_path is not None and quantize is not None:
+        raise ValueError("--quantize is for LoRA adapters (QLoRA); a LLaMA-Adapter runs on the unquantized base")
     if lora_path is not None:
         read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
         template = template or read_lora_chat_template(lora_path)  # what it was trained on, if conversations
+    if adapter_path is not None:
+        read_adapter_config(adapter_path)
+        template = template or read_adapter_chat_template(adapter_path)
     if template is None and tokenizer.chat_template is None:
         raise ValueError(
             f"{checkpoint_dir} has no chat template (no chat_template.jinja, no chat_template in "
@@ -84,7 +95,9 @@ def main(
     dtype = precision_to_dtype(precision or default_precision())
 
     t0 = time.perf_counter()
-    if lora_path is None:
+    if adapter_path is not None:
+        model = load_adapter_model(checkpoint_dir, adapter_path, device=device, dtype=dtype)
+    elif lora_path is None:
         model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
     else:  # merged, unless the base is quantized: 4 or 8 bits would round the adapter's small update away
         model = load_lora_model(

@@ -35,13 +35,25 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 from tqdm import tqdm
 
-from generate import peak_memory_gb, sample, use_cpu_decode_layout
+from adapter import load_adapter_model, merge_adapter_v2, read_adapter_config
+from data import load_prepared_data
+from generate import sample
 from lora import check_same_base, load_lora_model, read_lora_config
 from model import LLaMA
 from quantize import check_mode
 from tokenizer import Tokenizer
-from training import cross_entropy_sum, load_data, pack_batch
-from utils import atomic_path, cli, default_precision, load_config, load_model, one_line, precision_to_dtype
+from training import cross_entropy_sum, pack_batch
+from utils import (
+    atomic_path,
+    cli,
+    default_precision,
+    load_config,
+    load_model,
+    one_line,
+    peak_memory_gb,
+    precision_to_dtype,
+    use_cpu_decode_layout,
+)
 
 IGNORE_INDEX = -100  # the label of a corpus token that is not scored
 
@@ -52,6 +64,7 @@ def main(
     data_file: Optional[Path] = None,
     data_dir: Optional[Path] = None,
     lora_path: Optional[Path] = None,
+    adapter_path: Optional[Path] = None,
     merge: bool = False,
     quantize: Optional[str] = None,
     precision: Optional[str] = None,
@@ -76,9 +89,12 @@ def main(
             scored once (transformers' sliding-window perplexity).
         data_dir: a directory prepared by prepare_alpaca.py or prepare_chat.py for this checkpoint's tokenizer: the
             loss and perplexity on its test split, scored as fine-tuning validates (only the response tokens).
-        lora_path: an adapter written by finetune_lora.py, applied on the base of `checkpoint_dir`.
-        merge: fold the adapter into the weights first (same scores, base-model speed); by default it stays
-            separate, which also scores a QLoRA adapter on the quantized base it was trained on.
+        lora_path: a LoRA adapter written by finetune_lora.py, applied on the base of `checkpoint_dir`.
+        adapter_path: a LLaMA-Adapter (v1 or v2) written by finetune_adapter.py, instead of --lora_path; on the
+            unquantized base.
+        merge: fold the adapter into the weights first (same scores, base-model speed; for a LLaMA-Adapter only v2
+            without prompts merges); by default it stays separate, which also scores a QLoRA adapter on the
+            quantized base it was trained on.
         quantize: hold the projections in 4 bits ("bnb.nf4", "bnb.fp4"; "-dq" quantizes their scales too) or 8 bits
             ("bnb.int8") with bitsandbytes, as generate.py does (see howto/quantize.md).
         precision: "bf16-true", "16-true" or "32-true"; by default bf16-true on GPUs that support it, else 32-true.
@@ -104,6 +120,12 @@ def main(
         raise ValueError(f"--limit must be positive (documents per task, or a fraction below 1), not {limit}")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, not {batch_size}")
+    if lora_path is not None and adapter_path is not None:
+        raise ValueError("pass --lora_path (a LoRA adapter) or --adapter_path (a LLaMA-Adapter), not both")
+    if merge and lora_path is None and adapter_path is None:
+        raise ValueError("--merge folds an adapter into the weights: give --lora_path or --adapter_path too")
+    if adapter_path is not None and quantize is not None:
+        raise ValueError("--quantize is for LoRA adapters (QLoRA); a LLaMA-Adapter runs on the unquantized base")
     if quantize and merge:
         raise ValueError(
             f"--quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
@@ -119,9 +141,17 @@ def main(
     stride = stride or max(1, max_length // 2)
     if not 1 <= stride <= max_length:
         raise ValueError(f"--stride must be between 1 and --max_length {max_length}, not {stride}")
-    if lora_path is not None:
+    if lora_path is not None:  # a missing file, one of the other kind or of another base stops here
         _, adapter_base = read_lora_config(lora_path)
         check_same_base(adapter_base, config, lora_path)
+    if adapter_path is not None:
+        adapter_config, adapter_base = read_adapter_config(adapter_path)
+        check_same_base(adapter_base, config, adapter_path)
+        if merge and (adapter_config.version != 2 or adapter_config.adapter_layers):
+            raise ValueError(
+                f"{adapter_path} holds prompts (LLaMA-Adapter v{adapter_config.version}, adapter_layers "
+                f"{adapter_config.adapter_layers}), which cannot merge into weights: leave out --merge"
+            )
     tokenizer = Tokenizer(checkpoint_dir)
     # everything that can be checked without the model first: a mistake stops before the slow part, writing nothing
     task_manager, task_objects = load_tasks(names, include_path) if names else (None, [])
@@ -130,8 +160,8 @@ def main(
         raise ValueError(f"--data_file {data_file} has fewer than 2 tokens: nothing to score")
     test_data, ignore_index = None, IGNORE_INDEX
     if data_dir is not None:
-        _, test_data, metadata = load_data(data_dir, checkpoint_dir)
-        ignore_index = metadata.get("ignore_index", IGNORE_INDEX)
+        prepared = load_prepared_data(data_dir, checkpoint_dir)
+        test_data, ignore_index = prepared.val, prepared.ignore_index
         if not test_data:
             raise ValueError(f"{data_dir}/test.pt holds no records; prepare the data with a test split")
 
@@ -139,12 +169,17 @@ def main(
     t0 = time.perf_counter()
     if lora_path is not None:
         model = load_lora_model(checkpoint_dir, lora_path, device, dtype, merge=merge, quantize=quantize)
+    elif adapter_path is not None:
+        model = load_adapter_model(checkpoint_dir, adapter_path, device, dtype)
+        if merge:
+            model = merge_adapter_v2(model)
     else:
         model = load_model(checkpoint_dir, device, dtype, quantize=quantize)
     model.eval()
     if device.type == "cpu":
         use_cpu_decode_layout(model)
-    adapter = f" with {lora_path} ({'merged' if merge else 'not merged'})" if lora_path else ""
+    adapter_file = lora_path or adapter_path
+    adapter = f" with {adapter_file} ({'merged' if merge else 'not merged'})" if adapter_file else ""
     print(
         f"Loaded {checkpoint_dir}{adapter} in {time.perf_counter() - t0:.2f} s "
         f"({dtype}, {quantize or 'not quantized'}, {device})",
@@ -158,6 +193,7 @@ def main(
         model_args = dict(
             checkpoint_dir=str(checkpoint_dir),
             lora_path=str(lora_path) if lora_path else None,
+            adapter_path=str(adapter_path) if adapter_path else None,
             merge=merge,
             quantize=quantize,
             precision=str(dtype),
@@ -566,8 +602,9 @@ def perplexity(
     for start in tqdm(range(0, len(records), batch_size), desc="perplexity", unit=" batches"):
         input_ids, targets, lengths = pack_batch(records[start : start + batch_size], max_length)
         input_ids, targets = input_ids.to(device), targets.to(device)
-        loss_sum += cross_entropy_sum(model, input_ids, targets, ignore_index, lengths).item()
-        n_tokens += int((targets != ignore_index).sum())
+        where = targets != ignore_index
+        loss_sum += cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where]).item()
+        n_tokens += int(where.sum())
     if n_tokens == 0:
         raise ValueError("no token to score: every label is masked")
     return {"tokens": n_tokens, "loss": loss_sum / n_tokens, "perplexity": math.exp(loss_sum / n_tokens)}

@@ -3,16 +3,16 @@
     python finetune_full.py --data_dir data/alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --devices 8 --strategy fsdp
 
-The same training loop as finetune_lora.py, but all weights learn. That takes about 16 bytes per parameter
-(fp32 weights, gradients and AdamW's two moments) before activations: 110 GB for a 7B model, so beyond small
-models it needs several GPUs with --strategy fsdp, which shards all of it across them (and recomputes each
-Block's activations in the backward pass). See howto/finetune_full.md. Every --train.save_interval steps, out_dir
-receives step-NNNNNN/ and, at the end, out_dir itself: a complete checkpoint directory (lit_model.safetensors,
-model_config.json, the tokenizer's files) for generate.py, and each time train_state.pt, from which --resume continues.
+The training loop of finetune_lora.py (its own copy, `fit`, to change here alone), but all weights learn. That takes
+about 16 bytes per parameter (fp32 weights, gradients and AdamW's two moments) before activations: 110 GB for a 7B
+model, so beyond small models it needs several GPUs with --strategy fsdp, which shards all of it across them (and
+recomputes each Block's activations in the backward pass). See howto/finetune_full.md. Every --train.save_interval
+steps, out_dir receives step-NNNNNN/ and, at the end, out_dir itself: a complete checkpoint directory
+(lit_model.safetensors, model_config.json, the tokenizer's files) for generate.py, and each time train_state.pt, from
+which --resume continues.
 """
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
@@ -20,26 +20,31 @@ from lightning.fabric import Fabric
 from safetensors.torch import save_file
 from torch.optim import Optimizer
 
+from data import PreparedData, load_prepared_data
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
     STATE_NAME,
+    Progress,
     TrainArgs,
+    batch_indices,
     check_batch_sizes,
     compile_blocks,
+    cross_entropy_sum,
     find_resume,
     finish,
     is_fsdp,
-    launch,
-    load_data,
+    learning_rate,
+    make_fabric,
     make_optimizer,
+    pack_batch,
     resume_settings,
     save_train_state,
     start_state,
-    train_steps,
+    stop_if_diverged,
     validate,
 )
-from utils import atomic_path, cli, copy_tokenizer, load_model, precision_to_dtype
+from utils import atomic_path, cli, copy_tokenizer, default_precision, load_model, precision_to_dtype
 
 
 def setup(
@@ -76,48 +81,113 @@ def setup(
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {out_dir} is the checkpoint directory; choose a new directory")
-    train_data, val_data, metadata = load_data(data_dir, checkpoint_dir)
-    ignore_index, chat_template = metadata["ignore_index"], metadata.get("chat_template")  # a template: conversations
+    data = load_prepared_data(data_dir, checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
     resume = find_resume(resume, out_dir)
-    train = train.for_records(len(train_data))  # max_steps from epochs, unless given
-    launch(main, SimpleNamespace(**locals()))  # main on every device, seeded, in --precision (by device by default)
+    train = train.for_records(len(data.train))  # max_steps from epochs, unless given
+    precision = precision or default_precision(training=True)  # bf16-mixed on GPUs with bf16, else 32-true
+
+    fabric = make_fabric(devices, num_nodes, strategy, precision, train, out_dir)  # seeded, logging to out_dir/logs
+    fabric.launch(main, checkpoint_dir, out_dir, data, tokenizer, precision, train, resume)
 
 
-def main(fabric: Fabric, args: SimpleNamespace) -> None:
+def main(
+    fabric: Fabric,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    data: PreparedData,
+    tokenizer: Tokenizer,
+    precision: str,
+    train: TrainArgs,
+    resume: Optional[Path],
+) -> None:
+    """On every device: the model, the optimizer, the training (`fit`), the fine-tuned checkpoint."""
     # The model, every weight trainable. Under mixed precision the weights stay in fp32 (bf16 would round small
     # updates away) and Fabric computes in bf16. FSDP starts from a copy on the CPU and moves each Block's shard
     # to its device. The result is saved in the dtype the checkpoint came in.
     fsdp = is_fsdp(fabric)
-    model = load_model(args.checkpoint_dir, device="cpu" if fsdp else fabric.device)
-    args.save_dtype = model.embed.weight.dtype
-    model = model.to(precision_to_dtype(args.precision.replace("bf16-mixed", "32-true")))
-    model.gradient_checkpointing = args.train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
-    compile_blocks(fabric, model, args.train)  # --train.compile: by default on CUDA
+    model = load_model(checkpoint_dir, device="cpu" if fsdp else fabric.device)
+    save_dtype = model.embed.weight.dtype
+    model = model.to(precision_to_dtype(precision.replace("bf16-mixed", "32-true")))
+    model.gradient_checkpointing = train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    compile_blocks(fabric, model, train)  # --train.compile: by default on CUDA
     fabric.print(f"Trainable parameters: {sum(param.numel() for param in model.parameters()):,} (all)")
     model = fabric.setup_module(model)
 
-    # The optimizer (AdamW or one of bitsandbytes' variants) over all weights; train_step sets its learning rate
-    train = args.train
+    # The optimizer (AdamW or one of bitsandbytes' variants) over all weights; fit sets its learning rate
     optimizer = make_optimizer(train.optimizer, model.parameters(), train.learning_rate, train.weight_decay)
     optimizer = fabric.setup_optimizers(optimizer)
 
-    settings = resume_settings(model, train, len(args.train_data))
-    state = start_state(fabric, args.resume, model, optimizer, settings)
+    settings = resume_settings(model, train, len(data.train))
+    state = start_state(fabric, resume, model, optimizer, settings)  # step 0, or where --resume left off
+    fit(fabric, model, optimizer, data, tokenizer, state, settings, train, out_dir, checkpoint_dir, save_dtype)
 
-    # The training loop; each step (training.train_step) is a batch, its loss and gradients, and every weight's update
-    for step in train_steps(fabric, model, optimizer, state, args.train_data, train, args.ignore_index, args.out_dir):
-        if step % train.eval_interval == 0 or step == train.max_steps:
-            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index, args.chat_template)
-        if step % train.save_interval == 0 and step < train.max_steps:  # a checkpoint directory and train_state.pt
-            save(fabric, model, optimizer, state, settings, args.out_dir / f"step-{step:06d}", args)
-
-    save(fabric, model, optimizer, state, settings, args.out_dir, args)
+    save(fabric, model, optimizer, state, settings, out_dir, out_dir, checkpoint_dir, save_dtype)  # into out_dir
     fabric.print(
-        f"Saved the fine-tuned checkpoint to {args.out_dir} (lit_model.safetensors, model_config.json, "
+        f"Saved the fine-tuned checkpoint to {out_dir} (lit_model.safetensors, model_config.json, "
         "the tokenizer's files)"
     )
-    finish(fabric, state["history"], args.out_dir)
+    finish(fabric, state["history"], out_dir)
+
+
+def fit(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: Optimizer,
+    data: PreparedData,
+    tokenizer: Tokenizer,
+    state: dict,
+    settings: dict,
+    train: TrainArgs,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    save_dtype: torch.dtype,
+) -> None:
+    """The training loop, from step state["step"] to train.max_steps. A step: its train.batch_size records, cut into
+    micro-batches packed without padding, each device taking every world_size-th; the loss, the mean over all the
+    batch's target tokens whichever micro-batch and device they are in, and its gradients; the update of every
+    weight. Then, when due, the validation loss and a sample answer, and a checkpoint directory with train_state.pt."""
+    max_seq_length = min(train.max_seq_length, model.config.block_size)
+    model.train()  # validate leaves the model so too
+    with Progress(fabric, train, len(data.train), state["step"]) as progress:
+        for step in range(state["step"], train.max_steps):
+            # the step's records follow from its number: a resumed run reads those an unbroken one would
+            batch = [data.train[i] for i in batch_indices(step, train.batch_size, len(data.train), train.seed)]
+            n_targets = sum(int((r["labels"][1:max_seq_length] != data.ignore_index).sum()) for r in batch)
+            # micro-batches of train.micro_batch_size records; micro-batch k goes to device k % devices
+            micro_batches = [
+                batch[i : i + train.micro_batch_size] for i in range(0, len(batch), train.micro_batch_size)
+            ]
+            micro_batches = micro_batches[fabric.global_rank :: fabric.world_size]
+            loss_sum = torch.zeros((), device=fabric.device)
+            for i, micro_batch in enumerate(micro_batches):
+                input_ids, targets, lengths = pack_batch(micro_batch, max_seq_length)
+                input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
+                where = targets != data.ignore_index  # the head computes logits only where there is a target
+                # under DDP, gradients are averaged across devices once per step, after the last micro-batch
+                with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                    logits = model(input_ids, lengths=lengths, logits_at=where)  # (targets, vocab_size)
+                    loss = cross_entropy_sum(logits, targets[where]) / max(n_targets, 1)  # the batch's mean, in part
+                    del logits  # now held by the loss's graph alone, which frees them once the head's backward is done
+                    fabric.backward(loss * fabric.world_size)  # DDP and FSDP average gradients; we want their sum
+                loss_sum += loss.detach()
+            loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
+            stop_if_diverged(loss, grad_norm, state, out_dir / STATE_NAME)  # a NaN or inf stops before the update
+            lr = learning_rate(step, train.learning_rate, train.warmup_steps, train.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state["step"] = step = step + 1
+            state["history"]["train"].append((step, loss))
+            progress.update(step, loss, lr, tokens=sum(min(len(r["input_ids"]), max_seq_length) for r in batch))
+            if step % train.eval_interval == 0 or step == train.max_steps:
+                validate(fabric, model, data.val, tokenizer, state, train, data.ignore_index, data.chat_template)
+            if step % train.save_interval == 0 and step < train.max_steps:  # a checkpoint directory and train_state.pt
+                step_dir = out_dir / f"step-{step:06d}"
+                save(fabric, model, optimizer, state, settings, out_dir, step_dir, checkpoint_dir, save_dtype)
 
 
 def save(
@@ -126,25 +196,28 @@ def save(
     optimizer: Optimizer,
     state: dict,
     settings: dict,
+    out_dir: Path,
+    destination: Path,
     checkpoint_dir: Path,
-    args: SimpleNamespace,
+    dtype: torch.dtype,
 ) -> None:
     """Writes out_dir/train_state.pt (training.save_train_state: every weight and what --resume needs), then a
-    checkpoint directory for generate.py at `checkpoint_dir`, in the dtype the run started from. Every file is written
-    under a temporary name and renamed when complete: a run killed while saving keeps the previous checkpoint."""
-    path = args.out_dir / STATE_NAME
+    checkpoint directory for generate.py at `destination`: the weights in `dtype` (the run's starting checkpoint's),
+    its config, and the tokenizer of `checkpoint_dir`. Every file is written under a temporary name and renamed when
+    complete: a run killed while saving keeps the previous checkpoint."""
+    path = out_dir / STATE_NAME
     save_train_state(fabric, path, model, optimizer, state, settings)
     if fabric.global_rank == 0:
         # under FSDP only the file just written holds the gathered weights (mmap: read as they are written out)
         weights = torch.load(path, weights_only=True, mmap=True)["model"] if is_fsdp(fabric) else model.state_dict()
         if model.config.tie_embeddings:
             del weights["lm_head.weight"]  # the embedding's, stored once
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(checkpoint_dir / "lit_model.safetensors") as tmp:
-            save_file({name: t.to(args.save_dtype) for name, t in weights.items()}, tmp, metadata={"format": "pt"})
-        with atomic_path(checkpoint_dir / "model_config.json") as tmp:
+        destination.mkdir(parents=True, exist_ok=True)
+        with atomic_path(destination / "lit_model.safetensors") as tmp:
+            save_file({name: t.to(dtype) for name, t in weights.items()}, tmp, metadata={"format": "pt"})
+        with atomic_path(destination / "model_config.json") as tmp:
             model.config.to_file(tmp)
-        copy_tokenizer(args.checkpoint_dir, checkpoint_dir)
+        copy_tokenizer(checkpoint_dir, destination)
     fabric.barrier()
 
 

@@ -11,38 +11,45 @@ see howto/quantize.md.
 Every --train.save_interval steps and at the end, out_dir receives the adapter (a few MB, for generate_lora.py and
 scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also
 logs/ (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_lora.md.
+The story is here, top to bottom (setup: the flags and every check; main: the model and the optimizer; fit: the
+training loop and its step), the parts it calls (the checkpoints: training.save_adapter_and_state) in training.py
+and data.py.
 """
 
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal, Optional, Union
 
 import torch
 from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
-from lora import LoRAConfig, load_lora_state_dict, lora, mark_only_lora_as_trainable, save_lora_checkpoint
+from data import PreparedData, load_prepared_data
+from lora import LoRAConfig, lora, mark_only_lora_as_trainable
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
     STATE_NAME,
+    Progress,
     TrainArgs,
+    batch_indices,
     check_batch_sizes,
     compile_blocks,
+    cross_entropy_sum,
     find_resume,
     finish,
     is_fsdp,
-    launch,
-    load_data,
+    learning_rate,
+    make_fabric,
     make_optimizer,
+    pack_batch,
     resume_settings,
-    save_train_state,
+    save_adapter_and_state,
     start_state,
-    train_steps,
+    stop_if_diverged,
     validate,
 )
-from utils import cli, load_model, precision_to_dtype
+from utils import cli, default_precision, load_model, precision_to_dtype
 
 ADAPTER_NAME = "lit_model_lora_finetuned.safetensors"  # the final adapter; scripts/merge_lora.py's default
 
@@ -104,93 +111,124 @@ def setup(
             "use --strategy ddp or one device"
         )
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
-    train_data, val_data, metadata = load_data(data_dir, checkpoint_dir)
-    ignore_index, chat_template = metadata["ignore_index"], metadata.get("chat_template")  # a template: conversations
+    data = load_prepared_data(data_dir, checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
     lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets, lora_rslora, lora_dora)
     resume = find_resume(resume, out_dir)
-    train = train.for_records(len(train_data))  # max_steps from epochs, unless given
-    launch(main, SimpleNamespace(**locals()))  # main on every device, seeded, in --precision (by device by default)
+    train = train.for_records(len(data.train))  # max_steps from epochs, unless given
+    precision = precision or default_precision(training=True)  # bf16-mixed on GPUs with bf16, else 32-true
+
+    fabric = make_fabric(devices, num_nodes, strategy, precision, train, out_dir)  # seeded, logging to out_dir/logs
+    fabric.launch(main, checkpoint_dir, out_dir, data, tokenizer, lora_config, quantize, precision, train, resume)
 
 
-def main(fabric: Fabric, args: SimpleNamespace) -> None:
+def main(
+    fabric: Fabric,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    data: PreparedData,
+    tokenizer: Tokenizer,
+    lora_config: LoRAConfig,
+    quantize: Optional[str],
+    precision: str,
+    train: TrainArgs,
+    resume: Optional[Path],
+) -> None:
+    """On every device: the model with LoRA, the optimizer, the training (`fit`), the final adapter."""
     # The model: the frozen base with LoRA layers on --lora_targets. Under mixed precision the base is held in the
     # low dtype and LoRA in fp32, whose small updates bf16 would round away. FSDP shards each Block's weights
     # together, which needs one dtype: it keeps them all in fp32 and computes in bf16 itself.
     fsdp = is_fsdp(fabric)
-    mixed = args.precision.endswith("-mixed")
-    base_dtype = torch.float32 if fsdp and mixed else precision_to_dtype(args.precision.replace("-mixed", "-true"))
-    with lora(**asdict(args.lora_config)):
-        device = "cpu" if fsdp else fabric.device
-        model = load_model(args.checkpoint_dir, device=device, dtype=base_dtype, quantize=args.quantize)
+    mixed = precision.endswith("-mixed")
+    base_dtype = torch.float32 if fsdp and mixed else precision_to_dtype(precision.replace("-mixed", "-true"))
+    with lora(**asdict(lora_config)):
+        model = load_model(checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype, quantize=quantize)
     mark_only_lora_as_trainable(model)
     trainable = [param for param in model.parameters() if param.requires_grad]
     if mixed:
         for param in trainable:
             param.data = param.data.float()
-    model.gradient_checkpointing = args.train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
-    compile_blocks(
-        fabric, model, args.train, quantized=args.quantize is not None
-    )  # --train.compile: by default on CUDA
+    model.gradient_checkpointing = train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    compile_blocks(fabric, model, train, quantized=quantize is not None)  # --train.compile: by default on CUDA
     total = sum(param.numel() for param in model.parameters())
     n_trainable = sum(param.numel() for param in trainable)
     fabric.print(
-        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), "
-        f"LoRA {args.lora_config}"
+        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), LoRA {lora_config}"
     )
     model = fabric.setup_module(model)
 
-    # The optimizer (AdamW or one of bitsandbytes' variants) over the LoRA weights only; train_step sets its rate
-    train = args.train
+    # The optimizer (AdamW or one of bitsandbytes' variants) over the LoRA weights only; fit sets its learning rate
     trainable = [param for param in model.parameters() if param.requires_grad]
-    optimizer = fabric.setup_optimizers(
-        make_optimizer(train.optimizer, trainable, train.learning_rate, train.weight_decay)
-    )
+    optimizer = make_optimizer(train.optimizer, trainable, train.learning_rate, train.weight_decay)
+    optimizer = fabric.setup_optimizers(optimizer)
 
-    settings = resume_settings(model, train, len(args.train_data), lora=asdict(args.lora_config))
-    state = start_state(fabric, args.resume, model, optimizer, settings)
+    settings = resume_settings(model, train, len(data.train), lora=asdict(lora_config))
+    state = start_state(fabric, resume, model, optimizer, settings)  # step 0, or where --resume left off
+    fit(fabric, model, optimizer, data, tokenizer, state, settings, train, out_dir)
 
-    # The training loop; each step (training.train_step) is a batch, its loss and gradients, and LoRA's update
-    for step in train_steps(fabric, model, optimizer, state, args.train_data, train, args.ignore_index, args.out_dir):
-        if step % train.eval_interval == 0 or step == train.max_steps:
-            validate(fabric, model, args.val_data, args.tokenizer, state, train, args.ignore_index, args.chat_template)
-        if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
-            save(
-                fabric,
-                model,
-                optimizer,
-                state,
-                settings,
-                args.out_dir / f"lora_step-{step:06d}.safetensors",
-                args.chat_template,
-            )
-
-    save(fabric, model, optimizer, state, settings, args.out_dir / ADAPTER_NAME, args.chat_template)
-    fabric.print(f"Saved the adapter to {args.out_dir / ADAPTER_NAME}")
-    finish(fabric, state["history"], args.out_dir)
+    # train_state.pt, then the adapter from the LoRA tensors just saved in it (the adapter records the chat template
+    # of conversation data, which generate_lora.py then prompts in)
+    save_adapter_and_state(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
+    fabric.print(f"Saved the adapter to {out_dir / ADAPTER_NAME}")
+    finish(fabric, state["history"], out_dir)
 
 
-def save(
+def fit(
     fabric: Fabric,
     model: LLaMA,
     optimizer: Optimizer,
+    data: PreparedData,
+    tokenizer: Tokenizer,
     state: dict,
     settings: dict,
-    adapter_path: Path,
-    chat_template: Optional[str],
+    train: TrainArgs,
+    out_dir: Path,
 ) -> None:
-    """Writes train_state.pt beside `adapter_path` (training.save_train_state: the LoRA weights and what --resume
-    needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always agree; the
-    adapter records the chat template of conversation data, which generate_lora.py then prompts in.
-    Both are written under a temporary name and renamed when complete."""
-    path = adapter_path.parent / STATE_NAME
-    save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)
-    if fabric.global_rank == 0:
-        with torch.device("meta"), lora(**settings["lora"]):
-            skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real
-        load_lora_state_dict(skeleton, torch.load(path, weights_only=True)["model"], path)
-        save_lora_checkpoint(skeleton, adapter_path, chat_template)  # atomic too
-    fabric.barrier()
+    """The training loop, from step state["step"] to train.max_steps. A step: its train.batch_size records, cut into
+    micro-batches packed without padding, each device taking every world_size-th; the loss, the mean over all the
+    batch's target tokens whichever micro-batch and device they are in, and its gradients; the update of LoRA's
+    weights. Then, when due, the validation loss and a sample answer, and an adapter with train_state.pt."""
+    max_seq_length = min(train.max_seq_length, model.config.block_size)
+    model.train()  # LoRA's dropout on; validate leaves the model so too
+    with Progress(fabric, train, len(data.train), state["step"]) as progress:
+        for step in range(state["step"], train.max_steps):
+            # the step's records follow from its number: a resumed run reads those an unbroken one would
+            batch = [data.train[i] for i in batch_indices(step, train.batch_size, len(data.train), train.seed)]
+            n_targets = sum(int((r["labels"][1:max_seq_length] != data.ignore_index).sum()) for r in batch)
+            # micro-batches of train.micro_batch_size records; micro-batch k goes to device k % devices
+            micro_batches = [
+                batch[i : i + train.micro_batch_size] for i in range(0, len(batch), train.micro_batch_size)
+            ]
+            micro_batches = micro_batches[fabric.global_rank :: fabric.world_size]
+            loss_sum = torch.zeros((), device=fabric.device)
+            for i, micro_batch in enumerate(micro_batches):
+                input_ids, targets, lengths = pack_batch(micro_batch, max_seq_length)
+                input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
+                where = targets != data.ignore_index  # the head computes logits only where there is a target
+                # under DDP, gradients are averaged across devices once per step, after the last micro-batch
+                with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                    logits = model(input_ids, lengths=lengths, logits_at=where)  # (targets, vocab_size)
+                    loss = cross_entropy_sum(logits, targets[where]) / max(n_targets, 1)  # the batch's mean, in part
+                    del logits  # now held by the loss's graph alone, which frees them once the head's backward is done
+                    fabric.backward(loss * fabric.world_size)  # DDP and FSDP average gradients; we want their sum
+                loss_sum += loss.detach()
+            loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
+            stop_if_diverged(loss, grad_norm, state, out_dir / STATE_NAME)  # a NaN or inf stops before the update
+            lr = learning_rate(step, train.learning_rate, train.warmup_steps, train.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state["step"] = step = step + 1
+            state["history"]["train"].append((step, loss))
+            progress.update(step, loss, lr, tokens=sum(min(len(r["input_ids"]), max_seq_length) for r in batch))
+            if step % train.eval_interval == 0 or step == train.max_steps:
+                validate(fabric, model, data.val, tokenizer, state, train, data.ignore_index, data.chat_template)
+            if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
+                adapter_path = out_dir / f"lora_step-{step:06d}.safetensors"
+                save_adapter_and_state(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ stderr. `generate()` is the decoding loop every other script imports (generate_l
 `generate_tokens()`, which yields the tokens one at a time, as chat.py prints them.
 """
 
-import resource
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,15 @@ import torch
 
 from model import LLaMA
 from tokenizer import Tokenizer
-from utils import cli, default_precision, load_config, load_model, precision_to_dtype
+from utils import (
+    cli,
+    default_precision,
+    load_config,
+    load_model,
+    peak_memory_gb,
+    precision_to_dtype,
+    use_cpu_decode_layout,
+)
 
 
 def main(
@@ -188,30 +195,6 @@ def sample(
         probs = torch.zeros_like(probs).scatter_(-1, order[keep], sorted_probs[keep])  # multinomial renormalises
     choice = torch.multinomial(probs, num_samples=1, generator=generator)
     return candidates[choice] if top_k is not None else choice
-
-
-def use_cpu_decode_layout(model: torch.nn.Module) -> None:
-    """Stores the float32 Linear weights with at least as many outputs as inputs column-major, for decoding on CPU.
-
-    Decoding multiplies a single row by each weight. On CPU (MKL, measured on an AVX2 EPYC) that product
-    reads a float32 weight with out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out)
-    than in nn.Linear's (out, in): the head 1.6x, gate/up 1.3x, square ones about the same. A weight with
-    out < in (down_proj) is 1.2x slower that way, and a bfloat16 one 15x slower, so those stay as they are.
-    `t().contiguous().t()` keeps the shape (out, in) and only changes the strides, so F.linear, LoRA layers
-    and merging work unchanged; a tied head re-lays out the embedding it shares, which lookups do not mind.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
-            if module.out_features >= module.in_features:
-                module.weight.data = module.weight.data.t().contiguous().t()
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA's peak allocation on GPU; on CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss / (1e9 if sys.platform == "darwin" else 1e6)  # bytes on macOS, kilobytes on Linux
 
 
 if __name__ == "__main__":

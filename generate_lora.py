@@ -3,9 +3,9 @@
     python generate_lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --lora_path out/lora/alpaca/lit_model_lora_finetuned.safetensors --prompt "What do llamas eat?"
 
-Wraps the instruction (and --input) in the prompt the adapter was trained with: the Alpaca template
-(prepare_alpaca.py), or, for an adapter trained on conversations (prepare_chat.py), a one-turn conversation in the
-chat template recorded in the adapter, followed by the assistant header. It reads r, alpha and the adapted layers
+Wraps the instruction (and --input) in the prompt the adapter was trained with (`data.encode_prompt`): the Alpaca
+template (prepare_alpaca.py), or, for an adapter trained on conversations (prepare_chat.py), a one-turn conversation in
+the chat template recorded in the adapter, followed by the assistant header. It reads r, alpha and the adapted layers
 from the adapter itself, and by default merges it into the weights, so generation runs at the base model's speed.
 Prints only the response to stdout; load time, tokens/sec and peak memory go to stderr. Greedy output
 (--temperature 0) equals generate.py's on the directory that scripts/merge_lora.py writes from the same adapter.
@@ -18,11 +18,11 @@ from typing import Optional
 
 import torch
 
-from generate import generate, peak_memory_gb, printable, use_cpu_decode_layout
+from data import encode_prompt
+from generate import generate, printable
 from lora import load_lora_model, read_lora_chat_template, read_lora_config
-from prepare_alpaca import encode_prompt
 from tokenizer import Tokenizer
-from utils import cli, default_precision, load_config, precision_to_dtype
+from utils import cli, default_precision, load_config, peak_memory_gb, precision_to_dtype, use_cpu_decode_layout
 
 
 def main(

@@ -24,12 +24,12 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 import model as llama
 from model import Config, LLaMA
-from utils import atomic_path, load_config, load_model
+from utils import assign_adapter_tensors, load_config, load_model, read_safetensors_metadata, save_adapter_file
 
 # The places LoRA can adapt, as lora(targets=...), the --lora_targets flag and adapter files name them, and the
 # projection of model.py each one is (the last part of model.linear's `name`, also the Hugging Face / PEFT module name)
@@ -164,17 +164,23 @@ class LoRALinear(nn.Linear):
         dropout: float,
         rslora: bool = False,
         dora: bool = False,
+        bias: bool = False,
         **base_settings,
     ) -> None:
-        super().__init__(in_features, out_features, bias=False, **base_settings)
+        if dora and bias:
+            raise ValueError(
+                "DoRA on projections with a bias (a merged LLaMA-Adapter v2 checkpoint) is not implemented; use LoRA"
+            )
+        super().__init__(in_features, out_features, bias=bias, **base_settings)
         self.lora = LoRA(in_features, out_features, r, alpha, dropout, rslora, dora)
         self.merged = False
+        self.disabled = False  # the base projection alone, within `lora_disabled`
         if dora:
             self.reset_magnitude()  # again by utils.load_weights once the checkpoint's weight is in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = super().forward(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result  # a plain linear layer
         if self.lora.magnitude is None:
             return result + self.lora(x)
@@ -257,17 +263,35 @@ def lora(
     config = LoRAConfig(r, alpha, dropout, tuple(targets), rslora, dora, ranks or {}, alphas or {})
     plain_linear = llama.linear
 
-    def linear(in_features: int, out_features: int, name: str) -> nn.Linear:
+    def linear(in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Linear:
         if config.adapts(name):
             r, alpha = config.rank_and_alpha(name)
-            return LoRALinear(in_features, out_features, r, alpha, dropout, rslora, dora)
-        return plain_linear(in_features, out_features, name)
+            return LoRALinear(in_features, out_features, r, alpha, dropout, rslora, dora, bias)
+        return plain_linear(in_features, out_features, name, bias)
 
     llama.linear = linear
     try:
         yield config
     finally:
         llama.linear = plain_linear
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Within it, every LoRA layer of `model` (also through a wrapper such as Fabric's: `model.modules()` reaches
+    them) computes its base projection alone, DoRA's too: the model is its base model, without a copy of it.
+    finetune_dpo.py's reference model is the model under training inside this context. Restored in `finally`."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot switch off LoRA layers merged into their weights; unmerge them first")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, before):
+            layer.disabled = disabled
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -337,23 +361,17 @@ def merged_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def save_lora_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] = None) -> None:
+def save_lora_checkpoint(
+    model: LLaMA, path: Path, chat_template: Optional[str] = None, training: Optional[dict] = None
+) -> None:
     """Writes the adapter (`lora_state_dict`) to a safetensors file whose metadata holds the LoRA settings
-    and the base model's config, so that loading it never asks for r, alpha or the targets again, and the chat
-    template of the conversations it was trained on, if any (`read_lora_chat_template`)."""
+    and the base model's config, so that loading it never asks for r, alpha or the targets again, the chat
+    template of the conversations it was trained on, if any (`read_lora_chat_template`), and `training`, how it was
+    trained, if given (finetune_dpo.py's method and settings; no reader needs it)."""
     lora_config = get_lora_config(model)
     if lora_config is None:
         raise ValueError("the model has no LoRA layers to save; build it inside lora()")
-    state_dict = {name: param.detach().cpu().contiguous() for name, param in lora_state_dict(model).items()}
-    metadata = {
-        "format": "pt",
-        "lora": json.dumps(asdict(lora_config)),
-        "model_config": json.dumps(asdict(model.config)),
-    }
-    if chat_template is not None:
-        metadata["chat_template"] = chat_template
-    with atomic_path(path) as tmp:
-        save_file(state_dict, tmp, metadata=metadata)
+    save_adapter_file(path, lora_state_dict(model), "lora", asdict(lora_config), model.config, chat_template, training)
 
 
 def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:
@@ -368,14 +386,12 @@ def read_lora_chat_template(path: Path) -> Optional[str]:
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA checkpoint {path} not found")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+    metadata = read_safetensors_metadata(path, "LoRA checkpoint")
+    if "adapter" in metadata and "model_config" in metadata:
+        raise ValueError(
+            f"{path} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; LLaMA-Adapter files go to "
+            "--adapter_path (generate with generate_adapter.py)"
+        )
     if "lora" not in metadata or "model_config" not in metadata:
         raise ValueError(
             f"{path} has no LoRA settings in its metadata; it was not written by lora.save_lora_checkpoint "
@@ -448,15 +464,4 @@ def check_same_base(adapter_base: Config, model_config: Config, path: Path) -> N
 def load_lora_state_dict(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path) -> None:
     """Assigns adapter tensors to the model's LoRA parameters, after checking every name and shape; also works for
     a base left on the meta device."""
-    allowed = lora_state_dict(model)
-    missing = [name for name in allowed if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in allowed]
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit the model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    for name, tensor in state_dict.items():
-        if tensor.shape != allowed[name].shape:
-            raise ValueError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(allowed[name].shape)}"
-            )
-    # copied into the model's own parameters (their device and dtype); a model on the meta device takes them as they are
-    model.load_state_dict(state_dict, strict=False, assign=any(allowed[name].is_meta for name in state_dict))
+    assign_adapter_tensors(model, state_dict, lora_state_dict(model), source)

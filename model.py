@@ -45,6 +45,10 @@ class Config:
     # ROPE_SCALING_KEYS, as the Hub's config.json names them, e.g. dict(factor=8.0, low_freq_factor=1.0,
     # high_freq_factor=4.0, original_max_position_embeddings=8192)
     rope_scaling: Optional[dict] = None
+    # biases on the attention projections (q, k, v, o) and on the MLP's (gate, up, down), as the Hub's config.json names
+    # them; LLaMA has none, a merged LLaMA-Adapter v2 (adapter.merge_adapter_v2) has both
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -108,14 +112,8 @@ class Config:
             if missing:
                 raise ValueError(f"{where} 'llama3' rope scaling lacks {', '.join(missing)}")
             rope_scaling = {key: rope[key] for key in ROPE_SCALING_KEYS}
-        unsupported = {
-            "attention_bias": hf.get("attention_bias", False),
-            "mlp_bias": hf.get("mlp_bias", False),
-            "hidden_act": hf.get("hidden_act", "silu") != "silu" and hf.get("hidden_act"),
-        }
-        for key, value in unsupported.items():
-            if value:
-                raise ValueError(f"{where} {key}={value!r} is not supported by model.py")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where} hidden_act={hf['hidden_act']!r} is not supported by model.py")
         n_head = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
         if head_dim * n_head != hf["hidden_size"]:
@@ -139,6 +137,8 @@ class Config:
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=hf.get("tie_word_embeddings", False),
             rope_scaling=rope_scaling,
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
         )
 
 
@@ -282,11 +282,19 @@ configs = {
 }
 
 
-def linear(in_features: int, out_features: int, name: str) -> nn.Linear:
+def linear(in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Linear:
     """Builds every projection of the model. `name` is the module's path in the model ("blocks.0.attn.q_proj", ...,
     "lm_head"), so that lora.lora() can swap in LoRA layers where it is asked to (lora.TARGETS maps its target names
-    onto the last part, the projection's own name) with the rank asked for that module."""
-    return nn.Linear(in_features, out_features, bias=False)
+    onto the last part, the projection's own name) with the rank asked for that module, and adapter.adapter() its
+    LLaMA-Adapter v2 layers (a learned bias and scale)."""
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def adaption_prompt(config: Config, path: str) -> Optional[nn.Module]:
+    """Builds what the attention layer at `path` ("blocks.0.attn") attends to besides the sequence: nothing in a plain
+    model. Inside adapter.adapter() the top layers get a LLaMA-Adapter prompt (adapter.AdaptionPrompt) instead, whose
+    forward(q, k_proj, v_proj) returns what to add to the attention's output, (B, n_head, T, head_size)."""
+    return None
 
 
 class LLaMA(nn.Module):
@@ -399,10 +407,11 @@ class CausalSelfAttention(nn.Module):
         self.head_size = config.head_size
         kv_size = config.n_query_groups * config.head_size
         # separate projections, so that LoRA can adapt each one on its own
-        self.q_proj = linear(config.n_embd, config.n_embd, f"{path}.q_proj")
-        self.k_proj = linear(config.n_embd, kv_size, f"{path}.k_proj")
-        self.v_proj = linear(config.n_embd, kv_size, f"{path}.v_proj")
-        self.o_proj = linear(config.n_embd, config.n_embd, f"{path}.o_proj")
+        self.q_proj = linear(config.n_embd, config.n_embd, f"{path}.q_proj", config.attention_bias)
+        self.k_proj = linear(config.n_embd, kv_size, f"{path}.k_proj", config.attention_bias)
+        self.v_proj = linear(config.n_embd, kv_size, f"{path}.v_proj", config.attention_bias)
+        self.o_proj = linear(config.n_embd, config.n_embd, f"{path}.o_proj", config.attention_bias)
+        self.adaption_prompt = adaption_prompt(config, path)  # None but in adapter.adapter()
         self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(
@@ -458,6 +467,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         # y: (B, n_head, T, head_size)
+        if self.adaption_prompt is not None:  # LLaMA-Adapter: gated attention over a learned prompt, of every position
+            y = y + self.adaption_prompt(q, self.k_proj, self.v_proj)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
 
@@ -496,9 +507,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config, path: str) -> None:
         super().__init__()
-        self.gate_proj = linear(config.n_embd, config.intermediate_size, f"{path}.gate_proj")
-        self.up_proj = linear(config.n_embd, config.intermediate_size, f"{path}.up_proj")
-        self.down_proj = linear(config.intermediate_size, config.n_embd, f"{path}.down_proj")
+        self.gate_proj = linear(config.n_embd, config.intermediate_size, f"{path}.gate_proj", config.mlp_bias)
+        self.up_proj = linear(config.n_embd, config.intermediate_size, f"{path}.up_proj", config.mlp_bias)
+        self.down_proj = linear(config.intermediate_size, config.n_embd, f"{path}.down_proj", config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

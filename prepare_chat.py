@@ -14,7 +14,8 @@ for a checkpoint without one: tokenizer.CHAT_TEMPLATES) and encoded as one text,
 first token to its end-of-turn token (<|eot_id|>, <|im_end|>, EOS) included, and are `ignore_index` everywhere else
 (system and user turns, the template's headers), so the model learns to answer and to stop, in every turn.
 Writes the train.pt, test.pt and metadata.json of prepare_alpaca.py, the template in the metadata: finetune_lora.py
-and finetune_full.py train on them as they are. See howto/prepare_dataset.md.
+and finetune_full.py train on them as they are. Reading, splitting, the metadata and writing are data.py's parts.
+See howto/prepare_dataset.md.
 """
 
 from pathlib import Path
@@ -23,18 +24,19 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from prepare_alpaca import (
+from data import (
     METADATA_FORMAT,
-    download,
+    find_data_file,
     load_records,
     print_summary,
     split_metadata,
     split_order,
     split_samples,
     tokenizer_metadata,
-    write,
+    write_prepared,
 )
 from tokenizer import CHAT_TEMPLATES, Tokenizer, tokenizer_file
+from utils import cli
 
 # the two formats: the key of the message list, the keys of role and text, and their role names -> ours
 FORMATS = {
@@ -92,22 +94,16 @@ def setup(
     if chat_template is None:
         tokenizer.apply_chat_template([])  # says that there is none and which to choose
 
-    if data_file_path is None:
-        if not (data_repo_id and data_file_name):
-            raise ValueError("pass --data_file_path, or --data_repo_id and --data_file_name to download from the Hub")
-        data_file_path = download(data_repo_id, data_file_name)
-        source = f"hf://datasets/{data_repo_id}/{data_file_name}"
-    else:
-        source = str(data_file_path)
-    records = load_records(Path(data_file_path))
-    conversations = to_conversations(records, Path(data_file_path))
+    data_file_path, source = find_data_file(data_file_path, data_repo_id, data_file_name)
+    records = load_records(data_file_path)
+    conversations = to_conversations(records, data_file_path)
     print(f"Read {len(conversations)} conversations from {data_file_path}")
     order = split_order(len(conversations), test_split_fraction, seed)  # before tokenizing: the same for any length
 
     samples, lengths, truncated, too_long = tokenize(
         conversations, [where for where, _ in records], tokenizer, chat_template, max_seq_length, ignore_index
     )
-    print_summary(lengths, truncated, [], max_seq_length)
+    print_summary(lengths, truncated, max_seq_length)
     if too_long:
         print(
             f"Left out {len(too_long)} conversations whose first assistant turn does not fit in --max_seq_length "
@@ -129,7 +125,7 @@ def setup(
         "truncated": truncated,
         "left_out_first_turn_too_long": len(too_long),
     }
-    write(destination_path, train_set, test_set, metadata)
+    write_prepared(destination_path, train_set, test_set, metadata)
 
 
 def to_conversations(records: list[tuple[str, Any]], path: Path) -> list[list[dict[str, str]]]:
@@ -260,6 +256,4 @@ def assistant_targets(
 
 
 if __name__ == "__main__":
-    from utils import cli
-
     cli(setup)

@@ -45,6 +45,11 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, nn.Linear) or (name == "lm_head" and model.config.tie_embeddings):
             continue
+        if hasattr(layer, "bias_scale"):
+            raise ValueError(
+                "LLaMA-Adapter v2 (a learned bias and scale on every projection) on a quantized base is not "
+                "implemented; quantize without it, or use v1 (its prompts only)"
+            )
         if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
             lora = layer.lora
             quantized = on_base(type(layer), base)(
@@ -55,10 +60,11 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
                 lora.dropout.p,
                 lora.rslora,
                 lora.magnitude is not None,
+                layer.bias is not None,
                 **settings,
             )
         else:
-            quantized = base(layer.in_features, layer.out_features, bias=False, **settings)
+            quantized = base(layer.in_features, layer.out_features, bias=layer.bias is not None, **settings)
         if isinstance(quantized, bnb.nn.Linear4bit):
             # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight at its first forward pass in eval
             # mode without gradients (validation, generation): from then on it computes in bf16, passes no gradient

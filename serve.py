@@ -29,11 +29,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from batched import BatchGenerator, QueueFull, Request
-from generate import use_cpu_decode_layout
 from lora import read_lora_chat_template
 from multilora import AdapterStack, adapter_updates
 from tokenizer import Tokenizer
-from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype
+from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype, use_cpu_decode_layout
 
 
 def main(

@@ -22,6 +22,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from utils import one_line
+
 # Built-in chat templates for checkpoints that ship none (prepare_chat.py --template NAME), in the Jinja of the Hub's
 # tokenizer_config.json files: Meta's Llama 3.1 Instruct and Llama 2 chat templates, ChatML (SmolLM2, Qwen) and the
 # Alpaca prompt of prepare_alpaca.py with one "### Instruction:" / "### Response:" pair per turn.
@@ -205,8 +207,7 @@ def load_tokenizer_json(path: Path) -> Any:
     try:
         return HFTokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises plain Exception for malformed JSON or an unknown model
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a Hugging Face tokenizer ({reason}); download it again") from None
+        raise ValueError(f"{path} is not a Hugging Face tokenizer ({one_line(e)}); download it again") from None
 
 
 def load_sentencepiece(path: Path) -> Any:

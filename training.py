@@ -1,18 +1,21 @@
-"""The training machinery finetune_lora.py and finetune_full.py share. Each script tells its own story (setup: the
-flags and every check; main: the model, the optimizer, the training loop; save) and imports the parts from here, in
-the order a run uses them:
+"""The parts the fine-tuning scripts (finetune_lora.py, finetune_full.py, finetune_dpo.py) build their runs from. Each
+script tells its own story (setup: the flags and every check; main: the model and the optimizer; fit: the training
+loop and its step, in plain view; the checkpoints) and calls these parts, listed here in the order a run uses them:
 
-- `TrainArgs`: the training flags both scripts take (--train.batch_size, ...);
-- before any model is loaded or process started: `check_batch_sizes`, `load_data` (checked against the
-  checkpoint), `find_resume`; then `launch` runs the script's main on every device (`is_fsdp`: sharded or not),
-  where `compile_blocks` compiles the model (--train.compile);
-- the optimizer and where a run starts: `make_optimizer`, `resume_settings`, `start_state`;
-- the loop's steps: `train_steps` yields after each `train_step` (its records from `batch_indices`, its learning rate
-  from `learning_rate`, the loss and gradients of its micro-batches, packed by `pack_batch` and scored by
-  `cross_entropy_sum`, the NaN stop, the update), reported by `Progress`;
-- between steps: `validate` (the validation loss and a sample answer) and `save_train_state` (what --resume needs;
-  `load_train_state` restores it and refuses a run with other settings);
-- `finish`: the loss plot and the loggers.
+- before any model is loaded or process started: `TrainArgs` (the --train.* flags), `check_batch_sizes`,
+  `find_resume` (the data itself: data.load_prepared_data);
+- the run: `make_fabric` (devices, strategy, precision, loggers, seed; the script then calls fabric.launch),
+  `is_fsdp`, `compile_blocks`, `make_optimizer`, and where it starts: `resume_settings`, `start_state` (with
+  `load_train_state`);
+- each step of the loop: `Progress` (the plan, the bar and the logged figures), `batch_indices` (the step's records),
+  `pack_batch` (a micro-batch in one row), `cross_entropy_sum` (the loss over the logits; `token_cross_entropy` per
+  target, with `TokenCrossEntropy`),
+  `stop_if_diverged` (the stop on a loss or gradient that is not finite), `learning_rate` (the step's rate);
+- between steps: `validate` (the validation loss and a sample answer, `sample_answer`) and `save_train_state` (what
+  --resume needs; with the adapter beside it: `save_adapter_and_state`);
+- at the end: `finish` (the loss plot, the loggers).
+
+The data order and the learning rate are pure functions of the step, so a resumed run continues exactly.
 """
 
 import importlib.util
@@ -22,8 +25,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, Iterable, Iterator, Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -33,12 +35,13 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
-from generate import generate, peak_memory_gb, printable
+from data import encode_prompt
+from generate import generate, printable
+from lora import load_lora_state_dict, lora, save_lora_checkpoint
 from model import Block, LLaMA
-from prepare_alpaca import check_prepared_data, encode_prompt
 from quantize import make_bnb_optimizer
 from tokenizer import Tokenizer
-from utils import default_precision, load_config, one_line
+from utils import one_line, peak_memory_gb
 
 STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
@@ -111,6 +114,41 @@ def check_batch_sizes(train: TrainArgs, devices: int) -> None:
         )
 
 
+def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
+    """--resume: a train_state.pt, or "auto" for out_dir's when there is one."""
+    if resume == "auto":
+        return out_dir / STATE_NAME if (out_dir / STATE_NAME).is_file() else None
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such file (use --resume auto for the latest in --out_dir)")
+    return None if resume is None else Path(resume)
+
+
+def make_fabric(devices: int, num_nodes: int, strategy: str, precision: str, train: TrainArgs, out_dir: Path) -> Fabric:
+    """The Fabric a script's main runs in (`fabric.launch(main, ...)`), on each of devices x num_nodes devices with
+    `strategy`, in `precision`, logging to out_dir/logs (CSV, and TensorBoard when installed), seeded with
+    train.seed. FSDP shards each Block (and, with gradient checkpointing, recomputes each Block's activations
+    itself)."""
+    if strategy == "fsdp":
+        checkpointing = {Block} if train.gradient_checkpointing else None
+        strategy = FSDPStrategy(
+            auto_wrap_policy={Block},
+            activation_checkpointing_policy=checkpointing,
+            state_dict_type="full",
+            limit_all_gathers=True,
+        )
+    loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=10)]
+    if importlib.util.find_spec("tensorboard"):
+        loggers.append(TensorBoardLogger(out_dir, name="logs"))
+    fabric = Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=loggers)
+    fabric.seed_everything(train.seed)  # in every process: the DDP/FSDP workers run the script anew
+    return fabric
+
+
+def is_fsdp(fabric: Fabric) -> bool:
+    """Whether the model is sharded (--strategy fsdp): then each device holds part of every Block's weights."""
+    return isinstance(fabric.strategy, FSDPStrategy)
+
+
 def compile_blocks(fabric: Fabric, model: LLaMA, train: TrainArgs, quantized: bool = False) -> bool:
     """--train.compile: compiles each Block of `model` in place (`nn.Module.compile`: the weights keep their names),
     before fabric.setup_module. Per Block, not the whole model: gradient checkpointing recomputes a Block at a time,
@@ -129,87 +167,111 @@ def compile_blocks(fabric: Fabric, model: LLaMA, train: TrainArgs, quantized: bo
     return enabled
 
 
-def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
-    """--resume: a train_state.pt, or "auto" for out_dir's when there is one."""
-    if resume == "auto":
-        return out_dir / STATE_NAME if (out_dir / STATE_NAME).is_file() else None
-    if resume is not None and not Path(resume).is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such file (use --resume auto for the latest in --out_dir)")
-    return None if resume is None else Path(resume)
-
-
-def launch(main: Callable[[Fabric, SimpleNamespace], None], args: SimpleNamespace) -> None:
-    """Runs main(fabric, args) on each of args.devices x args.num_nodes devices with args.strategy: a Fabric in
-    args.precision (by default bf16-mixed on GPUs with bf16, else 32-true: bf16 on CPUs is very slow), logging to
-    out_dir/logs (CSV, and TensorBoard when installed), seeded with train.seed. FSDP shards each Block (and, with
-    gradient checkpointing, recomputes each Block's activations itself)."""
-    args.precision = args.precision or default_precision(training=True)
-    strategy = args.strategy
-    if strategy == "fsdp":
-        checkpointing = {Block} if args.train.gradient_checkpointing else None
-        strategy = FSDPStrategy(
-            auto_wrap_policy={Block},
-            activation_checkpointing_policy=checkpointing,
-            state_dict_type="full",
-            limit_all_gathers=True,
-        )
-    loggers = [CSVLogger(args.out_dir, name="logs", flush_logs_every_n_steps=10)]
-    if importlib.util.find_spec("tensorboard"):
-        loggers.append(TensorBoardLogger(args.out_dir, name="logs"))
-    fabric = Fabric(
-        devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision, loggers=loggers
-    )
-    fabric.seed_everything(args.train.seed)  # in every process: the DDP/FSDP workers run the script anew
-    fabric.launch(main, args)
-
-
-def is_fsdp(fabric: Fabric) -> bool:
-    """Whether the model is sharded (--strategy fsdp): then each device holds part of every Block's weights."""
-    return isinstance(fabric.strategy, FSDPStrategy)
-
-
-def load_data(
-    data_dir: Path, checkpoint_dir: Path
-) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], dict]:
-    """train.pt and test.pt of prepare_alpaca.py or prepare_chat.py (lists of {"input_ids", "labels"} tensors) and
-    their metadata.json (the "ignore_index" of their labels, the "chat_template" of conversations), after checking
-    that they were tokenized for this checkpoint. Read with weights_only=True: plain
-    tensors and containers only, never arbitrary pickled objects. ~25 s for 50k records: read once."""
-    config = load_config(checkpoint_dir)  # the checkpoint directory first: a missing one is the first thing to say
-    metadata = check_prepared_data(data_dir, checkpoint_dir)
-    if metadata["vocab_size"] > config.vocab_size:
-        raise ValueError(
-            f"{data_dir} holds token ids up to {metadata['vocab_size'] - 1}, but the model's vocabulary has "
-            f"{config.vocab_size}; prepare the data with this checkpoint's tokenizer"
-        )
-    splits = []
-    for name in ("train.pt", "test.pt"):
-        path = Path(data_dir) / name
-        try:
-            records = torch.load(path, weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found; prepare the data with prepare_alpaca.py") from None
-        except Exception as e:  # not a file torch.save wrote, or one holding objects that are not plain tensors
-            raise ValueError(
-                f"{path} is not data prepared by prepare_alpaca.py ({one_line(e)}); prepare it again"
-            ) from None
-        if not isinstance(records, list) or not all(
-            isinstance(r, dict)
-            and isinstance(r.get("input_ids"), torch.Tensor)
-            and isinstance(r.get("labels"), torch.Tensor)
-            for r in records
-        ):
-            raise ValueError(f"{path} does not hold a list of input_ids/labels records; prepare the data again")
-        splits.append(records)
-    return splits[0], splits[1], metadata
-
-
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """--train.optimizer: torch's AdamW, or one of bitsandbytes' 8-bit or paged variants
     (quantize.make_bnb_optimizer)."""
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return make_bnb_optimizer(name, params, lr, weight_decay)
+
+
+def resume_settings(model: LLaMA, train: TrainArgs, n_records: int, **extra) -> dict:
+    """What a resumed run must share with the run it continues (`load_train_state` checks it): the model's config, what
+    decides the batches (their size, the seed, the number of records), the optimizer, and the script's `extra`."""
+    return {
+        "model": asdict(model.config),
+        "batch_size": train.batch_size,
+        "seed": train.seed,
+        "train_records": n_records,
+        "optimizer": train.optimizer,
+        **extra,
+    }
+
+
+def start_state(
+    fabric: Fabric, resume: Optional[Path], model: LLaMA, optimizer: torch.optim.Optimizer, settings: dict
+) -> dict:
+    """A new run's step and loss history, or, with --resume, those `load_train_state` restores."""
+    if resume is None:
+        return {"step": 0, "history": {"train": [], "val": []}}
+    return load_train_state(fabric, resume, model, optimizer, settings)
+
+
+def load_train_state(
+    fabric: Fabric,
+    path: Path,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    settings: dict,
+) -> dict:
+    """Restores what `save_train_state` wrote into the model and optimizer, and the RNG states; returns the state the
+    script saved (the step, the loss history and whatever else it keeps there, such as finetune_dpo.py's precomputed
+    reference log-probabilities). The data position and the learning rate follow from the step. A file of a run
+    with other `settings` is refused, naming the differences."""
+    try:
+        saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
+    except Exception as e:  # not a file torch.save wrote, or not one of ours
+        raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
+    differences = [
+        f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"--resume {path} was saved by a run with other settings: {'; '.join(differences)}; "
+            "resume with the same checkpoint, data, LoRA and batch settings"
+        )
+    try:  # strict=False: a LoRA run's file holds LoRA's weights only
+        rest = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
+    except Exception as e:  # e.g. a state of another version of this script
+        raise ValueError(f"--resume {path} does not fit this run ({one_line(e)})") from None
+    fabric.print(f"Resuming from {path} at step {rest['step']}")
+    # the RNG as each device left it (with another device count, the nearest)
+    rng = rest["rng"][fabric.global_rank % len(rest["rng"])]
+    if fabric.device.type == "cuda":
+        torch.cuda.set_rng_state(rng, fabric.device)
+    else:
+        torch.set_rng_state(rng)
+    return {key: value for key, value in rest.items() if key not in ("settings", "rng")}
+
+
+class Progress:
+    """What a run says as it goes: the plan at the start, then the progress bar (rank 0's) and what is logged each
+    step: loss, learning rate, tokens/s. A context manager: the bar is closed however the loop ends (a run stopped by
+    `stop_if_diverged` prints its error line after a finished bar)."""
+
+    def __init__(self, fabric: Fabric, train: TrainArgs, n_records: int, first_step: int) -> None:
+        fabric.print(
+            f"Training {n_records} records for {train.max_steps} steps of {train.batch_size} records "
+            f"({train.max_steps * train.batch_size / n_records:.2f} epochs), "
+            f"micro-batches of {train.micro_batch_size}, "
+            f"{fabric.world_size} device(s), {fabric.strategy.precision.precision}"
+        )
+        self.fabric, self.t0, self.tokens, self.first_step = fabric, time.perf_counter(), 0, True
+        self.bar = tqdm(
+            total=train.max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True
+        )
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.bar.close()
+
+    def update(self, step: int, loss: float, learning_rate: float, tokens: int) -> None:
+        """After optimizer step `step` (counted from 1), with its loss, learning rate and number of tokens."""
+        if self.first_step:  # with --train.compile, mostly the compilation
+            self.fabric.print(f"First step: {time.perf_counter() - self.t0:.1f} s")
+            self.first_step = False
+        self.tokens += tokens
+        tokens_per_sec = self.tokens / (time.perf_counter() - self.t0)
+        self.fabric.log_dict(
+            {"train_loss": loss, "learning_rate": learning_rate, "tokens_per_sec": tokens_per_sec}, step
+        )
+        memory = peak_memory_gb(self.fabric.device)
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", tokens_per_sec=f"{tokens_per_sec:.0f}", peak_memory=f"{memory:.2f} GB", refresh=False
+        )
+        self.bar.update()
 
 
 def batch_indices(step: int, batch_size: int, n_records: int, seed: int) -> list[int]:
@@ -226,90 +288,6 @@ def batch_indices(step: int, batch_size: int, n_records: int, seed: int) -> list
 @lru_cache(maxsize=2)
 def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-
-def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> float:
-    """The learning rate of optimizer step `step` (counted from 0): a linear warmup to `peak` over `warmup_steps`,
-    then a cosine decay to 0 at `max_steps`. A function of the step alone, so a resumed run needs nothing else,
-    and may lower `peak`, e.g. after a NaN."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def train_step(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: torch.optim.Optimizer,
-    train_data: list[dict[str, torch.Tensor]],
-    state: dict,
-    train: TrainArgs,
-    ignore_index: int,
-    out_dir: Path,
-) -> dict[str, float]:
-    """One optimizer step, number state["step"] (then counted up): its batch of train.batch_size records, cut into
-    micro-batches of records packed without padding (`pack_batch`), each device taking every world_size-th; the loss,
-    the mean over all the batch's target tokens whichever micro-batch and device they are in, and its gradients; the
-    update, unless the loss or gradients are not finite. Returns the step's number, loss, learning rate and tokens."""
-    model.train()  # validate() leaves it so too
-    max_seq_length = min(train.max_seq_length, model.config.block_size)
-    batch = [train_data[i] for i in batch_indices(state["step"], train.batch_size, len(train_data), train.seed)]
-    n_targets = sum(int((record["labels"][1:max_seq_length] != ignore_index).sum()) for record in batch)
-    micro_batches = [batch[i : i + train.micro_batch_size] for i in range(0, train.batch_size, train.micro_batch_size)]
-    micro_batches = micro_batches[fabric.global_rank :: fabric.world_size]  # micro-batch k to device k % devices
-    loss_sum = torch.zeros((), device=fabric.device)
-    for i, micro_batch in enumerate(micro_batches):
-        input_ids, targets, lengths = pack_batch(micro_batch, max_seq_length)
-        input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
-        # under DDP, gradients are averaged across devices once per step, after the last micro-batch
-        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-            loss = cross_entropy_sum(model, input_ids, targets, ignore_index, lengths) / max(n_targets, 1)
-            fabric.backward(loss * fabric.world_size)  # DDP and FSDP average gradients; we want their sum
-        loss_sum += loss.detach()
-    loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
-    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        saved = out_dir / STATE_NAME
-        raise FloatingPointError(
-            f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {state['step'] + 1}; "
-            "stopped before updating the weights. "
-            + (
-                f"The last good checkpoint is {saved}: resume from it with a lower --train.learning_rate"
-                if saved.is_file()
-                else "Nothing was saved; try a lower --train.learning_rate"
-            )
-        )
-    lr = learning_rate(state["step"], train.learning_rate, train.warmup_steps, train.max_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    state["step"] += 1
-    state["history"]["train"].append((state["step"], loss))
-    tokens = sum(min(len(record["input_ids"]), max_seq_length) for record in batch)
-    return {"step": state["step"], "train_loss": loss, "learning_rate": lr, "tokens": tokens}
-
-
-def train_steps(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    train_data: list[dict[str, torch.Tensor]],
-    train: TrainArgs,
-    ignore_index: int,
-    out_dir: Path,
-) -> Iterator[int]:
-    """Takes optimizer steps (`train_step`) from state["step"] until train.max_steps, with a progress bar, and yields
-    each step's number after it: the scripts' loops evaluate and save between steps."""
-    progress = Progress(fabric, train, len(train_data), state["step"])
-    try:
-        while state["step"] < train.max_steps:
-            progress.update(train_step(fabric, model, optimizer, train_data, state, train, ignore_index, out_dir))
-            yield state["step"]
-    finally:  # also when a step stops the run (a loss that is not finite): the error line after a finished bar
-        progress.close()
 
 
 def pack_batch(
@@ -329,104 +307,85 @@ def pack_batch(
     return input_ids[None], targets[None], [len(sample["input_ids"]) - 1 for sample in samples]
 
 
-def cross_entropy_sum(
-    model: LLaMA,
-    input_ids: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    lengths: Optional[list[int]] = None,
-) -> torch.Tensor:
-    """The model's cross-entropy on `input_ids` (B, T), summed over the `targets` (B, T) that are not `ignore_index`;
-    `lengths` as `pack_batch` returns them for packed records.
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of `logits` (..., vocab_size) against `targets` (...), summed over every target: ask the
+    model for logits only where there is one (`LLaMA.forward`'s `logits_at`: `targets != ignore_index`).
 
     A sum, not a mean: the fine-tuning loops divide by the number of targets in the whole batch, which spans
-    micro-batches and devices. Two things make it cheaper than F.cross_entropy over model(input_ids), with the
-    same value and gradient: the output head, a step's largest matrix product at a vocabulary of 32000, only
-    computes logits where there is a target (in instruction data the prompt, and padding if any, have none:
-    often more than half of the positions), and CrossEntropySum keeps one tensor of the logits' size instead of
-    three."""
-    where = targets != ignore_index
-    logits = model(input_ids, lengths=lengths, logits_at=where)  # (n_targets, vocab_size)
+    micro-batches and devices. Two things make it cheaper than F.cross_entropy over all the logits, with the same
+    value and gradient: the output head, a step's largest matrix product at a vocabulary of 32000, only computes
+    logits where there is a target (in instruction data the prompt, and padding if any, have none: often more than
+    half of the positions), and, when there is a gradient to compute, TokenCrossEntropy keeps one tensor of the
+    logits' size instead of three (hand it logits nothing else needs)."""
+    return token_cross_entropy(logits, targets).sum()
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each target (N,), in fp32: minus the log-probability the logits (..., vocab_size) give
+    it, with `cross_entropy_sum`'s economy of memory. finetune_dpo.py sums it per answer."""
+    logits, targets = logits.flatten(0, -2), targets.flatten()
     if torch.is_grad_enabled() and logits.requires_grad:
-        return CrossEntropySum.apply(logits, targets[where])
-    return F.cross_entropy(logits.float(), targets[where], reduction="sum")  # evaluation: no gradient to keep
+        return TokenCrossEntropy.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets, reduction="none")  # evaluation: no gradient to keep
 
 
-class CrossEntropySum(torch.autograd.Function):
-    """Summed cross-entropy of logits (N, vocab) and targets (N,) that computes its gradient, softmax minus
-    one-hot, already in the forward pass, a chunk of rows at a time, into the logits' own memory.
+class TokenCrossEntropy(torch.autograd.Function):
+    """The cross-entropy of each row of logits (N, vocab) against targets (N,), which computes its gradient, softmax
+    minus one-hot, already in the forward pass, a chunk of rows at a time, into the logits' own memory.
 
     F.cross_entropy keeps a log-softmax as large as the logits for the backward pass and allocates two more
     tensors that size in it (the gradients of the log-softmax and of the logits), in fp32 even for bf16 logits.
     Here the logits' memory is the only one: it ends up holding the gradient, in the logits' dtype, and fp32
-    temporaries exist for one chunk at a time. The logits are `cross_entropy_sum`'s own, needed by nothing else
+    temporaries exist for one chunk at a time. The logits are `token_cross_entropy`'s own, needed by nothing else
     (a later use would be caught: the in-place writes advance their version counter)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = torch.zeros((), device=logits.device, dtype=torch.float32)
+        losses = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
         chunk_size = max(1, 2**22 // logits.size(1))  # rows per chunk: 16 MB in fp32
         for start in range(0, logits.size(0), chunk_size):
             chunk, target = logits[start : start + chunk_size], targets[start : start + chunk_size]
             x = chunk.float()  # the chunk itself when the logits are fp32, else an fp32 copy of it
             log_z = torch.logsumexp(x, dim=1)
-            loss += (log_z - x.gather(1, target[:, None]).squeeze(1)).sum()
+            losses[start : start + chunk_size] = log_z - x.gather(1, target[:, None]).squeeze(1)
             x = x.sub_(log_z[:, None]).exp_()  # softmax
             x[torch.arange(len(target), device=x.device), target] -= 1
             chunk.copy_(x)  # the gradient, where the logits were
         ctx.save_for_backward(logits)
-        return loss
+        return losses
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None  # in place: the graph is backpropagated once
+        return grad.mul_(grad_output.to(grad.dtype)[:, None]), None  # in place: the graph is backpropagated once
 
 
-class Progress:
-    """What a run says as it goes: the plan at the start, then the progress bar (rank 0's) and what is logged each
-    step: loss, learning rate, tokens/s."""
-
-    def __init__(self, fabric: Fabric, train: TrainArgs, n_records: int, first_step: int) -> None:
-        fabric.print(
-            f"Training {n_records} records for {train.max_steps} steps of {train.batch_size} records "
-            f"({train.max_steps * train.batch_size / n_records:.2f} epochs), "
-            f"micro-batches of {train.micro_batch_size}, "
-            f"{fabric.world_size} device(s), {fabric.strategy.precision.precision}"
+def stop_if_diverged(loss: float, grad_norm: torch.Tensor, state: dict, saved: Path) -> None:
+    """Stops the run, before the weights are updated, when step state["step"] + 1 has diverged: today when its loss
+    or gradient norm is not finite (the place for any other rule: the loss history is in state["history"]). The
+    FloatingPointError names the last good train_state.pt (`saved`), if there is one, and what to change."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise FloatingPointError(
+        f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {state['step'] + 1}; "
+        "stopped before updating the weights. "
+        + (
+            f"The last good checkpoint is {saved}: resume from it with a lower --train.learning_rate"
+            if saved.is_file()
+            else "Nothing was saved; try a lower --train.learning_rate"
         )
-        self.fabric, self.t0, self.tokens, self.first_step = fabric, time.perf_counter(), 0, True
-        self.bar = tqdm(
-            total=train.max_steps, initial=first_step, unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True
-        )
+    )
 
-    def update(self, figures: dict[str, float]) -> None:
-        """After a step, with what train_step returned."""
-        step = figures["step"]
-        if self.first_step:  # with --train.compile, mostly the compilation
-            self.fabric.print(f"First step: {time.perf_counter() - self.t0:.1f} s")
-            self.first_step = False
-        self.tokens += figures["tokens"]
-        tokens_per_sec = self.tokens / (time.perf_counter() - self.t0)
-        self.fabric.log_dict(
-            {
-                "train_loss": figures["train_loss"],
-                "learning_rate": figures["learning_rate"],
-                "tokens_per_sec": tokens_per_sec,
-            },
-            step,
-        )
-        memory = peak_memory_gb(self.fabric.device)
-        self.bar.set_postfix(
-            loss=f"{figures['train_loss']:.4f}",
-            tokens_per_sec=f"{tokens_per_sec:.0f}",
-            peak_memory=f"{memory:.2f} GB",
-            refresh=False,
-        )
-        self.bar.update()
 
-    def close(self) -> None:
-        self.bar.close()
+def learning_rate(step: int, peak: float, warmup_steps: int, max_steps: int) -> float:
+    """The learning rate of optimizer step `step` (counted from 0): a linear warmup to `peak` over `warmup_steps`,
+    then a cosine decay to 0 at `max_steps`. A function of the step alone, so a resumed run needs nothing else,
+    and may lower `peak`, e.g. after a NaN."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -443,7 +402,7 @@ def validate(
     """The loss per target token over the first train.eval_batches micro-batches of the test set (the same records
     every time, so the numbers compare), logged and added to state["history"], and an answer to SAMPLE_INSTRUCTION,
     greedy, to read how training goes: in the Alpaca prompt, or as the one user turn of a conversation in
-    `chat_template` (that of data from prepare_chat.py)."""
+    `chat_template` (that of data from prepare_chat.py). Leaves the model in training mode."""
     max_seq_length = min(train.max_seq_length, model.config.block_size)
     model.eval()
     n = min(len(val_data), train.eval_batches * train.micro_batch_size)
@@ -454,35 +413,29 @@ def validate(
     for micro_batch in micro_batches[fabric.global_rank :: fabric.world_size]:
         input_ids, targets, lengths = pack_batch([val_data[j] for j in micro_batch], max_seq_length)
         input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
-        totals[0] += cross_entropy_sum(model, input_ids, targets, ignore_index, lengths)
-        totals[1] += (targets != ignore_index).sum()
+        where = targets != ignore_index
+        totals[0] += cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where])
+        totals[1] += where.sum()
     totals = fabric.all_reduce(totals, reduce_op="sum")
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
-    answer = ""
-    if not is_fsdp(fabric):  # under FSDP every new token would gather the whole model
-        prompt = encode_prompt(tokenizer, {"instruction": SAMPLE_INSTRUCTION, "input": ""}, chat_template)
-        max_new_tokens = min(100, model.config.block_size - len(prompt))
-        output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
-        answer = tokenizer.decode(printable(output[len(prompt) :], tokenizer))
     step = state["step"]
     fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-    fabric.print(f"{SAMPLE_INSTRUCTION} -> {answer!r}")
+    fabric.print(f"{SAMPLE_INSTRUCTION} -> {sample_answer(fabric, model, tokenizer, chat_template)!r}")
     state["history"]["val"].append((step, val_loss))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
     model.train()
 
 
-def resume_settings(model: LLaMA, train: TrainArgs, n_records: int, **extra) -> dict:
-    """What a resumed run must share with the run it continues (`load_train_state` checks it): the model's config, what
-    decides the batches (their size, the seed, the number of records), the optimizer, and the script's `extra`."""
-    return {
-        "model": asdict(model.config),
-        "batch_size": train.batch_size,
-        "seed": train.seed,
-        "train_records": n_records,
-        "optimizer": train.optimizer,
-        **extra,
-    }
+def sample_answer(fabric: Fabric, model: LLaMA, tokenizer: Tokenizer, chat_template: Optional[str]) -> str:
+    """The model's greedy answer to SAMPLE_INSTRUCTION, to read how training goes: in the Alpaca prompt, or as the one
+    user turn of a conversation in `chat_template`. Empty under FSDP, where every new token would gather the whole
+    model."""
+    if is_fsdp(fabric):
+        return ""
+    prompt = encode_prompt(tokenizer, {"instruction": SAMPLE_INSTRUCTION, "input": ""}, chat_template)
+    max_new_tokens = min(100, model.config.block_size - len(prompt))
+    output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
+    return tokenizer.decode(printable(output[len(prompt) :], tokenizer))
 
 
 def save_train_state(
@@ -513,6 +466,31 @@ def save_train_state(
     fabric.barrier()
 
 
+def save_adapter_and_state(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    settings: dict,
+    adapter_path: Path,
+    chat_template: Optional[str],
+    training: Optional[dict] = None,
+) -> None:
+    """A LoRA run's checkpoint: train_state.pt beside `adapter_path` (`save_train_state`: the LoRA weights and what
+    --resume needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always
+    agree. The adapter records the chat template of conversation data, which generate_lora.py then prompts in, and
+    `training`, how it was trained, if given (finetune_dpo.py's method and settings). Both are written under a
+    temporary name and renamed when complete."""
+    path = adapter_path.parent / STATE_NAME
+    save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)
+    if fabric.global_rank == 0:
+        with torch.device("meta"), lora(**settings["lora"]):
+            skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real
+        load_lora_state_dict(skeleton, torch.load(path, weights_only=True)["model"], path)
+        save_lora_checkpoint(skeleton, adapter_path, chat_template, training)  # atomic too
+    fabric.barrier()
+
+
 def rng_states(fabric: Fabric) -> torch.Tensor:
     """Every device's RNG state, one row per rank."""
     if fabric.device.type == "cuda":
@@ -522,60 +500,17 @@ def rng_states(fabric: Fabric) -> torch.Tensor:
     return fabric.all_gather(rng.to(fabric.device)).reshape(fabric.world_size, -1).cpu()
 
 
-def start_state(
-    fabric: Fabric, resume: Optional[Path], model: LLaMA, optimizer: torch.optim.Optimizer, settings: dict
-) -> dict:
-    """A new run's step and loss history, or, with --resume, those `load_train_state` restores."""
-    if resume is None:
-        return {"step": 0, "history": {"train": [], "val": []}}
-    return load_train_state(fabric, resume, model, optimizer, settings)
-
-
-def load_train_state(
-    fabric: Fabric,
-    path: Path,
-    model: LLaMA,
-    optimizer: torch.optim.Optimizer,
-    settings: dict,
-) -> dict:
-    """Restores what `save_train_state` wrote into the model and optimizer, and the RNG states; returns the step and
-    loss history. The data position and the learning rate follow from the step. A file of a run with other
-    `settings` is refused, naming the differences."""
-    try:
-        saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
-    except Exception as e:  # not a file torch.save wrote, or not one of ours
-        raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
-    differences = [
-        f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
-    ]
-    if differences:
-        raise ValueError(
-            f"--resume {path} was saved by a run with other settings: {'; '.join(differences)}; "
-            "resume with the same checkpoint, data, LoRA and batch settings"
-        )
-    try:  # strict=False: a LoRA run's file holds LoRA's weights only
-        rest = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
-    except Exception as e:  # e.g. a state of another version of this script
-        raise ValueError(f"--resume {path} does not fit this run ({one_line(e)})") from None
-    fabric.print(f"Resuming from {path} at step {rest['step']}")
-    # the RNG as each device left it (with another device count, the nearest)
-    rng = rest["rng"][fabric.global_rank % len(rest["rng"])]
-    if fabric.device.type == "cuda":
-        torch.cuda.set_rng_state(rng, fabric.device)
-    else:
-        torch.set_rng_state(rng)
-    return {"step": rest["step"], "history": rest["history"]}
-
-
-def finish(fabric: Fabric, history: dict[str, list[tuple[int, float]]], out_dir: Path) -> None:
-    """The end of a run: out_dir/loss.png, and the loggers flushed."""
+def finish(
+    fabric: Fabric, history: dict[str, list[tuple[int, float]]], out_dir: Path, loss_name: str = "cross-entropy loss"
+) -> None:
+    """The end of a run: out_dir/loss.png (the y axis says `loss_name`), and the loggers flushed."""
     if fabric.global_rank == 0:
-        plot_losses(history, out_dir / "loss.png")
+        plot_losses(history, out_dir / "loss.png", loss_name)
     for logger in fabric.loggers:
         logger.finalize("success")
 
 
-def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path, loss_name: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
 
     figure = Figure(figsize=(8, 5))
@@ -584,7 +519,7 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None
     if history["val"]:
         ax.plot(*zip(*history["val"]), "o-", label="validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel(loss_name)
     ax.grid(alpha=0.3)
     ax.legend()
     figure.savefig(path, dpi=100, bbox_inches="tight")

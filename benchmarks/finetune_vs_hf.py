@@ -178,7 +178,8 @@ def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
 
     def step(records: list[dict]) -> float:
         input_ids, targets, lengths = pack_batch(records, max_seq_length=256)
-        loss = cross_entropy_sum(model, input_ids, targets, lengths=lengths) / (targets != -100).sum()
+        where = targets != -100
+        loss = cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where]) / where.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

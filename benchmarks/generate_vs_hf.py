@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from convert_hf_checkpoint import convert_hf_checkpoint
-from generate import generate, use_cpu_decode_layout
+from generate import generate
 from model import Config
-from utils import load_model
+from utils import load_model, use_cpu_decode_layout
 
 
 def main(prompt_length: int = 16, max_new_tokens: int = 128, repeats: int = 5, seed: int = 0) -> None:

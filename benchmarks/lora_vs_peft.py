@@ -8,7 +8,7 @@ installed), QLoRA's peak memory, and merged-model generation speed.
 
 Every model has random weights (the same in ours and transformers') and LoRA r=8, alpha 16, dropout 0.05 on query
 and value, then on every projection but the head (all_linear). A step is finetune_lora.py's: one micro-batch of 4
-records packed into one row without padding, forward, backward, AdamW; ours computes the loss as training.py does
+records packed into one row without padding, forward, backward, AdamW; ours computes the loss as finetune_lora.py does
 (the output head only where there is a target), transformers + PEFT over all the logits of the same packed row (its
 `position_ids` restart at each record, and with no attention mask transformers then keeps the records apart too).
 The records are random tokens with Alpaca's lengths (ALPACA_LENGTHS) up to 512, the first 27% of each masked as
@@ -320,7 +320,13 @@ def build_ours(
 
 
 def ours_loss(model: LLaMA) -> Callable:
-    return lambda input_ids, targets, lengths: cross_entropy_sum(model, input_ids, targets, -100, lengths)
+    """The fine-tuning scripts' loss: logits only where there is a target, their summed cross-entropy."""
+
+    def loss(input_ids: torch.Tensor, targets: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        where = targets != -100
+        return cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where])
+
+    return loss
 
 
 def hf_loss(model: torch.nn.Module, liger: bool = False) -> Callable:

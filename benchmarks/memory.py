@@ -347,7 +347,7 @@ def measure_step(
     model.train()
     t0 = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext():
-        loss = cross_entropy_sum(model, tokens[:, :-1], tokens[:, 1:]) / seq_len
+        loss = cross_entropy_sum(model(tokens[:, :-1]), tokens[:, 1:]) / seq_len
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

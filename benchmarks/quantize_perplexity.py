@@ -9,6 +9,9 @@ memory (what evaluate.py records in perplexity.json) is its own: the weights as 
 batch of windows, and the Python, torch and lm-eval a process carries. With --lora_path also the adapter merged into
 the fp32 weights, and unmerged on the nf4 base (how QLoRA serves it). The corpus, unless --data_file is given: the
 responses of the last `records` Alpaca records in ../shared/data, joined with blank lines (no Hub needed).
+
+A configuration that cannot run here (bitsandbytes built without a backend for this device: its 4- and 8-bit
+layers then need a GPU) stays in the table with the one line evaluate.py stopped with; the others run on.
 """
 
 import json
@@ -18,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import torch
 from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,20 +75,28 @@ def main(
             command += ["--batch_size", str(batch_size), "--out_dir", str(out_dir), *flags]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                raise SystemExit(f"{name}: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+                lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+                rows[name] = lines[-1]  # evaluate.py's one line, or a crash's last
+                print(f"{name}: did not run: {rows[name]}", file=sys.stderr)
+                continue
             rows[name] = json.loads((out_dir / "perplexity.json").read_text())
             figures = rows[name]["data_file"]
             print(f"{name}: perplexity {figures['perplexity']:.4f} in {rows[name]['seconds']:.0f} s", file=sys.stderr)
+    if isinstance(rows["fp32"], str):
+        raise SystemExit(f"error: the fp32 row, which the others compare with, did not run: {rows['fp32']}")
 
     figures = rows["fp32"]["data_file"]
     print(
         f"{checkpoint_dir} on {corpus}: {figures['tokens']} tokens, windows of {max_length} every {stride}; "
-        "CPU, one process per row"
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, one process per row"
     )
     print("| configuration | perplexity | vs fp32 | peak memory (RSS) | seconds |")
     print("|---|---:|---:|---:|---:|")
     base = rows["fp32"]["data_file"]["perplexity"]
     for name, row in rows.items():
+        if isinstance(row, str):
+            print(f"| {name} | did not run: {row} | | | |")
+            continue
         perplexity = row["data_file"]["perplexity"]
         print(
             f"| {name} | {perplexity:.4f} | {perplexity / base - 1:+.2%} | {row['peak_memory_gb']:.2f} GB | "

@@ -36,10 +36,11 @@ from lora_vs_peft import build_hf_model, synchronize
 from batched import BatchGenerator, Request
 from convert_hf_checkpoint import hf_to_lit_name
 from export_peft import lit_to_peft_name
-from generate import generate, use_cpu_decode_layout
+from generate import generate
 from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
 from model import Config, LLaMA
 from multilora import AdapterStack, Update
+from utils import use_cpu_decode_layout
 
 R, ALPHA, TARGETS = 8, 16, ("query", "value")
 

@@ -35,6 +35,14 @@ LAYER_NAMES = {
     "mlp.gate_proj.weight": "mlp.gate_proj.weight",
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
+    # the projections' biases, in a checkpoint whose config has attention_bias or mlp_bias (a merged LLaMA-Adapter v2)
+    "self_attn.q_proj.bias": "attn.q_proj.bias",
+    "self_attn.k_proj.bias": "attn.k_proj.bias",
+    "self_attn.v_proj.bias": "attn.v_proj.bias",
+    "self_attn.o_proj.bias": "attn.o_proj.bias",
+    "mlp.gate_proj.bias": "mlp.gate_proj.bias",
+    "mlp.up_proj.bias": "mlp.up_proj.bias",
+    "mlp.down_proj.bias": "mlp.down_proj.bias",
 }
 
 

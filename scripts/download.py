@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 from model import Config
-from utils import TOKENIZER_FILES, cli
+from utils import TOKENIZER_FILES, cli, one_line
 
 try:  # the HTTP client's "cannot connect" errors: httpx2 from huggingface_hub 2.0, httpx in 1.x
     from httpx2 import TransportError
@@ -122,7 +122,7 @@ def explain_hub_errors(repo_id: str, token: Optional[str]) -> Iterator[None]:
             raise ValueError(
                 "the Hub refused the access token; create a new one at https://huggingface.co/settings/tokens"
             ) from None
-        raise ValueError(f"the Hub answered {str(e).splitlines()[0]}") from None
+        raise ValueError(f"the Hub answered {one_line(e)}") from None
     except OfflineModeIsEnabled:
         raise ValueError("huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); unset it to download") from None
     except (LocalEntryNotFoundError, TransportError, ConnectionError) as e:

@@ -12,7 +12,8 @@ so that the layout is llama.cpp's by construction. What this script adds:
 - the "llama" architecture's metadata from model_config.json (context length, heads and key/value heads, rope base,
   norm eps), and Llama 3.1's rope scaling as llama.cpp takes it, a `rope_freqs` tensor of per-frequency divisors;
 - the q and k rows in llama.cpp's order: its rotary embedding turns adjacent pairs (0, 1), (2, 3), ... of each head,
-  the Hub's (and ours) turns the halves (i, i + head_size / 2), so each head's rows are interleaved;
+  the Hub's (and ours) turns the halves (i, i + head_size / 2), so each head's rows are interleaved (and so are
+  their biases, which a merged LLaMA-Adapter v2 has);
 - the tokenizer: a sentencepiece tokenizer.model as llama.cpp's "llama" vocabulary, or a byte-level BPE tokenizer.json
   as its "gpt2" vocabulary with the merges and the name of its pre-tokenizer (PRE_TOKENIZERS); BOS, EOS, whether
   prompts start with BOS, and the chat template, all as tokenizer.py reads them, so that llama.cpp tokenizes the
@@ -109,7 +110,7 @@ def export_gguf(
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.n_layer)
     gguf_names = {}
     for name in shapes:
-        gguf_names[name] = names.get_name(lit_to_hf_name(name), try_suffixes=(".weight",))
+        gguf_names[name] = names.get_name(lit_to_hf_name(name), try_suffixes=(".weight", ".bias"))
         if gguf_names[name] is None:
             raise ValueError(
                 f"tensor {name!r} has no place in llama.cpp's llama architecture; "
@@ -299,9 +300,9 @@ def gguf_tensor(name: str, tensor: torch.Tensor, config: Config, ggml_type) -> n
     float32: they get 4096 rows at a time, so that a large embedding never exists whole in float32 beside its blocks."""
     import gguf
 
-    if name.endswith("attn.q_proj.weight"):
+    if name.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
         tensor = interleave_rotary_rows(tensor, config.n_head)
-    elif name.endswith("attn.k_proj.weight"):
+    elif name.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
         tensor = interleave_rotary_rows(tensor, config.n_query_groups)
     if ggml_type in float_types():
         return tensor.to(TORCH_FLOATS[ggml_type]).numpy()
@@ -313,7 +314,7 @@ def gguf_tensor(name: str, tensor: torch.Tensor, config: Config, ggml_type) -> n
 def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(n_heads * head_size, in) rows in the Hub's rotary order, each head's first half then its second, to
     llama.cpp's, where the pairs that rotate together are adjacent: rows i and i + head_size / 2 become 2i and
-    2i + 1."""
+    2i + 1. A bias, (n_heads * head_size,), moves the same way."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2).reshape(weight.shape)
 

@@ -1,4 +1,5 @@
-"""Imports a LoRA adapter trained with Hugging Face PEFT as a LoRA checkpoint of this repository.
+"""Imports an adapter trained with Hugging Face PEFT: a LoRA adapter as a LoRA checkpoint of this repository, an
+adaption prompt as a LLaMA-Adapter v1 checkpoint (adapter.py).
 
     python scripts/import_peft.py --adapter_dir out/peft-adapter --out_path out/lora/imported.safetensors
 
@@ -7,7 +8,8 @@ config comes from `--checkpoint_dir`, by default `checkpoints/<base_model_name_o
 scripts/download.py lays it out. Any LoRA PEFT makes for a LLaMA model imports: some or all projections and the
 head, rsLoRA (use_rslora), DoRA (use_dora), per-module ranks and alphas (rank_pattern, alpha_pattern). What a LoRA
 adapter of ours cannot hold (fully trained modules, trained embeddings, LoRA on some layers only, ...) is refused
-with the reason.
+with the reason. An adaption prompt (peft_type ADAPTION_PROMPT) imports with its adapter_len, adapter_layers, prompts
+and gates; generate with it through generate_adapter.py.
 """
 
 import json
@@ -22,10 +24,11 @@ from safetensors import SafetensorError, safe_open
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
+from adapter import adapter, adapter_state_dict, save_adapter_checkpoint
 from export_peft import PEFT_PREFIX, lit_to_hf_module, peft_to_lit_name
 from lora import TARGETS, LoRAConfig, load_lora_state_dict, lora, save_lora_checkpoint
-from model import LLaMA
-from utils import cli, load_config, load_tensor_file
+from model import Config, LLaMA
+from utils import assign_adapter_tensors, cli, load_config, load_tensor_file
 
 # adapter_config.json settings that lora.py has no equivalent for (unset, empty, false or "none" means unused)
 UNSUPPORTED = {
@@ -45,11 +48,12 @@ BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
 
 
 def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[Path] = None) -> None:
-    """Converts the PEFT LoRA adapter in `adapter_dir` into a LoRA checkpoint at `out_path`.
+    """Converts the PEFT adapter in `adapter_dir` (LoRA or an adaption prompt) into a checkpoint at `out_path`.
 
     Args:
         adapter_dir: a directory written by PEFT's `save_pretrained` (adapter_config.json + adapter weights).
-        out_path: the LoRA checkpoint to write (.safetensors), for generate_lora.py or scripts/merge_lora.py.
+        out_path: the checkpoint to write (.safetensors): LoRA for generate_lora.py or scripts/merge_lora.py, an
+            adaption prompt for generate_adapter.py.
         checkpoint_dir: the converted base checkpoint the adapter belongs to; by default
             checkpoints/<base_model_name_or_path from adapter_config.json>.
     """
@@ -57,10 +61,13 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} has no adapter_config.json; pass the directory PEFT's save_pretrained wrote")
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{adapter_dir} holds a {peft_config.get('peft_type')} adapter; only LoRA can be imported")
+    peft_type = peft_config.get("peft_type")
+    if peft_type not in ("LORA", "ADAPTION_PROMPT"):
+        raise ValueError(
+            f"{adapter_dir} holds a {peft_type} adapter; only LoRA and adaption prompts (LLaMA-Adapter) can be imported"
+        )
     for key, what in UNSUPPORTED.items():
-        if peft_config.get(key) and peft_config[key] != "none":
+        if peft_type == "LORA" and peft_config.get(key) and peft_config[key] != "none":
             raise ValueError(f"{adapter_dir} uses {what} ({key}={peft_config[key]!r}), which lora.py cannot represent")
     if str(peft_config.get("init_lora_weights")).lower().startswith(BASE_CHANGING_INITS):
         raise ValueError(
@@ -75,6 +82,9 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     base_config = load_config(checkpoint_dir)
 
     weights = read_adapter_weights(adapter_dir)
+    if peft_type == "ADAPTION_PROMPT":
+        import_adaption_prompt(adapter_dir, peft_config, weights, base_config, out_path)
+        return
     if f"{PEFT_PREFIX}lm_head.base_layer.weight" in weights:  # PEFT saves the head it adapts, as an embedding layer
         check_unchanged_head(weights.pop(f"{PEFT_PREFIX}lm_head.base_layer.weight"), checkpoint_dir, adapter_dir)
     state_dict = {}
@@ -137,6 +147,40 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     print(
         f"Wrote {out_path} (r={lora_config.r}, alpha={lora_config.alpha}, targets: {', '.join(lora_config.targets)}"
         f"{''.join(', ' + v for v in variants)})",
+        file=sys.stderr,
+    )
+
+
+def import_adaption_prompt(
+    adapter_dir: Path, peft_config: dict, weights: dict[str, torch.Tensor], base_config: Config, out_path: Path
+) -> None:
+    """PEFT's adaption prompt as a LLaMA-Adapter v1 checkpoint: the same prompts and gates in the same top layers."""
+    if peft_config.get("target_modules") not in (None, "self_attn"):
+        raise ValueError(
+            f"{adapter_dir} puts its prompts into {peft_config['target_modules']!r} modules; adapter.py puts them into "
+            "LLaMA's self_attn layers only"
+        )
+    if base_config.attention_bias:
+        raise ValueError(
+            f"{adapter_dir}: the base's o_proj has a bias, which PEFT's adaption prompt adds a second time (it applies "
+            "o_proj to the prompt's output on its own); adapter.py cannot give the same outputs"
+        )
+    state_dict = {}
+    for name, tensor in weights.items():
+        ours = peft_to_lit_name(name)
+        if ours is None or ".adaption_prompt." not in ours:
+            raise ValueError(
+                f"{adapter_dir} holds {name!r}, which is not the adaption prompt or gate of a LLaMA attention layer"
+            )
+        state_dict[ours] = tensor.squeeze(0) if ours.endswith(".prompt") else tensor  # PEFT's (1, adapter_len, n_embd)
+    settings = dict(version=1, adapter_len=peft_config["adapter_len"], adapter_layers=peft_config["adapter_layers"])
+    with adapter(**settings), torch.device("meta"):
+        model = LLaMA(base_config)  # the base stays on the meta device: only the prompts and gates are real
+    assign_adapter_tensors(model, state_dict, adapter_state_dict(model), adapter_dir)
+    save_adapter_checkpoint(model, out_path)
+    print(
+        f"Wrote {out_path} (LLaMA-Adapter v1, adapter_len={settings['adapter_len']} in the top "
+        f"{settings['adapter_layers']} layers)",
         file=sys.stderr,
     )
 

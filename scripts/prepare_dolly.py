@@ -3,7 +3,8 @@
     python scripts/prepare_dolly.py --destination_path data/dolly --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 
 Dolly's records (JSONL: instruction, context, response, category) map context -> input and response -> output;
-the category is not used. Everything else (template, masking, split, checks, output files) is prepare_alpaca.py's.
+the category is not used. Everything else (template, masking, split, checks, output files) is prepare_alpaca.py's:
+both run `data.prepare_instructions`, each on its own keys.
 """
 
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
-from prepare_alpaca import main
+from data import prepare_instructions
+from utils import cli
 
 # our keys -> Dolly's keys
 DOLLY_FIELDS = {"instruction": "instruction", "input": "context", "output": "response"}
@@ -49,7 +51,7 @@ def setup(
         skip_invalid: leave out records without an instruction or response (and report how many) instead of
             stopping at the first one.
     """
-    main(
+    prepare_instructions(
         destination_path,
         checkpoint_dir,
         data_file_path,
@@ -66,6 +68,4 @@ def setup(
 
 
 if __name__ == "__main__":
-    from utils import cli
-
     cli(setup)

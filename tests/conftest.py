@@ -2,6 +2,7 @@
 fine-tuning tests (a tiny converted checkpoint, 9 short real records prepared for it)."""
 
 import json
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +59,10 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, tokenizer_dir: Optional[P
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**defaults, **config})).eval()
+    with torch.no_grad():  # biases (attention_bias, mlp_bias) start at zero: random ones, so that a test sees them
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=0.02)
     model.save_pretrained(directory)
     copy_tokenizer(tokenizer_dir or shared_file("tokenizer.model").parent, directory)
     return model
@@ -103,6 +108,24 @@ def llama3_checkpoint_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("llama3_checkpoint")
     make_checkpoint(directory, tokenizer_dir=tokenizer_dir, vocab_size=128256, bos_token_id=128000, eos_token_id=128009)
     return directory
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory) -> Path:
+    """A directory with LLaMA's real tokenizer.model and nothing else: all that preparing data needs."""
+    directory = tmp_path_factory.mktemp("sentencepiece")
+    shutil.copy(shared_file("tokenizer.model"), directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sp():
+    """sentencepiece itself (a SentencePieceProcessor of LLaMA's tokenizer.model), the reference for prepared ids."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor()
+    processor.Load(str(shared_file("tokenizer.model")))
+    return processor
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +220,41 @@ def make_adapter(
             if module.lora.magnitude is not None:
                 module.lora.magnitude.data *= 1 + 0.5 * torch.rand(module.lora.magnitude.shape, generator=generator)
     save_lora_checkpoint(model, path, chat_template=chat_template)
+
+
+def randomize_adapter(model, seed: int = 1) -> None:
+    """A LLaMA-Adapter model (adapter.py) as if trained: gates away from zero (a fresh one is zero: the base model),
+    and for v2 biases, scales and norms moved off their starting values."""
+    from adapter import AdapterV2Linear, AdaptionPrompt, get_adapter_config
+    from model import RMSNorm
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator)
+
+    v2 = get_adapter_config(model).version == 2
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AdaptionPrompt):
+                module.gate.copy_(0.5 + noise(module.gate).abs())
+            elif isinstance(module, AdapterV2Linear):
+                module.bias_scale.bias.copy_(0.05 * noise(module.bias_scale.bias))
+                module.bias_scale.scale.copy_(1 + 0.1 * noise(module.bias_scale.scale))
+            elif isinstance(module, RMSNorm) and v2:
+                module.weight.mul_(1 + 0.1 * noise(module.weight))
+
+
+def make_llama_adapter(
+    checkpoint_dir: Path, path: Path, seed: int = 1, chat_template: Optional[str] = None, **settings
+):
+    """A LLaMA-Adapter file (adapter.py) for `checkpoint_dir`, as if trained (`randomize_adapter`). `settings`:
+    adapter()'s version, adapter_len, adapter_layers. Returns the model it saved."""
+    from adapter import adapter, save_adapter_checkpoint
+    from utils import load_model
+
+    with adapter(**settings):
+        model = load_model(checkpoint_dir)
+    randomize_adapter(model, seed)
+    save_adapter_checkpoint(model, path, chat_template=chat_template)
+    return model.eval()

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from chat import Chat
+from conftest import make_adapter, make_llama_adapter
 from convert_hf_checkpoint import convert_hf_checkpoint
 from tokenizer import Tokenizer
 from utils import load_model
@@ -133,6 +134,58 @@ def test_a_checkpoint_without_a_chat_template_needs_template(checkpoint, tmp_pat
         (tmp_path / name).symlink_to(checkpoint / name)
     with pytest.raises(ValueError, match="has no chat template .*; pass --template"):
         main(checkpoint_dir=tmp_path, prompt="Hello")
+
+
+def test_an_adapter_path_answers_as_transformers_with_peft_adaption_prompt(checkpoint, tmp_path):
+    """A LLaMA-Adapter v1 (random prompts, gates away from zero) in the top 4 layers: chat.py --adapter_path answers
+    what transformers + PEFT generate with the adapter scripts/export_peft.py exports."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from export_peft import export_peft
+
+    path = tmp_path / "v1.safetensors"
+    make_llama_adapter(checkpoint, path, version=1, adapter_len=10, adapter_layers=4)
+    export_peft(adapter_path=path, out_dir=tmp_path / "peft")
+    base = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    hf = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    idx = torch.tensor(
+        tokenizer.apply_chat_template([{"role": "user", "content": FRANCE}], add_generation_prompt=True)["input_ids"]
+    )
+    greedy = dict(max_new_tokens=16, do_sample=False, eos_token_id=IM_END, pad_token_id=IM_END)
+    out = hf.generate(idx[None], attention_mask=torch.ones_like(idx[None]), **greedy)[0, len(idx) :].tolist()
+    expected = tokenizer.decode(out[:-1] if out[-1] == IM_END else out)
+    assert expected != "The capital of France is Paris."  # the adapter changes the answer
+
+    flags = ["--checkpoint_dir", str(checkpoint), "--prompt", FRANCE, "--temperature", "0", "--max_new_tokens", "16"]
+    result = subprocess.run(
+        [sys.executable, "chat.py", *flags, "--adapter_path", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_adapter_flags_refuse_the_other_kind_and_combinations_in_one_line(checkpoint, checkpoint_dir, tmp_path):
+    from chat import main
+
+    lora, adapter = tmp_path / "lora.safetensors", tmp_path / "v1.safetensors"
+    make_adapter(checkpoint_dir, lora, r=2, alpha=4, targets=("query",), seed=0)
+    make_llama_adapter(checkpoint_dir, adapter, version=1, adapter_len=3, adapter_layers=1)
+    for flags, message in (
+        (dict(adapter_path=lora), "is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; LoRA files go to"),
+        (dict(lora_path=adapter), "is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; LLaMA-Adapter files"),
+        (dict(lora_path=lora, adapter_path=adapter), "pass --lora_path (a LoRA adapter) or --adapter_path"),
+        (dict(adapter_path=adapter, quantize="bnb.nf4"), "a LLaMA-Adapter runs on the unquantized base"),
+        (dict(adapter_path=adapter), "was trained on another base model"),
+    ):
+        with pytest.raises(ValueError) as e:
+            main(checkpoint_dir=checkpoint, prompt="Hello", **flags)
+        assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def read_until(fd: int, marker: str, timeout: float = 60.0) -> str:

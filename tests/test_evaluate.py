@@ -11,6 +11,7 @@ generation with stop sequences and exact match, few-shot, its prompts cut from t
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_adapter, shared_file
+from conftest import ROOT, make_adapter, make_llama_adapter, shared_file
 from evaluate import main as evaluate
 
 MAX_LENGTH = 64  # both backends: rolling texts span several windows, generation prompts are cut to 64 - 16 tokens
@@ -84,7 +85,7 @@ def tasks_dir(tmp_path_factory) -> Path:
     records = json.loads(shared_file("alpaca_en_demo.json").read_text())
     documents = {
         "demo_choice": [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS],
-        "demo_text": [{"text": records[i]["output"]} for i in (3, 7, 12)],
+        "demo_text": [{"text": records[i]["output"]} for i in (3, 4, 13)],  # 37, 80, 84 tokens
         "demo_answer": [{"question": q, "answer": a} for q, a in ANSWERS],
     }
     for name, config in TASKS.items():
@@ -245,6 +246,74 @@ def test_an_adapter_matches_hflm_with_the_exported_peft_adapter(
     assert max(abs(a[0][0] - b[0][0]) for a, b in zip(ours, base)) > 0.1
 
 
+def test_a_llama_adapter_matches_hflm_with_peft_s_adaption_prompt(smollm2, tasks_dir, reference, tmp_path):
+    """--adapter_path: a LLaMA-Adapter v1 (prompts in the top layers, unmerged) answers as HFLM with peft= the
+    adaption-prompt directory scripts/export_peft.py writes from it."""
+    from export_peft import export_peft
+
+    adapter = tmp_path / "adapter.safetensors"
+    make_llama_adapter(smollm2, adapter, seed=2, version=1, adapter_len=4, adapter_layers=4)
+    export_peft(adapter_path=adapter, out_dir=tmp_path / "peft")
+    expected = hflm_results(tasks_dir, ["demo_choice"], pretrained=str(smollm2), peft=str(tmp_path / "peft"))
+    evaluate(
+        checkpoint_dir=smollm2,
+        adapter_path=adapter,
+        tasks="demo_choice",
+        include_path=tasks_dir,
+        limit=LIMIT,
+        batch_size=4,
+        max_length=MAX_LENGTH,
+        log_samples=True,
+        out_dir=tmp_path,
+    )
+    results, samples = our_results(tmp_path, ["demo_choice"])
+    assert_same_answers(samples["demo_choice"], expected["samples"]["demo_choice"])
+    assert_same_metrics(results, expected, ["demo_choice"])
+    ours, base = samples["demo_choice"][0]["resps"], reference["samples"]["demo_choice"][0]["resps"]
+    assert max(abs(a[0][0] - b[0][0]) for a, b in zip(ours, base)) > 0.1
+
+
+def test_a_llama_adapter_v2_scores_the_same_merged(checkpoint_dir, tasks_dir, tmp_path):
+    """--adapter_path with a v2 adapter (bias, scale and norms on every projection, no prompts), unmerged and with
+    --merge (folded into a checkpoint with biases, adapter.merge_adapter_v2): the same log-likelihoods and corpus
+    perplexity, which differ from the base model's. A v1 adapter's prompts cannot merge: one line."""
+    adapter = tmp_path / "v2.safetensors"
+    make_llama_adapter(checkpoint_dir, adapter, seed=3, version=2, adapter_layers=0)
+    (tmp_path / "corpus.txt").write_text(json.loads(shared_file("alpaca_en_demo.json").read_text())[4]["output"])
+    figures = {}
+    runs = {"base": {}, "unmerged": dict(adapter_path=adapter), "merged": dict(adapter_path=adapter, merge=True)}
+    for name, settings in runs.items():
+        evaluate(
+            checkpoint_dir=checkpoint_dir,
+            tasks="demo_choice",
+            include_path=tasks_dir,
+            limit=LIMIT,
+            data_file=tmp_path / "corpus.txt",
+            max_length=32,
+            log_samples=True,
+            out_dir=tmp_path / name,
+            **settings,
+        )
+        _, samples = our_results(tmp_path / name, ["demo_choice"])
+        ppl = json.loads((tmp_path / name / "perplexity.json").read_text())["data_file"]["perplexity"]
+        figures[name] = (ppl, [resp[0][0] for sample in samples["demo_choice"] for resp in sample["resps"]])
+    assert figures["merged"][0] == pytest.approx(figures["unmerged"][0], rel=1e-5)
+    assert figures["merged"][1] == pytest.approx(figures["unmerged"][1], abs=1e-4)
+    assert abs(figures["base"][0] / figures["unmerged"][0] - 1) > 1e-3
+
+    v1 = tmp_path / "v1.safetensors"
+    make_llama_adapter(checkpoint_dir, v1, seed=3, version=1, adapter_len=2, adapter_layers=1)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(v1))} holds prompts .* cannot merge into weights: leave"):
+        evaluate(
+            checkpoint_dir=checkpoint_dir,
+            adapter_path=v1,
+            merge=True,
+            data_file=tmp_path / "corpus.txt",
+            out_dir=tmp_path / "refused",
+        )
+    assert not (tmp_path / "refused").exists()
+
+
 def test_batched_scoring_equals_each_request_alone(checkpoint_dir):
     """HarnessLM's batching on the tiny checkpoint, against each request scored by a plain forward pass of its own:
     groups of continuations sharing a context (of 1 to 5 tokens, some of a single token, some groups larger than
@@ -319,24 +388,24 @@ def transformers_sliding_window_nll(model, ids: torch.Tensor, max_length: int, s
 
 def test_corpus_perplexity_equals_transformers_sliding_window(smollm2, tmp_path):
     """--data_file as .txt and as .jsonl (its texts joined with blank lines, as the guide joins wikitext's), windows
-    of 64 tokens, overlapping (stride 40) and not (stride 64): perplexity within 1e-4 relative of the guide's."""
+    of 32 tokens, overlapping (stride 20) and not (stride 32): perplexity within 1e-4 relative of the guide's."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     records = json.loads(shared_file("alpaca_en_demo.json").read_text())
-    texts = [records[i]["output"] for i in (11, 36)]
+    texts = [records[i]["output"] for i in (13, 77)]  # 129 tokens together
     (tmp_path / "corpus.txt").write_text("\n\n".join(texts))
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     hf = LlamaForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(smollm2)("\n\n".join(texts), return_tensors="pt").input_ids
-    assert ids.size(1) % 64 == 1  # without overlap, the last window is a single token
-    for data_file, stride in (("corpus.txt", 40), ("corpus.jsonl", 64)):
+    assert ids.size(1) % 32 == 1  # without overlap, the last window is a single token
+    for data_file, stride in (("corpus.txt", 20), ("corpus.jsonl", 32)):
         out_dir = tmp_path / f"out_{stride}"
-        evaluate(checkpoint_dir=smollm2, data_file=tmp_path / data_file, max_length=64, stride=stride, out_dir=out_dir)
+        evaluate(checkpoint_dir=smollm2, data_file=tmp_path / data_file, max_length=32, stride=stride, out_dir=out_dir)
         figures = json.loads((out_dir / "perplexity.json").read_text())["data_file"]
-        expected = math.exp(transformers_sliding_window_nll(hf, ids, 64, stride))
+        expected = math.exp(transformers_sliding_window_nll(hf, ids, 32, stride))
         assert figures["perplexity"] == pytest.approx(expected, rel=1e-4)
         # each token once but the first; without overlap, each window's first token has no context in it
-        assert figures["tokens"] == ids.size(1) - (1 if stride < 64 else math.ceil(ids.size(1) / 64))
+        assert figures["tokens"] == ids.size(1) - (1 if stride < 32 else math.ceil(ids.size(1) / 32))
 
 
 def test_a_4bit_base_equals_transformers_with_bitsandbytes(smollm2, tmp_path):
@@ -347,14 +416,14 @@ def test_a_4bit_base_equals_transformers_with_bitsandbytes(smollm2, tmp_path):
     from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
 
     records = json.loads(shared_file("alpaca_en_demo.json").read_text())
-    text = records[11]["output"]
+    text = records[4]["output"]  # 80 tokens
     (tmp_path / "corpus.txt").write_text(text)
     evaluate(
         checkpoint_dir=smollm2,
         data_file=tmp_path / "corpus.txt",
         quantize="bnb.nf4",
-        max_length=64,
-        stride=64,
+        max_length=32,
+        stride=32,
         out_dir=tmp_path,
     )
     figures = json.loads((tmp_path / "perplexity.json").read_text())["data_file"]
@@ -364,10 +433,10 @@ def test_a_4bit_base_equals_transformers_with_bitsandbytes(smollm2, tmp_path):
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     ids = AutoTokenizer.from_pretrained(smollm2)(text, return_tensors="pt").input_ids
-    expected = math.exp(transformers_sliding_window_nll(hf.eval(), ids, 64, 64))
+    expected = math.exp(transformers_sliding_window_nll(hf.eval(), ids, 32, 32))
     assert figures["perplexity"] == pytest.approx(expected, rel=1e-4)
     full_precision = math.exp(
-        transformers_sliding_window_nll(LlamaForCausalLM.from_pretrained(smollm2).eval(), ids, 64, 64)
+        transformers_sliding_window_nll(LlamaForCausalLM.from_pretrained(smollm2).eval(), ids, 32, 32)
     )
     assert abs(expected / full_precision - 1) > 1e-3  # 4 bits do change the model
 
@@ -426,6 +495,19 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(smollm2, checkpoint_di
     )
     assert error(data_file=tmp_path / "empty.txt", quantize="bnb.nf4", merge=True, lora_path=adapter).startswith(
         "--quantize bnb.nf4 holds the base in 4 or 8 bits"
+    )
+    # an adapter file given to the other kind's flag names the flag it goes to
+    assert error(tasks="demo_choice", include_path=tasks_dir, adapter_path=adapter).startswith(
+        f"{adapter} is a LoRA checkpoint (lora.py), not a LLaMA-Adapter one; LoRA files go to --lora_path"
+    )
+    llama_adapter = tmp_path / "tiny_llama_adapter.safetensors"
+    make_llama_adapter(checkpoint_dir, llama_adapter, version=1, adapter_len=2, adapter_layers=1)
+    assert error(tasks="demo_choice", include_path=tasks_dir, lora_path=llama_adapter).startswith(
+        f"{llama_adapter} is a LLaMA-Adapter checkpoint (adapter.py), not a LoRA one; LLaMA-Adapter files go to "
+        "--adapter_path"
+    )
+    assert error(tasks="demo_choice", include_path=tasks_dir, adapter_path=llama_adapter).startswith(
+        f"{llama_adapter} was trained on another base model: "
     )
 
 

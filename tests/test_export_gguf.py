@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMOLLM2_GGUF, make_checkpoint, shared_file
+from conftest import ROOT, SMOLLM2_GGUF, make_checkpoint, make_llama_adapter, shared_file
 from convert_hf_checkpoint import convert_hf_checkpoint
 from export_gguf import export_gguf
 from generate import generate
 from lora import LoRALinear, load_lora_model, lora, save_lora_checkpoint
+from merge_lora import merge_lora
 from test_model import LLAMA3_ROPE
 from tokenizer import Tokenizer
 from utils import load_model
@@ -180,6 +181,43 @@ def test_transformers_reads_the_f32_file_with_our_logits(fine_tuned):
     idx = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def merged_v2(checkpoint_dir, tmp_path_factory):
+    """A LLaMA-Adapter v2 (no prompts) merged into a checkpoint with biases on every projection of the blocks
+    (scripts/merge_lora.py --adapter_path), as a Hugging Face directory and as an f32 GGUF file; and the adapter
+    model."""
+    directory = tmp_path_factory.mktemp("merged_v2")
+    adapted = make_llama_adapter(checkpoint_dir, directory / "v2.safetensors", version=2, adapter_layers=0)
+    for format in ("lit", "hf"):
+        merge_lora(checkpoint_dir, out_dir=directory / format, adapter_path=directory / "v2.safetensors", format=format)
+    export_gguf(directory / "lit", directory / "f32.gguf", dtype="f32")
+    return adapted, directory
+
+
+def test_biases_of_a_merged_llama_adapter_v2_export_in_llama_cpps_layout(merged_v2):
+    """transformers' GGUF reader takes the q and k biases back from llama.cpp's interleaved order as it does the
+    weights: given the Hugging Face config (biases on), it computes the adapter's logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapted, directory = merged_v2
+    config = AutoConfig.from_pretrained(directory / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file="f32.gguf", config=config, dtype=torch.float32)
+    assert sum(name.endswith(".bias") for name in hf.state_dict()) == 2 * 7
+    idx = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf.eval()(idx).logits - adapted(idx)).abs().max() <= 1e-4
+
+
+def test_llama_cpp_runs_a_merged_llama_adapter_v2_as_we_do(merged_v2, checkpoint_dir):
+    adapted, directory = merged_v2
+    llm = llama_cpp_model(directory / "f32.gguf")
+    ids = Tokenizer(checkpoint_dir).encode(PROMPTS[0]).tolist()
+    expected, expected_logits = our_greedy(adapted, ids, 32)
+    actual, logits = llama_cpp_greedy(llm, ids, 32)
+    assert np.abs(logits - expected_logits).max() <= 1e-4
+    assert actual == expected
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 4e-2)])

@@ -1,4 +1,4 @@
-"""generate.py: the decoding loop, sampling, the CPU weight layout and the command line.
+"""generate.py: the decoding loop, sampling and the command line (the CPU weight layout: tests/test_utils.py).
 
 Parity of greedy decoding with transformers' generate is in tests/test_model.py, per model config."""
 
@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import lora
 from conftest import ROOT, make_checkpoint
-from generate import generate, sample, use_cpu_decode_layout
+from generate import generate, sample
 from model import Config, LLaMA
 from tokenizer import Tokenizer
-from utils import load_model
 
 
 @pytest.fixture(scope="module")
@@ -88,60 +86,6 @@ def test_sample_follows_softmax_of_the_top_k():
     draws = torch.cat([sample(logits, 1.0, None) for _ in range(4000)])
     frequencies = torch.bincount(draws, minlength=5).float() / 4000
     assert (frequencies - torch.softmax(logits, -1)).abs().max() < 0.02
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_cpu_decode_layout_changes_strides_not_results(tied):
-    torch.manual_seed(0)
-    config = Config(
-        block_size=64,
-        vocab_size=100,
-        n_layer=2,
-        n_head=4,
-        n_query_groups=2,
-        n_embd=32,
-        intermediate_size=86,
-        tie_embeddings=tied,
-    )
-    model = LLaMA(config).eval()
-    idx = torch.randint(0, 100, (1, 10))
-    with torch.no_grad():
-        expected = model(idx)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    use_cpu_decode_layout(model)
-    assert {name: p.shape for name, p in model.named_parameters()} == shapes
-    q, down = model.blocks[0].attn.q_proj.weight, model.blocks[0].mlp.down_proj.weight
-    assert q.stride() == (1, 32)  # (out, in) stored column-major: each input's column is contiguous
-    assert down.stride() == (86, 1)  # out < in: kept row-major
-    assert (model.lm_head.weight is model.embed.weight) == tied
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_decode_layout_leaves_bfloat16_alone():
-    # strided bfloat16 weights decode 15x slower on CPU
-    config = Config(
-        block_size=64, vocab_size=100, n_layer=1, n_head=4, n_query_groups=4, n_embd=32, intermediate_size=86
-    )
-    model = LLaMA(config).to(torch.bfloat16)
-    use_cpu_decode_layout(model)
-    assert all(p.is_contiguous() for p in model.parameters())
-
-
-def test_cpu_decode_layout_with_lora_before_and_after_merging(tmp_path):
-    make_checkpoint(tmp_path, vocab_size=1000)
-    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("all_linear",)):
-        model = load_model(tmp_path).eval()
-    for module in model.modules():
-        if isinstance(module, lora.LoRA):
-            torch.nn.init.normal_(module.B, std=0.1)  # a trained-looking update, not B = 0
-    idx = torch.randint(0, 1000, (1, 12))
-    with torch.no_grad():
-        expected = model(idx)
-        use_cpu_decode_layout(model)
-        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
-        lora.merge_lora_weights(model)
-        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
 
 
 def run_cli(*args):

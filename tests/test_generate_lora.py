@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT, finetune, make_checkpoint
+from data import generate_prompt
 from finetune_lora import setup
 from generate_lora import main as generate_lora
-from prepare_alpaca import generate_prompt
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5", "output": "The sum of the numbers is 10."}
 

@@ -110,7 +110,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_in_bf16_mixed_on_cuda
         losses, grads = [], []
         for model in (eager, compiled):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = cross_entropy_sum(model, input_ids.cuda(), targets.cuda(), lengths=packed) / targets.numel()
+                loss = cross_entropy_sum(model(input_ids.cuda(), lengths=packed), targets.cuda()) / targets.numel()
             loss.backward()
             losses.append(loss.item())
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).cpu())
@@ -150,7 +150,7 @@ def test_qlora_step_on_cuda_trains_lora_and_leaves_the_4bit_base_alone(checkpoin
     losses = []
     for _ in range(5):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = cross_entropy_sum(model, idx[:, :-1], idx[:, 1:]) / 32
+            loss = cross_entropy_sum(model(idx[:, :-1]), idx[:, 1:]) / 32
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -37,6 +37,8 @@ PARITY_CONFIGS = {
     # wavelengths (6.3, 19.9, 62.8, ...) fall in all three of its ranges (kept, interpolated, divided by `factor`)
     "llama3_rope": dict(rope_parameters=dict(LLAMA3_ROPE, rope_theta=10000.0)),
     "llama3_rope_tied": dict(rope_parameters=dict(LLAMA3_ROPE, rope_theta=10000.0), tie_word_embeddings=True),
+    # biases on every projection of the blocks (as a merged LLaMA-Adapter v2 has them), random: make_hf_checkpoint
+    "biases": dict(attention_bias=True, mlp_bias=True),
 }
 
 
@@ -249,7 +251,7 @@ def test_config_from_hf_llama_3_2_and_mistral_v0_3(tmp_path):
             {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},
             "'llama3' rope scaling lacks low_freq_factor",
         ),
-        ({"attention_bias": True}, "attention_bias=True"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ],
 )

@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from adapter import AdapterConfig
 from conftest import make_checkpoint
 from export_peft import export_peft, lit_to_peft_name, peft_to_lit_name
 from import_peft import import_peft
@@ -344,3 +345,144 @@ def test_a_dora_training_step_gives_peft_s_loss_and_gradients(bases, tmp_path, v
     for name, grad in ours_grads.items():
         assert peft_grads[name].abs().max() > 0
         assert (grad - peft_grads[name]).norm() <= 1e-5 * peft_grads[name].norm(), name
+
+
+# LLaMA-Adapter v1 and PEFT's adaption prompt (adapter.py): the same prompts and gates in the top 2 of 3 layers
+ADAPTION_PROMPT = dict(adapter_len=6, adapter_layers=2)
+
+
+@pytest.fixture(scope="module")
+def prompt_bases(tmp_path_factory):
+    """Converted 3-layer checkpoints with grouped-query attention, an untied and a tied head, by tie_word_embeddings."""
+    directories = {}
+    for tied in (False, True):
+        directories[tied] = tmp_path_factory.mktemp(f"prompt_tied{tied}")
+        make_checkpoint(directories[tied], seed=4, tie_word_embeddings=tied, vocab_size=VOCAB, num_hidden_layers=3)
+    return directories
+
+
+def peft_adaption_prompt(directory, seed=0):
+    """PEFT's adaption prompt on transformers' model of `directory`, with random prompts and non-zero gates, as if
+    trained."""
+    from peft import AdaptionPromptConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        hf_base(directory, None), AdaptionPromptConfig(task_type="CAUSAL_LM", **ADAPTION_PROMPT)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name.endswith("adaption_gate"):
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+            elif name.endswith("adaption_prompt"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return peft_model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_adaption_prompt_imports_exactly_and_exports_back_with_the_same_logits(prompt_bases, tmp_path, tied):
+    from peft import PeftModel
+
+    from adapter import load_adapter_model, read_adapter_config
+
+    directory = prompt_bases[tied]
+    peft_model = peft_adaption_prompt(directory).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "ours.safetensors", checkpoint_dir=directory)
+    assert read_adapter_config(tmp_path / "ours.safetensors")[0] == AdapterConfig(version=1, **ADAPTION_PROMPT)
+    theirs = {name: p for name, p in peft_model.named_parameters() if "adaption_" in name}
+    ours = load_file(tmp_path / "ours.safetensors")
+    assert {lit_to_peft_name(name) for name in ours} == theirs.keys()
+    for name, tensor in ours.items():  # the same numbers, PEFT's prompt (1, adapter_len, n_embd) ours (adapter_len, n)
+        assert torch.equal(tensor.reshape(theirs[lit_to_peft_name(name)].shape), theirs[lit_to_peft_name(name)])
+
+    model = load_adapter_model(directory, tmp_path / "ours.safetensors").eval()
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids=idx).logits
+        with peft_model.disable_adapter():
+            assert (expected - peft_model(input_ids=idx).logits).abs().max() > 1e-2  # the adapter changes the output
+        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-4)
+        expected_tokens = greedy(lambda i: peft_model(input_ids=i).logits, idx[:1])
+        assert torch.equal(greedy(model, idx[:1]), expected_tokens)
+
+        # ours exported: PEFT loads it onto a fresh base and computes the same; imported back, it is the same file
+        export_peft(adapter_path=tmp_path / "ours.safetensors", out_dir=tmp_path / "exported")
+        reloaded = PeftModel.from_pretrained(hf_base(directory, None), tmp_path / "exported").eval()
+        torch.testing.assert_close(reloaded(input_ids=idx).logits, expected, rtol=0, atol=1e-4)
+    import_peft(adapter_dir=tmp_path / "exported", out_path=tmp_path / "again.safetensors", checkpoint_dir=directory)
+    again = load_file(tmp_path / "again.safetensors")
+    assert ours.keys() == again.keys() and all(torch.equal(ours[name], again[name]) for name in ours)
+
+
+def test_an_adaption_prompt_training_step_gives_peft_s_loss_and_gradients(prompt_bases, tmp_path):
+    from adapter import load_adapter_model, mark_only_adapter_as_trainable
+
+    directory = prompt_bases[False]
+    peft_model = peft_adaption_prompt(directory)
+    peft_model.save_pretrained(tmp_path / "peft")
+    import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "ours.safetensors", checkpoint_dir=directory)
+    ours = load_adapter_model(directory, tmp_path / "ours.safetensors")
+    mark_only_adapter_as_trainable(ours)
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def loss_of(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+
+    expected = loss_of(peft_model.train()(input_ids=idx).logits)
+    expected.backward()
+    loss = loss_of(ours.train()(idx))
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    ours_grads = {name: p.grad for name, p in ours.named_parameters() if p.requires_grad}
+    peft_grads = {peft_to_lit_name(name): p.grad for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert ours_grads.keys() == peft_grads.keys() and len(ours_grads) == 4
+    for name, grad in ours_grads.items():
+        assert peft_grads[name].abs().max() > 0
+        assert (grad.reshape(peft_grads[name].shape) - peft_grads[name]).norm() <= 1e-5 * peft_grads[name].norm(), name
+
+
+def test_adaption_prompt_names_map_both_ways():
+    assert lit_to_peft_name("blocks.3.attn.adaption_prompt.prompt") == (
+        "base_model.model.model.layers.3.self_attn.adaption_prompt"
+    )
+    assert lit_to_peft_name("blocks.12.attn.adaption_prompt.gate") == (
+        "base_model.model.model.layers.12.self_attn.adaption_gate"
+    )
+    for name in ("blocks.3.attn.adaption_prompt.prompt", "blocks.12.attn.adaption_prompt.gate"):
+        assert peft_to_lit_name(lit_to_peft_name(name)) == name
+
+
+def test_adapters_that_cannot_cross_are_refused_in_one_line(prompt_bases, tmp_path):
+    """A v2 adapter has no PEFT counterpart; an adaption prompt in other modules or more layers than the base has, or
+    the other kind's flag, is named; nothing is written."""
+    from adapter import adapter, save_adapter_checkpoint
+
+    directory = prompt_bases[False]
+    with adapter(version=2, adapter_len=4, adapter_layers=1):
+        model = load_model(directory)
+    save_adapter_checkpoint(model, tmp_path / "v2.safetensors")
+    with pytest.raises(ValueError, match="is a LLaMA-Adapter v2, whose learned biases, scales and norms PEFT has no "):
+        export_peft(adapter_path=tmp_path / "v2.safetensors", out_dir=tmp_path / "v2")
+    with pytest.raises(ValueError, match="is a LLaMA-Adapter checkpoint .*; LLaMA-Adapter files go to --adapter_path"):
+        export_peft(lora_path=tmp_path / "v2.safetensors", out_dir=tmp_path / "v2")
+    with pytest.raises(ValueError, match="^pass either --lora_path .* or --adapter_path"):
+        export_peft(out_dir=tmp_path / "v2")
+    assert not (tmp_path / "v2").exists()
+
+    peft_adaption_prompt(directory).save_pretrained(tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    original = json.loads(config_path.read_text())
+    for change, message in (
+        (
+            dict(target_modules="mlp"),
+            "puts its prompts into 'mlp' modules; adapter.py puts them into LLaMA's self_attn",
+        ),
+        (dict(adapter_layers=4), "adapter_layers 4 is more than the model's 3 layers; pass 3 or fewer"),
+        (dict(adapter_len=7), "has shape (6, 64), the model's is (7, 64)"),
+    ):
+        config_path.write_text(json.dumps({**original, **change}))
+        with pytest.raises(ValueError) as e:
+            import_peft(adapter_dir=tmp_path / "peft", out_path=tmp_path / "out.safetensors", checkpoint_dir=directory)
+        assert message in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "out.safetensors").exists()

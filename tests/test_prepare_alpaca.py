@@ -1,40 +1,26 @@
-"""prepare_alpaca.py: the template text, the token ids and label mask, the split, truncation, the checks on bad
-input and the Hub download, against hand-written references and sentencepiece called directly."""
+"""prepare_alpaca.py (data.prepare_instructions): every prepared record against sentencepiece called directly, the
+split, truncation, the checks on bad input, the metadata and the Hub download, against hand-written references. The
+template and the tokenization of one record are tests/test_data.py's."""
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from conftest import ROOT, shared_file
-from prepare_alpaca import check_prepared_data, generate_prompt, setup, tokenize
-from tokenizer import Tokenizer
-
-WITH_INPUT = {"instruction": "Sum up the numbers.", "input": "3, 2, 5", "output": "The sum of the numbers is 10."}
-WITHOUT_INPUT = {"instruction": "Calculate 15% of 500.", "input": "", "output": "15% of 500 is 75."}
+from data import check_prepared_data, generate_prompt
+from prepare_alpaca import setup
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
+def checkpoint_dir(sentencepiece_dir) -> Path:
     """A checkpoint directory as data preparation may meet it: not converted yet, only tokenizer.model."""
-    directory = tmp_path_factory.mktemp("checkpoint")
-    shutil.copy(shared_file("tokenizer.model"), directory / "tokenizer.model")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sp() -> spm.SentencePieceProcessor:
-    """sentencepiece itself, the reference the prepared ids are checked against."""
-    processor = spm.SentencePieceProcessor()
-    processor.Load(str(shared_file("tokenizer.model")))
-    return processor
+    return sentencepiece_dir
 
 
 @pytest.fixture(scope="module")
@@ -53,55 +39,6 @@ def load(directory: Path) -> tuple[list, list]:
 def write_json(path: Path, records: list) -> Path:
     path.write_text(json.dumps(records))
     return path
-
-
-def test_generate_prompt_is_the_alpaca_template():
-    # records 554 and 362 of alpaca_en_demo.json
-    assert generate_prompt(WITH_INPUT) == (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nSum up the numbers.\n\n### Input:\n3, 2, 5\n\n### Response:"
-    )
-    expected_without = (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nCalculate 15% of 500.\n\n### Response:"
-    )
-    assert generate_prompt(WITHOUT_INPUT) == expected_without
-    # generate scripts may pass no input, or a blank one
-    assert generate_prompt({"instruction": "Calculate 15% of 500."}) == expected_without
-    assert generate_prompt({"instruction": "Calculate 15% of 500.", "input": " \n"}) == expected_without
-
-
-def test_labels_are_ignore_index_over_bos_and_prompt_and_the_ids_over_response_and_eos(checkpoint_dir, sp):
-    tokenizer = Tokenizer(checkpoint_dir)
-    record = {"instruction": "Classify this as either an object or an action.", "input": "running", "output": "Action."}
-    samples, lengths, truncated, too_long = tokenize([record], tokenizer, 256, mask_inputs=True, ignore_index=-100)
-    prompt_ids = [1] + sp.encode(generate_prompt(record))
-    response_ids = [9123, 29889]  # "▁Action", "."
-    assert samples[0]["input_ids"].tolist() == prompt_ids + response_ids + [2]
-    assert samples[0]["labels"].tolist() == [-100] * len(prompt_ids) + response_ids + [2]
-    assert samples[0]["input_ids"].dtype == samples[0]["labels"].dtype == torch.long
-    assert (lengths, truncated, too_long) == ([len(prompt_ids) + 3], 0, [])
-    # generation feeds exactly the prompt ids the model was trained on
-    generation_ids = tokenizer.encode(generate_prompt(record), bos=True).tolist()
-    assert samples[0]["input_ids"][: len(prompt_ids)].tolist() == generation_ids
-
-    samples, *_ = tokenize([record], tokenizer, 256, mask_inputs=False, ignore_index=-100)
-    assert samples[0]["labels"].tolist() == prompt_ids + response_ids + [2]
-
-
-def test_prompt_and_response_are_encoded_separately_because_joint_encoding_merges_the_boundary(checkpoint_dir, sp):
-    tokenizer = Tokenizer(checkpoint_dir)
-    record = {"instruction": "Describe a process of making crepes.", "input": "", "output": "Making crepes is easy."}
-    prompt = generate_prompt(record)
-    joint = sp.encode(prompt + record["output"], out_type=str)
-    start = joint.index("▁Response")
-    assert joint[start : start + 4] == ["▁Response", ":", "M", "aking"]  # "Making" lost its own token
-    samples, *_ = tokenize([record], tokenizer, 256, mask_inputs=True, ignore_index=-100)
-    n_prompt = 1 + len(sp.encode(prompt))
-    assert samples[0]["input_ids"][:n_prompt].tolist() == [1] + sp.encode(prompt)
-    assert samples[0]["labels"][n_prompt:].tolist() == sp.encode(record["output"]) + [2]
-    assert sp.decode(samples[0]["labels"][n_prompt:-1].tolist()) == record["output"]
 
 
 def test_every_prepared_record_matches_sentencepiece_and_the_split_covers_all(prepared, sp):
@@ -359,9 +296,3 @@ def test_metadata_lets_fine_tuning_refuse_data_from_another_tokenizer(prepared, 
         check_prepared_data(prepared, other)
     with pytest.raises(ValueError, match="has no metadata.json"):
         check_prepared_data(tmp_path, checkpoint_dir)
-
-
-def test_importing_does_no_work_and_loads_no_cli_or_hub_code():
-    code = "import sys, prepare_alpaca; print(sorted({'jsonargparse', 'huggingface_hub'} & set(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert result.stdout == "[]\n" and result.stderr == ""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import shared_file
-from prepare_alpaca import check_prepared_data
+from data import check_prepared_data
 from prepare_chat import setup
 from tokenizer import CHAT_TEMPLATES, Tokenizer
 

@@ -1,0 +1,204 @@
+"""training.py's parts, each against a reference: pack_batch against the records laid out by hand, the packed model
+and cross_entropy_sum against each record on its own and F.cross_entropy (values and gradients, eager, compiled and
+gradient-checkpointed), the data order and the learning rate against their definitions, and the stop on a loss that
+is not finite. finetune_lora.py's and finetune_full.py's runs, which use them, are in their own test files."""
+
+import argparse
+import copy
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import training
+from lora import lora, mark_only_lora_as_trainable
+from model import Config, LLaMA
+from training import TrainArgs, batch_indices, cross_entropy_sum, learning_rate, pack_batch, stop_if_diverged
+
+TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
+
+
+def test_pack_batch_packs_the_records_into_one_row_and_shifts_the_targets():
+    records = [
+        {"input_ids": torch.tensor([1, 5, 6, 7, 2]), "labels": torch.tensor([-100, -100, 6, 7, 2])},
+        {"input_ids": torch.tensor([1, 8, 2]), "labels": torch.tensor([-100, 8, 2])},
+    ]
+    input_ids, targets, lengths = pack_batch(records, max_seq_length=512)
+    assert input_ids.tolist() == [[1, 5, 6, 7, 1, 8]]  # no padding; a record's last token is no input
+    assert targets.tolist() == [[-100, 6, 7, 2, 8, 2]]  # position t predicts token t + 1 of the same record
+    assert lengths == [4, 2]
+    input_ids, targets, lengths = pack_batch(records, max_seq_length=3)
+    assert input_ids.tolist() == [[1, 5, 1, 8]] and targets.tolist() == [[-100, 6, 8, 2]] and lengths == [2, 2]
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_packed_records_give_each_records_own_logits_loss_and_gradients(gradient_checkpointing):
+    """Packing is only a cheaper layout: every record attends to itself alone, from position 0."""
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value")):
+        model = LLaMA(Config(**TINY))
+    mark_only_lora_as_trainable(model)
+    model.gradient_checkpointing = gradient_checkpointing
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(std=0.1)
+    records = []
+    for length in (9, 3, 14):
+        ids = torch.randint(3, 100, (length,))
+        records.append({"input_ids": ids, "labels": torch.cat([torch.full((2,), -100), ids[2:]])})
+
+    input_ids, targets, lengths = pack_batch(records, max_seq_length=12)
+    logits = model(input_ids, lengths=lengths)[0]
+    alone = torch.cat([model(record["input_ids"][None, :12][:, :-1])[0] for record in records])
+    torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+
+    where = targets != -100
+    loss = cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where])
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    expected = sum(
+        F.cross_entropy(model(r["input_ids"][None, :12][:, :-1])[0], r["labels"][1:12], reduction="sum")
+        for r in records
+    )
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must add up"):
+        model(input_ids, lengths=[1, 2])
+
+
+def test_compiled_blocks_give_the_eager_losses_and_gradients():
+    """--train.compile: Blocks compiled by torch.compile (inductor: C++ kernels on CPU), packed micro-batches of other
+    lengths one after another, with and without gradient checkpointing, give each record's own eager loss and LoRA
+    gradients. Off by default on CPU."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++), which this machine lacks")
+    cpu = argparse.Namespace(
+        device=torch.device("cpu"), strategy=None, print=print
+    )  # what compile_blocks asks of a Fabric
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "mlp")):
+        model = LLaMA(Config(**TINY))
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(std=0.1)
+    assert not training.compile_blocks(cpu, model, TrainArgs())
+    compiled = copy.deepcopy(model)
+    assert training.compile_blocks(cpu, compiled, TrainArgs(compile=True))
+    for lengths, gradient_checkpointing in (((9, 3, 14), False), ((20, 5), True), ((7, 11, 2), True)):
+        compiled.gradient_checkpointing = gradient_checkpointing
+        records = []
+        for length in lengths:
+            ids = torch.randint(3, 100, (length,))
+            records.append({"input_ids": ids, "labels": torch.cat([torch.full((2,), -100), ids[2:]])})
+        input_ids, targets, packed = pack_batch(records, max_seq_length=64)
+        where = targets != -100
+        loss = cross_entropy_sum(compiled(input_ids, lengths=packed, logits_at=where), targets[where])
+        loss.backward()
+        expected = sum(
+            F.cross_entropy(model(r["input_ids"][None, :-1])[0], r["labels"][1:], reduction="sum") for r in records
+        )
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        eager_grads = dict(model.named_parameters())
+        for name, param in compiled.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(param.grad, eager_grads[name].grad, rtol=1e-5, atol=1e-5)
+        model.zero_grad(), compiled.zero_grad()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile, not fall back to eager
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_sum_equals_f_cross_entropy_over_the_logits_in_value_and_gradient(dtype):
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "head")):
+        model = LLaMA(Config(**TINY)).to(dtype)
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(std=0.1)
+    input_ids = torch.randint(0, 100, (3, 20))
+    targets = torch.randint(0, 100, (3, 20))
+    targets[0, :7] = targets[2, 12:] = -100  # a prompt, padding
+
+    where = targets != -100
+    loss = cross_entropy_sum(model(input_ids, logits_at=where), targets[where])
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    expected = F.cross_entropy(model(input_ids).float().flatten(0, 1), targets.flatten(), reduction="sum")
+    expected.backward()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss, expected, **tolerance)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, **tolerance)
+    assert not model.lm_head._forward_pre_hooks  # the head is back to computing every position
+    with torch.no_grad():
+        logits = model(input_ids, logits_at=where)
+        torch.testing.assert_close(cross_entropy_sum(logits, targets[where]), expected.detach(), **tolerance)
+        nowhere = torch.zeros_like(where)
+        assert cross_entropy_sum(model(input_ids, logits_at=nowhere), targets[nowhere]).item() == 0
+        # without logits_at, every position is a target: the same as F.cross_entropy over all the logits
+        all_targets = torch.randint(0, 100, (3, 20))
+        every = F.cross_entropy(model(input_ids).float().flatten(0, 1), all_targets.flatten(), reduction="sum")
+        torch.testing.assert_close(cross_entropy_sum(model(input_ids), all_targets), every, **tolerance)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    with lora(r=4, alpha=8, dropout=0.1, targets=("all_linear",)):
+        model = LLaMA(Config(**TINY))
+    mark_only_lora_as_trainable(model)
+    input_ids = torch.randint(0, 100, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays the RNG in the recomputation
+        model(input_ids).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_each_epoch_reads_every_record_once_in_an_order_fixed_by_seed_and_epoch():
+    first = [i for step in range(0, 5) for i in batch_indices(step, 4, 20, seed=7)]
+    second = [i for step in range(5, 10) for i in batch_indices(step, 4, 20, seed=7)]
+    assert sorted(first) == sorted(second) == list(range(20))
+    assert first != second and first != list(range(20))
+    assert batch_indices(6, 4, 20, seed=7) == second[4:8]  # a step's batch follows from its number alone
+    assert batch_indices(0, 4, 20, seed=8) != first[:4]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero():
+    rates = [learning_rate(step, 2.0, warmup_steps=4, max_steps=14) for step in range(15)]
+    assert rates[:4] == [0.5, 1.0, 1.5, 2.0]
+    assert rates[9] == pytest.approx(1.0)  # half way through the decay
+    assert rates[13] == pytest.approx(1 + torch.cos(torch.tensor(0.9 * torch.pi)).item())
+    assert rates[14] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_loss_or_gradient_that_is_not_finite_stops_before_the_update_naming_what_to_do(tmp_path):
+    state = {"step": 6, "history": {"train": [], "val": []}}
+    stop_if_diverged(2.5, torch.tensor(0.7), state, tmp_path / "train_state.pt")  # finite: nothing happens
+    saved = tmp_path / "train_state.pt"
+    for loss, grad_norm in ((math.nan, torch.tensor(0.7)), (2.5, torch.tensor(math.inf))):
+        with pytest.raises(FloatingPointError) as raised:
+            stop_if_diverged(loss, grad_norm, state, saved)
+        assert str(raised.value) == (
+            f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step 7; stopped before "
+            "updating the weights. Nothing was saved; try a lower --train.learning_rate"
+        )
+    saved.write_bytes(b"")
+    with pytest.raises(FloatingPointError, match=f"The last good checkpoint is {saved}: resume from it with a lower"):
+        stop_if_diverged(math.inf, torch.tensor(math.nan), state, saved)

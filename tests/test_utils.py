@@ -1,0 +1,184 @@
+"""utils.py: the command line's one-line errors, one_line, atomic writes, precision by device, loading a checkpoint
+directory (the weights as safetensors reads them, in the dtype asked for; a mismatch named), the CPU decoding layout
+(strides change, results do not) and peak memory against the kernel's own count."""
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora
+from conftest import make_checkpoint
+from model import Config, LLaMA
+from utils import (
+    atomic_path,
+    cli,
+    default_precision,
+    load_model,
+    one_line,
+    peak_memory_gb,
+    precision_to_dtype,
+    use_cpu_decode_layout,
+)
+
+
+def run_cli(function, monkeypatch, capsys) -> tuple[int, str]:
+    """Runs `function` through utils.cli with no flags; returns the exit status and stderr."""
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    with pytest.raises(SystemExit) as raised:
+        cli(function)
+    return raised.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (ValueError("--lora_r must be positive\nmore detail"), "error: --lora_r must be positive\n"),
+        (
+            FileNotFoundError(2, "No such file or directory", "data/x.json"),
+            "error: data/x.json: No such file or directory\n",
+        ),
+        (ImportError("No module named 'bitsandbytes'"), "error: No module named 'bitsandbytes'\n"),
+        (FloatingPointError("the loss (nan) is not finite"), "error: the loss (nan) is not finite\n"),
+        (ValueError(), "error: ValueError\n"),
+    ],
+)
+def test_cli_turns_a_users_mistake_into_one_line_on_stderr_and_exit_status_1(monkeypatch, capsys, error, line):
+    def main() -> None:
+        raise error
+
+    assert run_cli(main, monkeypatch, capsys) == (1, line)
+
+
+def test_cli_keeps_the_traceback_of_anything_else(monkeypatch):
+    def main() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli(main)
+
+
+def test_one_line_is_the_first_line_of_the_message_or_the_type():
+    assert one_line(ValueError("  first\nsecond  ")) == "first"
+    assert one_line(PermissionError(13, "Permission denied", "/root/x")) == "/root/x: Permission denied"
+    assert one_line(OSError("disk full")) == "disk full"
+    assert one_line(KeyError()) == "KeyError"
+
+
+def test_atomic_path_renames_a_complete_file_and_leaves_the_old_one_after_a_failure(tmp_path):
+    path = tmp_path / "out.txt"
+    with atomic_path(path) as tmp:
+        assert tmp.parent == tmp_path and tmp != path
+        tmp.write_text("first")
+        assert not path.exists()  # not there until written completely
+    assert path.read_text() == "first"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert path.read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_precision_is_fp32_on_cpu_and_names_map_to_dtypes():
+    assert default_precision() == default_precision(training=True) == "32-true"  # conftest hides any GPU
+    assert precision_to_dtype("bf16-true") == torch.bfloat16
+    assert precision_to_dtype("16-true") == torch.float16
+    assert precision_to_dtype("32-true") == torch.float32
+    with pytest.raises(ValueError, match="precision 'bf16-mixed' is not one of bf16-true, 16-true, 32-true"):
+        precision_to_dtype("bf16-mixed")
+
+
+def test_load_model_gives_the_files_tensors_in_the_dtype_asked_and_names_a_mismatch(tmp_path):
+    make_checkpoint(tmp_path, vocab_size=1000, tie_word_embeddings=True)
+    expected = load_file(tmp_path / "lit_model.safetensors")
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert model.lm_head.weight is model.embed.weight  # tied: stored once, shared again
+    state = model.state_dict()
+    assert set(state) == set(expected) | {"lm_head.weight"}
+    for name, tensor in expected.items():
+        assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], tensor.to(torch.bfloat16)), name
+
+    save_file({**expected, "extra.weight": torch.zeros(2)}, tmp_path / "lit_model.safetensors")
+    del expected["norm.weight"]
+    with pytest.raises(ValueError, match=r"does not match model_config.json \(missing: \[\], unexpected: \['extra"):
+        load_model(tmp_path)
+    save_file(expected, tmp_path / "lit_model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"does not match model_config.json \(missing: \['norm.weight'\], unexpected: \[\]"
+    ):
+        load_model(tmp_path)
+
+
+def status_gb(key: str) -> float:
+    """A figure of /proc/self/status (VmRSS, VmHWM: the kernel's own count of resident memory and its peak), in GB."""
+    line = next(line for line in open("/proc/self/status") if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1e6
+
+
+def test_peak_memory_on_cpu_is_the_processs_peak_resident_memory():
+    """Against the kernel's VmHWM, before and after resident memory rises 300 MB above its peak so far."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM is Linux's")
+    cpu = torch.device("cpu")
+    assert peak_memory_gb(cpu) == pytest.approx(status_gb("VmHWM"), abs=0.005)
+    before = peak_memory_gb(cpu)
+    x = torch.ones(int((before - status_gb("VmRSS") + 0.3) * 1e9) // 4)  # written, so resident
+    assert peak_memory_gb(cpu) == pytest.approx(status_gb("VmHWM"), abs=0.005)
+    assert peak_memory_gb(cpu) > before + 0.15  # a new peak (what else the process frees meanwhile varies)
+    del x
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_decode_layout_changes_strides_not_results(tied):
+    torch.manual_seed(0)
+    config = Config(
+        block_size=64,
+        vocab_size=100,
+        n_layer=2,
+        n_head=4,
+        n_query_groups=2,
+        n_embd=32,
+        intermediate_size=86,
+        tie_embeddings=tied,
+    )
+    model = LLaMA(config).eval()
+    idx = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        expected = model(idx)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    use_cpu_decode_layout(model)
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+    q, down = model.blocks[0].attn.q_proj.weight, model.blocks[0].mlp.down_proj.weight
+    assert q.stride() == (1, 32)  # (out, in) stored column-major: each input's column is contiguous
+    assert down.stride() == (86, 1)  # out < in: kept row-major
+    assert (model.lm_head.weight is model.embed.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_decode_layout_leaves_bfloat16_alone():
+    # strided bfloat16 weights decode 15x slower on CPU
+    config = Config(
+        block_size=64, vocab_size=100, n_layer=1, n_head=4, n_query_groups=4, n_embd=32, intermediate_size=86
+    )
+    model = LLaMA(config).to(torch.bfloat16)
+    use_cpu_decode_layout(model)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_cpu_decode_layout_with_lora_before_and_after_merging(tmp_path):
+    make_checkpoint(tmp_path, vocab_size=1000)
+    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("all_linear",)):
+        model = load_model(tmp_path).eval()
+    for module in model.modules():
+        if isinstance(module, lora.LoRA):
+            torch.nn.init.normal_(module.B, std=0.1)  # a trained-looking update, not B = 0
+    idx = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        expected = model(idx)
+        use_cpu_decode_layout(model)
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+        lora.merge_lora_weights(model)
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
