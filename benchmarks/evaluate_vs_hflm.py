@@ -32,9 +32,8 @@ from jsonargparse import CLI
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from evaluate import HarnessLM
-from generate import use_cpu_decode_layout
 from tokenizer import Tokenizer
-from utils import load_model
+from utils import load_model, use_cpu_decode_layout
 
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 

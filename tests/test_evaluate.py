@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT, make_adapter, make_llama_adapter, shared_file
 from evaluate import main as evaluate
 
-MAX_LENGTH = 64  # both backends: rolling texts span several windows, generation prompts are cut to 64 - 16 tokens
+MAX_LENGTH = 64  # both backends: rolling texts span several windows, generation prompts are cut to 64 - 8 tokens
 LIMIT = 3  # documents per task
 QUESTIONS = [
     ("What is the capital of France?", ["Paris", "Berlin", "Madrid", "Rome"], 0),
@@ -58,10 +58,10 @@ metric_list:
 """,
     "demo_answer": """output_type: generate_until
 fewshot_split: test
-num_fewshot: 2
+num_fewshot: 4
 doc_to_text: "Question: {{question}}\\nAnswer:"
 doc_to_target: " {{answer}}"
-generation_kwargs: {until: ["\\n", "Question:"], do_sample: false, max_gen_toks: 16}
+generation_kwargs: {until: ["\\n", "Question:"], do_sample: false, max_gen_toks: 8}
 metric_list:
   - {metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true, ignore_punctuation: true}
 """,
