@@ -3,10 +3,10 @@ and length, as serve.py needs them.
 
 The KV cache has `max_batch_size` rows ("slots"). A new request takes a free slot: its prompt is fed in one pass into
 that row of the cache (model.forward's `kv_rows`); then every step feeds the newest token of every busy slot in one
-forward pass, each row at its own position (`input_pos` of shape (B, 1)) and with its own adapter
-(multilora.AdapterStack.rows). A request that ends (a stop id, its max_new_tokens, cancelled) frees its slot at once
-for the next waiting one. Each row's greedy output equals generate.generate's for that request alone
-(tests/test_batched.py).
+forward pass, each row at its own position (`input_pos` of shape (B, 1)) and with its own adapter (model.forward's
+`adapters`: each row's slot in the multilora.AdapterStack). A request that ends (a stop id, its max_new_tokens,
+cancelled) frees its slot at once for the next waiting one. Each row's greedy output equals generate.generate's for
+that request alone (tests/test_batched.py).
 
     generator = BatchGenerator(model, stack, max_batch_size=8, max_seq_length=1024)
     requests = [Request(prompt=ids, adapter="support", max_new_tokens=64), ...]
@@ -120,7 +120,6 @@ class BatchGenerator:
             self.generators[i] = torch.Generator(self.device).manual_seed(request.seed)
         T = len(request.prompt)
         idx = torch.tensor([request.prompt], device=self.device)  # (1, T)
-        self.stack.rows = torch.tensor([self.adapter_slots[i]], device=self.device) if self.adapter_slots[i] else None
         logits_at = torch.zeros(1, T, dtype=torch.bool, device=self.device)
         logits_at[0, -1] = True
         logits = self.model(
@@ -128,6 +127,7 @@ class BatchGenerator:
             torch.arange(T, device=self.device)[None],
             logits_at=logits_at,
             kv_rows=torch.tensor([i], device=self.device),
+            adapters=self.adapters_tensor([self.adapter_slots[i]]),
         )  # (1, vocab_size)
         self.positions[i] = T
         self.take(i, logits[0])
@@ -138,13 +138,16 @@ class BatchGenerator:
         idx = torch.tensor(self.last[:n], device=self.device)[:, None]  # (n, 1)
         input_pos = torch.tensor(self.positions[:n], device=self.device)[:, None]  # (n, 1)
         adapters = [a if self.slots[i] is not None else 0 for i, a in enumerate(self.adapter_slots[:n])]
-        self.stack.rows = torch.tensor(adapters, device=self.device) if any(adapters) else None
-        logits = self.model(idx, input_pos)[:, -1]  # (n, vocab_size)
+        logits = self.model(idx, input_pos, adapters=self.adapters_tensor(adapters))[:, -1]  # (n, vocab_size)
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row
         for i in range(n):
             if self.slots[i] is not None:
                 self.positions[i] += 1
                 self.take(i, logits[i], greedy[i])
+
+    def adapters_tensor(self, slots: list[int]) -> Optional[torch.Tensor]:
+        """model.forward's `adapters` for rows on these adapter slots: None when every row is on the base."""
+        return torch.tensor(slots, device=self.device) if any(slots) else None
 
     def take(self, i: int, logits: torch.Tensor, greedy: Optional[int] = None) -> None:
         """Picks slot i's next token from its logits (vocab_size,), hands it over, and ends the request if it is

@@ -1,6 +1,7 @@
-"""batched.py and multilora.py: a batch mixing 5 adapters of different ranks, targets and variants (rsLoRA, DoRA), the
-plain base, and prompts of different lengths, decoded together with continuous batching; each row's greedy ids must
-equal generate_lora.py's path for that adapter alone (lora.load_lora_model unmerged, fp32, generate.generate)."""
+"""batched.py, with multilora.py's stacked adapters: a batch mixing 5 adapters of different ranks, targets and variants
+(rsLoRA, DoRA), the plain base, and prompts of different lengths, decoded together with continuous batching; each
+row's greedy ids must equal generate_lora.py's path for that adapter alone (lora.load_lora_model unmerged, fp32,
+generate.generate)."""
 
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from batched import BatchGenerator, QueueFull, Request, generate_all
 from conftest import make_adapter
 from generate import generate
 from lora import load_lora_model
-from multilora import AdapterStack, Update, adapter_updates
+from multilora import AdapterStack, adapter_updates
 from utils import load_model
 
 # (name, r, alpha, targets, settings): different ranks, different projections, the output head among them, and rsLoRA
@@ -128,25 +129,3 @@ def test_a_full_queue_refuses(checkpoint_dir, adapters):
         generator.submit(Request(prompt=[1], max_new_tokens=1))
     generator.step()  # one starts (and ends: one token); the queue has room again
     generator.submit(Request(prompt=[1], max_new_tokens=1))
-
-
-def test_stacked_layer_pads_ranks_and_applies_a_per_row_factor():
-    """Against the formula written out: out[b] = m_i * (W x_b + B_i A_i x_b * scaling_i), i = rows[b], for adapters of
-    ranks 3 and 5, one with a per-output-row factor (DoRA's magnitude over the row norms), the base (slot 0) zero."""
-    torch.manual_seed(0)
-    model = torch.nn.Module()
-    model.embed = torch.nn.Embedding(4, 6)
-    model.proj = torch.nn.Linear(6, 5, bias=False)
-    stack = AdapterStack(model)
-    A1, B1, A2, B2 = torch.randn(3, 6), torch.randn(5, 3), torch.randn(5, 6), torch.randn(5, 5)
-    factor = torch.rand(5) + 0.5
-    stack.add("one", {"proj": Update(A1, B1, 2.0)})
-    stack.add("two", {"proj": Update(A2, B2, 0.5, row_factor=factor)})
-    x = torch.randn(3, 2, 6)  # (B, T, in)
-    stack.rows = torch.tensor([2, 0, 1])
-    W = model.proj.base.weight
-    expected = torch.stack(
-        [factor * (x[0] @ W.T + x[0] @ A2.T @ B2.T * 0.5), x[1] @ W.T, x[2] @ W.T + x[2] @ A1.T @ B1.T * 2.0]
-    )
-    torch.testing.assert_close(model.proj(x), expected)
-    torch.testing.assert_close(model.proj(x[:, -1]), expected[:, -1])  # one position per row, as under logits_at
