@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 sys.path.insert(0, str(Path(__file__).parent))
 from lora_vs_peft import build_hf_model, synchronize
 
-from batched import BatchGenerator, Request
+from batched import BatchGenerator, Job
 from convert_hf_checkpoint import hf_to_lit_name
 from export_peft import lit_to_peft_name
 from generate import generate, use_cpu_decode_layout
@@ -162,7 +162,7 @@ def run_batched(
 ) -> tuple[float, list[float]]:
     """All requests submitted at once, stepped to the end: the wall time and each request's latency."""
     done: dict[int, float] = {}
-    jobs = [Request(prompt=p, max_new_tokens=new_tokens, adapter=name) for p, name in zip(prompts, names)]
+    jobs = [Job(prompt=p, max_new_tokens=new_tokens, adapter=name) for p, name in zip(prompts, names)]
     for i, job in enumerate(jobs):
         job.on_token = lambda token, i=i: done.setdefault(i, time.perf_counter()) if token is None else None
     synchronize(device)

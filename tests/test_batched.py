@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batched import BatchGenerator, QueueFull, Request, generate_all
+from batched import BatchGenerator, Job, QueueFull, generate_all
 from conftest import make_adapter
 from generate import generate
 from lora import load_lora_model
@@ -67,13 +67,11 @@ def stacked(checkpoint_dir, adapters, max_batch_size, max_seq_length=64, max_wai
 def test_each_row_equals_its_adapter_alone(checkpoint_dir, adapters, reference):
     generator = stacked(checkpoint_dir, adapters, max_batch_size=10)
     names = ["", *adapters]
-    requests = [
-        Request(prompt=PROMPTS[i % len(PROMPTS)], adapter=names[i % len(names)], max_new_tokens=12) for i in range(10)
-    ]
-    generate_all(generator, requests)
-    for request in requests:
-        assert request.tokens == reference(request.adapter, request.prompt, 12), request.adapter
-        assert request.finish_reason == "length"
+    jobs = [Job(prompt=PROMPTS[i % len(PROMPTS)], adapter=names[i % len(names)], max_new_tokens=12) for i in range(10)]
+    generate_all(generator, jobs)
+    for job in jobs:
+        assert job.tokens == reference(job.adapter, job.prompt, 12), job.adapter
+        assert job.finish_reason == "length"
     # the adapters do change the answers: the same prompt gives six different continuations
     same_prompt = [reference(name, PROMPTS[0], 12) for name in names]
     assert len({tuple(ids) for ids in same_prompt}) == len(names)
@@ -84,48 +82,48 @@ def test_continuous_batching_reuses_freed_slots_with_per_row_stop_ids(checkpoint
     and refilled while the other rows keep decoding, and nothing changes any row's output."""
     generator = stacked(checkpoint_dir, adapters, max_batch_size=3)
     names = ["", *adapters]
-    requests, expected = [], []
+    jobs, expected = [], []
     for i in range(9):
         name, prompt, n = names[i % len(names)], PROMPTS[(i * 2) % len(PROMPTS)], 3 + 2 * i
         full = reference(name, prompt, n)
         stop_ids = (full[2],) if i % 3 == 0 else ()  # ends at the third new token (or earlier, if it came before)
         expected.append(full[: full.index(full[2]) + 1] if stop_ids else full)
-        requests.append(Request(prompt=prompt, adapter=name, max_new_tokens=n, stop_ids=stop_ids))
-    generate_all(generator, requests)
-    assert [request.tokens for request in requests] == expected
-    assert [request.finish_reason for request in requests] == ["stop" if i % 3 == 0 else "length" for i in range(9)]
+        jobs.append(Job(prompt=prompt, adapter=name, max_new_tokens=n, stop_ids=stop_ids))
+    generate_all(generator, jobs)
+    assert [job.tokens for job in jobs] == expected
+    assert [job.finish_reason for job in jobs] == ["stop" if i % 3 == 0 else "length" for i in range(9)]
     assert generator.slots == [None, None, None]
 
 
 def test_an_adapter_added_later_and_sampling_by_seed(checkpoint_dir, adapters, reference):
     generator = stacked(checkpoint_dir, {name: adapters[name] for name in ("qv2", "ko1")}, max_batch_size=4)
-    generator.submit(Request(prompt=PROMPTS[1], adapter="qv2", max_new_tokens=8))
+    generator.submit(Job(prompt=PROMPTS[1], adapter="qv2", max_new_tokens=8))
     generator.step()  # in flight while a larger, wider adapter comes in
     generator.stack.add("all4", adapter_updates(adapters["all4"], generator.model))
     first = generator.slots[0]
-    late = Request(prompt=PROMPTS[3], adapter="all4", max_new_tokens=8)
+    late = Job(prompt=PROMPTS[3], adapter="all4", max_new_tokens=8)
     generate_all(generator, [late])
     assert first.tokens == reference("qv2", PROMPTS[1], 8)
     assert late.tokens == reference("all4", PROMPTS[3], 8)
 
     sampled = [
-        Request(prompt=PROMPTS[0], adapter="all4", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+        Job(prompt=PROMPTS[0], adapter="all4", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
         for seed in (1, 1, 2)
     ]
     generate_all(generator, sampled)
     assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
 
     with pytest.raises(ValueError, match="no adapter named 'nope' is loaded"):
-        generator.submit(Request(prompt=[1], adapter="nope", max_new_tokens=1))
+        generator.submit(Job(prompt=[1], adapter="nope", max_new_tokens=1))
     with pytest.raises(ValueError, match="exceeds max_seq_length 64"):
-        generator.submit(Request(prompt=[1] * 60, max_new_tokens=5))
+        generator.submit(Job(prompt=[1] * 60, max_new_tokens=5))
 
 
 def test_a_full_queue_refuses(checkpoint_dir, adapters):
     generator = stacked(checkpoint_dir, {}, max_batch_size=1, max_waiting=2)
     for _ in range(3):  # the free slot takes one at the next step, the queue two
-        generator.submit(Request(prompt=[1], max_new_tokens=1))
+        generator.submit(Job(prompt=[1], max_new_tokens=1))
     with pytest.raises(QueueFull, match="3 requests are already waiting for a slot"):
-        generator.submit(Request(prompt=[1], max_new_tokens=1))
+        generator.submit(Job(prompt=[1], max_new_tokens=1))
     generator.step()  # one starts (and ends: one token); the queue has room again
-    generator.submit(Request(prompt=[1], max_new_tokens=1))
+    generator.submit(Job(prompt=[1], max_new_tokens=1))
