@@ -87,10 +87,9 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer("A", torch.zeros(0, rank, base.in_features, device=device, dtype=dtype))  # (slots, r, in)
-        self.register_buffer(
-            "B", torch.zeros(0, base.out_features, rank, device=device, dtype=dtype)
-        )  # (slots, out, r)
+        # A: (slots, r, in), B: (slots, out, r)
+        self.register_buffer("A", torch.zeros(0, rank, base.in_features, device=device, dtype=dtype))
+        self.register_buffer("B", torch.zeros(0, base.out_features, rank, device=device, dtype=dtype))
         self.row_factor: Optional[torch.Tensor] = None  # (slots, out), None while every adapter's is ones
 
     def forward(self, x: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
