@@ -522,31 +522,28 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def error_response(
-    status: int,
-    message: str,
-    type: str = "invalid_request_error",
-    param: Optional[str] = None,
-    code: Optional[str] = None,
-) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+def error_response(e: APIError) -> JSONResponse:
+    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+    return JSONResponse(body, status_code=e.status)
 
 
 async def api_error(_, e: APIError) -> JSONResponse:
-    return error_response(e.status, e.message, e.type, e.param, e.code)
+    return error_response(e)
 
 
 async def invalid_body(_, e: RequestValidationError) -> JSONResponse:
     """A body that is not JSON (400), or a field missing, of the wrong type or out of range (422, naming it)."""
     problem = e.errors()[0]
     if problem.get("type") == "json_invalid":
-        return error_response(400, f"the request body is not valid JSON: {problem.get('msg')}", code="invalid_json")
+        return error_response(
+            APIError(400, f"the request body is not valid JSON: {problem.get('msg')}", code="invalid_json")
+        )
     where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
-    return error_response(422, f"{where}: {problem.get('msg')}", param=where or None, code="invalid_field")
+    return error_response(APIError(422, f"{where}: {problem.get('msg')}", param=where or None, code="invalid_field"))
 
 
 async def http_error(_, e: HTTPException) -> JSONResponse:
-    return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+    return error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
 
 if __name__ == "__main__":

@@ -195,3 +195,13 @@ def make_adapter(
             if module.lora.magnitude is not None:
                 module.lora.magnitude.data *= 1 + 0.5 * torch.rand(module.lora.magnitude.shape, generator=generator)
     save_lora_checkpoint(model, path, chat_template=chat_template)
+
+
+def make_adapters(checkpoint_dir: Path, directory: Path, specs) -> dict[str, Path]:
+    """An adapter file in `directory` for each (name, r, alpha, targets, settings) of `specs` (make_adapter, seeds 0,
+    1, ... in order), by name."""
+    paths = {}
+    for seed, (name, r, alpha, targets, settings) in enumerate(specs):
+        paths[name] = directory / f"{name}.safetensors"
+        make_adapter(checkpoint_dir, paths[name], r, alpha, targets, seed, **settings)
+    return paths

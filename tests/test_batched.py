@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from batched import BatchGenerator, Job, QueueFull, generate_all
-from conftest import make_adapter
+from conftest import make_adapters
 from generate import generate
 from lora import load_lora_model
 from multilora import AdapterStack, adapter_updates
@@ -35,12 +35,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, checkpoint_dir) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("adapters")
-    paths = {}
-    for seed, (name, r, alpha, targets, settings) in enumerate(ADAPTERS):
-        paths[name] = directory / f"{name}.safetensors"
-        make_adapter(checkpoint_dir, paths[name], r, alpha, targets, seed, **settings)
-    return paths
+    return make_adapters(checkpoint_dir, tmp_path_factory.mktemp("adapters"), ADAPTERS)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_adapter, make_checkpoint
+from conftest import make_adapter, make_adapters, make_checkpoint
 from lora import load_lora_model
 from multilora import AdapterStack, MultiLoRALinear, Update, adapter_updates
 from utils import load_model
@@ -30,12 +30,7 @@ ADAPTERS = [
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, checkpoint_dir) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("adapters")
-    paths = {}
-    for seed, (name, r, alpha, targets, settings) in enumerate(ADAPTERS):
-        paths[name] = directory / f"{name}.safetensors"
-        make_adapter(checkpoint_dir, paths[name], r, alpha, targets, seed, **settings)
-    return paths
+    return make_adapters(checkpoint_dir, tmp_path_factory.mktemp("adapters"), ADAPTERS)
 
 
 def test_stacked_layer_pads_ranks_and_applies_a_per_row_factor():
