@@ -132,7 +132,7 @@ def main(
         warmup_seconds: the same load before the server's memory is first read.
         clients: concurrent clients, each with one request in flight at a time.
         stream_fraction: of the requests, those streamed.
-        disconnect_fraction: of the streamed requests, those the client closes after a random number of chunks.
+        disconnect_fraction: of the streamed requests, those the client closes after 0 to max_tokens / 2 pieces.
         max_batch_size: serve.py --max_batch_size, requests decoded together.
         max_waiting: serve.py --max_waiting, requests that may wait for a place; one more is answered 429.
         backoff: seconds a client waits after a 429 before its next request.
