@@ -1,5 +1,5 @@
-"""Evaluates a checkpoint, an adapter on it, or a quantized base: lm-evaluation-harness tasks, the perplexity of a text
-corpus, and the loss on the test split of a fine-tuning run.
+"""Evaluates a checkpoint, an adapter on it (LoRA or LLaMA-Adapter), or a quantized base: lm-evaluation-harness tasks,
+the perplexity of a text corpus, and the loss on the test split of a fine-tuning run.
 
     python evaluate.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M --tasks arc_easy,hellaswag --limit 200
     python evaluate.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M \

@@ -226,24 +226,7 @@ def test_an_adapter_matches_hflm_with_the_exported_peft_adapter(
     expected = hflm_results(tasks_dir, ["demo_choice"], pretrained=str(smollm2), peft=str(tmp_path / "peft"))
     for merge in (False, True) if "rslora" in settings else (False,):
         out_dir = tmp_path / f"merge_{merge}"
-        evaluate(
-            checkpoint_dir=smollm2,
-            lora_path=adapter,
-            merge=merge,
-            tasks="demo_choice",
-            include_path=tasks_dir,
-            limit=LIMIT,
-            batch_size=4,
-            max_length=MAX_LENGTH,
-            log_samples=True,
-            out_dir=out_dir,
-        )
-        results, samples = our_results(out_dir, ["demo_choice"])
-        assert_same_answers(samples["demo_choice"], expected["samples"]["demo_choice"], tolerance)
-        assert_same_metrics(results, expected, ["demo_choice"])
-    # the adapter changes the answers: this is not a comparison of two base models
-    ours, base = samples["demo_choice"][0]["resps"], reference["samples"]["demo_choice"][0]["resps"]
-    assert max(abs(a[0][0] - b[0][0]) for a, b in zip(ours, base)) > 0.1
+        choices_match(expected, reference, smollm2, tasks_dir, out_dir, tolerance, lora_path=adapter, merge=merge)
 
 
 def test_a_llama_adapter_matches_hflm_with_peft_s_adaption_prompt(smollm2, tasks_dir, reference, tmp_path):
@@ -255,19 +238,27 @@ def test_a_llama_adapter_matches_hflm_with_peft_s_adaption_prompt(smollm2, tasks
     make_llama_adapter(smollm2, adapter, seed=2, version=1, adapter_len=4, adapter_layers=4)
     export_peft(adapter_path=adapter, out_dir=tmp_path / "peft")
     expected = hflm_results(tasks_dir, ["demo_choice"], pretrained=str(smollm2), peft=str(tmp_path / "peft"))
+    choices_match(expected, reference, smollm2, tasks_dir, tmp_path, adapter_path=adapter)
+
+
+def choices_match(
+    expected: dict, reference: dict, smollm2: Path, tasks_dir: Path, out_dir: Path, tolerance=1e-4, **adapter
+) -> None:
+    """evaluate.py on demo_choice with `adapter` (its flags) answers as `expected` (HFLM with the adapter in PEFT),
+    and not as the base model does (`reference`): this is not a comparison of two base models."""
     evaluate(
         checkpoint_dir=smollm2,
-        adapter_path=adapter,
         tasks="demo_choice",
         include_path=tasks_dir,
         limit=LIMIT,
         batch_size=4,
         max_length=MAX_LENGTH,
         log_samples=True,
-        out_dir=tmp_path,
+        out_dir=out_dir,
+        **adapter,
     )
-    results, samples = our_results(tmp_path, ["demo_choice"])
-    assert_same_answers(samples["demo_choice"], expected["samples"]["demo_choice"])
+    results, samples = our_results(out_dir, ["demo_choice"])
+    assert_same_answers(samples["demo_choice"], expected["samples"]["demo_choice"], tolerance)
     assert_same_metrics(results, expected, ["demo_choice"])
     ours, base = samples["demo_choice"][0]["resps"], reference["samples"]["demo_choice"][0]["resps"]
     assert max(abs(a[0][0] - b[0][0]) for a, b in zip(ours, base)) > 0.1
