@@ -163,11 +163,14 @@ class Tokenizer:
             return [encoding.ids for encoding in self.processor.encode_batch(texts, add_special_tokens=False)]
         return self.processor.encode(texts)
 
-    def decode(self, ids: Union[torch.Tensor, list[int]]) -> str:
+    def decode(self, ids: Union[torch.Tensor, list[int]], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; `skip_special_tokens` leaves out the special tokens of a tokenizer.json (EOS, end of turn,
+        ...), as transformers' decode(ids, skip_special_tokens=True) does. sentencepiece decodes BOS and EOS to nothing
+        either way."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         if self.path.name == "tokenizer.json":
-            return self.processor.decode(ids, skip_special_tokens=False)
+            return self.processor.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.processor.decode(ids)
 
 

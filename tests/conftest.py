@@ -201,9 +201,11 @@ def make_adapter(
     targets,
     seed: int,
     chat_template: Optional[str] = None,
+    scale: float = 0.3,
     **settings,
 ) -> None:
-    """An adapter file for `checkpoint_dir` with random, non-zero A and B (a fresh one has B = 0: the base exactly),
+    """An adapter file for `checkpoint_dir` with random, non-zero A and B (a fresh one has B = 0: the base exactly) of
+    standard deviation `scale` (0.3 moves a tiny model's outputs well away from its base; a real model needs less),
     and for DoRA a magnitude off ‖W‖. `settings`: lora()'s rslora, dora, ranks, alphas."""
     from lora import LoRALinear, lora, save_lora_checkpoint
     from utils import load_model
@@ -213,8 +215,8 @@ def make_adapter(
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            module.lora.A.data = torch.randn(module.lora.A.shape, generator=generator) * 0.3
-            module.lora.B.data = torch.randn(module.lora.B.shape, generator=generator) * 0.3
+            module.lora.A.data = torch.randn(module.lora.A.shape, generator=generator) * scale
+            module.lora.B.data = torch.randn(module.lora.B.shape, generator=generator) * scale
             if module.lora.magnitude is not None:
                 module.lora.magnitude.data *= 1 + 0.5 * torch.rand(module.lora.magnitude.shape, generator=generator)
     save_lora_checkpoint(model, path, chat_template=chat_template)
