@@ -407,7 +407,9 @@ def test_a_step_of_the_script_from_an_sft_adapter_equals_trl(
         )
     pairs = torch.load(llama3_pairs / "train.pt", weights_only=True)
     preference = Preference("dpo", 0.1, None, "precomputed")
-    theirs = trl_on_one_batch(llama3_checkpoint_dir, peft_dir, pairs, preference, tmp_path, pretrained=True)
+    theirs = trl_on_one_batch(
+        llama3_checkpoint_dir, peft_dir, pairs, preference, tmp_path, pretrained=True, per_pair=False
+    )
     assert theirs["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the model is its reference: no margin yet
 
     rows = list(csv.DictReader(open(tmp_path / "out" / "logs" / "version_0" / "metrics.csv")))
