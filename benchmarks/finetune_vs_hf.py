@@ -116,17 +116,38 @@ def main(
 
 def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tuple[int, int]]:
     """The checkpoint (Hub format and converted), the initial adapter in both formats, and the micro-batches."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from convert_hf_checkpoint import convert_hf_checkpoint
     from export_peft import export_peft
     from lora import lora, save_lora_checkpoint
-    from model import Config
     from prepare_alpaca import setup as prepare
     from utils import load_model
 
+    checkpoint_dir = make_checkpoint(workdir / "checkpoint")
+    with lora(**LORA):
+        model = load_model(checkpoint_dir)  # A random (seeded in make_checkpoint), B zero
+    save_lora_checkpoint(model, workdir / "adapter.safetensors")
+    export_peft(lora_path=workdir / "adapter.safetensors", out_dir=workdir / "peft")
+
+    prepare(
+        destination_path=workdir / "data",
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=SHARED_DATA / "alpaca_en_demo.json",
+    )
+    records = torch.load(workdir / "data" / "train.pt", weights_only=True)  # already in random order
+    batches = [records[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(n_batches)]
+    torch.save(batches, workdir / "batches.pt")
+    # (real tokens, padded length) of each micro-batch
+    return [(sum(len(r["input_ids"]) for r in batch), max(len(r["input_ids"]) for r in batch)) for batch in batches]
+
+
+def make_checkpoint(checkpoint_dir: Path) -> Path:
+    """A random 134M LLaMA (seeded) saved by transformers in Hub format with LLaMA's tokenizer, then converted: the
+    same weights for both sides. benchmarks/dpo_vs_trl.py uses it too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert_hf_checkpoint import convert_hf_checkpoint
+    from model import Config
+
     config = Config.from_name("134M")
-    checkpoint_dir = workdir / "checkpoint"
     torch.manual_seed(0)
     hf = LlamaForCausalLM(
         LlamaConfig(
@@ -146,22 +167,7 @@ def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tu
     del hf
     shutil.copyfile(SHARED_DATA / "tokenizer.model", checkpoint_dir / "tokenizer.model")
     convert_hf_checkpoint(checkpoint_dir)
-
-    with lora(**LORA):
-        model = load_model(checkpoint_dir)  # A random (seeded above), B zero
-    save_lora_checkpoint(model, workdir / "adapter.safetensors")
-    export_peft(lora_path=workdir / "adapter.safetensors", out_dir=workdir / "peft")
-
-    prepare(
-        destination_path=workdir / "data",
-        checkpoint_dir=checkpoint_dir,
-        data_file_path=SHARED_DATA / "alpaca_en_demo.json",
-    )
-    records = torch.load(workdir / "data" / "train.pt", weights_only=True)  # already in random order
-    batches = [records[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(n_batches)]
-    torch.save(batches, workdir / "batches.pt")
-    # (real tokens, padded length) of each micro-batch
-    return [(sum(len(r["input_ids"]) for r in batch), max(len(r["input_ids"]) for r in batch)) for batch in batches]
+    return checkpoint_dir
 
 
 def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
