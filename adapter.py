@@ -127,7 +127,10 @@ class AdapterV2Linear(nn.Linear):
         self.bias_scale = BiasScale(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias_scale.scale * (super().forward(x) + self.bias_scale.bias)
+        y = super().forward(x)
+        # in y's dtype: under bf16-mixed the bias and scale are fp32 (finetune_adapter.py) and y is bf16 (autocast),
+        # which stays bf16 as every other projection's output, not the whole residual stream promoted to fp32
+        return self.bias_scale.scale.to(y.dtype) * (y + self.bias_scale.bias.to(y.dtype))
 
 
 @contextmanager
@@ -252,7 +255,13 @@ def load_adapter_checkpoint(model: LLaMA, path: Path) -> None:
         state_dict = load_file(path)
     except SafetensorError as e:
         raise ValueError(f"{path} is not a complete safetensors file ({e})") from None
-    assign_adapter_tensors(model, state_dict, adapter_state_dict(model), path)
+    load_adapter_state_dict(model, state_dict, path)
+
+
+def load_adapter_state_dict(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path) -> None:
+    """Assigns adapter tensors to the model's adapter parameters (`adapter_state_dict`), after checking every name and
+    shape; also works for a base left on the meta device."""
+    assign_adapter_tensors(model, state_dict, adapter_state_dict(model), source)
 
 
 @torch.no_grad()

@@ -24,7 +24,14 @@ from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
 from data import PreparedData, load_prepared_data
-from lora import LoRAConfig, load_lora_state_dict, lora, mark_only_lora_as_trainable, save_lora_checkpoint
+from lora import (
+    LoRAConfig,
+    is_lora_tensor,
+    load_lora_state_dict,
+    lora,
+    mark_only_lora_as_trainable,
+    save_lora_checkpoint,
+)
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
@@ -242,7 +249,7 @@ def save(
     adapter records the chat template of conversation data, which generate_lora.py then prompts in.
     Both are written under a temporary name and renamed when complete."""
     path = adapter_path.parent / STATE_NAME
-    save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)
+    save_train_state(fabric, path, model, optimizer, state, settings, only=is_lora_tensor)
     if fabric.global_rank == 0:
         with torch.device("meta"), lora(**settings["lora"]):
             skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real

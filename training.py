@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -208,6 +208,12 @@ def load_train_state(
         saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
     except Exception as e:  # not a file torch.save wrote, or not one of ours
         raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
+    theirs, ours = sorted(set(saved) - set(settings)), sorted(set(settings) - set(saved))
+    if theirs or ours:  # e.g. a LoRA run's "lora" where this run has "adapter"
+        raise ValueError(
+            f"--resume {path} was saved by another fine-tuning script (its own settings: {', '.join(theirs) or 'none'}; "
+            f"this script's: {', '.join(ours) or 'none'}); resume it with the script that saved it"
+        )
     differences = [
         f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
     ]
@@ -429,16 +435,17 @@ def save_train_state(
     optimizer: torch.optim.Optimizer,
     state: dict,
     settings: dict,
-    lora_only: bool = False,
+    only: Optional[Callable[[str], bool]] = None,
 ) -> None:
-    """Writes what --resume needs to `path`: the trained weights (with `lora_only`, LoRA's A and B alone), the
-    optimizer state, the step and loss history, the `settings` a resumed run must share, and every device's RNG
-    state (LoRA dropout draws from it). Under a temporary name, renamed when complete: a run killed while saving
+    """Writes what --resume needs to `path`: the trained weights (those whose names `only` accepts when it is given,
+    such as lora.is_lora_tensor or adapter.is_adapter_tensor: the frozen base is not saved), the optimizer state, the
+    step and loss history, the `settings` a resumed run must share, and every device's RNG state (LoRA dropout draws
+    from it). Under a temporary name, renamed when complete: a run killed while saving
     keeps the previous one. Under FSDP fabric.save gathers the shards a Block at a time into one file on rank 0;
     otherwise rank 0 writes it with torch.save (fabric.save would first serialise the whole state into memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    keep = (lambda name, _: ".lora." in name) if lora_only else (lambda name, _: True)
+    keep = (lambda name, _: True) if only is None else (lambda name, _: only(name))
     train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings, "rng": rng_states(fabric)}
     if is_fsdp(fabric):
         fabric.save(tmp, train_state, filter={"model": keep})
