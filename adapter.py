@@ -191,14 +191,19 @@ def is_adapter_tensor(name: str, v2: bool) -> bool:
     return ".adaption_prompt." in name or ".bias_scale." in name or (v2 and name.endswith("norm.weight"))
 
 
-def save_adapter_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] = None) -> None:
+def save_adapter_checkpoint(
+    model: LLaMA, path: Path, chat_template: Optional[str] = None, training: Optional[dict] = None
+) -> None:
     """Writes the adapter (`adapter_state_dict`) to a safetensors file whose metadata holds the LLaMA-Adapter settings
-    and the base model's config, so that loading it never asks for them again, and the chat template of the
-    conversations it was trained on, if any (`read_adapter_chat_template`)."""
+    and the base model's config, so that loading it never asks for them again, the chat template of the
+    conversations it was trained on, if any (`read_adapter_chat_template`), and `training`, how it was trained, if
+    given (no reader needs it)."""
     adapter_config = get_adapter_config(model)
     if adapter_config is None:
         raise ValueError("the model has no LLaMA-Adapter prompts or v2 layers to save; build it inside adapter()")
-    save_adapter_file(path, adapter_state_dict(model), "adapter", asdict(adapter_config), model.config, chat_template)
+    save_adapter_file(
+        path, adapter_state_dict(model), "adapter", asdict(adapter_config), model.config, chat_template, training
+    )
 
 
 def read_adapter_config(path: Path) -> tuple[AdapterConfig, Config]:

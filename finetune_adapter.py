@@ -13,11 +13,11 @@ generate_adapter.py, chat.py --adapter_path, scripts/export_peft.py and, for v2 
 scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also logs/
 (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_adapter.md.
 The story is here, top to bottom (setup: the flags and every check; main: the model and the optimizer; fit: the
-training loop and its step; save), the parts it calls in training.py and data.py.
+training loop and its step), the parts it calls (the checkpoints: training.save_adapter_and_state) in training.py
+and data.py.
 """
 
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -25,14 +25,7 @@ import torch
 from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
-from adapter import (
-    AdapterConfig,
-    adapter,
-    is_adapter_tensor,
-    load_adapter_state_dict,
-    mark_only_adapter_as_trainable,
-    save_adapter_checkpoint,
-)
+from adapter import AdapterConfig, adapter, mark_only_adapter_as_trainable
 from data import PreparedData, load_prepared_data
 from model import LLaMA
 from tokenizer import Tokenizer
@@ -52,7 +45,7 @@ from training import (
     make_optimizer,
     pack_batch,
     resume_settings,
-    save_train_state,
+    save_adapter_and_state,
     start_state,
     stop_if_diverged,
     validate,
@@ -161,7 +154,9 @@ def main(
     state = start_state(fabric, resume, model, optimizer, settings)  # step 0, or where --resume left off
     fit(fabric, model, optimizer, data, tokenizer, state, settings, train, out_dir)
 
-    save(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
+    # train_state.pt, then the adapter from the tensors just saved in it (the adapter records the chat template of
+    # conversation data, which generate_adapter.py and chat.py then prompt in)
+    save_adapter_and_state(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
     fabric.print(f"Saved the adapter to {out_dir / ADAPTER_NAME}")
     finish(fabric, state["history"], out_dir)
 
@@ -222,31 +217,7 @@ def fit(
                 validate(fabric, model, data.val, tokenizer, state, train, data.ignore_index, data.chat_template)
             if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
                 adapter_path = out_dir / f"adapter_step-{step:06d}.safetensors"
-                save(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
-
-
-def save(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: Optimizer,
-    state: dict,
-    settings: dict,
-    adapter_path: Path,
-    chat_template: Optional[str],
-) -> None:
-    """Writes train_state.pt beside `adapter_path` (training.save_train_state: the adapter's tensors and what --resume
-    needs), then the adapter at `adapter_path` from the tensors just saved in it, so the two always agree; the adapter
-    records its settings, the base model's config and the chat template of conversation data, which
-    generate_adapter.py and chat.py read from it. Both are written under a temporary name and renamed when complete."""
-    path = adapter_path.parent / STATE_NAME
-    v2 = settings["adapter"]["version"] == 2
-    save_train_state(fabric, path, model, optimizer, state, settings, only=partial(is_adapter_tensor, v2=v2))
-    if fabric.global_rank == 0:
-        with torch.device("meta"), adapter(**settings["adapter"]):
-            skeleton = LLaMA(model.config)  # no memory: only the adapter's tensors below are real
-        load_adapter_state_dict(skeleton, torch.load(path, weights_only=True)["model"], path)
-        save_adapter_checkpoint(skeleton, adapter_path, chat_template)  # atomic too
-    fabric.barrier()
+                save_adapter_and_state(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
 
 
 if __name__ == "__main__":
