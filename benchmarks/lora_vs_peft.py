@@ -345,13 +345,20 @@ def hf_loss(model: torch.nn.Module, liger: bool = False) -> Callable:
 
 
 def time_steps(
-    model: torch.nn.Module, loss_of: Callable, batches: list, device: torch.device, autocast
+    model: torch.nn.Module,
+    loss_of: Callable,
+    batches: list,
+    device: torch.device,
+    autocast,
+    lr: float = 3e-4,
+    weight_decay: float = 0.0,
 ) -> tuple[dict, float]:
-    """A warm-up step on batches[0], then one timed step on each of the rest: forward, backward, AdamW, as a fine-tuning
-    script takes them (the loss divided by the number of targets). Returns the figures (the peak memory as the module
-    docstring says) and the first step's loss."""
+    """A warm-up step on batches[0], then one timed step on each of the rest: forward, backward, AdamW (`lr`,
+    `weight_decay`), as a fine-tuning script takes them (the loss divided by the number of targets). Returns the figures
+    (the peak memory as the module docstring says) and the first step's loss."""
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     if device.type == "cuda":  # its own weights, and all its steps allocate (not other models' weights)
         free_memory(device)
         own = sum(t.numel() * t.element_size() for t in {*model.parameters(), *model.buffers()})
