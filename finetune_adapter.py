@@ -175,8 +175,8 @@ def fit(
     """The training loop, from step state["step"] to train.max_steps. A step: its train.batch_size records, cut into
     micro-batches packed without padding, each device taking every world_size-th; the loss, the mean over all the
     batch's target tokens whichever micro-batch and device they are in, and its gradients; the update of the adapter
-    (at the first step only the gates have a gradient: through a zero gate, the prompts have none). Then, when due,
-    the validation loss and a sample answer, and an adapter with train_state.pt."""
+    (at the first step the prompts have no gradient: none passes through a gate of zero). Then, when due, the
+    validation loss and a sample answer, and an adapter with train_state.pt."""
     max_seq_length = min(train.max_seq_length, model.config.block_size)
     model.train()
     with Progress(fabric, train, len(data.train), state["step"]) as progress:
