@@ -9,10 +9,12 @@ The methods with their fine-tuning script's defaults: LoRA r=8, alpha 16, dropou
 (finetune_lora.py), LLaMA-Adapter v1 and v2 with 10 prompt vectors in every layer but the first 2 (finetune_adapter.py).
 Each is built as its script builds it (lora() or adapter() around the loading, only its own tensors trainable, in fp32;
 on CUDA the base in bf16 under bf16 autocast: bf16-mixed) and trained with AdamW at its script's learning rate and
-weight decay (LoRA 3e-4 and 0, the Alpaca-LoRA recipe; LLaMA-Adapter 9e-3 and 0.02, the paper's), constant, one
-optimizer step per micro-batch, on the same micro-batches: the records training.batch_indices gives the scripts,
+weight decay (LoRA 3e-4 and 0, the Alpaca-LoRA recipe; LLaMA-Adapter 9e-3 and 0.02, the paper's) on the scripts'
+schedule (a linear warmup over `warmup_steps`, then a cosine decay to 0 at the last step), one optimizer step per
+micro-batch, on the same micro-batches: the records training.batch_indices gives the scripts,
 packed by training.pack_batch, the loss as the scripts compute it. Timing and memory are lora_vs_peft.time_steps'
-(a warm-up step, then each step timed; CPU: a step's peak resident memory over what was resident before it, the model
+(a warm-up step, then each step timed: wall time, and on CPU also the process's CPU time, which other jobs on a
+shared machine disturb less; CPU: a step's peak resident memory over what was resident before it, the model
 and optimizer state already in place; CUDA: the model's weights and everything its steps allocate). The held-out
 loss is the loss per target token over the first `eval_records` of test.pt, the validation loss of the scripts:
 before training it is the base model's for all three (each starts from the base exactly: LoRA's B and the adapter's
@@ -75,6 +77,7 @@ def main(
     micro_batch_size: int = 4,
     max_seq_length: int = 256,
     eval_records: int = 32,
+    warmup_steps: int = 5,
     threads: Optional[int] = None,
     seed: int = 1337,
 ) -> None:
@@ -89,6 +92,7 @@ def main(
         micro_batch_size: records per step.
         max_seq_length: records are cut to this many tokens.
         eval_records: the first records of test.pt the held-out loss is computed over.
+        warmup_steps: steps of the learning rate's linear warmup (then a cosine decay to 0), as --train.warmup_steps.
         threads: CPU threads for PyTorch; by default one per core.
         seed: of the order of the records, as the scripts' --train.seed.
     """
@@ -129,28 +133,33 @@ def main(
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         total = sum(p.numel() for p in net.parameters())
         before = held_out_loss(net, held_out, micro_batch_size, max_seq_length, device, autocast) if held_out else None
-        figures, _ = time_steps(net, ours_loss(net), batches, device, autocast, lr=lr, weight_decay=weight_decay)
+        figures, _ = time_steps(
+            net, ours_loss(net), batches, device, autocast, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
+        )
         after = held_out_loss(net, held_out, micro_batch_size, max_seq_length, device, autocast) if held_out else None
         rows[name] = dict(trainable=trainable, share=trainable / total, before=before, after=after, **figures)
+        print(f"  {name}: done", flush=True)
         del net
         free_memory(device)
 
+    timed = "times" if cuda else "cpu_times"  # on CPU the process's CPU time: steadier on a shared machine
     print(
-        f"\n| method | trainable parameters | step (median) | tokens/s | peak memory | held-out loss, "
-        f"before -> after {steps + 1} steps |\n|---|---:|---:|---:|---:|---|"
+        f"\n| method | trainable parameters | step (median{'' if cuda else ', CPU time'}) | tokens/s | peak memory "
+        f"| held-out loss, before -> after {steps + 1} steps |\n|---|---:|---:|---:|---:|---|"
     )
     for name, r in rows.items():
         loss = f"{r['before']:.3f} -> {r['after']:.3f}" if r["before"] is not None else "(random weights)"
         print(
-            f"| {name} | {r['trainable']:,} ({100 * r['share']:.2f}%) | {1000 * statistics.median(r['times']):.0f} ms "
-            f"| {tokens / sum(r['times']):,.0f} | {r['peak_gb']:.2f} GB | {loss} |"
+            f"| {name} | {r['trainable']:,} ({100 * r['share']:.2f}%) | {1000 * statistics.median(r[timed]):.0f} ms "
+            f"| {tokens / sum(r[timed]):,.0f} | {r['peak_gb']:.2f} GB | {loss} |"
         )
     lora_row = rows["LoRA r=8 query+value"]
     for name, r in rows.items():
         if r is not lora_row:
             print(
                 f"{name} / LoRA: trainable {r['trainable'] / lora_row['trainable']:.2f}x, "
-                f"step time {statistics.median(r['times']) / statistics.median(lora_row['times']):.2f}x, "
+                f"step time {statistics.median(r[timed]) / statistics.median(lora_row[timed]):.2f}x "
+                f"(wall {statistics.median(r['times']) / statistics.median(lora_row['times']):.2f}x), "
                 f"peak memory {r['peak_gb'] / lora_row['peak_gb']:.2f}x"
             )
 
