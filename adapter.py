@@ -127,7 +127,10 @@ class AdapterV2Linear(nn.Linear):
         self.bias_scale = BiasScale(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias_scale.scale * (super().forward(x) + self.bias_scale.bias)
+        y = super().forward(x)
+        # in y's dtype: under bf16-mixed the bias and scale are fp32 (finetune_adapter.py) and y is bf16 (autocast),
+        # which stays bf16 as every other projection's output, not the whole residual stream promoted to fp32
+        return self.bias_scale.scale.to(y.dtype) * (y + self.bias_scale.bias.to(y.dtype))
 
 
 @contextmanager
@@ -188,14 +191,19 @@ def is_adapter_tensor(name: str, v2: bool) -> bool:
     return ".adaption_prompt." in name or ".bias_scale." in name or (v2 and name.endswith("norm.weight"))
 
 
-def save_adapter_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] = None) -> None:
+def save_adapter_checkpoint(
+    model: LLaMA, path: Path, chat_template: Optional[str] = None, training: Optional[dict] = None
+) -> None:
     """Writes the adapter (`adapter_state_dict`) to a safetensors file whose metadata holds the LLaMA-Adapter settings
-    and the base model's config, so that loading it never asks for them again, and the chat template of the
-    conversations it was trained on, if any (`read_adapter_chat_template`)."""
+    and the base model's config, so that loading it never asks for them again, the chat template of the
+    conversations it was trained on, if any (`read_adapter_chat_template`), and `training`, how it was trained, if
+    given (no reader needs it)."""
     adapter_config = get_adapter_config(model)
     if adapter_config is None:
         raise ValueError("the model has no LLaMA-Adapter prompts or v2 layers to save; build it inside adapter()")
-    save_adapter_file(path, adapter_state_dict(model), "adapter", asdict(adapter_config), model.config, chat_template)
+    save_adapter_file(
+        path, adapter_state_dict(model), "adapter", asdict(adapter_config), model.config, chat_template, training
+    )
 
 
 def read_adapter_config(path: Path) -> tuple[AdapterConfig, Config]:
@@ -252,7 +260,13 @@ def load_adapter_checkpoint(model: LLaMA, path: Path) -> None:
         state_dict = load_file(path)
     except SafetensorError as e:
         raise ValueError(f"{path} is not a complete safetensors file ({e})") from None
-    assign_adapter_tensors(model, state_dict, adapter_state_dict(model), path)
+    load_adapter_state_dict(model, state_dict, path)
+
+
+def load_adapter_state_dict(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path) -> None:
+    """Assigns adapter tensors to the model's adapter parameters (`adapter_state_dict`), after checking every name and
+    shape; also works for a base left on the meta device."""
+    assign_adapter_tensors(model, state_dict, adapter_state_dict(model), source)
 
 
 @torch.no_grad()

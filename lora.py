@@ -332,13 +332,18 @@ def get_lora_config(model: LLaMA) -> Optional[LoRAConfig]:
 def mark_only_lora_as_trainable(model: LLaMA) -> None:
     """Freezes the base model: only LoRA's A and B (and DoRA's magnitude) learn."""
     for name, param in model.named_parameters():
-        param.requires_grad = ".lora." in name
+        param.requires_grad = is_lora_tensor(name)
 
 
 def lora_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     """What an adapter consists of: every LoRA A and B (and DoRA magnitude), by its name in the checkpoint (also
     through a wrapper such as Fabric's); the parameters themselves (keep_vars)."""
-    return {name: param for name, param in model.state_dict(keep_vars=True).items() if ".lora." in name}
+    return {name: param for name, param in model.state_dict(keep_vars=True).items() if is_lora_tensor(name)}
+
+
+def is_lora_tensor(name: str) -> bool:
+    """Whether the parameter `name` belongs to LoRA (A, B, DoRA's magnitude): they live in each LoRALinear's `lora`."""
+    return ".lora." in name
 
 
 def merge_lora_weights(model: LLaMA) -> None:

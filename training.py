@@ -1,6 +1,7 @@
-"""The parts the fine-tuning scripts (finetune_lora.py, finetune_full.py, finetune_dpo.py) build their runs from. Each
-script tells its own story (setup: the flags and every check; main: the model and the optimizer; fit: the training
-loop and its step, in plain view; the checkpoints) and calls these parts, listed here in the order a run uses them:
+"""The parts the fine-tuning scripts (finetune_lora.py, finetune_adapter.py, finetune_full.py, finetune_dpo.py) build
+their runs from. Each script tells its own story (setup: the flags and every check; main: the model and the
+optimizer; fit: the training loop and its step, in plain view; the checkpoints) and calls these parts, listed here in
+the order a run uses them:
 
 - before any model is loaded or process started: `TrainArgs` (the --train.* flags), `check_batch_sizes`,
   `find_resume` (the data itself: data.load_prepared_data);
@@ -23,9 +24,9 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -35,9 +36,10 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.strategies import FSDPStrategy
 from tqdm import tqdm
 
+from adapter import adapter, is_adapter_tensor, load_adapter_state_dict, save_adapter_checkpoint
 from data import encode_prompt
 from generate import generate, printable
-from lora import load_lora_state_dict, lora, save_lora_checkpoint
+from lora import is_lora_tensor, load_lora_state_dict, lora, save_lora_checkpoint
 from model import Block, LLaMA
 from quantize import make_bnb_optimizer
 from tokenizer import Tokenizer
@@ -212,6 +214,12 @@ def load_train_state(
         saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
     except Exception as e:  # not a file torch.save wrote, or not one of ours
         raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
+    theirs, ours = ", ".join(sorted(set(saved) - set(settings))), ", ".join(sorted(set(settings) - set(saved)))
+    if theirs or ours:  # e.g. a LoRA run's "lora" where this run has "adapter"
+        raise ValueError(
+            f"--resume {path} was saved by another fine-tuning script (its own settings: {theirs or 'none'}; "
+            f"this script's: {ours or 'none'}); resume it with the script that saved it"
+        )
     differences = [
         f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
     ]
@@ -445,16 +453,17 @@ def save_train_state(
     optimizer: torch.optim.Optimizer,
     state: dict,
     settings: dict,
-    lora_only: bool = False,
+    only: Optional[Callable[[str], bool]] = None,
 ) -> None:
-    """Writes what --resume needs to `path`: the trained weights (with `lora_only`, LoRA's A and B alone), the
-    optimizer state, the step and loss history, the `settings` a resumed run must share, and every device's RNG
-    state (LoRA dropout draws from it). Under a temporary name, renamed when complete: a run killed while saving
+    """Writes what --resume needs to `path`: the trained weights (those whose names `only` accepts when it is given,
+    such as lora.is_lora_tensor or adapter.is_adapter_tensor: the frozen base is not saved), the optimizer state, the
+    step and loss history, the `settings` a resumed run must share, and every device's RNG state (LoRA dropout draws
+    from it). Under a temporary name, renamed when complete: a run killed while saving
     keeps the previous one. Under FSDP fabric.save gathers the shards a Block at a time into one file on rank 0;
     otherwise rank 0 writes it with torch.save (fabric.save would first serialise the whole state into memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    keep = (lambda name, _: ".lora." in name) if lora_only else (lambda name, _: True)
+    keep = (lambda name, _: True) if only is None else (lambda name, _: only(name))
     train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings, "rng": rng_states(fabric)}
     if is_fsdp(fabric):
         fabric.save(tmp, train_state, filter={"model": keep})
@@ -476,18 +485,26 @@ def save_adapter_and_state(
     chat_template: Optional[str],
     training: Optional[dict] = None,
 ) -> None:
-    """A LoRA run's checkpoint: train_state.pt beside `adapter_path` (`save_train_state`: the LoRA weights and what
-    --resume needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always
-    agree. The adapter records the chat template of conversation data, which generate_lora.py then prompts in, and
-    `training`, how it was trained, if given (finetune_dpo.py's method and settings). Both are written under a
-    temporary name and renamed when complete."""
+    """A LoRA or LLaMA-Adapter run's checkpoint (settings["lora"] or settings["adapter"] say which): train_state.pt
+    beside `adapter_path` (`save_train_state`: the adapter's tensors and what --resume needs), then the adapter at
+    `adapter_path` from the tensors just saved in it, so the two always agree. The adapter records the chat template
+    of conversation data, which generate_lora.py and generate_adapter.py then prompt in, and `training`, how it was
+    trained, if given (finetune_dpo.py's method and settings). Both are written under a temporary name and renamed
+    when complete."""
     path = adapter_path.parent / STATE_NAME
-    save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)
+    if "adapter" in settings:  # finetune_adapter.py's; v2 also trains the norms, which only the settings tell
+        v2 = settings["adapter"]["version"] == 2
+        kind, trained = adapter(**settings["adapter"]), partial(is_adapter_tensor, v2=v2)
+        load_tensors, write = load_adapter_state_dict, save_adapter_checkpoint
+    else:
+        kind, trained = lora(**settings["lora"]), is_lora_tensor
+        load_tensors, write = load_lora_state_dict, save_lora_checkpoint
+    save_train_state(fabric, path, model, optimizer, state, settings, only=trained)
     if fabric.global_rank == 0:
-        with torch.device("meta"), lora(**settings["lora"]):
-            skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real
-        load_lora_state_dict(skeleton, torch.load(path, weights_only=True)["model"], path)
-        save_lora_checkpoint(skeleton, adapter_path, chat_template, training)  # atomic too
+        with torch.device("meta"), kind:
+            skeleton = LLaMA(model.config)  # no memory: only the adapter's tensors below are real
+        load_tensors(skeleton, torch.load(path, weights_only=True)["model"], path)
+        write(skeleton, adapter_path, chat_template, training)  # atomic too
     fabric.barrier()
 
 

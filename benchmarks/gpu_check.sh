@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks and figures of howto/finetune_lora.md's "Speed on a GPU", in one go, at most 9.5 minutes (the parts' time limits):
+# The GPU checks and figures of howto/finetune_lora.md's "Speed on a GPU" and howto/finetune_adapter.md's comparison with
+# LoRA, in one go, at most 10.5 minutes (the parts' time limits):
 #   1. tests/test_gpu.py (packed records in one varlen flash-attention call, compiled Blocks against eager,
 #      finetune_lora.py's CUDA defaults, QLoRA, ...);
 #   2. benchmarks/packed_attention.py --device cuda (per record, block-diagonal mask, varlen flash, FlexAttention);
 #   3. benchmarks/lora_vs_peft.py --device cuda: Llama-2-7b-hf with LoRA on query+value (ours eager and compiled, and
 #      the peak memory at 4 x 512 in bf16 and 1 x 512 in nf4-dq; DoRA, ours and PEFT's, eager), on all_linear (eager),
-#      then Llama-3.1-8B on both (eager, no DoRA).
+#      then Llama-3.1-8B on both (eager, no DoRA);
+#   4. benchmarks/adapter_vs_lora.py --device cuda: Llama-2-7b-hf (random weights), LoRA r=8 on query+value against
+#      LLaMA-Adapter v1 and v2, bf16-mixed: trainable parameters, step time, peak memory.
 # Each part has its own time limit, so one that hangs or fails does not cost the others. Run from the repository root
 # with the CUDA build of torch already installed (this script never installs torch):
 #     OUT=out/gpu_check bash benchmarks/gpu_check.sh
@@ -51,4 +54,5 @@ run lora_vs_peft_7b_all 60 python benchmarks/lora_vs_peft.py --device cuda --mod
     --targets '[all_linear]' --steps 5 --compile false --memory false
 run lora_vs_peft_8b 90 python benchmarks/lora_vs_peft.py --device cuda --models '[Llama-3.1-8B]' --steps 5 \
     --compile false --memory false --dora_targets '[]'
+run adapter_vs_lora_7b 60 python benchmarks/adapter_vs_lora.py --device cuda --model Llama-2-7b-hf --steps 10
 cat "$OUT/summary.txt"

@@ -53,7 +53,7 @@ from generate import generate
 from lora import TARGETS, LoRAConfig, LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
 from model import Config, LLaMA
 from quantize import quantize_weight, quantized_layers, swap_in_layers
-from training import cross_entropy_sum, pack_batch
+from training import cross_entropy_sum, learning_rate, pack_batch
 from utils import cli
 
 # Token lengths of the 999 records of ../shared/data/alpaca_en_demo.json (prepare_alpaca.tokenize, the LLaMA
@@ -345,27 +345,40 @@ def hf_loss(model: torch.nn.Module, liger: bool = False) -> Callable:
 
 
 def time_steps(
-    model: torch.nn.Module, loss_of: Callable, batches: list, device: torch.device, autocast
+    model: torch.nn.Module,
+    loss_of: Callable,
+    batches: list,
+    device: torch.device,
+    autocast,
+    lr: float = 3e-4,
+    weight_decay: float = 0.0,
+    warmup_steps: Optional[int] = None,
 ) -> tuple[dict, float]:
-    """A warm-up step on batches[0], then one timed step on each of the rest: forward, backward, AdamW, as a fine-tuning
-    script takes them (the loss divided by the number of targets). Returns the figures (the peak memory as the module
-    docstring says) and the first step's loss."""
+    """A warm-up step on batches[0], then one timed step on each of the rest: forward, backward, AdamW (`lr`,
+    `weight_decay`; with `warmup_steps`, the fine-tuning scripts' schedule over these steps, training.learning_rate), as
+    a fine-tuning script takes them (the loss divided by the number of targets). Returns the figures (the time of each
+    step, wall and this process's CPU time, and the peak memory as the module docstring says) and the first step's
+    loss."""
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     if device.type == "cuda":  # its own weights, and all its steps allocate (not other models' weights)
         free_memory(device)
         own = sum(t.numel() * t.element_size() for t in {*model.parameters(), *model.buffers()})
         others = torch.cuda.memory_allocated(device) - own
         torch.cuda.reset_peak_memory_stats(device)
-    times, first_loss, cpu_peaks = [], None, []
-    for input_ids, targets, lengths in batches:
+    times, cpu_times, first_loss, cpu_peaks = [], [], None, []
+    for step, (input_ids, targets, lengths) in enumerate(batches):
         input_ids, targets = input_ids.to(device), targets.to(device)
+        if warmup_steps is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, lr, warmup_steps, len(batches))
         if device.type == "cpu":
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory back to the system, so that reusing it shows
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             rss_before = max_rss_mb("VmRSS")
         synchronize(device)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         with autocast:
             loss = loss_of(input_ids, targets, lengths) / (targets != -100).sum()
         loss.backward()
@@ -373,12 +386,13 @@ def time_steps(
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - cpu0)
         if device.type == "cpu":
             cpu_peaks.append((max_rss_mb("VmHWM") - rss_before) / 1e3)
         first_loss = loss.item() if first_loss is None else first_loss
     # CUDA: this model's weights and all its steps allocate; CPU: the most a timed step took over what it found
     peak = (torch.cuda.max_memory_allocated(device) - others) / 1e9 if device.type == "cuda" else max(cpu_peaks[1:])
-    return {"first": times[0], "times": times[1:], "peak_gb": peak}, first_loss
+    return {"first": times[0], "times": times[1:], "cpu_times": cpu_times[1:], "peak_gb": peak}, first_loss
 
 
 def report(results: dict, tokens: int, flops: float, steps: int, peak_rate: float, cuda: bool) -> None:

@@ -1,0 +1,224 @@
+"""Fine-tunes a converted LLaMA checkpoint with LLaMA-Adapter (adapter.py) on instruction data prepared by
+prepare_alpaca.py, or conversations prepared by prepare_chat.py.
+
+    python finetune_adapter.py --data_dir data/alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
+
+The base model stays frozen. v1 (--adapter_version 1, the default) learns a prompt of --adapter_len vectors in each of
+the top --adapter_layers blocks, which attention attends to through a gate that starts at zero, so training starts
+from the base model exactly; v2 (--adapter_version 2) also learns a bias and a scale on every projection of the blocks
+and the weights of the norms. The defaults are the LLaMA-Adapter paper's recipe (learning rate 9e-3, weight decay 0.02,
+batches of 64, 5 epochs). On GPUs the base is held in bf16 and the adapter in fp32 under bf16 mixed precision.
+Every --train.save_interval steps and at the end, out_dir receives the adapter (well under a MB for v1, for
+generate_adapter.py, chat.py --adapter_path, scripts/export_peft.py and, for v2 without prompts,
+scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also logs/
+(CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_adapter.md.
+The story is here, top to bottom (setup: the flags and every check; main: the model and the optimizer; fit: the
+training loop and its step), the parts it calls (the checkpoints: training.save_adapter_and_state) in training.py
+and data.py.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from lightning.fabric import Fabric
+from torch.optim import Optimizer
+
+from adapter import AdapterConfig, adapter, mark_only_adapter_as_trainable
+from data import PreparedData, load_prepared_data
+from model import LLaMA
+from tokenizer import Tokenizer
+from training import (
+    STATE_NAME,
+    Progress,
+    TrainArgs,
+    batch_indices,
+    check_batch_sizes,
+    compile_blocks,
+    cross_entropy_sum,
+    find_resume,
+    finish,
+    is_fsdp,
+    learning_rate,
+    make_fabric,
+    make_optimizer,
+    pack_batch,
+    resume_settings,
+    save_adapter_and_state,
+    start_state,
+    stop_if_diverged,
+    validate,
+)
+from utils import cli, default_precision, load_config, load_model, precision_to_dtype
+
+ADAPTER_NAME = "lit_model_adapter_finetuned.safetensors"  # the final adapter; generate_adapter.py's default
+
+
+def setup(
+    data_dir: Path = Path("data/alpaca"),
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"),
+    out_dir: Path = Path("out/adapter/alpaca"),
+    precision: Optional[Literal["bf16-mixed", "bf16-true", "32-true"]] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    adapter_version: Literal[1, 2] = 1,
+    adapter_len: int = 10,
+    adapter_layers: Optional[int] = None,
+    train: TrainArgs = TrainArgs(learning_rate=9e-3, weight_decay=0.02, batch_size=64, epochs=5, save_interval=100),
+    resume: Optional[str] = None,
+) -> None:
+    """Fine-tune a checkpoint with LLaMA-Adapter on data prepared by prepare_alpaca.py.
+
+    Args:
+        data_dir: directory with train.pt, test.pt and metadata.json from prepare_alpaca.py (instructions) or
+            prepare_chat.py (conversations, whose chat template the sample answers then use), prepared with the
+            tokenizer of `checkpoint_dir`.
+        checkpoint_dir: the base model, as converted by scripts/convert_hf_checkpoint.py.
+        out_dir: receives the adapters, train_state.pt, logs/ and loss.png.
+        precision: "bf16-mixed" (bf16 base, fp32 adapter), "bf16-true" (all bf16, least memory) or "32-true";
+            by default bf16-mixed on GPUs with bf16 and 32-true elsewhere (bf16 on CPUs is very slow).
+        devices: devices (GPUs, or processes on CPU) per node.
+        num_nodes: machines to train on, `devices` each.
+        strategy: "auto" (one device, DDP for several), "ddp" (a copy of the model per device) or "fsdp"
+            (the base model sharded across devices, for bases that do not fit on one).
+        adapter_version: 1 (LLaMA-Adapter: the prompts and their gates) or 2 (LLaMA-Adapter v2: also a bias and a
+            scale on every projection of the blocks, and the norms' weights).
+        adapter_len: prompt vectors in each adapted layer.
+        adapter_layers: the top layers that get a prompt; by default all but the first 2 (the paper's 30 of
+            LLaMA-7B's 32), at least 1. With version 2, 0 learns no prompt: only the bias, scale and norms, which
+            scripts/merge_lora.py then merges into the weights.
+        train: how to train (training.TrainArgs: --train.batch_size, --train.max_steps, ...).
+        resume: a train_state.pt to continue from, or "auto" for out_dir/train_state.pt when there is one.
+    """
+    # everything that can be wrong with the input is found here, before any model is loaded or process started
+    check_batch_sizes(train, devices * num_nodes)
+    data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
+    data = load_prepared_data(data_dir, checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
+    config = load_config(checkpoint_dir)
+    adapter_layers = max(config.n_layer - 2, 1) if adapter_layers is None else adapter_layers
+    adapter_config = AdapterConfig(adapter_version, adapter_len, adapter_layers)  # refuses an adapter_len of 0
+    adapter_config.check_fits(config)  # no more layers than the model has
+    resume = find_resume(resume, out_dir)
+    train = train.for_records(len(data.train))  # max_steps from epochs, unless given
+    precision = precision or default_precision(training=True)  # bf16-mixed on GPUs with bf16, else 32-true
+
+    fabric = make_fabric(devices, num_nodes, strategy, precision, train, out_dir)  # seeded, logging to out_dir/logs
+    fabric.launch(main, checkpoint_dir, out_dir, data, tokenizer, adapter_config, precision, train, resume)
+
+
+def main(
+    fabric: Fabric,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    data: PreparedData,
+    tokenizer: Tokenizer,
+    adapter_config: AdapterConfig,
+    precision: str,
+    train: TrainArgs,
+    resume: Optional[Path],
+) -> None:
+    """On every device: the model with the adapter, the optimizer, the training (`fit`), the final adapter."""
+    # The model: the frozen base with the prompts (and v2's layers). Under mixed precision the base is held in the
+    # low dtype and the adapter in fp32, whose small updates bf16 would round away. FSDP shards each Block's weights
+    # together, which needs one dtype: it keeps them all in fp32 and computes in bf16 itself.
+    fsdp = is_fsdp(fabric)
+    mixed = precision.endswith("-mixed")
+    base_dtype = torch.float32 if fsdp and mixed else precision_to_dtype(precision.replace("-mixed", "-true"))
+    with adapter(**asdict(adapter_config)):
+        model = load_model(checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype)
+    mark_only_adapter_as_trainable(model)  # the prompts and gates; v2: also the biases, scales and norms
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    if mixed:
+        for param in trainable:
+            param.data = param.data.float()
+    model.gradient_checkpointing = train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    compile_blocks(fabric, model, train)  # --train.compile: by default on CUDA
+    total = sum(param.numel() for param in model.parameters())
+    n_trainable = sum(param.numel() for param in trainable)
+    fabric.print(
+        f"Trainable parameters: {n_trainable:,} of {total:,} ({100 * n_trainable / total:.3f}%), "
+        f"LLaMA-Adapter v{adapter_config.version}, {adapter_config.adapter_len} prompt vectors in the top "
+        f"{adapter_config.adapter_layers} of {model.config.n_layer} layers"
+    )
+    model = fabric.setup_module(model)
+
+    # The optimizer (AdamW or one of bitsandbytes' variants) over the adapter only; fit sets its learning rate
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = make_optimizer(train.optimizer, trainable, train.learning_rate, train.weight_decay)
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    settings = resume_settings(model, train, len(data.train), adapter=asdict(adapter_config))
+    state = start_state(fabric, resume, model, optimizer, settings)  # step 0, or where --resume left off
+    fit(fabric, model, optimizer, data, tokenizer, state, settings, train, out_dir)
+
+    # train_state.pt, then the adapter from the tensors just saved in it (the adapter records the chat template of
+    # conversation data, which generate_adapter.py and chat.py then prompt in)
+    save_adapter_and_state(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
+    fabric.print(f"Saved the adapter to {out_dir / ADAPTER_NAME}")
+    finish(fabric, state["history"], out_dir)
+
+
+def fit(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: Optimizer,
+    data: PreparedData,
+    tokenizer: Tokenizer,
+    state: dict,
+    settings: dict,
+    train: TrainArgs,
+    out_dir: Path,
+) -> None:
+    """The training loop, from step state["step"] to train.max_steps. A step: its train.batch_size records, cut into
+    micro-batches packed without padding, each device taking every world_size-th; the loss, the mean over all the
+    batch's target tokens whichever micro-batch and device they are in, and its gradients; the update of the adapter
+    (at the first step the prompts have no gradient: none passes through a gate of zero). Then, when due, the
+    validation loss and a sample answer, and an adapter with train_state.pt."""
+    max_seq_length = min(train.max_seq_length, model.config.block_size)
+    model.train()
+    with Progress(fabric, train, len(data.train), state["step"]) as progress:
+        for step in range(state["step"], train.max_steps):
+            # the step's records follow from its number: a resumed run reads those an unbroken one would
+            batch = [data.train[i] for i in batch_indices(step, train.batch_size, len(data.train), train.seed)]
+            n_targets = sum(int((r["labels"][1:max_seq_length] != data.ignore_index).sum()) for r in batch)
+            # micro-batches of train.micro_batch_size records; micro-batch k goes to device k % devices
+            micro_batches = [
+                batch[i : i + train.micro_batch_size] for i in range(0, len(batch), train.micro_batch_size)
+            ]
+            micro_batches = micro_batches[fabric.global_rank :: fabric.world_size]
+            loss_sum = torch.zeros((), device=fabric.device)
+            for i, micro_batch in enumerate(micro_batches):
+                input_ids, targets, lengths = pack_batch(micro_batch, max_seq_length)
+                input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
+                where = targets != data.ignore_index  # the head computes logits only where there is a target
+                # under DDP, gradients are averaged across devices once per step, after the last micro-batch
+                with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                    logits = model(input_ids, lengths=lengths, logits_at=where)  # (targets, vocab_size)
+                    loss = cross_entropy_sum(logits, targets[where]) / max(n_targets, 1)  # the batch's mean, in part
+                    del logits  # now held by the loss's graph alone, which frees them once the head's backward is done
+                    fabric.backward(loss * fabric.world_size)  # DDP and FSDP average gradients; we want their sum
+                loss_sum += loss.detach()
+            loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
+            stop_if_diverged(loss, grad_norm, state, out_dir / STATE_NAME)  # a NaN or inf stops before the update
+            lr = learning_rate(step, train.learning_rate, train.warmup_steps, train.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state["step"] = step = step + 1
+            state["history"]["train"].append((step, loss))
+            progress.update(step, loss, lr, tokens=sum(min(len(r["input_ids"]), max_seq_length) for r in batch))
+            if step % train.eval_interval == 0 or step == train.max_steps:
+                validate(fabric, model, data.val, tokenizer, state, train, data.ignore_index, data.chat_template)
+            if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
+                adapter_path = out_dir / f"adapter_step-{step:06d}.safetensors"
+                save_adapter_and_state(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
+
+
+if __name__ == "__main__":
+    cli(setup, as_positional=False)
