@@ -205,11 +205,8 @@ def save(
     checkpoint directory for generate.py at `destination`: the weights in `dtype` (the run's starting checkpoint's),
     its config, and the tokenizer of `checkpoint_dir`. Every file is written under a temporary name and renamed when
     complete: a run killed while saving keeps the previous checkpoint."""
-    path = out_dir / STATE_NAME
-    save_train_state(fabric, path, model, optimizer, state, settings)
+    weights = save_train_state(fabric, out_dir / STATE_NAME, model, optimizer, state, settings)  # on rank 0
     if fabric.global_rank == 0:
-        # under FSDP only the file just written holds the gathered weights (mmap: read as they are written out)
-        weights = torch.load(path, weights_only=True, mmap=True)["model"] if is_fsdp(fabric) else model.state_dict()
         if model.config.tie_embeddings:
             del weights["lm_head.weight"]  # the embedding's, stored once
         destination.mkdir(parents=True, exist_ok=True)

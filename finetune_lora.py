@@ -135,11 +135,10 @@ def main(
 ) -> None:
     """On every device: the model with LoRA, the optimizer, the training (`fit`), the final adapter."""
     # The model: the frozen base with LoRA layers on --lora_targets. Under mixed precision the base is held in the
-    # low dtype and LoRA in fp32, whose small updates bf16 would round away. FSDP shards each Block's weights
-    # together, which needs one dtype: it keeps them all in fp32 and computes in bf16 itself.
+    # low dtype and LoRA in fp32, whose small updates bf16 would round away (FSDP shards both, each in its dtype).
     fsdp = is_fsdp(fabric)
     mixed = precision.endswith("-mixed")
-    base_dtype = torch.float32 if fsdp and mixed else precision_to_dtype(precision.replace("-mixed", "-true"))
+    base_dtype = precision_to_dtype(precision.replace("-mixed", "-true"))
     with lora(**asdict(lora_config)):
         model = load_model(checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype, quantize=quantize)
     mark_only_lora_as_trainable(model)
@@ -242,11 +241,11 @@ def save(
     adapter records the chat template of conversation data, which generate_lora.py then prompts in.
     Both are written under a temporary name and renamed when complete."""
     path = adapter_path.parent / STATE_NAME
-    save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)
+    weights = save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)  # on rank 0
     if fabric.global_rank == 0:
         with torch.device("meta"), lora(**settings["lora"]):
             skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real
-        load_lora_state_dict(skeleton, torch.load(path, weights_only=True)["model"], path)
+        load_lora_state_dict(skeleton, weights, path)
         save_lora_checkpoint(skeleton, adapter_path, chat_template)  # atomic too
     fabric.barrier()
 

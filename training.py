@@ -19,28 +19,44 @@ The data order and the learning rate are pure functions of the step, so a resume
 import importlib.util
 import math
 import os
+import shutil
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-from lightning.fabric.strategies import FSDPStrategy
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import encode_prompt
 from generate import generate, printable
-from model import Block, LLaMA
+from model import LLaMA
 from quantize import make_bnb_optimizer
 from tokenizer import Tokenizer
 from utils import one_line, peak_memory_gb
 
-STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from
+STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from (save_train_state)
+SHARDED_STATE_NAME = "train_state"  # the same under --strategy fsdp: a directory of torch.distributed.checkpoint files
+SHARDED_META_NAME = "meta.pt"  # in that directory: the step, loss history, settings and RNG states
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
 
@@ -94,7 +110,12 @@ class TrainArgs:
     seed: int = 1337
 
     def for_records(self, n_records: int) -> "TrainArgs":
-        """These settings with max_steps filled in: when only `epochs` is given, as many steps as they take."""
+        """These settings with max_steps filled in: when only `epochs` is given, as many steps as they take. Every
+        script calls it before training; settings that would train nothing, or divide by zero, are refused here."""
+        for name in ("max_steps", "epochs", "eval_interval", "save_interval", "eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--train.{name} {value} must be at least 1")
         return replace(self, max_steps=self.max_steps or math.ceil(self.epochs * n_records / self.batch_size))
 
 
@@ -112,10 +133,12 @@ def check_batch_sizes(train: TrainArgs, devices: int) -> None:
 
 
 def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
-    """--resume: a train_state.pt, or "auto" for out_dir's when there is one."""
+    """--resume: a train state (a train_state.pt, or the train_state directory of a run with --strategy fsdp), or
+    "auto" for out_dir's newest when there is one."""
     if resume == "auto":
-        return out_dir / STATE_NAME if (out_dir / STATE_NAME).is_file() else None
-    if resume is not None and not Path(resume).is_file():
+        saved = [path for path in (out_dir / STATE_NAME, out_dir / SHARDED_STATE_NAME) if path.exists()]
+        return max(saved, key=lambda path: path.stat().st_mtime, default=None)
+    if resume is not None and not Path(resume).exists():
         raise FileNotFoundError(f"--resume {resume}: no such file (use --resume auto for the latest in --out_dir)")
     return None if resume is None else Path(resume)
 
@@ -123,16 +146,16 @@ def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
 def make_fabric(devices: int, num_nodes: int, strategy: str, precision: str, train: TrainArgs, out_dir: Path) -> Fabric:
     """The Fabric a script's main runs in (`fabric.launch(main, ...)`), on each of devices x num_nodes devices with
     `strategy`, in `precision`, logging to out_dir/logs (CSV, and TensorBoard when installed), seeded with
-    train.seed. FSDP shards each Block (and, with gradient checkpointing, recomputes each Block's activations
-    itself)."""
+    train.seed. "fsdp" is FSDP2 (Fabric's ModelParallelStrategy, `shard_model` in fabric.setup_module): every device
+    holds 1/world_size of each Block's weights, gradients and optimizer state."""
     if strategy == "fsdp":
-        checkpointing = {Block} if train.gradient_checkpointing else None
-        strategy = FSDPStrategy(
-            auto_wrap_policy={Block},
-            activation_checkpointing_policy=checkpointing,
-            state_dict_type="full",
-            limit_all_gathers=True,
-        )
+        shard = partial(shard_model, mixed=precision == "bf16-mixed", checkpointing=train.gradient_checkpointing)
+        strategy = ModelParallelStrategy(shard, data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
+        # Gradients are reduce-scattered into shards after every micro-batch: `fabric.no_backward_sync` (DDP's saving
+        # of all but the last micro-batch's communication) has no effect, as it would keep each Block's gradient
+        # whole on every device until the step's end.
+        strategy._backward_sync_control = None
+        warnings.filterwarnings("ignore", "The `ModelParallelStrategy` does not support skipping the gradient sync")
     loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=10)]
     if importlib.util.find_spec("tensorboard"):
         loggers.append(TensorBoardLogger(out_dir, name="logs"))
@@ -141,9 +164,30 @@ def make_fabric(devices: int, num_nodes: int, strategy: str, precision: str, tra
     return fabric
 
 
+def shard_model(model: LLaMA, device_mesh: DeviceMesh, mixed: bool, checkpointing: bool) -> LLaMA:
+    """--strategy fsdp's sharding, which fabric.setup_module applies: FSDP2's `fully_shard` on each Block, then on the
+    rest (the embedding, the final norm, the head). Each parameter is split by rows across the devices (a DTensor);
+    a Block's are gathered whole just before its forward and backward, and its gradients are reduce-scattered back
+    into shards after. Frozen and trainable parameters share a Block (LoRA's A and B beside the base weights): only
+    the trainable ones get gradients. With `mixed` (bf16-mixed), the gathered weights are bf16 and the gradients are
+    reduced in fp32 (FSDP2's MixedPrecisionPolicy); the shards keep their own dtype. With `checkpointing` each Block
+    recomputes its activations in the backward pass (model.py's gradient checkpointing, inside the Block's gather)."""
+    mesh = device_mesh["data_parallel"]
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed
+        else MixedPrecisionPolicy()
+    )
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.gradient_checkpointing = checkpointing
+    return model
+
+
 def is_fsdp(fabric: Fabric) -> bool:
     """Whether the model is sharded (--strategy fsdp): then each device holds part of every Block's weights."""
-    return isinstance(fabric.strategy, FSDPStrategy)
+    return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
 def compile_blocks(fabric: Fabric, model: LLaMA, train: TrainArgs, quantized: bool = False) -> bool:
@@ -202,32 +246,76 @@ def load_train_state(
     settings: dict,
 ) -> dict:
     """Restores what `save_train_state` wrote into the model and optimizer, and the RNG states; returns the step and
-    loss history. The data position and the learning rate follow from the step. A file of a run with other
-    `settings` is refused, naming the differences."""
-    try:
-        saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
+    loss history. The data position and the learning rate follow from the step. A state of a run with other
+    `settings` is refused, naming the differences. A sharded state (a directory) loads on any number of processes,
+    sharded or not: each reads the parts of the saved shards its own parameters cover."""
+    sharded = path.is_dir()
+    try:  # mmap: no tensor is read
+        saved = torch.load(path / SHARDED_META_NAME if sharded else path, weights_only=True, mmap=not sharded)
+        saved_settings = saved["settings"]
     except Exception as e:  # not a file torch.save wrote, or not one of ours
         raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
     differences = [
-        f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
+        f"{key}={saved_settings.get(key)} (now: {value})"
+        for key, value in settings.items()
+        if saved_settings.get(key) != value
     ]
     if differences:
         raise ValueError(
             f"--resume {path} was saved by a run with other settings: {'; '.join(differences)}; "
             "resume with the same checkpoint, data, LoRA and batch settings"
         )
-    try:  # strict=False: a LoRA run's file holds LoRA's weights only
-        rest = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
+    try:
+        if sharded:
+            load_sharded_state(path, model, optimizer)
+        elif is_fsdp(fabric):  # a train_state.pt of a run on one device or DDP
+            load_whole_state(saved, model, optimizer)
+        else:  # strict=False: a LoRA run's file holds LoRA's weights only
+            fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
     except Exception as e:  # e.g. a state of another version of this script
         raise ValueError(f"--resume {path} does not fit this run ({one_line(e)})") from None
-    fabric.print(f"Resuming from {path} at step {rest['step']}")
+    fabric.print(f"Resuming from {path} at step {saved['step']}")
     # the RNG as each device left it (with another device count, the nearest)
-    rng = rest["rng"][fabric.global_rank % len(rest["rng"])]
+    rng = saved["rng"][fabric.global_rank % len(saved["rng"])].clone()  # a row at an offset crashes set_rng_state
     if fabric.device.type == "cuda":
         torch.cuda.set_rng_state(rng, fabric.device)
     else:
         torch.set_rng_state(rng)
-    return {"step": rest["step"], "history": rest["history"]}
+    return {"step": saved["step"], "history": saved["history"]}
+
+
+def load_sharded_state(directory: Path, model: LLaMA, optimizer: torch.optim.Optimizer) -> None:
+    """The weights and optimizer state of a sharded train state (`save_sharded_state`) into `model` and `optimizer`,
+    sharded or not (torch.distributed.checkpoint reshards: each process reads what its parameters cover)."""
+    module, optimizer = unwrapped(model, optimizer)
+    saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata  # "model.<name>", "optimizer.<...>"
+    weights = {name: tensor for name, tensor in get_model_state_dict(module).items() if f"model.{name}" in saved}
+    optimizer_state = get_optimizer_state_dict(module, optimizer)
+    dcp.load({"model": weights, "optimizer": optimizer_state}, checkpoint_id=directory)
+    set_model_state_dict(module, weights, options=StateDictOptions(strict=False))  # a LoRA run's: LoRA's alone
+    set_optimizer_state_dict(module, optimizer, optimizer_state)
+
+
+def load_whole_state(saved: dict, model: LLaMA, optimizer: torch.optim.Optimizer) -> None:
+    """The weights and optimizer state of a train_state.pt (`saved`, memory-mapped) into a sharded model and its
+    optimizer: each process takes its shards of the whole tensors."""
+    module, optimizer = unwrapped(model, optimizer)
+    options = StateDictOptions(full_state_dict=True, strict=False)  # a LoRA run's: LoRA's weights alone
+    set_model_state_dict(module, saved["model"], options=options)
+    # optimizer.state_dict() numbers the parameters in the optimizer's order; set_optimizer_state_dict takes names
+    names = {param: name for name, param in module.named_parameters()}
+    order = [names[param] for group in optimizer.param_groups for param in group["params"]]
+    state = saved["optimizer"]
+    named = {
+        "state": {order[i]: tensors for i, tensors in state["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(module, optimizer, named, options=options)
+
+
+def unwrapped(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model and optimizer inside Fabric's wrappers (fabric.setup_module, fabric.setup_optimizers)."""
+    return getattr(model, "module", model), getattr(optimizer, "optimizer", optimizer)
 
 
 class Progress:
@@ -430,24 +518,64 @@ def save_train_state(
     state: dict,
     settings: dict,
     lora_only: bool = False,
-) -> None:
-    """Writes what --resume needs to `path`: the trained weights (with `lora_only`, LoRA's A and B alone), the
-    optimizer state, the step and loss history, the `settings` a resumed run must share, and every device's RNG
-    state (LoRA dropout draws from it). Under a temporary name, renamed when complete: a run killed while saving
-    keeps the previous one. Under FSDP fabric.save gathers the shards a Block at a time into one file on rank 0;
-    otherwise rank 0 writes it with torch.save (fabric.save would first serialise the whole state into memory)."""
+) -> dict[str, torch.Tensor]:
+    """Writes what --resume needs to `path` (a train_state.pt): the trained weights (with `lora_only`, LoRA's A and B
+    alone), the optimizer state, the step and loss history, the `settings` a resumed run must share, and every
+    device's RNG state (LoRA dropout draws from it). Rank 0 writes it with torch.save, under a temporary name renamed
+    when complete: a run killed while saving keeps the previous one. Under FSDP every device writes its shards
+    instead, into the directory `path` without its suffix (`save_sharded_state`).
+
+    Returns the weights it saved, whole, on rank 0 ({} on the others): what a script writes for use (the adapter, the
+    checkpoint), so that it always agrees with the train state. Under FSDP they are gathered one at a time to rank 0's
+    CPU."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    keep = (lambda name, _: ".lora." in name) if lora_only else (lambda name, _: True)
-    train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings, "rng": rng_states(fabric)}
+    keep = (lambda name: ".lora." in name) if lora_only else (lambda name: True)
+    rest = {**state, "settings": settings, "rng": rng_states(fabric)}
     if is_fsdp(fabric):
-        fabric.save(tmp, train_state, filter={"model": keep})
-    elif fabric.global_rank == 0:
-        weights = {name: tensor for name, tensor in model.state_dict().items() if keep(name, tensor)}
-        torch.save({**train_state, "model": weights, "optimizer": optimizer.state_dict()}, tmp)
+        return save_sharded_state(fabric, path.with_suffix(""), model, optimizer, rest, keep)
+    weights = {name: tensor for name, tensor in model.state_dict().items() if keep(name)}
     if fabric.global_rank == 0:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({**rest, "model": weights, "optimizer": optimizer.state_dict()}, tmp)
         os.replace(tmp, path)
     fabric.barrier()
+    return weights if fabric.global_rank == 0 else {}
+
+
+def save_sharded_state(
+    fabric: Fabric,
+    directory: Path,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    rest: dict,
+    keep: Callable[[str], bool],
+) -> dict[str, torch.Tensor]:
+    """save_train_state under FSDP: the weights `keep` selects and the optimizer state as torch.distributed.checkpoint
+    files, each device writing its own shards (no device ever holds them whole), and `rest` in meta.pt. They go into
+    a new directory beside `directory`; then `directory`, a link, is switched to it in one rename (a run killed while
+    saving keeps the previous state) and the previous one is removed. Returns the weights, whole, on rank 0."""
+    module, optimizer = unwrapped(model, optimizer)
+    new = fabric.broadcast(
+        tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent) if fabric.global_rank == 0 else None
+    )
+    weights = {name: tensor for name, tensor in get_model_state_dict(module).items() if keep(name)}
+    dcp.save({"model": weights, "optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=new)
+    if fabric.global_rank == 0:
+        torch.save(rest, Path(new) / SHARDED_META_NAME)
+        link = directory.with_name(f".{directory.name}.link")
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(new).name)
+        os.replace(link, directory)
+        for old in directory.parent.glob(f".{directory.name}-*"):
+            if old.name != Path(new).name:
+                shutil.rmtree(old)
+    fabric.barrier()
+    whole = {}
+    for name, tensor in weights.items():  # one at a time: a device holds at most one whole tensor more
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if fabric.global_rank == 0:
+            whole[name] = tensor.cpu()
+    return whole
 
 
 def rng_states(fabric: Fabric) -> torch.Tensor:

@@ -171,6 +171,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_train_args_that_would_train_nothing_or_divide_by_zero_are_refused_in_one_place():
+    assert TrainArgs(batch_size=4, epochs=2).for_records(10).max_steps == 5
+    assert TrainArgs(max_steps=3).for_records(10).max_steps == 3
+    for name, value in (
+        ("max_steps", -1),
+        ("max_steps", 0),
+        ("epochs", 0),
+        ("eval_interval", 0),
+        ("save_interval", -5),
+    ):
+        with pytest.raises(ValueError) as raised:
+            TrainArgs(**{name: value}).for_records(10)
+        assert str(raised.value) == f"--train.{name} {value} must be at least 1"
+
+
 def test_each_epoch_reads_every_record_once_in_an_order_fixed_by_seed_and_epoch():
     first = [i for step in range(0, 5) for i in batch_indices(step, 4, 20, seed=7)]
     second = [i for step in range(5, 10) for i in batch_indices(step, 4, 20, seed=7)]
