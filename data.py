@@ -6,14 +6,16 @@ fine-tuning reads back:
   (`find_data_file`: a local JSON/JSONL file or a Hub dataset's, `download`, `load_records`), checking
   (`to_examples`, `find_problem`), splitting (`split_order`, `split_samples`), tokenizing (`tokenize_instructions`,
   `print_summary`), describing (`tokenizer_metadata`, `split_metadata`, `file_sha256`) and writing
-  (`write_prepared`); prepare_chat.py tells its own story with the same parts;
+  (`write_prepared`); prepare_chat.py and prepare_preferences.py tell their own stories with the same parts;
 - the prompt template: `generate_prompt` (Alpaca's), `encode_prompt` (it, or a chat template's one user turn), which
   the sample answers of fine-tuning and generate_lora.py prompt in;
 - fine-tuning's side: `check_prepared_data` (tokenized for this checkpoint?), `load_prepared_data` (a
   `PreparedData`: the records of train.pt and test.pt and their labels' ignore_index and chat template).
 
 A prepared record is {"input_ids", "labels"}: LongTensors of the same length, the labels not shifted, `ignore_index`
-where nothing is to be learned. Importing this module does no work and loads neither the CLI nor the Hub's code.
+where nothing is to be learned; a preference pair (prepare_preferences.py) is {"prompt_ids", "chosen_ids",
+"rejected_ids"}, each answer learned from after the prompt. Importing this module does no work and loads neither the
+CLI nor the Hub's code.
 """
 
 import hashlib
@@ -313,7 +315,7 @@ def split_metadata(
     """The settings and sizes of the splits, for metadata.json."""
     return {
         "max_seq_length": max_seq_length,
-        "longest_sequence": max(len(s["input_ids"]) for s in train_set + test_set),
+        "longest_sequence": max(sequence_length(s) for s in train_set + test_set),
         "ignore_index": ignore_index,
         "test_split_fraction": test_split_fraction,
         "seed": seed,
@@ -321,6 +323,14 @@ def split_metadata(
         "train_records": len(train_set),
         "test_records": len(test_set),
     }
+
+
+def sequence_length(record: dict[str, torch.Tensor]) -> int:
+    """The tokens a prepared record puts through the model at once: its input_ids, or a pair's prompt with its longer
+    answer."""
+    if "input_ids" in record:
+        return len(record["input_ids"])
+    return len(record["prompt_ids"]) + max(len(record["chosen_ids"]), len(record["rejected_ids"]))
 
 
 def file_sha256(path: Path) -> str:
@@ -437,6 +447,10 @@ def load_prepared_data(
         if not isinstance(records, list) or not all(
             isinstance(r, dict) and all(isinstance(r.get(key), torch.Tensor) for key in keys) for r in records
         ):
-            raise ValueError(f"{path} does not hold a list of {'/'.join(keys)} records; prepare the data again")
+            raise ValueError(
+                f"{path} does not hold a list of {'/'.join(keys)} records (instructions and conversations come from "
+                "prepare_alpaca.py and prepare_chat.py, for finetune_lora.py and finetune_full.py; preference pairs "
+                "from prepare_preferences.py, for finetune_dpo.py); prepare the data for this script"
+            )
         splits.append(records)
     return PreparedData(splits[0], splits[1], metadata["ignore_index"], metadata.get("chat_template"), metadata)

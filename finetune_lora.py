@@ -12,7 +12,8 @@ Every --train.save_interval steps and at the end, out_dir receives the adapter (
 scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also
 logs/ (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_lora.md.
 The story is here, top to bottom (setup: the flags and every check; main: the model and the optimizer; fit: the
-training loop and its step; save), the parts it calls in training.py and data.py.
+training loop and its step), the parts it calls (the checkpoints: training.save_adapter_and_state) in training.py
+and data.py.
 """
 
 from dataclasses import asdict
@@ -24,7 +25,7 @@ from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
 from data import PreparedData, load_prepared_data
-from lora import LoRAConfig, load_lora_state_dict, lora, mark_only_lora_as_trainable, save_lora_checkpoint
+from lora import LoRAConfig, lora, mark_only_lora_as_trainable
 from model import LLaMA
 from tokenizer import Tokenizer
 from training import (
@@ -43,7 +44,7 @@ from training import (
     make_optimizer,
     pack_batch,
     resume_settings,
-    save_train_state,
+    save_adapter_and_state,
     start_state,
     stop_if_diverged,
     validate,
@@ -164,7 +165,9 @@ def main(
     state = start_state(fabric, resume, model, optimizer, settings)  # step 0, or where --resume left off
     fit(fabric, model, optimizer, data, tokenizer, state, settings, train, out_dir)
 
-    save(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
+    # train_state.pt, then the adapter from the LoRA tensors just saved in it (the adapter records the chat template
+    # of conversation data, which generate_lora.py then prompts in)
+    save_adapter_and_state(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
     fabric.print(f"Saved the adapter to {out_dir / ADAPTER_NAME}")
     finish(fabric, state["history"], out_dir)
 
@@ -224,30 +227,7 @@ def fit(
                 validate(fabric, model, data.val, tokenizer, state, train, data.ignore_index, data.chat_template)
             if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
                 adapter_path = out_dir / f"lora_step-{step:06d}.safetensors"
-                save(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
-
-
-def save(
-    fabric: Fabric,
-    model: LLaMA,
-    optimizer: Optimizer,
-    state: dict,
-    settings: dict,
-    adapter_path: Path,
-    chat_template: Optional[str],
-) -> None:
-    """Writes train_state.pt beside `adapter_path` (training.save_train_state: the LoRA weights and what --resume
-    needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always agree; the
-    adapter records the chat template of conversation data, which generate_lora.py then prompts in.
-    Both are written under a temporary name and renamed when complete."""
-    path = adapter_path.parent / STATE_NAME
-    weights = save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)  # on rank 0
-    if fabric.global_rank == 0:
-        with torch.device("meta"), lora(**settings["lora"]):
-            skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real
-        load_lora_state_dict(skeleton, weights, path)
-        save_lora_checkpoint(skeleton, adapter_path, chat_template)  # atomic too
-    fabric.barrier()
+                save_adapter_and_state(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
 
 
 if __name__ == "__main__":

@@ -174,12 +174,13 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, **base_settings)
         self.lora = LoRA(in_features, out_features, r, alpha, dropout, rslora, dora)
         self.merged = False
+        self.disabled = False  # the base projection alone, within `lora_disabled`
         if dora:
             self.reset_magnitude()  # again by utils.load_weights once the checkpoint's weight is in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = super().forward(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result  # a plain linear layer
         if self.lora.magnitude is None:
             return result + self.lora(x)
@@ -275,6 +276,24 @@ def lora(
         llama.linear = plain_linear
 
 
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Within it, every LoRA layer of `model` (also through a wrapper such as Fabric's: `model.modules()` reaches
+    them) computes its base projection alone, DoRA's too: the model is its base model, without a copy of it.
+    finetune_dpo.py's reference model is the model under training inside this context. Restored in `finally`."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot switch off LoRA layers merged into their weights; unmerge them first")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, before):
+            layer.disabled = disabled
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The LoRA layers of a model by their path in model.py ("blocks.0.attn.q_proj", "lm_head"), also through
     wrappers (Fabric's `_forward_module`, FSDP's `_fsdp_wrapped_module`, torch.compile's `_orig_mod`, DDP's
@@ -342,14 +361,17 @@ def merged_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def save_lora_checkpoint(model: LLaMA, path: Path, chat_template: Optional[str] = None) -> None:
+def save_lora_checkpoint(
+    model: LLaMA, path: Path, chat_template: Optional[str] = None, training: Optional[dict] = None
+) -> None:
     """Writes the adapter (`lora_state_dict`) to a safetensors file whose metadata holds the LoRA settings
-    and the base model's config, so that loading it never asks for r, alpha or the targets again, and the chat
-    template of the conversations it was trained on, if any (`read_lora_chat_template`)."""
+    and the base model's config, so that loading it never asks for r, alpha or the targets again, the chat
+    template of the conversations it was trained on, if any (`read_lora_chat_template`), and `training`, how it was
+    trained, if given (finetune_dpo.py's method and settings; no reader needs it)."""
     lora_config = get_lora_config(model)
     if lora_config is None:
         raise ValueError("the model has no LoRA layers to save; build it inside lora()")
-    save_adapter_file(path, lora_state_dict(model), "lora", asdict(lora_config), model.config, chat_template)
+    save_adapter_file(path, lora_state_dict(model), "lora", asdict(lora_config), model.config, chat_template, training)
 
 
 def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:

@@ -1,6 +1,6 @@
-"""The parts the fine-tuning scripts (finetune_lora.py, finetune_full.py) build their runs from. Each script tells
-its own story (setup: the flags and every check; main: the model and the optimizer; fit: the training loop and its
-step, in plain view; save) and calls these parts, listed here in the order a run uses them:
+"""The parts the fine-tuning scripts (finetune_lora.py, finetune_full.py, finetune_dpo.py) build their runs from. Each
+script tells its own story (setup: the flags and every check; main: the model and the optimizer; fit: the training
+loop and its step, in plain view; the checkpoints) and calls these parts, listed here in the order a run uses them:
 
 - before any model is loaded or process started: `TrainArgs` (the --train.* flags), `check_batch_sizes`,
   `find_resume` (the data itself: data.load_prepared_data);
@@ -8,9 +8,11 @@ step, in plain view; save) and calls these parts, listed here in the order a run
   `is_fsdp`, `compile_blocks`, `make_optimizer`, and where it starts: `resume_settings`, `start_state` (with
   `load_train_state`);
 - each step of the loop: `Progress` (the plan, the bar and the logged figures), `batch_indices` (the step's records),
-  `pack_batch` (a micro-batch in one row), `cross_entropy_sum` (the loss over the logits, with `CrossEntropySum`),
+  `pack_batch` (a micro-batch in one row), `cross_entropy_sum` (the loss over the logits; `token_cross_entropy` per
+  target, with `TokenCrossEntropy`),
   `stop_if_diverged` (the stop on a loss or gradient that is not finite), `learning_rate` (the step's rate);
-- between steps: `validate` (the validation loss and a sample answer) and `save_train_state` (what --resume needs);
+- between steps: `validate` (the validation loss and a sample answer, `sample_answer`) and `save_train_state` (what
+  --resume needs; with the adapter beside it: `save_adapter_and_state`);
 - at the end: `finish` (the loss plot, the loggers).
 
 The data order and the learning rate are pure functions of the step, so a resumed run continues exactly.
@@ -49,6 +51,7 @@ from tqdm import tqdm
 
 from data import encode_prompt
 from generate import generate, printable
+from lora import load_lora_state_dict, lora, save_lora_checkpoint
 from model import LLaMA
 from quantize import make_bnb_optimizer
 from tokenizer import Tokenizer
@@ -245,10 +248,11 @@ def load_train_state(
     optimizer: torch.optim.Optimizer,
     settings: dict,
 ) -> dict:
-    """Restores what `save_train_state` wrote into the model and optimizer, and the RNG states; returns the step and
-    loss history. The data position and the learning rate follow from the step. A state of a run with other
-    `settings` is refused, naming the differences. A sharded state (a directory) loads on any number of processes,
-    sharded or not: each reads the parts of the saved shards its own parameters cover."""
+    """Restores what `save_train_state` wrote into the model and optimizer, and the RNG states; returns the state the
+    script saved (the step, the loss history and whatever else it keeps there, such as finetune_dpo.py's precomputed
+    reference log-probabilities). The data position and the learning rate follow from the step. A state of a run
+    with other `settings` is refused, naming the differences. A sharded state (a directory) loads on any number of
+    processes, sharded or not: each reads the parts of the saved shards its own parameters cover."""
     sharded = path.is_dir()
     try:  # mmap: no tensor is read
         saved = torch.load(path / SHARDED_META_NAME if sharded else path, weights_only=True, mmap=not sharded)
@@ -281,7 +285,7 @@ def load_train_state(
         torch.cuda.set_rng_state(rng, fabric.device)
     else:
         torch.set_rng_state(rng)
-    return {"step": saved["step"], "history": saved["history"]}
+    return {key: value for key, value in saved.items() if key not in ("settings", "rng", "model", "optimizer")}
 
 
 def load_sharded_state(directory: Path, model: LLaMA, optimizer: torch.optim.Optimizer) -> None:
@@ -399,44 +403,50 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     micro-batches and devices. Two things make it cheaper than F.cross_entropy over all the logits, with the same
     value and gradient: the output head, a step's largest matrix product at a vocabulary of 32000, only computes
     logits where there is a target (in instruction data the prompt, and padding if any, have none: often more than
-    half of the positions), and, when there is a gradient to compute, CrossEntropySum keeps one tensor of the
+    half of the positions), and, when there is a gradient to compute, TokenCrossEntropy keeps one tensor of the
     logits' size instead of three (hand it logits nothing else needs)."""
+    return token_cross_entropy(logits, targets).sum()
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each target (N,), in fp32: minus the log-probability the logits (..., vocab_size) give
+    it, with `cross_entropy_sum`'s economy of memory. finetune_dpo.py sums it per answer."""
     logits, targets = logits.flatten(0, -2), targets.flatten()
     if torch.is_grad_enabled() and logits.requires_grad:
-        return CrossEntropySum.apply(logits, targets)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")  # evaluation: no gradient to keep
+        return TokenCrossEntropy.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets, reduction="none")  # evaluation: no gradient to keep
 
 
-class CrossEntropySum(torch.autograd.Function):
-    """Summed cross-entropy of logits (N, vocab) and targets (N,) that computes its gradient, softmax minus
-    one-hot, already in the forward pass, a chunk of rows at a time, into the logits' own memory.
+class TokenCrossEntropy(torch.autograd.Function):
+    """The cross-entropy of each row of logits (N, vocab) against targets (N,), which computes its gradient, softmax
+    minus one-hot, already in the forward pass, a chunk of rows at a time, into the logits' own memory.
 
     F.cross_entropy keeps a log-softmax as large as the logits for the backward pass and allocates two more
     tensors that size in it (the gradients of the log-softmax and of the logits), in fp32 even for bf16 logits.
     Here the logits' memory is the only one: it ends up holding the gradient, in the logits' dtype, and fp32
-    temporaries exist for one chunk at a time. The logits are `cross_entropy_sum`'s own, needed by nothing else
+    temporaries exist for one chunk at a time. The logits are `token_cross_entropy`'s own, needed by nothing else
     (a later use would be caught: the in-place writes advance their version counter)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = torch.zeros((), device=logits.device, dtype=torch.float32)
+        losses = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
         chunk_size = max(1, 2**22 // logits.size(1))  # rows per chunk: 16 MB in fp32
         for start in range(0, logits.size(0), chunk_size):
             chunk, target = logits[start : start + chunk_size], targets[start : start + chunk_size]
             x = chunk.float()  # the chunk itself when the logits are fp32, else an fp32 copy of it
             log_z = torch.logsumexp(x, dim=1)
-            loss += (log_z - x.gather(1, target[:, None]).squeeze(1)).sum()
+            losses[start : start + chunk_size] = log_z - x.gather(1, target[:, None]).squeeze(1)
             x = x.sub_(log_z[:, None]).exp_()  # softmax
             x[torch.arange(len(target), device=x.device), target] -= 1
             chunk.copy_(x)  # the gradient, where the logits were
         ctx.save_for_backward(logits)
-        return loss
+        return losses
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None  # in place: the graph is backpropagated once
+        return grad.mul_(grad_output.to(grad.dtype)[:, None]), None  # in place: the graph is backpropagated once
 
 
 def stop_if_diverged(loss: float, grad_norm: torch.Tensor, state: dict, saved: Path) -> None:
@@ -496,18 +506,24 @@ def validate(
         totals[1] += where.sum()
     totals = fabric.all_reduce(totals, reduce_op="sum")
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
-    answer = ""
-    if not is_fsdp(fabric):  # under FSDP every new token would gather the whole model
-        prompt = encode_prompt(tokenizer, {"instruction": SAMPLE_INSTRUCTION, "input": ""}, chat_template)
-        max_new_tokens = min(100, model.config.block_size - len(prompt))
-        output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
-        answer = tokenizer.decode(printable(output[len(prompt) :], tokenizer))
     step = state["step"]
     fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-    fabric.print(f"{SAMPLE_INSTRUCTION} -> {answer!r}")
+    fabric.print(f"{SAMPLE_INSTRUCTION} -> {sample_answer(fabric, model, tokenizer, chat_template)!r}")
     state["history"]["val"].append((step, val_loss))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
     model.train()
+
+
+def sample_answer(fabric: Fabric, model: LLaMA, tokenizer: Tokenizer, chat_template: Optional[str]) -> str:
+    """The model's greedy answer to SAMPLE_INSTRUCTION, to read how training goes: in the Alpaca prompt, or as the one
+    user turn of a conversation in `chat_template`. Empty under FSDP, where every new token would gather the whole
+    model."""
+    if is_fsdp(fabric):
+        return ""
+    prompt = encode_prompt(tokenizer, {"instruction": SAMPLE_INSTRUCTION, "input": ""}, chat_template)
+    max_new_tokens = min(100, model.config.block_size - len(prompt))
+    output = generate(model, prompt.to(fabric.device), max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
+    return tokenizer.decode(printable(output[len(prompt) :], tokenizer))
 
 
 def save_train_state(
@@ -578,6 +594,31 @@ def save_sharded_state(
     return whole
 
 
+def save_adapter_and_state(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    settings: dict,
+    adapter_path: Path,
+    chat_template: Optional[str],
+    training: Optional[dict] = None,
+) -> None:
+    """A LoRA run's checkpoint: train_state.pt beside `adapter_path` (`save_train_state`: the LoRA weights and what
+    --resume needs), then the adapter at `adapter_path` from the LoRA tensors just saved in it, so the two always
+    agree. The adapter records the chat template of conversation data, which generate_lora.py then prompts in, and
+    `training`, how it was trained, if given (finetune_dpo.py's method and settings). Both are written under a
+    temporary name and renamed when complete."""
+    path = adapter_path.parent / STATE_NAME
+    weights = save_train_state(fabric, path, model, optimizer, state, settings, lora_only=True)  # whole, on rank 0
+    if fabric.global_rank == 0:
+        with torch.device("meta"), lora(**settings["lora"]):
+            skeleton = LLaMA(model.config)  # no memory: only the LoRA tensors below are real
+        load_lora_state_dict(skeleton, weights, path)
+        save_lora_checkpoint(skeleton, adapter_path, chat_template, training)  # atomic too
+    fabric.barrier()
+
+
 def rng_states(fabric: Fabric) -> torch.Tensor:
     """Every device's RNG state, one row per rank."""
     if fabric.device.type == "cuda":
@@ -587,15 +628,17 @@ def rng_states(fabric: Fabric) -> torch.Tensor:
     return fabric.all_gather(rng.to(fabric.device)).reshape(fabric.world_size, -1).cpu()
 
 
-def finish(fabric: Fabric, history: dict[str, list[tuple[int, float]]], out_dir: Path) -> None:
-    """The end of a run: out_dir/loss.png, and the loggers flushed."""
+def finish(
+    fabric: Fabric, history: dict[str, list[tuple[int, float]]], out_dir: Path, loss_name: str = "cross-entropy loss"
+) -> None:
+    """The end of a run: out_dir/loss.png (the y axis says `loss_name`), and the loggers flushed."""
     if fabric.global_rank == 0:
-        plot_losses(history, out_dir / "loss.png")
+        plot_losses(history, out_dir / "loss.png", loss_name)
     for logger in fabric.loggers:
         logger.finalize("success")
 
 
-def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path, loss_name: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
 
     figure = Figure(figsize=(8, 5))
@@ -604,7 +647,7 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path) -> None
     if history["val"]:
         ax.plot(*zip(*history["val"]), "o-", label="validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel(loss_name)
     ax.grid(alpha=0.3)
     ax.legend()
     figure.savefig(path, dpi=100, bbox_inches="tight")

@@ -204,13 +204,17 @@ def save_adapter_file(
     settings: dict,
     config: Config,
     chat_template: Optional[str] = None,
+    training: Optional[dict] = None,
 ) -> None:
     """Writes an adapter's tensors to a safetensors file that describes itself: its metadata holds the settings under
     `kind` ("lora" for lora.py, "adapter" for adapter.py: what the readers tell the kinds apart by), the base model's
-    config, and the chat template of the conversations it was trained on, if any."""
+    config, the chat template of the conversations it was trained on, if any, and under "training" how it was
+    trained, if given (for people and tools reading the file; nothing here depends on it)."""
     metadata = {"format": "pt", kind: json.dumps(settings), "model_config": json.dumps(asdict(config))}
     if chat_template is not None:
         metadata["chat_template"] = chat_template
+    if training is not None:
+        metadata["training"] = json.dumps(training)
     with atomic_path(path) as tmp:
         save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
 

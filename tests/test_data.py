@@ -126,5 +126,8 @@ def test_prepared_data_reads_back_as_written_with_its_ignore_index(sentencepiece
         assert [r["labels"].tolist() for r in records] == [r["labels"].tolist() for r in written]
     assert (len(data.train), len(data.val), data.ignore_index, data.chat_template) == (6, 2, -7, None)
     assert data.metadata == json.loads((tmp_path / "data" / "metadata.json").read_text())
-    with pytest.raises(ValueError, match="train.pt does not hold a list of input_ids/chosen records; prepare"):
+    with pytest.raises(
+        ValueError,
+        match="train.pt does not hold a list of input_ids/chosen records .*; prepare the data for this script",
+    ):
         load_prepared_data(tmp_path / "data", checkpoint_dir, keys=("input_ids", "chosen"))

@@ -483,7 +483,7 @@ def test_lora_on_multi_turn_conversations_lowers_the_validation_loss_and_generat
         micro_batch_size=4,
         max_steps=30,
         warmup_steps=2,
-        learning_rate=2e-2,
+        learning_rate=1e-2,  # 2e-2 overshot to 5.83 > 0.5 x 11.58 on an Intel Xeon; 1e-2 ends at 4.67
         lora_dropout=0.0,
         lora_targets=["query", "value", "head"],
         eval_interval=1,
