@@ -60,6 +60,9 @@ from utils import one_line, peak_memory_gb
 STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from (save_train_state)
 SHARDED_STATE_NAME = "train_state"  # the same under --strategy fsdp: a directory of torch.distributed.checkpoint files
 SHARDED_META_NAME = "meta.pt"  # in that directory: the step, loss history, settings and RNG states
+# steps a loss must stay near a uniform guess to count as diverged (stop_if_diverged); a spike of the tests' overfitting
+# run (LoRA at learning rate 3e-2) lasted 2: 27.7 and 12.0 after 3.5, then 5.2
+BLOW_UP_STEPS = 5
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
 
@@ -152,7 +155,7 @@ def make_fabric(devices: int, num_nodes: int, strategy: str, precision: str, tra
     train.seed. "fsdp" is FSDP2 (Fabric's ModelParallelStrategy, `shard_model` in fabric.setup_module): every device
     holds 1/world_size of each Block's weights, gradients and optimizer state."""
     if strategy == "fsdp":
-        shard = partial(shard_model, mixed=precision == "bf16-mixed", checkpointing=train.gradient_checkpointing)
+        shard = partial(shard_model, mixed=precision == "bf16-mixed")
         strategy = ModelParallelStrategy(shard, data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
         # Gradients are reduce-scattered into shards after every micro-batch: `fabric.no_backward_sync` (DDP's saving
         # of all but the last micro-batch's communication) has no effect, as it would keep each Block's gradient
@@ -167,14 +170,14 @@ def make_fabric(devices: int, num_nodes: int, strategy: str, precision: str, tra
     return fabric
 
 
-def shard_model(model: LLaMA, device_mesh: DeviceMesh, mixed: bool, checkpointing: bool) -> LLaMA:
+def shard_model(model: LLaMA, device_mesh: DeviceMesh, mixed: bool) -> LLaMA:
     """--strategy fsdp's sharding, which fabric.setup_module applies: FSDP2's `fully_shard` on each Block, then on the
     rest (the embedding, the final norm, the head). Each parameter is split by rows across the devices (a DTensor);
     a Block's are gathered whole just before its forward and backward, and its gradients are reduce-scattered back
     into shards after. Frozen and trainable parameters share a Block (LoRA's A and B beside the base weights): only
     the trainable ones get gradients. With `mixed` (bf16-mixed), the gathered weights are bf16 and the gradients are
-    reduced in fp32 (FSDP2's MixedPrecisionPolicy); the shards keep their own dtype. With `checkpointing` each Block
-    recomputes its activations in the backward pass (model.py's gradient checkpointing, inside the Block's gather)."""
+    reduced in fp32 (FSDP2's MixedPrecisionPolicy); the shards keep their own dtype. The model's own gradient
+    checkpointing (--train.gradient_checkpointing) recomputes a Block's activations within its gather."""
     mesh = device_mesh["data_parallel"]
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -184,7 +187,6 @@ def shard_model(model: LLaMA, device_mesh: DeviceMesh, mixed: bool, checkpointin
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.gradient_checkpointing = checkpointing
     return model
 
 
@@ -449,18 +451,42 @@ class TokenCrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)[:, None]), None  # in place: the graph is backpropagated once
 
 
-def stop_if_diverged(loss: float, grad_norm: torch.Tensor, state: dict, saved: Path) -> None:
-    """Stops the run, before the weights are updated, when step state["step"] + 1 has diverged: today when its loss
-    or gradient norm is not finite (the place for any other rule: the loss history is in state["history"]). The
-    FloatingPointError names the last good train_state.pt (`saved`), if there is one, and what to change."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+def stop_if_diverged(
+    loss: float, grad_norm: torch.Tensor, state: dict, saved: Path, vocab_size: Optional[int] = None
+) -> None:
+    """Stops the run, before the weights are updated, when step state["step"] + 1 has diverged: when its loss or
+    gradient norm is not finite; or, given the `vocab_size` the loss is a cross-entropy over, when the loss is no
+    better than a uniform guess's, ln(vocab_size), to within 1, and either its gradient is exactly 0 (the output no
+    longer depends on the trained weights: a far too high learning rate leaves every logit equal, loss ln(vocab_size),
+    without a NaN) or it has stayed so, more than 1 above the lowest loss before, for BLOW_UP_STEPS steps (an ordinary
+    spike comes back down sooner). A trained model's loss starts far below ln(vocab_size); a random one's at it, with
+    a gradient. The FloatingPointError names the last train state (`saved`, or the directory of a sharded one), if
+    there is one, and what to change."""
+    step, history = state["step"] + 1, [loss for _, loss in state["history"]["train"]]
+    split = max(0, len(history) - BLOW_UP_STEPS + 1)
+    recent, before = [*history[split:], loss], history[:split]  # the last BLOW_UP_STEPS losses, and those before
+    uniform = math.log(vocab_size) if vocab_size is not None else math.inf
+    bar = max(uniform - 1, min(before, default=math.inf) + 1)  # a random model's start has nothing before it
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        what = f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {step}"
+    elif loss > uniform - 1 and grad_norm == 0:
+        what = (
+            f"the loss at step {step} ({loss:.4f}) is no better than a uniform guess over the vocabulary "
+            f"(ln {vocab_size} = {uniform:.4f}) and its gradient is 0: the output no longer depends on the weights"
+        )
+    elif len(recent) == BLOW_UP_STEPS and min(recent) > bar:
+        what = (
+            f"the loss has been no better than a uniform guess over the vocabulary (ln {vocab_size} = {uniform:.4f}) "
+            f"for {BLOW_UP_STEPS} steps, up from {min(before):.4f}: {loss:.4f} at step {step}"
+        )
+    else:
         return
+    saved = next((path for path in (saved, saved.with_suffix("")) if path.exists()), None)
     raise FloatingPointError(
-        f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {state['step'] + 1}; "
-        "stopped before updating the weights. "
+        f"{what}; stopped before updating the weights. "
         + (
             f"The last good checkpoint is {saved}: resume from it with a lower --train.learning_rate"
-            if saved.is_file()
+            if saved is not None
             else "Nothing was saved; try a lower --train.learning_rate"
         )
     )
@@ -495,22 +521,26 @@ def validate(
     model.eval()
     n = min(len(val_data), train.eval_batches * train.micro_batch_size)
     micro_batches = [range(i, min(i + train.micro_batch_size, n)) for i in range(0, n, train.micro_batch_size)]
-    if fabric.world_size > 1:  # every device runs as many forward passes (FSDP gathers weights in each)
-        micro_batches = micro_batches[: max(len(micro_batches) // fabric.world_size, 1) * fabric.world_size]
+    mine = micro_batches[fabric.global_rank :: fabric.world_size]
     totals = torch.zeros(2, device=fabric.device)  # summed loss, target tokens
-    for micro_batch in micro_batches[fabric.global_rank :: fabric.world_size]:
+    # every device runs as many forward passes, since under FSDP each one gathers weights from all: a device left
+    # without a micro-batch runs the first one again, and does not count it
+    for i in range(math.ceil(len(micro_batches) / fabric.world_size)):
+        counts = i < len(mine)
+        micro_batch = mine[i] if counts else micro_batches[0]
         input_ids, targets, lengths = pack_batch([val_data[j] for j in micro_batch], max_seq_length)
         input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
         where = targets != ignore_index
-        totals[0] += cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where])
-        totals[1] += where.sum()
+        totals[0] += counts * cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where])
+        totals[1] += counts * where.sum()
     totals = fabric.all_reduce(totals, reduce_op="sum")
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
     step = state["step"]
-    fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+    perplexity = math.exp(val_loss) if val_loss < 700 else math.inf  # a diverged run's loss may be in the 1000s
+    fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {perplexity:.2f}")
     fabric.print(f"{SAMPLE_INSTRUCTION} -> {sample_answer(fabric, model, tokenizer, chat_template)!r}")
     state["history"]["val"].append((step, val_loss))
-    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
+    fabric.log_dict({"val_loss": val_loss, "val_ppl": perplexity}, step)
     model.train()
 
 

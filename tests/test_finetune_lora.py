@@ -243,6 +243,21 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(checkpo
     assert all(torch.isfinite(torch.tensor(losses(state))))
 
 
+def test_a_blow_up_to_a_uniform_guess_without_nan_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
+    """Issue 25's case: at learning rate 1e30 LoRA on query and value leaves every logit equal after one update, loss
+    ln(32000) with a gradient of exactly 0, which used to run to the end, save that adapter and exit 0."""
+    with pytest.raises(FloatingPointError) as raised:
+        finetune(
+            setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **QUICK, learning_rate=1e30
+        )
+    assert str(raised.value) == (
+        "the loss at step 2 (10.3735) is no better than a uniform guess over the vocabulary (ln 32000 = 10.3735) "
+        "and its gradient is 0: the output no longer depends on the weights; stopped before updating the weights. "
+        "Nothing was saved; try a lower --train.learning_rate"
+    )
+    assert not (tmp_path / finetune_lora.ADAPTER_NAME).exists()
+
+
 def link_checkpoint(source: Path, destination: Path, **changes) -> Path:
     """A copy of a checkpoint directory (weights linked, not copied) with changed files."""
     destination.mkdir()

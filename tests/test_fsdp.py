@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import finetune_full
 import finetune_lora
 from conftest import ROOT, command, finetune, run_command
+from training import find_resume
 
 # 8 records a step in micro-batches of 2: on 2 processes, 2 micro-batches each, accumulated
 SETTINGS = dict(
@@ -39,10 +40,9 @@ LORA = dict(SETTINGS, learning_rate=1e-2, lora_dropout=0.0, lora_targets="all_li
 
 
 def history(out_dir: Path) -> dict:
-    """The (step, loss) history of a run's train state, either kind."""
-    path = out_dir / "train_state"
-    state = torch.load(path / "meta.pt" if path.is_dir() else out_dir / "train_state.pt", weights_only=True)
-    return state["history"]
+    """The (step, loss) history of a run's newest train state (--resume auto's), either kind."""
+    path = find_resume("auto", out_dir)
+    return torch.load(path / "meta.pt" if path.is_dir() else path, weights_only=True)["history"]
 
 
 def assert_same_history(actual: dict, expected: dict, atol: float = 1e-5) -> None:
@@ -162,7 +162,9 @@ def test_lora_on_two_nodes_of_one_process_through_torchrun_gives_the_losses_and_
 
     assert_same_history(history(out_dir), history(one_process["lora"]))
     adapter = finetune_lora.ADAPTER_NAME
-    assert_same_tensors(load_file(out_dir / adapter), load_file(one_process["lora"] / adapter))
+    # AdamW divides by the root of each element's squared gradients: where a gradient is near 0, the rounding of the
+    # sum over two processes moves the weight by a part of the learning rate (1e-2); 7e-5 measured
+    assert_same_tensors(load_file(out_dir / adapter), load_file(one_process["lora"] / adapter), atol=1e-4)
     # the state holds LoRA's A and B only, each split by rows between the 2 processes
     lora_shards = shards(out_dir / "train_state")
     assert len(lora_shards) == 2 * 2 * 7 and all(".lora." in name for name in lora_shards)
