@@ -297,7 +297,8 @@ def load_sharded_state(directory: Path, model: LLaMA, optimizer: torch.optim.Opt
     saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata  # "model.<name>", "optimizer.<...>"
     weights = {name: tensor for name, tensor in get_model_state_dict(module).items() if f"model.{name}" in saved}
     optimizer_state = get_optimizer_state_dict(module, optimizer)
-    dcp.load({"model": weights, "optimizer": optimizer_state}, checkpoint_id=directory)
+    no_dist = not torch.distributed.is_initialized()  # one process, no FSDP: it reads every shard itself
+    dcp.load({"model": weights, "optimizer": optimizer_state}, checkpoint_id=directory, no_dist=no_dist)
     set_model_state_dict(module, weights, options=StateDictOptions(strict=False))  # a LoRA run's: LoRA's alone
     set_optimizer_state_dict(module, optimizer, optimizer_state)
 
