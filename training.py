@@ -4,15 +4,17 @@ loop and its step, in plain view; the checkpoints) and calls these parts, listed
 
 - before any model is loaded or process started: `TrainArgs` (the --train.* flags), `check_batch_sizes`,
   `find_resume` (the data itself: data.load_prepared_data);
-- the run: `make_fabric` (devices, strategy, precision, loggers, seed; the script then calls fabric.launch),
-  `is_fsdp`, `compile_blocks`, `make_optimizer`, and where it starts: `resume_settings`, `start_state` (with
-  `load_train_state`);
+- the run: `make_fabric` (devices, strategy, precision, loggers, seed; the script then calls fabric.launch;
+  --strategy fsdp is FSDP2, `shard_model`, applied by fabric.setup_module), `is_fsdp`, `compile_blocks`,
+  `make_optimizer`, and where it starts: `resume_settings`, `start_state` (with `load_train_state`);
 - each step of the loop: `Progress` (the plan, the bar and the logged figures), `batch_indices` (the step's records),
   `pack_batch` (a micro-batch in one row), `cross_entropy_sum` (the loss over the logits; `token_cross_entropy` per
   target, with `TokenCrossEntropy`),
-  `stop_if_diverged` (the stop on a loss or gradient that is not finite), `learning_rate` (the step's rate);
+  `stop_if_diverged` (the stop on a loss or gradient that is not finite, or a loss stuck at a uniform guess),
+  `learning_rate` (the step's rate);
 - between steps: `validate` (the validation loss and a sample answer, `sample_answer`) and `save_train_state` (what
-  --resume needs; with the adapter beside it: `save_adapter_and_state`);
+  --resume needs, sharded under FSDP; it returns the weights whole on rank 0, for the script's own checkpoint; with
+  the adapter beside it: `save_adapter_and_state`);
 - at the end: `finish` (the loss plot, the loggers).
 
 The data order and the learning rate are pure functions of the step, so a resumed run continues exactly.

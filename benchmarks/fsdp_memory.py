@@ -1,9 +1,9 @@
 """Peak memory per process of full fine-tuning under --strategy fsdp (FSDP2) on 2 processes, against one process.
 
-    python benchmarks/fsdp_memory.py   # about 3 minutes on 2 CPU cores
+    python benchmarks/fsdp_memory.py   # a few minutes on 2 CPU cores
 
 On CPU (gloo), the 134M config (n_embd 768, 12 layers, vocab 32000) with random N(0, 0.02) weights in fp32, 16 records
-of 512 tokens (shared Alpaca answers joined), finetune_full.py for 2 steps of 4 records in micro-batches of 2 with
+of 512 tokens (shared Alpaca answers joined), finetune_full.py for 1 step of 2 records in micro-batches of 1 with
 gradient checkpointing (its default), then its checkpoints: the same micro-batch on every process. The figure is each
 process's peak resident memory (VmHWM, read from /proc every 20 ms until it exits; the interpreter and libraries
 alone take about 0.45 GB), and the progress bar's peak during the steps (the first process's).
@@ -29,7 +29,7 @@ from export import SHARED, make_checkpoint  # noqa: E402  after the path is set
 from prepare_alpaca import setup as prepare  # noqa: E402
 
 
-def main(steps: int = 2, seq_len: int = 512) -> None:
+def main(steps: int = 1, seq_len: int = 512) -> None:
     """Args:
     steps: optimizer steps of each run.
     seq_len: tokens per record (each record is cut to it).
@@ -38,7 +38,8 @@ def main(steps: int = 2, seq_len: int = 512) -> None:
         ckpt, data = Path(tmp) / "ckpt", Path(tmp) / "data"
         weights = make_checkpoint("134M", ckpt)
         answers = " ".join(r["output"] for r in json.loads((SHARED / "alpaca_en_demo.json").read_text()))
-        records = [{"instruction": f"Repeat text {i}.", "input": "", "output": answers[i * 97 :]} for i in range(17)]
+        texts = [answers[i * 97 : i * 97 + 4000] for i in range(17)]  # each over seq_len tokens
+        records = [{"instruction": f"Repeat text {i}.", "input": "", "output": text} for i, text in enumerate(texts)]
         data.mkdir()
         (data / "records.json").write_text(json.dumps(records))
         prepare(
@@ -52,8 +53,8 @@ def main(steps: int = 2, seq_len: int = 512) -> None:
         print("| run | process | peak RSS | progress bar's peak |\n|---|---|---:|---:|")
         for name, flags in (("1 process", []), ("FSDP2, 2 processes", ["--devices", "2", "--strategy", "fsdp"])):
             command = [sys.executable, "finetune_full.py", "--data_dir", str(data), "--checkpoint_dir", str(ckpt)]
-            command += ["--out_dir", str(Path(tmp) / name.replace(" ", "_")), *flags, "--train.batch_size", "4"]
-            command += ["--train.micro_batch_size", "2", "--train.max_steps", str(steps), "--train.warmup_steps", "1"]
+            command += ["--out_dir", str(Path(tmp) / name.replace(" ", "_")), *flags, "--train.batch_size", "2"]
+            command += ["--train.micro_batch_size", "1", "--train.max_steps", str(steps), "--train.warmup_steps", "1"]
             command += ["--train.eval_interval", "1000", "--train.save_interval", "1000"]
             command += ["--train.max_seq_length", str(seq_len)]
             peaks, output = run_watching_memory(command)
@@ -76,7 +77,8 @@ def run_watching_memory(command: list[str]) -> tuple[list[int], str]:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
-            peaks[pid] = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+            if found := re.search(r"VmHWM:\s+(\d+) kB", status):  # not once it has exited
+                peaks[pid] = int(found.group(1)) * 1024
         time.sleep(0.02)
     reader.join()
     if process.returncode != 0:
