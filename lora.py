@@ -147,6 +147,15 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     return torch.linalg.norm(torch.addmm(weight, B, A, alpha=scaling), dim=1)
 
 
+def base_weight(layer: nn.Linear) -> torch.Tensor:
+    """A projection's weight W in floating point: a quantized base's dequantized (quantize.dequantize)."""
+    if layer.weight.is_floating_point():
+        return layer.weight
+    from quantize import dequantize
+
+    return dequantize(layer)
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear (its `weight` frozen and where a checkpoint expects it) plus a LoRA update.
 
@@ -186,7 +195,7 @@ class LoRALinear(nn.Linear):
             return result + self.lora(x)
         # DoRA, as PEFT computes it: each output row i scaled by f_i = m_i / ‖W_i + ΔW_i‖, the norm a constant to
         # autograd (the paper's section 4.3); a quantized W is dequantized once, for both uses below
-        weight = self.base_weight()
+        weight = base_weight(self)
         factor = self.lora.magnitude / self.weight_norm(weight).to(x.dtype)
         if not self.training or self.lora.dropout.p == 0:
             return factor * (result + self.lora(x))  # f ⊙ (W + ΔW)·x
@@ -196,19 +205,11 @@ class LoRALinear(nn.Linear):
         base = F.linear(x, weight.to(x.dtype))
         return result - base + factor * (base + (x @ self.lora.A.T * self.lora.scaling) @ self.lora.B.T)
 
-    def base_weight(self) -> torch.Tensor:
-        """W in floating point: a quantized base's weight dequantized (quantize.dequantize)."""
-        if self.weight.is_floating_point():
-            return self.weight
-        from quantize import dequantize
-
-        return dequantize(self)
-
     @torch.no_grad()
     def weight_norm(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖W + ΔW‖ of each output row (out,), DoRA's denominator; no gradient flows through it. `weight`: W, if the
         caller has it already (`base_weight`)."""
-        weight = self.base_weight() if weight is None else weight
+        weight = base_weight(self) if weight is None else weight
         return dora_norm(weight, self.lora.A.to(weight.dtype), self.lora.B.to(weight.dtype), self.lora.scaling)
 
     @torch.no_grad()

@@ -91,56 +91,6 @@ class Config:
     def to_file(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
-    @classmethod
-    def from_hf(cls, path: Path) -> "Config":
-        """Reads a Hub `config.json` of a LlamaForCausalLM or MistralForCausalLM, old or new style."""
-        hf = json.loads(Path(path).read_text())
-        where = f"{path}:"
-        if hf.get("model_type") not in ("llama", "mistral"):
-            raise ValueError(f"{where} model_type {hf.get('model_type')!r} is not supported (llama or mistral only)")
-        # transformers < 5 writes `rope_theta` and `rope_scaling`; transformers 5 nests both in `rope_parameters`
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(
-                f"{where} rope scaling {rope_type!r} is not implemented; only plain rotary embeddings and "
-                f"Llama 3.1's 'llama3' scaling are"
-            )
-        rope_scaling = None
-        if rope_type == "llama3":
-            missing = [key for key in ROPE_SCALING_KEYS if key not in rope]
-            if missing:
-                raise ValueError(f"{where} 'llama3' rope scaling lacks {', '.join(missing)}")
-            rope_scaling = {key: rope[key] for key in ROPE_SCALING_KEYS}
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where} hidden_act={hf['hidden_act']!r} is not supported by model.py")
-        n_head = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
-        if head_dim * n_head != hf["hidden_size"]:
-            raise ValueError(
-                f"{where} head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported"
-            )
-        block_size = hf.get("max_position_embeddings", 4096)
-        # Mistral v0.1 attends over a sliding window; within one window that is plain causal attention (v0.3 has
-        # none: null)
-        if hf.get("sliding_window"):
-            block_size = min(block_size, hf["sliding_window"])
-        return cls(
-            block_size=block_size,
-            vocab_size=hf["vocab_size"],
-            n_layer=hf["num_hidden_layers"],
-            n_head=n_head,
-            n_query_groups=hf.get("num_key_value_heads") or n_head,
-            n_embd=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            rope_base=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            rope_scaling=rope_scaling,
-            attention_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
-        )
-
 
 # Presets named after their Hub repositories
 configs = {
@@ -297,6 +247,12 @@ def adaption_prompt(config: Config, path: str) -> Optional[nn.Module]:
     return None
 
 
+def project(layer: nn.Module, x: torch.Tensor, adapters: Optional[torch.Tensor]) -> torch.Tensor:
+    """Runs a projection: layer(x), or with `adapters`, each row's adapter (LLaMA.forward), layer(x, adapters), which
+    multilora.MultiLoRALinear takes."""
+    return layer(x) if adapters is None else layer(x, adapters)
+
+
 class LLaMA(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -319,21 +275,25 @@ class LLaMA(nn.Module):
         lengths: Optional[list[int]] = None,
         logits_at: Optional[torch.Tensor] = None,
         kv_rows: Optional[torch.Tensor] = None,
+        adapters: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, the same for every row, or
         (B, T), each row its own (batched.py decodes requests of different lengths together), or None for a
         plain causal pass over positions 0..T-1 without a cache. kv_rows: (B,) the rows of the KV cache that the
         batch's rows use, by default 0..B-1 (batched.py fills one request's row of a cache shared by many).
+        adapters: (B,) the adapter of each row, its slot in the multilora.AdapterStack that wraps this model's
+        projections (0: the base), or None for the model as it is (serve.py runs each request on its own adapter).
         lengths: for training on several sequences packed into one row without padding (B = 1, T = sum(lengths)):
         each attends only to itself and its positions start at 0, so every position is a real token. logits_at: a
         (B, T) boolean mask of the positions whose logits are wanted: the output head, the largest matrix product at
         a large vocabulary, then runs on those positions only (the fine-tuning loss needs them only where there is a
         target).
         Returns logits (B, T, vocab_size), or (number of True in logits_at, vocab_size) with logits_at."""
-        T = idx.size(1)
+        B, T = idx.shape
         cos, sin = self.rope(idx.device)
+        mask = None  # without a KV cache: causal attention
         if lengths is not None:
-            if input_pos is not None or idx.size(0) != 1 or sum(lengths) != T or max(lengths) > self.config.block_size:
+            if input_pos is not None or B != 1 or sum(lengths) != T or max(lengths) > self.config.block_size:
                 raise ValueError(
                     f"lengths {lengths} must add up to the one row of {T} tokens, each at most block_size "
                     f"{self.config.block_size}, without input_pos"
@@ -346,16 +306,34 @@ class LLaMA(nn.Module):
             cos, sin = cos[:T], sin[:T]
         else:
             cos, sin = cos[input_pos], sin[input_pos]  # (T, head_size), or (B, T, head_size) for per-row positions
+            mask = self.kv_cache_mask(input_pos, B, kv_rows)
 
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
+            inputs = (x, cos, sin, mask, input_pos, lengths, kv_rows, adapters)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, lengths, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
             else:
-                x = block(x, cos, sin, input_pos, lengths, kv_rows)
+                x = block(*inputs)
         if logits_at is not None:
             x = x[logits_at]  # (n, n_embd): RMSNorm and the head work position by position
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size), or (n, vocab_size)
+            adapters = None if adapters is None else adapters[:, None].expand(B, T)[logits_at]  # (n,)
+        return project(self.lm_head, self.norm(x), adapters)  # (B, T, vocab_size), or (n, vocab_size)
+
+    def kv_cache_mask(self, input_pos: torch.Tensor, B: int, kv_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Which cached positions each query at input_pos attends to, once per forward pass for every layer; its last
+        dimension is how many positions of the cache the layers read. With one position per column (generate.py):
+        (T, cache length), the whole cache, so that no shape depends on how full it is (torch.compile needs no graph
+        break). With positions per row (batched.py): (B, 1, T, n), only as far as the furthest row has come (one
+        host sync per forward pass), as a cache sized for the longest request a server takes is mostly empty."""
+        cache = self.blocks[0].attn.kv_cache
+        if cache is None:
+            raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
+        if input_pos.dim() == 1 and kv_rows is None:
+            return input_pos[:, None] >= torch.arange(cache[0].size(2), device=input_pos.device)
+        input_pos = input_pos.expand(B, -1)
+        n = int(input_pos.max()) + 1
+        return (input_pos[:, :, None] >= torch.arange(n, device=input_pos.device))[:, None]
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
@@ -391,12 +369,14 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor],
         lengths: Optional[list[int]],
-        kv_rows: Optional[torch.Tensor] = None,
+        kv_rows: Optional[torch.Tensor],
+        adapters: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, lengths, kv_rows)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, lengths, kv_rows, adapters)
+        return x + self.mlp(self.mlp_norm(x), adapters)
 
 
 class CausalSelfAttention(nn.Module):
@@ -419,58 +399,54 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor],
         lengths: Optional[list[int]],
-        kv_rows: Optional[torch.Tensor] = None,
+        kv_rows: Optional[torch.Tensor],
+        adapters: Optional[torch.Tensor],
     ) -> torch.Tensor:
+        """mask: LLaMA.kv_cache_mask's with a KV cache (input_pos), else None for causal attention."""
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
-        k = (
-            self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        )  # (B, n_query_groups, T, head_size)
-        v = (
-            self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        )  # (B, n_query_groups, T, head_size)
+        q = project(self.q_proj, x, adapters).view(B, T, self.n_head, self.head_size)
+        k = project(self.k_proj, x, adapters).view(B, T, self.n_query_groups, self.head_size)
+        v = project(self.v_proj, x, adapters).view(B, T, self.n_query_groups, self.head_size)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if input_pos is None:
-            mask, is_causal = None, True
-        else:
-            if self.kv_cache is None:
-                raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
-            k_cache, v_cache = self.kv_cache
-            # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
-            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-            if input_pos.dim() == 1 and kv_rows is None:  # one position per column, cache rows 0..B-1
-                k = k_cache[:B].index_copy_(2, input_pos, k)
-                v = v_cache[:B].index_copy_(2, input_pos, v)
-                mask = input_pos[:, None] >= torch.arange(k.size(2), device=x.device)[None, :]  # (T, cache length)
-            else:  # each row at its own positions, in its own cache row
-                rows = torch.arange(B, device=x.device) if kv_rows is None else kv_rows
-                pos = input_pos.expand(B, T)
-                k_cache[rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
-                v_cache[rows[:, None], :, pos] = v.transpose(1, 2)
-                # only as far as the furthest row has come (a host sync): a cache sized for the longest request a
-                # server takes is mostly empty. Rows 0..B-1 are a view; other rows a copy, for a request's first pass
-                n = int(pos.max()) + 1
-                used = slice(0, B) if kv_rows is None else kv_rows
-                k, v = k_cache[used, :, :n], v_cache[used, :, :n]  # (B, n_query_groups, n, head_size)
-                mask = (pos[:, :, None] >= torch.arange(n, device=x.device))[:, None]  # (B, 1, T, n)
-            # with one position per column, attend over the whole cache (B, n_query_groups, cache length, head_size),
-            # masking the positions after each query's own: no shape depends on how full the cache is, so
-            # torch.compile needs no graph break
-            is_causal = False
+        if input_pos is not None:
+            k, v = self.kv_cache_update(k, v, input_pos, kv_rows, mask.size(-1))
 
         gqa = self.n_query_groups != self.n_head
         if lengths is not None:  # sequences packed into one row: each is causal attention over its own tokens only
             y = packed_attention(q, k, v, lengths)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         # y: (B, n_head, T, head_size)
         if self.adaption_prompt is not None:  # LLaMA-Adapter: gated attention over a learned prompt, of every position
             y = y + self.adaption_prompt(q, self.k_proj, self.v_proj)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.o_proj(y)
+        return project(self.o_proj, y, adapters)
+
+    def kv_cache_update(
+        self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, kv_rows: Optional[torch.Tensor], n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes this pass's keys and values (B, n_query_groups, T, head_size) into the cache at input_pos, in cache
+        rows kv_rows (0..B-1 by default), and returns the keys and values of those rows at positions 0..n-1,
+        (B, n_query_groups, n, head_size): a view of rows 0..B-1, a copy of others (a request's first pass)."""
+        k_cache, v_cache = self.kv_cache
+        # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        B, T = k.size(0), k.size(2)
+        if input_pos.dim() == 1 and kv_rows is None:  # one position per column, in every row
+            k_cache[:B].index_copy_(2, input_pos, k)
+            v_cache[:B].index_copy_(2, input_pos, v)
+        else:  # each row at its own positions, in its own cache row
+            rows = torch.arange(B, device=k.device) if kv_rows is None else kv_rows
+            input_pos = input_pos.expand(B, T)
+            k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
+            v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2)
+        if kv_rows is None:
+            return k_cache[:B, :, :n], v_cache[:B, :, :n]
+        return k_cache[kv_rows, :, :n], v_cache[kv_rows, :, :n]
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch_size, self.n_query_groups, max_seq_length, self.head_size)
@@ -511,8 +487,9 @@ class MLP(nn.Module):
         self.up_proj = linear(config.n_embd, config.intermediate_size, f"{path}.up_proj", config.mlp_bias)
         self.down_proj = linear(config.intermediate_size, config.n_embd, f"{path}.down_proj", config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, adapters: Optional[torch.Tensor]) -> torch.Tensor:
+        gated = F.silu(project(self.gate_proj, x, adapters)) * project(self.up_proj, x, adapters)
+        return project(self.down_proj, gated, adapters)
 
 
 class RMSNorm(nn.Module):

@@ -23,12 +23,16 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
 import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
-from batched import BatchGenerator, QueueFull, Request
+from batched import BatchGenerator, Job, QueueFull
 from lora import read_lora_chat_template
 from multilora import AdapterStack, adapter_updates
 from tokenizer import Tokenizer
@@ -173,286 +177,6 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
-def build_app(server: Server):
-    """The FastAPI application: its endpoints, error handlers, and the generation loop's thread for its lifetime."""
-    from fastapi import Depends, FastAPI
-    from fastapi import Request as HTTPRequest
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop = threading.Event()
-        thread = threading.Thread(target=server.generator.loop, args=(stop,), name="generation", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:  # after uvicorn's graceful shutdown: what is still running is cancelled
-            stop.set()
-            thread.join()
-            server.generator.cancel_all()
-
-    app = FastAPI(title="lora-llama", lifespan=lifespan)
-
-    def error(
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: Optional[str] = None,
-        code: Optional[str] = None,
-    ) -> JSONResponse:
-        body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-        return JSONResponse(body, status_code=status)
-
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError) -> JSONResponse:
-        return error(e.status, e.message, e.type, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, e: RequestValidationError) -> JSONResponse:
-        problem = e.errors()[0]
-        if problem.get("type") == "json_invalid":
-            return error(400, f"the request body is not valid JSON: {problem.get('msg')}", code="invalid_json")
-        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
-        return error(422, f"{where}: {problem.get('msg')}", param=where or None, code="invalid_field")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException) -> JSONResponse:
-        return error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
-
-    async def authorized(request: HTTPRequest) -> None:
-        if server.api_key is not None and request.headers.get("authorization") != f"Bearer {server.api_key}":
-            raise APIError(
-                401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
-    async def models() -> dict:
-        await asyncio.to_thread(server.scan_adapters)
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": server.created, "owned_by": "lora-llama"}
-                for name in server.model_names()
-            ],
-        }
-
-    @app.get("/health")
-    async def health() -> dict:
-        """For load balancers and tests: requests decoding now, waiting for a slot, and ended so far by reason."""
-        running = sum(slot is not None for slot in server.generator.slots)
-        return {
-            "status": "ok",
-            "running": running,
-            "waiting": len(server.generator.waiting),
-            "ended": dict(server.generator.ended),
-        }
-
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionBody, request: HTTPRequest):
-        adapter = await adapter_of(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of prompts: one is served
-            if len(prompt) != 1:
-                raise APIError(400, f"one prompt per request, not {len(prompt)}", param="prompt")
-            prompt = prompt[0]
-        ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt).tolist()  # text, or token ids
-        return await respond(body, request, adapter, ids, "text_completion")
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatBody, request: HTTPRequest):
-        adapter = await adapter_of(body.model)
-        template = server.templates.get(adapter) or server.template
-        messages = [message.model_dump() for message in body.messages]
-        try:
-            text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=template)
-        except ValueError as e:
-            raise APIError(400, one_line(e), param="messages") from None
-        ids = server.tokenizer.encode(text, bos=False).tolist()
-        return await respond(body, request, adapter, ids, "chat.completion")
-
-    async def adapter_of(model: str) -> str:
-        """The adapter the request's `model` names ("" for the base), looking into adapters_dir for a new one."""
-        if model == server.base_name:
-            return ""
-        if model not in server.adapters:
-            await asyncio.to_thread(server.scan_adapters)
-        if model not in server.adapters:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; GET /v1/models lists them",
-                param="model",
-                code="model_not_found",
-            )
-        return model
-
-    async def respond(body, request: HTTPRequest, adapter: str, ids: list[int], kind: str):
-        max_tokens = (
-            body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
-        )
-        max_tokens = max_tokens or max(1, min(server.max_tokens, server.generator.max_seq_length - len(ids)))
-        if max_tokens > server.max_tokens:
-            raise APIError(
-                400,
-                f"max_tokens {max_tokens} is above this server's limit of {server.max_tokens} (serve.py --max_tokens)",
-                param="max_tokens",
-                code="max_tokens_too_large",
-            )
-        if len(ids) > server.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"the prompt has {len(ids)} tokens, above this server's limit of "
-                f"{server.max_prompt_tokens} (serve.py --max_prompt_tokens)",
-                param="prompt",
-                code="prompt_too_long",
-            )
-        if not ids or any(not 0 <= i < server.generator.model.config.vocab_size for i in ids):
-            raise APIError(400, "the prompt is empty or holds token ids outside the vocabulary", param="prompt")
-        if len(ids) + max_tokens > server.generator.max_seq_length:
-            raise APIError(
-                400,
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
-                f"limit of {server.generator.max_seq_length} tokens (serve.py --max_seq_length)",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        job = Request(
-            prompt=ids,
-            max_new_tokens=max_tokens,
-            adapter=adapter,
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            stop_ids=server.tokenizer.stop_ids,
-            seed=body.seed,
-            on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
-        )
-        try:
-            server.generator.submit(job)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
-        except ValueError as e:  # what the checks above let through
-            raise APIError(400, one_line(e)) from None
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        answer = Answer(server.tokenizer, stops, job)
-        reply_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        model_name = adapter or server.base_name
-
-        def usage() -> dict:
-            n = answer.n_tokens
-            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
-
-        def choice(text: Optional[str], finish_reason: Optional[str], stream: bool) -> dict:
-            if kind == "text_completion":
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-            if stream:
-                delta = {} if text is None else {"content": text}
-                if text is not None and answer.sent == len(text):  # the first piece: OpenAI sends the role with it only
-                    delta = {"role": "assistant", **delta}
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-
-        def chunk(choices: list, with_usage: Optional[dict] = None) -> str:
-            obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-            data = {"id": reply_id, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}
-            if with_usage is not None:
-                data["usage"] = with_usage
-            return f"data: {json.dumps(data)}\n\n"
-
-        if body.stream:
-
-            async def events() -> AsyncIterator[str]:
-                try:
-                    while True:
-                        token = await tokens.get()
-                        text = answer.add(token)
-                        if text:
-                            yield chunk([choice(text, None, True)])
-                        if answer.finish_reason is not None:
-                            break
-                    yield chunk([choice(None, answer.finish_reason, True)])
-                    if body.stream_options and body.stream_options.get("include_usage"):
-                        yield chunk([], usage())
-                    yield "data: [DONE]\n\n"
-                finally:  # also when the client went away: its slot is freed at the next step
-                    job.cancelled = True
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        try:
-            checked = loop.time()
-            while answer.finish_reason is None:
-                try:
-                    answer.add(await asyncio.wait_for(tokens.get(), timeout=0.5))
-                except asyncio.TimeoutError:
-                    pass
-                if loop.time() - checked > 0.5:  # twice a second: has the client gone away?
-                    checked = loop.time()
-                    if await request.is_disconnected():
-                        break
-        finally:
-            job.cancelled = True  # a no-op for a request that has ended; else its slot is freed at the next step
-        if job.finish_reason == "error":
-            raise APIError(500, "generation failed; the server's log has the traceback", type="server_error")
-        data = {
-            "id": reply_id,
-            "object": kind,
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": [choice(answer.text, answer.finish_reason, False)],
-            "usage": usage(),
-        }
-        return data
-
-    return app
-
-
-class Answer:
-    """The text of a request's answer, built token by token: what may be sent so far (not a character cut in half, not
-    what could still turn into a stop string), and where it ends."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], job: Request) -> None:
-        self.tokenizer, self.stops, self.job = tokenizer, [s for s in stops if s], job
-        self.ids: list[int] = []
-        self.n_tokens = 0  # generated, the stop token included (usage's completion_tokens)
-        self.text = ""  # the answer so far (in the end, all of it)
-        self.sent = 0  # characters of text handed out
-        self.finish_reason: Optional[str] = None
-
-    def add(self, token: Optional[int]) -> str:
-        """Takes the next token (None: the request ended) and returns the text that became final."""
-        if self.finish_reason is not None:
-            return ""
-        if token is not None:
-            self.n_tokens += 1
-        if token is None:
-            self.finish_reason = {"stop": "stop", "length": "length"}.get(self.job.finish_reason, "stop")
-        elif token not in self.tokenizer.stop_ids:
-            self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids)
-        hold = 0
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text, self.finish_reason = self.text[:at], "stop"
-                self.job.cancelled = True  # the generation loop frees the slot at its next step
-        if self.finish_reason is None:
-            if self.text.endswith("\ufffd"):  # a character of several bytes, not all of them generated yet
-                return ""
-            hold = max((len(stop) - 1 for stop in self.stops), default=0)  # could be the start of a stop string
-        end = max(self.sent, len(self.text) - hold)
-        new, self.sent = self.text[self.sent : end], end
-        return new
-
-
 # The request bodies: FastAPI checks each against its pydantic model (422 naming the field otherwise)
 
 
@@ -483,6 +207,342 @@ class Message(BaseModel):
 class ChatBody(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+def build_app(server: Server) -> FastAPI:
+    """The FastAPI application: its endpoints, error handlers, and the generation loop's thread for its lifetime."""
+    app = FastAPI(title="lora-llama", lifespan=generation_loop)
+    app.state.server = server
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, http_error)
+    authorized = [Depends(check_api_key)]
+    app.add_api_route("/v1/models", models, methods=["GET"], dependencies=authorized)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=authorized)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=authorized)
+    return app
+
+
+@asynccontextmanager
+async def generation_loop(app: FastAPI) -> AsyncIterator[None]:
+    """Runs batched.BatchGenerator.loop in a thread of its own while the application runs."""
+    generator = app.state.server.generator
+    stop = threading.Event()
+    thread = threading.Thread(target=generator.loop, args=(stop,), name="generation", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:  # after uvicorn's graceful shutdown: what is still running is cancelled
+        stop.set()
+        thread.join()
+        generator.cancel_all()
+
+
+def server_of(request: Request) -> Server:
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(server_of)]  # an endpoint's argument `server: ServerDep` is the app's Server
+
+
+# The endpoints: each checks the request, submits a job to the generation loop, and shapes the answer
+
+
+async def models(server: ServerDep) -> dict:
+    """GET /v1/models: the base and every adapter, looking into adapters_dir for new ones first."""
+    await asyncio.to_thread(server.scan_adapters)
+    cards = [
+        {"id": name, "object": "model", "created": server.created, "owned_by": "lora-llama"}
+        for name in server.model_names()
+    ]
+    return {"object": "list", "data": cards}
+
+
+async def health(server: ServerDep) -> dict:
+    """GET /health, for load balancers and tests: jobs decoding now, waiting for a slot, and ended so far by reason."""
+    generator = server.generator
+    running = sum(slot is not None for slot in generator.slots)
+    return {"status": "ok", "running": running, "waiting": len(generator.waiting), "ended": dict(generator.ended)}
+
+
+async def completions(body: CompletionBody, request: Request, server: ServerDep):
+    """POST /v1/completions: continues `prompt`, a text (encoded with BOS), a list of one text, or token ids."""
+    adapter = await adapter_of(server, body.model)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of prompts: one is served
+        if len(prompt) != 1:
+            raise APIError(400, f"one prompt per request, not {len(prompt)}", param="prompt")
+        prompt = prompt[0]
+    ids = prompt if isinstance(prompt, list) else server.tokenizer.encode(prompt).tolist()
+    answer = submit(server, body, adapter, ids, body.max_tokens)
+    return await respond(request, body, answer, Reply(f"cmpl-{uuid.uuid4().hex}", body.model, chat=False))
+
+
+async def chat_completions(body: ChatBody, request: Request, server: ServerDep):
+    """POST /v1/chat/completions: answers `messages` rendered in the adapter's chat template, else --template, else
+    the checkpoint's."""
+    adapter = await adapter_of(server, body.model)
+    template = server.templates.get(adapter) or server.template
+    messages = [message.model_dump() for message in body.messages]
+    try:
+        text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=template)
+    except ValueError as e:
+        raise APIError(400, one_line(e), param="messages") from None
+    ids = server.tokenizer.encode(text, bos=False).tolist()
+    answer = submit(server, body, adapter, ids, body.max_completion_tokens or body.max_tokens)
+    return await respond(request, body, answer, Reply(f"chatcmpl-{uuid.uuid4().hex}", body.model, chat=True))
+
+
+# Checking and submitting a request
+
+
+async def check_api_key(request: Request, server: ServerDep) -> None:
+    if server.api_key is not None and request.headers.get("authorization") != f"Bearer {server.api_key}":
+        raise APIError(
+            401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+        )
+
+
+async def adapter_of(server: Server, model: str) -> str:
+    """The adapter the request's `model` names ("" for the base), looking into adapters_dir for a new one."""
+    if model == server.base_name:
+        return ""
+    if model not in server.adapters:
+        await asyncio.to_thread(server.scan_adapters)
+    if model not in server.adapters:
+        raise APIError(
+            404, f"the model {model!r} does not exist; GET /v1/models lists them", param="model", code="model_not_found"
+        )
+    return model
+
+
+def checked_max_tokens(server: Server, ids: list[int], max_tokens: Optional[int]) -> int:
+    """The request's max_tokens, by default as many as fit up to --max_tokens, once it and the prompt are within the
+    server's limits (400 otherwise)."""
+    max_seq_length = server.generator.max_seq_length
+    max_tokens = max_tokens or max(1, min(server.max_tokens, max_seq_length - len(ids)))
+    if max_tokens > server.max_tokens:
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} is above this server's limit of {server.max_tokens} (serve.py --max_tokens)",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+    if len(ids) > server.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {len(ids)} tokens, above this server's limit of {server.max_prompt_tokens} "
+            "(serve.py --max_prompt_tokens)",
+            param="prompt",
+            code="prompt_too_long",
+        )
+    if not ids or any(not 0 <= i < server.generator.model.config.vocab_size for i in ids):
+        raise APIError(400, "the prompt is empty or holds token ids outside the vocabulary", param="prompt")
+    if len(ids) + max_tokens > max_seq_length:
+        raise APIError(
+            400,
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this server's limit of "
+            f"{max_seq_length} tokens (serve.py --max_seq_length)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def submit(server: Server, body: SamplingFields, adapter: str, ids: list[int], max_tokens: Optional[int]) -> "Answer":
+    """Queues the request's job in the generation loop (429 when the queue is full); returns its Answer, which the
+    job's tokens flow into."""
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue = asyncio.Queue()
+    job = Job(
+        prompt=ids,
+        max_new_tokens=checked_max_tokens(server, ids, max_tokens),
+        adapter=adapter,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        stop_ids=server.tokenizer.stop_ids,
+        seed=body.seed,
+        on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),  # from the generation thread
+    )
+    try:
+        server.generator.submit(job)
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
+    except ValueError as e:  # what checked_max_tokens lets through
+        raise APIError(400, one_line(e)) from None
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return Answer(server.tokenizer, stops, job, tokens)
+
+
+# Answering: streamed as server-sent events, or whole
+
+
+async def respond(request: Request, body: SamplingFields, answer: "Answer", reply: "Reply"):
+    """The answer as server-sent events with `stream`, else one JSON object once it has ended."""
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.get("include_usage"))
+        return StreamingResponse(events(answer, reply, include_usage), media_type="text/event-stream")
+    await wait_for_end(answer, request)
+    if answer.job.finish_reason == "error":
+        raise APIError(500, "generation failed; the server's log has the traceback", type="server_error")
+    return response(reply, [choice(reply, answer.text, answer.finish_reason)], answer.usage())
+
+
+async def events(answer: "Answer", reply: "Reply", include_usage: bool) -> AsyncIterator[str]:
+    """A chunk per piece of text that became final, one with the finish_reason, one with the usage if asked, and
+    `data: [DONE]`."""
+    try:
+        first = True
+        while answer.finish_reason is None:
+            text = answer.add(await answer.tokens.get())
+            if text:
+                yield sse(chunk(reply, [choice(reply, text, None, delta=True, first=first)]))
+                first = False
+        yield sse(chunk(reply, [choice(reply, None, answer.finish_reason, delta=True)]))
+        if include_usage:
+            yield sse(chunk(reply, [], answer.usage()))
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client went away: its slot is freed at the next step
+        answer.job.cancelled = True
+
+
+async def wait_for_end(answer: "Answer", request: Request) -> None:
+    """Takes the job's tokens until the answer ends or the client goes away (looked at twice a second)."""
+    loop = asyncio.get_running_loop()
+    try:
+        checked = loop.time()
+        while answer.finish_reason is None:
+            try:
+                answer.add(await asyncio.wait_for(answer.tokens.get(), timeout=0.5))
+            except asyncio.TimeoutError:
+                pass
+            if loop.time() - checked > 0.5:
+                checked = loop.time()
+                if await request.is_disconnected():
+                    break
+    finally:
+        answer.job.cancelled = True  # a no-op for a job that has ended; else its slot is freed at the next step
+
+
+class Answer:
+    """The text of a job's answer, built token by token from `tokens` (the queue its on_token fills; None at the end):
+    what may be sent so far (not a character cut in half, not what could still turn into a stop string), and where it
+    ends."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], job: Job, tokens: asyncio.Queue) -> None:
+        self.tokenizer, self.stops, self.job, self.tokens = tokenizer, [s for s in stops if s], job, tokens
+        self.ids: list[int] = []
+        self.n_tokens = 0  # generated, the stop token included (usage's completion_tokens)
+        self.text = ""  # the answer so far (in the end, all of it)
+        self.sent = 0  # characters of text handed out
+        self.finish_reason: Optional[str] = None
+
+    def add(self, token: Optional[int]) -> str:
+        """Takes the next token (None: the job ended) and returns the text that became final."""
+        if self.finish_reason is not None:
+            return ""
+        if token is not None:
+            self.n_tokens += 1
+        if token is None:
+            self.finish_reason = {"stop": "stop", "length": "length"}.get(self.job.finish_reason, "stop")
+        elif token not in self.tokenizer.stop_ids:
+            self.ids.append(token)
+            self.text = self.tokenizer.decode(self.ids)
+        hold = 0
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.finish_reason = self.text[:at], "stop"
+                self.job.cancelled = True  # the generation loop frees the slot at its next step
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):  # a character of several bytes, not all of them generated yet
+                return ""
+            hold = max((len(stop) - 1 for stop in self.stops), default=0)  # could be the start of a stop string
+        end = max(self.sent, len(self.text) - hold)
+        new, self.sent = self.text[self.sent : end], end
+        return new
+
+    def usage(self) -> dict:
+        prompt = len(self.job.prompt)
+        return {"prompt_tokens": prompt, "completion_tokens": self.n_tokens, "total_tokens": prompt + self.n_tokens}
+
+
+# OpenAI's response and chunk shapes, server-sent events, errors
+
+
+@dataclass
+class Reply:
+    """What every piece of one answer carries: its id, the model that answers, and whether it is a chat answer."""
+
+    id: str
+    model: str
+    chat: bool
+
+
+def choice(
+    reply: Reply, text: Optional[str], finish_reason: Optional[str], delta: bool = False, first: bool = False
+) -> dict:
+    """One of `choices`: a completion's text; a chat answer's message, or with `delta` a streamed piece of it (the
+    role comes with the `first` piece of text only, as OpenAI sends it)."""
+    if not reply.chat:
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    if delta:
+        content = {} if text is None else {"content": text}
+        message = {"delta": {"role": "assistant", **content} if first else content}
+    else:
+        message = {"message": {"role": "assistant", "content": text}}
+    return {"index": 0, **message, "logprobs": None, "finish_reason": finish_reason}
+
+
+def response(reply: Reply, choices: list[dict], usage: dict) -> dict:
+    """A whole answer: a "text_completion" or a "chat.completion"."""
+    kind = "chat.completion" if reply.chat else "text_completion"
+    return {
+        "id": reply.id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": reply.model,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def chunk(reply: Reply, choices: list[dict], usage: Optional[dict] = None) -> dict:
+    """A piece of a streamed answer: a "text_completion" or a "chat.completion.chunk", the last one with `usage`."""
+    kind = "chat.completion.chunk" if reply.chat else "text_completion"
+    data = {"id": reply.id, "object": kind, "created": int(time.time()), "model": reply.model, "choices": choices}
+    return data if usage is None else {**data, "usage": usage}
+
+
+def sse(data: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def error_response(e: APIError) -> JSONResponse:
+    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+    return JSONResponse(body, status_code=e.status)
+
+
+async def api_error(_, e: APIError) -> JSONResponse:
+    return error_response(e)
+
+
+async def invalid_body(_, e: RequestValidationError) -> JSONResponse:
+    """A body that is not JSON (400), or a field missing, of the wrong type or out of range (422, naming it)."""
+    problem = e.errors()[0]
+    if problem.get("type") == "json_invalid":
+        return error_response(
+            APIError(400, f"the request body is not valid JSON: {problem.get('msg')}", code="invalid_json")
+        )
+    where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+    return error_response(APIError(422, f"{where}: {problem.get('msg')}", param=where or None, code="invalid_field"))
+
+
+async def http_error(_, e: HTTPException) -> JSONResponse:
+    return error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
 
 if __name__ == "__main__":

@@ -9,23 +9,31 @@ random tokens, greedy, every request to its full length (no stop token):
 
 - ours, the 16 requests submitted at once to one BatchGenerator (16 slots), their rows on 1, 4 or 16 distinct
   adapters: throughput (new tokens of all requests / wall time) and the p50 / p99 of the requests' latencies (from the
-  submission of all to each one's last token);
+  submission of all to each one's last token), the median of `repeats` runs taken in turns over the adapter counts;
+- ours, the decode step of 16 rows on 16 adapters (the median step once every request is decoding) against the
+  machine's bound: every projection's weight read once per step at the memory bandwidth (a large matrix-vector
+  product's), or the step's matrix products at the rate of a large matrix product, whichever takes longer (the KV
+  cache is not counted: at these lengths it adds about a quarter to the weights' bytes); and the base's projections
+  timed alone at 16 rows, what the step would take if nothing else cost anything;
 - the same 16 requests one after another as generate_lora.py runs one (its adapter merged into the weights, then
   generate.generate); loading and merging each adapter is not timed, only generation;
 - transformers + PEFT with the same 16 adapters loaded, one `generate(..., adapter_names=[...])` call over the 16
   requests left-padded into one batch, 16 distinct adapters (PEFT runs each adapter's rows as a sub-batch).
 
-Targets (issue 15): 16 distinct adapters at least 0.8x the throughput of 16 rows of one adapter, at least 4x the one
-after another, and faster than PEFT's mixed batch. On a GPU (--device cuda) everything runs in bf16.
+Targets: 16 distinct adapters at least 0.8x the throughput of 16 rows of one adapter, at least 4x the one after
+another, and faster than PEFT's mixed batch (issue 15); the decode step at least 50% of the bound (issue 21). On a GPU
+(--device cuda) everything runs in bf16. Other processes on the same cores slow the multi-threaded products far more
+than their share: compare figures of one run, on an otherwise idle machine.
 """
 
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
@@ -33,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 sys.path.insert(0, str(Path(__file__).parent))
 from lora_vs_peft import build_hf_model, synchronize
 
-from batched import BatchGenerator, Request
+from batched import BatchGenerator, Job
 from convert_hf_checkpoint import hf_to_lit_name
 from export_peft import lit_to_peft_name
 from generate import generate
@@ -54,6 +62,7 @@ def main(
     peft: bool = True,
     threads: Optional[int] = None,
     device: str = "cpu",
+    repeats: int = 3,
 ) -> None:
     """Times each way of serving the requests and prints the figures and the ratios.
 
@@ -66,6 +75,7 @@ def main(
         peft: also time transformers + PEFT's mixed-adapter batch.
         threads: CPU threads for PyTorch; by default one per core.
         device: "cpu" (fp32) or "cuda" (bf16).
+        repeats: runs of ours per adapter count, in turns; the median run counts.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -104,10 +114,17 @@ def main(
         stack.add(f"a{i}", updates_of(adapter))
     generator = BatchGenerator(base, stack, requests, max(map(len, prompts)) + new_tokens)
     run_batched(generator, prompts[:2], ["a0", "a1"], 4, device)  # warm-up
+    runs = {n: [] for n in adapter_counts}
+    for _ in range(repeats):  # in turns: a slow minute of a shared machine falls on every count alike
+        for n in adapter_counts:
+            runs[n].append(run_batched(generator, prompts, [f"a{i % n}" for i in range(requests)], new_tokens, device))
     for n in adapter_counts:
-        names = [f"a{i % n}" for i in range(requests)]
-        figures[f"ours, {n} adapters"] = run_batched(generator, prompts, names, new_tokens, device)
+        wall, latencies, _ = sorted(runs[n])[len(runs[n]) // 2]
+        figures[f"ours, {n} adapters"] = (wall, latencies)
         report(f"ours, {n} adapters", figures[f"ours, {n} adapters"], requests * new_tokens)
+    step = statistics.median(statistics.median(steps) for _, _, steps in runs[max(adapter_counts)])
+    bound, why = machine_bound(base, requests, device, dtype)
+    alone = projections_alone(base, requests, device, dtype)
     generator.model.clear_kv_cache()
 
     if sequential:
@@ -142,6 +159,12 @@ def main(
         print(f"{most} / one after another: {throughput[most] / throughput['one after another']:.2f}x  (target >= 4x)")
     if peft:
         print(f"{most} / transformers + peft: {throughput[most] / throughput['peft']:.2f}x  (target > 1x)")
+    print(
+        f"decode step, {requests} rows on {max(adapter_counts)} adapters: {step * 1e3:.1f} ms "
+        f"({requests / step:.0f} tokens/s); the bound {bound * 1e3:.1f} ms ({why}): {bound / step:.0%} of the bound "
+        f"(target >= 50%); the base's projections alone at {requests} rows: {alone[0] * 1e3:.1f} ms as laid out, "
+        f"{alone[1] * 1e3:.1f} ms row-major"
+    )
 
 
 def random_adapter(lora_model: LLaMA, seed: int) -> dict[str, torch.Tensor]:
@@ -160,22 +183,68 @@ def updates_of(adapter: dict[str, torch.Tensor]) -> dict:
 
 def run_batched(
     generator: BatchGenerator, prompts: list[list[int]], names: list[str], new_tokens: int, device: torch.device
-) -> tuple[float, list[float]]:
-    """All requests submitted at once, stepped to the end: the wall time and each request's latency."""
+) -> tuple[float, list[float], list[float]]:
+    """All requests submitted at once, stepped to the end: the wall time, each request's latency, and the time of each
+    step after the first (which starts every request: their prompts, then a token each) while all are decoding."""
     done: dict[int, float] = {}
-    jobs = [Request(prompt=p, max_new_tokens=new_tokens, adapter=name) for p, name in zip(prompts, names)]
+    jobs = [Job(prompt=p, max_new_tokens=new_tokens, adapter=name) for p, name in zip(prompts, names)]
     for i, job in enumerate(jobs):
         job.on_token = lambda token, i=i: done.setdefault(i, time.perf_counter()) if token is None else None
     synchronize(device)
     t0 = time.perf_counter()
     for job in jobs:
         generator.submit(job)
+    steps = []
     while generator.busy():
+        start = time.perf_counter()
         generator.step()
-    synchronize(device)
+        synchronize(device)
+        steps.append(time.perf_counter() - start)
     wall = time.perf_counter() - t0
     assert all(len(job.tokens) == new_tokens for job in jobs)
-    return wall, [done[i] - t0 for i in range(len(jobs))]
+    return wall, [done[i] - t0 for i in range(len(jobs))], steps[1:]
+
+
+def machine_bound(model: LLaMA, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The least time a decode step of `rows` rows can take, and why: every projection's weight read once at the
+    memory bandwidth of a large matrix-vector product (393 MB in fp32, in the faster of both layouts, far larger than
+    the caches), or 2 x rows x weights operations at the rate of a large matrix product, whichever takes longer."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weight_bytes, operations = sum(w.nbytes for w in weights), 2 * rows * sum(w.numel() for w in weights)
+    x, big = torch.randn(1, 768, device=device, dtype=dtype), torch.randn(128_000, 768, device=device, dtype=dtype)
+    read = min(timed(lambda w=w: F.linear(x, w), device) for w in (big, big.t().contiguous().t()))
+    bandwidth = big.nbytes / read
+    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
+    rate = 2 * 4096**3 / timed(lambda: a @ b, device)
+    bound = max(weight_bytes / bandwidth, operations / rate)
+    why = (
+        f"{weight_bytes / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s, "
+        f"or {operations / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s"
+    )
+    return bound, why
+
+
+def projections_alone(model: LLaMA, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Seconds the products of `rows` rows with every projection's weight take one after another, nothing else around
+    them: with the weights as the model lays them out, and as nn.Linear does (row-major, (out, in))."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.size(1): torch.randn(rows, w.size(1), device=device, dtype=dtype) for w in weights}
+    as_laid_out = timed(lambda: [F.linear(inputs[w.size(1)], w) for w in weights], device)
+    weights = [w.contiguous() for w in weights]
+    return as_laid_out, timed(lambda: [F.linear(inputs[w.size(1)], w) for w in weights], device)
+
+
+def timed(run: Callable[[], object], device: torch.device, repeats: int = 7) -> float:
+    """The median seconds of `repeats` calls, after one not timed."""
+    run()
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
 
 
 def run_peft(

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
-from model import Config, LLaMA
+from model import ROPE_SCALING_KEYS, Config, LLaMA
 from utils import atomic_path, cli, load_tensor_file
 
 # Hub tensor names -> ours; per-layer names follow `model.layers.{i}.` -> `blocks.{i}.`
@@ -65,7 +65,7 @@ def convert_hf_checkpoint(
             raise ValueError(f"--dtype must be bfloat16, float16 or float32, not {dtype!r}")
         target_dtype = getattr(torch, dtype)
     try:
-        config = Config.from_hf(checkpoint_dir / "config.json")
+        config = config_from_hf(checkpoint_dir / "config.json")
     except (ValueError, KeyError) as e:
         raise ValueError(f"cannot use {checkpoint_dir / 'config.json'}: {e}") from None
 
@@ -94,6 +94,56 @@ def convert_hf_checkpoint(
     size = sum(t.numel() * t.element_size() for t in converted.values())
     print(
         f"Wrote {checkpoint_dir / 'lit_model.safetensors'} ({size / 1e9:.2f} GB) and model_config.json", file=sys.stderr
+    )
+
+
+def config_from_hf(path: Path) -> Config:
+    """Reads a Hub `config.json` of a LlamaForCausalLM or MistralForCausalLM, old or new style."""
+    hf = json.loads(Path(path).read_text())
+    where = f"{path}:"
+    if hf.get("model_type") not in ("llama", "mistral"):
+        raise ValueError(f"{where} model_type {hf.get('model_type')!r} is not supported (llama or mistral only)")
+    # transformers < 5 writes `rope_theta` and `rope_scaling`; transformers 5 nests both in `rope_parameters`
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(
+            f"{where} rope scaling {rope_type!r} is not implemented; only plain rotary embeddings and "
+            f"Llama 3.1's 'llama3' scaling are"
+        )
+    rope_scaling = None
+    if rope_type == "llama3":
+        missing = [key for key in ROPE_SCALING_KEYS if key not in rope]
+        if missing:
+            raise ValueError(f"{where} 'llama3' rope scaling lacks {', '.join(missing)}")
+        rope_scaling = {key: rope[key] for key in ROPE_SCALING_KEYS}
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where} hidden_act={hf['hidden_act']!r} is not supported by model.py")
+    n_head = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+    if head_dim * n_head != hf["hidden_size"]:
+        raise ValueError(
+            f"{where} head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported"
+        )
+    block_size = hf.get("max_position_embeddings", 4096)
+    # Mistral v0.1 attends over a sliding window; within one window that is plain causal attention (v0.3 has
+    # none: null)
+    if hf.get("sliding_window"):
+        block_size = min(block_size, hf["sliding_window"])
+    return Config(
+        block_size=block_size,
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_query_groups=hf.get("num_key_value_heads") or n_head,
+        n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        rope_base=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        rope_scaling=rope_scaling,
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
     )
 
 

@@ -166,7 +166,8 @@ def write_safetensors(
 
 def hf_config(config: Config, tokenizer: Tokenizer, dtype: str) -> dict:
     """The config.json of a LlamaForCausalLM of `config`'s shape, in the keys both transformers 4 and 5 read (5 moves
-    rope_theta and rope_scaling into rope_parameters itself). Config.from_hf reads it back to `config`."""
+    rope_theta and rope_scaling into rope_parameters itself). convert_hf_checkpoint.config_from_hf reads it back to
+    `config`."""
     rope_scaling = None if config.rope_scaling is None else {"rope_type": "llama3", **config.rope_scaling}
     return {
         "architectures": ["LlamaForCausalLM"],

@@ -26,7 +26,8 @@ from huggingface_hub.errors import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # run from anywhere without installing the repo
-from model import Config
+sys.path.insert(0, str(Path(__file__).parent))
+from convert_hf_checkpoint import config_from_hf
 from utils import TOKENIZER_FILES, cli, one_line
 
 try:  # the HTTP client's "cannot connect" errors: httpx2 from huggingface_hub 2.0, httpx in 1.x
@@ -65,7 +66,7 @@ def download(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: P
         # config.json first: an unsupported architecture is refused before gigabytes of weights are fetched
         config_path = hf_hub_download(repo_id, "config.json", local_dir=local_dir, token=token)
         try:
-            Config.from_hf(config_path)
+            config_from_hf(config_path)
         except (ValueError, KeyError) as e:
             raise ValueError(f"{repo_id} is not a model this toolkit can run: {e}") from None
         print(f"Downloading {len(files)} files of {repo_id} into {local_dir}", file=sys.stderr)

@@ -296,3 +296,13 @@ def make_llama_adapter(
     randomize_adapter(model, seed)
     save_adapter_checkpoint(model, path, chat_template=chat_template)
     return model.eval()
+
+
+def make_adapters(checkpoint_dir: Path, directory: Path, specs) -> dict[str, Path]:
+    """An adapter file in `directory` for each (name, r, alpha, targets, settings) of `specs` (make_adapter, seeds 0,
+    1, ... in order), by name."""
+    paths = {}
+    for seed, (name, r, alpha, targets, settings) in enumerate(specs):
+        paths[name] = directory / f"{name}.safetensors"
+        make_adapter(checkpoint_dir, paths[name], r, alpha, targets, seed, **settings)
+    return paths

@@ -1,17 +1,18 @@
-"""batched.py and multilora.py: a batch mixing 5 adapters of different ranks, targets and variants (rsLoRA, DoRA), the
-plain base, and prompts of different lengths, decoded together with continuous batching; each row's greedy ids must
-equal generate_lora.py's path for that adapter alone (lora.load_lora_model unmerged, fp32, generate.generate)."""
+"""batched.py, with multilora.py's stacked adapters: a batch mixing 5 adapters of different ranks, targets and variants
+(rsLoRA, DoRA), the plain base, and prompts of different lengths, decoded together with continuous batching; each
+row's greedy ids must equal generate_lora.py's path for that adapter alone (lora.load_lora_model unmerged, fp32,
+generate.generate)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from batched import BatchGenerator, QueueFull, Request, generate_all
-from conftest import make_adapter
+from batched import BatchGenerator, Job, QueueFull, generate_all
+from conftest import make_adapters
 from generate import generate
 from lora import load_lora_model
-from multilora import AdapterStack, Update, adapter_updates
+from multilora import AdapterStack, adapter_updates
 from utils import load_model
 
 # (name, r, alpha, targets, settings): different ranks, different projections, the output head among them, and rsLoRA
@@ -34,12 +35,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, checkpoint_dir) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("adapters")
-    paths = {}
-    for seed, (name, r, alpha, targets, settings) in enumerate(ADAPTERS):
-        paths[name] = directory / f"{name}.safetensors"
-        make_adapter(checkpoint_dir, paths[name], r, alpha, targets, seed, **settings)
-    return paths
+    return make_adapters(checkpoint_dir, tmp_path_factory.mktemp("adapters"), ADAPTERS)
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +62,11 @@ def stacked(checkpoint_dir, adapters, max_batch_size, max_seq_length=64, max_wai
 def test_each_row_equals_its_adapter_alone(checkpoint_dir, adapters, reference):
     generator = stacked(checkpoint_dir, adapters, max_batch_size=10)
     names = ["", *adapters]
-    requests = [
-        Request(prompt=PROMPTS[i % len(PROMPTS)], adapter=names[i % len(names)], max_new_tokens=12) for i in range(10)
-    ]
-    generate_all(generator, requests)
-    for request in requests:
-        assert request.tokens == reference(request.adapter, request.prompt, 12), request.adapter
-        assert request.finish_reason == "length"
+    jobs = [Job(prompt=PROMPTS[i % len(PROMPTS)], adapter=names[i % len(names)], max_new_tokens=12) for i in range(10)]
+    generate_all(generator, jobs)
+    for job in jobs:
+        assert job.tokens == reference(job.adapter, job.prompt, 12), job.adapter
+        assert job.finish_reason == "length"
     # the adapters do change the answers: the same prompt gives six different continuations
     same_prompt = [reference(name, PROMPTS[0], 12) for name in names]
     assert len({tuple(ids) for ids in same_prompt}) == len(names)
@@ -83,70 +77,48 @@ def test_continuous_batching_reuses_freed_slots_with_per_row_stop_ids(checkpoint
     and refilled while the other rows keep decoding, and nothing changes any row's output."""
     generator = stacked(checkpoint_dir, adapters, max_batch_size=3)
     names = ["", *adapters]
-    requests, expected = [], []
+    jobs, expected = [], []
     for i in range(9):
         name, prompt, n = names[i % len(names)], PROMPTS[(i * 2) % len(PROMPTS)], 3 + 2 * i
         full = reference(name, prompt, n)
         stop_ids = (full[2],) if i % 3 == 0 else ()  # ends at the third new token (or earlier, if it came before)
         expected.append(full[: full.index(full[2]) + 1] if stop_ids else full)
-        requests.append(Request(prompt=prompt, adapter=name, max_new_tokens=n, stop_ids=stop_ids))
-    generate_all(generator, requests)
-    assert [request.tokens for request in requests] == expected
-    assert [request.finish_reason for request in requests] == ["stop" if i % 3 == 0 else "length" for i in range(9)]
+        jobs.append(Job(prompt=prompt, adapter=name, max_new_tokens=n, stop_ids=stop_ids))
+    generate_all(generator, jobs)
+    assert [job.tokens for job in jobs] == expected
+    assert [job.finish_reason for job in jobs] == ["stop" if i % 3 == 0 else "length" for i in range(9)]
     assert generator.slots == [None, None, None]
 
 
 def test_an_adapter_added_later_and_sampling_by_seed(checkpoint_dir, adapters, reference):
     generator = stacked(checkpoint_dir, {name: adapters[name] for name in ("qv2", "ko1")}, max_batch_size=4)
-    generator.submit(Request(prompt=PROMPTS[1], adapter="qv2", max_new_tokens=8))
+    generator.submit(Job(prompt=PROMPTS[1], adapter="qv2", max_new_tokens=8))
     generator.step()  # in flight while a larger, wider adapter comes in
     generator.stack.add("all4", adapter_updates(adapters["all4"], generator.model))
     first = generator.slots[0]
-    late = Request(prompt=PROMPTS[3], adapter="all4", max_new_tokens=8)
+    late = Job(prompt=PROMPTS[3], adapter="all4", max_new_tokens=8)
     generate_all(generator, [late])
     assert first.tokens == reference("qv2", PROMPTS[1], 8)
     assert late.tokens == reference("all4", PROMPTS[3], 8)
 
     sampled = [
-        Request(prompt=PROMPTS[0], adapter="all4", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+        Job(prompt=PROMPTS[0], adapter="all4", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
         for seed in (1, 1, 2)
     ]
     generate_all(generator, sampled)
     assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
 
     with pytest.raises(ValueError, match="no adapter named 'nope' is loaded"):
-        generator.submit(Request(prompt=[1], adapter="nope", max_new_tokens=1))
+        generator.submit(Job(prompt=[1], adapter="nope", max_new_tokens=1))
     with pytest.raises(ValueError, match="exceeds max_seq_length 64"):
-        generator.submit(Request(prompt=[1] * 60, max_new_tokens=5))
+        generator.submit(Job(prompt=[1] * 60, max_new_tokens=5))
 
 
 def test_a_full_queue_refuses(checkpoint_dir, adapters):
     generator = stacked(checkpoint_dir, {}, max_batch_size=1, max_waiting=2)
     for _ in range(3):  # the free slot takes one at the next step, the queue two
-        generator.submit(Request(prompt=[1], max_new_tokens=1))
+        generator.submit(Job(prompt=[1], max_new_tokens=1))
     with pytest.raises(QueueFull, match="3 requests are already waiting for a slot"):
-        generator.submit(Request(prompt=[1], max_new_tokens=1))
+        generator.submit(Job(prompt=[1], max_new_tokens=1))
     generator.step()  # one starts (and ends: one token); the queue has room again
-    generator.submit(Request(prompt=[1], max_new_tokens=1))
-
-
-def test_stacked_layer_pads_ranks_and_applies_a_per_row_factor():
-    """Against the formula written out: out[b] = m_i * (W x_b + B_i A_i x_b * scaling_i), i = rows[b], for adapters of
-    ranks 3 and 5, one with a per-output-row factor (DoRA's magnitude over the row norms), the base (slot 0) zero."""
-    torch.manual_seed(0)
-    model = torch.nn.Module()
-    model.embed = torch.nn.Embedding(4, 6)
-    model.proj = torch.nn.Linear(6, 5, bias=False)
-    stack = AdapterStack(model)
-    A1, B1, A2, B2 = torch.randn(3, 6), torch.randn(5, 3), torch.randn(5, 6), torch.randn(5, 5)
-    factor = torch.rand(5) + 0.5
-    stack.add("one", {"proj": Update(A1, B1, 2.0)})
-    stack.add("two", {"proj": Update(A2, B2, 0.5, row_factor=factor)})
-    x = torch.randn(3, 2, 6)  # (B, T, in)
-    stack.rows = torch.tensor([2, 0, 1])
-    W = model.proj.base.weight
-    expected = torch.stack(
-        [factor * (x[0] @ W.T + x[0] @ A2.T @ B2.T * 0.5), x[1] @ W.T, x[2] @ W.T + x[2] @ A1.T @ B1.T * 2.0]
-    )
-    torch.testing.assert_close(model.proj(x), expected)
-    torch.testing.assert_close(model.proj(x[:, -1]), expected[:, -1])  # one position per row, as under logits_at
+    generator.submit(Job(prompt=[1], max_new_tokens=1))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_hf_checkpoint
-from convert_hf_checkpoint import convert_hf_checkpoint, lit_to_hf_name
+from convert_hf_checkpoint import config_from_hf, convert_hf_checkpoint, lit_to_hf_name
 from model import Config
 from utils import load_model
 
@@ -26,7 +26,7 @@ def test_single_safetensors_file(tmp_path):
     hf = make_hf_checkpoint(tmp_path)
     convert_hf_checkpoint(tmp_path)
     assert_converted_equals(tmp_path, hf.state_dict())
-    assert Config.from_file(tmp_path / "model_config.json") == Config.from_hf(tmp_path / "config.json")
+    assert Config.from_file(tmp_path / "model_config.json") == config_from_hf(tmp_path / "config.json")
 
 
 def test_sharded_safetensors(tmp_path):
@@ -155,3 +155,149 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
         ValueError, match="holds 'model.layers.1.input_layernorm.weight', which model.py has no place for"
     ):
         convert_hf_checkpoint(tmp_path)
+
+
+def test_config_from_hf_old_style(tmp_path):
+    # as in most Llama-2 repositories: top-level rope_theta and torch_dtype, no head_dim
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "vocab_size": 32000,
+        "hidden_act": "silu",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert config_from_hf(tmp_path / "config.json") == Config.from_name("Llama-2-7b-hf")
+
+
+def test_config_from_hf_transformers_5_style(tmp_path):
+    # as transformers 5 writes it: rope_parameters, dtype and head_dim
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 22,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-05,
+        "dtype": "bfloat16",
+        "vocab_size": 32000,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    expected = Config(
+        block_size=2048,
+        vocab_size=32000,
+        n_layer=22,
+        n_head=32,
+        n_query_groups=4,
+        n_embd=2048,
+        intermediate_size=5632,
+        rope_base=500000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+    )
+    assert config_from_hf(tmp_path / "config.json") == expected
+
+
+def test_config_from_hf_llama_3_2_and_mistral_v0_3(tmp_path):
+    # the Hub's config.json of Llama-3.2-1B (rope_scaling, as transformers 4 writes it) and Mistral-7B-v0.3 (no
+    # sliding window)
+    llama = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "torch_dtype": "bfloat16",
+        "vocab_size": 128256,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    mistral = {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 32768,
+        "hidden_act": "silu",
+    }
+    for hf, name in ((llama, "Llama-3.2-1B"), (mistral, "Mistral-7B-v0.3")):
+        (tmp_path / "config.json").write_text(json.dumps(hf))
+        config = config_from_hf(tmp_path / "config.json")
+        assert config == Config.from_name(name)
+        config.to_file(tmp_path / "model_config.json")  # and the JSON round trip convert_hf_checkpoint.py makes
+        assert Config.from_file(tmp_path / "model_config.json") == config
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}},
+            "rope scaling 'yarn' is not implemented",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},
+            "'llama3' rope scaling lacks low_freq_factor",
+        ),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ],
+)
+def test_config_from_hf_refuses_unsupported_features(tmp_path, change, message):
+    hf = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 100,
+        "rope_theta": 10000.0,
+        **change,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(tmp_path / "config.json")

@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_checkpoint
-from convert_hf_checkpoint import convert_hf_checkpoint
+from convert_hf_checkpoint import config_from_hf, convert_hf_checkpoint
 from convert_lit_checkpoint import convert_lit_checkpoint
 from lora import LoRALinear, load_lora_model, lora, save_lora_checkpoint
 from merge_lora import merge_lora
-from model import Config
 from test_model import LLAMA3_ROPE
 from tokenizer import Tokenizer
 from utils import load_config, load_model
@@ -59,7 +58,7 @@ def test_round_trip_gives_the_hub_tensors_back_and_transformers_our_logits(tmp_p
     actual = hub_tensors(tmp_path / "hf")
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
-    assert Config.from_hf(tmp_path / "hf" / "config.json") == load_config(tmp_path / "ours")
+    assert config_from_hf(tmp_path / "hf" / "config.json") == load_config(tmp_path / "ours")
     idx = torch.randint(
         0, 1000, (2, 200), generator=torch.Generator().manual_seed(0)
     )  # beyond the 32 original positions
