@@ -541,7 +541,8 @@ def validate(
     step = state["step"]
     perplexity = math.exp(val_loss) if val_loss < 700 else math.inf  # a diverged run's loss may be in the 1000s
     fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {perplexity:.2f}")
-    fabric.print(f"{SAMPLE_INSTRUCTION} -> {sample_answer(fabric, model, tokenizer, chat_template)!r}")
+    if not is_fsdp(fabric):  # under FSDP every generated token would gather the whole model
+        fabric.print(f"{SAMPLE_INSTRUCTION} -> {sample_answer(fabric, model, tokenizer, chat_template)!r}")
     state["history"]["val"].append((step, val_loss))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": perplexity}, step)
     model.train()
