@@ -22,7 +22,7 @@ from adapter import load_adapter_model, read_adapter_chat_template, read_adapter
 from generate import generate_tokens
 from lora import load_lora_model, read_lora_chat_template, read_lora_config
 from model import LLaMA
-from tokenizer import CHAT_TEMPLATES, Tokenizer
+from tokenizer import CHAT_TEMPLATES, Tokenizer, check_template_name
 from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype, use_cpu_decode_layout
 
 
@@ -68,6 +68,7 @@ def main(
             f"--temperature must be >= 0, --top_k >= 1 (or null) and --max_new_tokens >= 1, "
             f"not {temperature}, {top_k} and {max_new_tokens}"
         )
+    check_template_name(template)
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)

@@ -266,12 +266,12 @@ def main(
     """On every device: the model with LoRA (a new adapter or --lora_path's), the optimizer, the reference
     log-probabilities when they are precomputed, the training (`fit`), the final adapter."""
     # The model: the frozen base with LoRA layers, as finetune_lora.py builds it. Under mixed precision the base is
-    # held in the low dtype and LoRA in fp32; FSDP keeps all weights in fp32 and computes in bf16 itself.
-    fsdp = is_fsdp(fabric)
+    # held in the low dtype and LoRA in fp32 (FSDP shards both, each in its dtype).
     mixed = precision.endswith("-mixed")
-    base_dtype = torch.float32 if fsdp and mixed else precision_to_dtype(precision.replace("-mixed", "-true"))
+    base_dtype = precision_to_dtype(precision.replace("-mixed", "-true"))
+    device = "cpu" if is_fsdp(fabric) else fabric.device  # FSDP: fabric.setup_module moves each device's shards
     with lora(**asdict(lora_config)):
-        model = load_model(checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype, quantize=quantize)
+        model = load_model(checkpoint_dir, device=device, dtype=base_dtype, quantize=quantize)
     mark_only_lora_as_trainable(model)
     trainable = [param for param in model.parameters() if param.requires_grad]
     if mixed:
@@ -279,7 +279,7 @@ def main(
             param.data = param.data.float()
     if lora_path is not None:  # into the fp32 LoRA weights, not rounded to the base's dtype on the way
         load_lora_checkpoint(model, lora_path)
-    model.gradient_checkpointing = train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    model.gradient_checkpointing = train.gradient_checkpointing  # recompute activations in the backward pass
     compile_blocks(fabric, model, train, quantized=quantize is not None)  # --train.compile: by default on CUDA
     total = sum(param.numel() for param in model.parameters())
     n_trainable = sum(param.numel() for param in trainable)

@@ -105,11 +105,10 @@ def main(
     # The model, every weight trainable. Under mixed precision the weights stay in fp32 (bf16 would round small
     # updates away) and Fabric computes in bf16. FSDP starts from a copy on the CPU and moves each Block's shard
     # to its device. The result is saved in the dtype the checkpoint came in.
-    fsdp = is_fsdp(fabric)
-    model = load_model(checkpoint_dir, device="cpu" if fsdp else fabric.device)
+    model = load_model(checkpoint_dir, device="cpu" if is_fsdp(fabric) else fabric.device)
     save_dtype = model.embed.weight.dtype
     model = model.to(precision_to_dtype(precision.replace("bf16-mixed", "32-true")))
-    model.gradient_checkpointing = train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    model.gradient_checkpointing = train.gradient_checkpointing  # recompute activations in the backward pass
     compile_blocks(fabric, model, train)  # --train.compile: by default on CUDA
     fabric.print(f"Trainable parameters: {sum(param.numel() for param in model.parameters()):,} (all)")
     model = fabric.setup_module(model)
@@ -173,7 +172,8 @@ def fit(
                 loss_sum += loss.detach()
             loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
             grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
-            stop_if_diverged(loss, grad_norm, state, out_dir / STATE_NAME)  # a NaN or inf stops before the update
+            # a NaN, an inf, or a loss back near a uniform guess over the vocabulary stops before the update
+            stop_if_diverged(loss, grad_norm, state, out_dir / STATE_NAME, model.config.vocab_size)
             lr = learning_rate(step, train.learning_rate, train.warmup_steps, train.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -205,11 +205,8 @@ def save(
     checkpoint directory for generate.py at `destination`: the weights in `dtype` (the run's starting checkpoint's),
     its config, and the tokenizer of `checkpoint_dir`. Every file is written under a temporary name and renamed when
     complete: a run killed while saving keeps the previous checkpoint."""
-    path = out_dir / STATE_NAME
-    save_train_state(fabric, path, model, optimizer, state, settings)
+    weights = save_train_state(fabric, out_dir / STATE_NAME, model, optimizer, state, settings)  # on rank 0
     if fabric.global_rank == 0:
-        # under FSDP only the file just written holds the gathered weights (mmap: read as they are written out)
-        weights = torch.load(path, weights_only=True, mmap=True)["model"] if is_fsdp(fabric) else model.state_dict()
         if model.config.tie_embeddings:
             del weights["lm_head.weight"]  # the embedding's, stored once
         destination.mkdir(parents=True, exist_ok=True)

@@ -136,19 +136,18 @@ def main(
 ) -> None:
     """On every device: the model with LoRA, the optimizer, the training (`fit`), the final adapter."""
     # The model: the frozen base with LoRA layers on --lora_targets. Under mixed precision the base is held in the
-    # low dtype and LoRA in fp32, whose small updates bf16 would round away. FSDP shards each Block's weights
-    # together, which needs one dtype: it keeps them all in fp32 and computes in bf16 itself.
-    fsdp = is_fsdp(fabric)
+    # low dtype and LoRA in fp32, whose small updates bf16 would round away (FSDP shards both, each in its dtype).
     mixed = precision.endswith("-mixed")
-    base_dtype = torch.float32 if fsdp and mixed else precision_to_dtype(precision.replace("-mixed", "-true"))
+    base_dtype = precision_to_dtype(precision.replace("-mixed", "-true"))
+    device = "cpu" if is_fsdp(fabric) else fabric.device  # FSDP: fabric.setup_module moves each device's shards
     with lora(**asdict(lora_config)):
-        model = load_model(checkpoint_dir, device="cpu" if fsdp else fabric.device, dtype=base_dtype, quantize=quantize)
+        model = load_model(checkpoint_dir, device=device, dtype=base_dtype, quantize=quantize)
     mark_only_lora_as_trainable(model)
     trainable = [param for param in model.parameters() if param.requires_grad]
     if mixed:
         for param in trainable:
             param.data = param.data.float()
-    model.gradient_checkpointing = train.gradient_checkpointing and not fsdp  # FSDP checkpoints each Block itself
+    model.gradient_checkpointing = train.gradient_checkpointing  # recompute activations in the backward pass
     compile_blocks(fabric, model, train, quantized=quantize is not None)  # --train.compile: by default on CUDA
     total = sum(param.numel() for param in model.parameters())
     n_trainable = sum(param.numel() for param in trainable)
@@ -214,7 +213,8 @@ def fit(
                 loss_sum += loss.detach()
             loss = fabric.all_reduce(loss_sum, reduce_op="sum").item()  # the whole batch's
             grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
-            stop_if_diverged(loss, grad_norm, state, out_dir / STATE_NAME)  # a NaN or inf stops before the update
+            # a NaN, an inf, or a loss back near a uniform guess over the vocabulary stops before the update
+            stop_if_diverged(loss, grad_norm, state, out_dir / STATE_NAME, model.config.vocab_size)
             lr = learning_rate(step, train.learning_rate, train.warmup_steps, train.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

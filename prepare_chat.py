@@ -35,7 +35,7 @@ from data import (
     tokenizer_metadata,
     write_prepared,
 )
-from tokenizer import CHAT_TEMPLATES, Tokenizer, tokenizer_file
+from tokenizer import CHAT_TEMPLATES, Tokenizer, check_template_name, tokenizer_file
 from utils import cli
 
 # the two formats: the key of the message list, the keys of role and text, and their role names -> ours
@@ -76,8 +76,7 @@ def setup(
     """
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
     tokenizer_path = tokenizer_file(checkpoint_dir)
-    if template is not None and template not in CHAT_TEMPLATES:
-        raise ValueError(f"--template {template} is not one of {', '.join(CHAT_TEMPLATES)}")
+    check_template_name(template)
     if not 0 < test_split_fraction < 1:
         raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
     if max_seq_length < 2:

@@ -56,6 +56,15 @@ CHAT_TEMPLATES = {
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
     ),
 }
+
+
+def check_template_name(template: Optional[str]) -> None:
+    """--template of chat.py and prepare_chat.py: a name from CHAT_TEMPLATES, or None for the checkpoint's own (any
+    other string would be rendered as a template of its own: the model prompted with the name's text)."""
+    if template is not None and template not in CHAT_TEMPLATES:
+        raise ValueError(f"--template {template} is not one of {', '.join(CHAT_TEMPLATES)}")
+
+
 # the tokens transformers passes to a template by name (its special_tokens_map), as tokenizer_config.json gives them
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 

@@ -5,15 +5,17 @@ the order a run uses them:
 
 - before any model is loaded or process started: `TrainArgs` (the --train.* flags), `check_batch_sizes`,
   `find_resume` (the data itself: data.load_prepared_data);
-- the run: `make_fabric` (devices, strategy, precision, loggers, seed; the script then calls fabric.launch),
-  `is_fsdp`, `compile_blocks`, `make_optimizer`, and where it starts: `resume_settings`, `start_state` (with
-  `load_train_state`);
+- the run: `make_fabric` (devices, strategy, precision, loggers, seed; the script then calls fabric.launch;
+  --strategy fsdp is FSDP2, `shard_model`, applied by fabric.setup_module), `is_fsdp`, `compile_blocks`,
+  `make_optimizer`, and where it starts: `resume_settings`, `start_state` (with `load_train_state`);
 - each step of the loop: `Progress` (the plan, the bar and the logged figures), `batch_indices` (the step's records),
   `pack_batch` (a micro-batch in one row), `cross_entropy_sum` (the loss over the logits; `token_cross_entropy` per
   target, with `TokenCrossEntropy`),
-  `stop_if_diverged` (the stop on a loss or gradient that is not finite), `learning_rate` (the step's rate);
+  `stop_if_diverged` (the stop on a loss or gradient that is not finite, or a loss stuck at a uniform guess),
+  `learning_rate` (the step's rate);
 - between steps: `validate` (the validation loss and a sample answer, `sample_answer`) and `save_train_state` (what
-  --resume needs; with the adapter beside it: `save_adapter_and_state`);
+  --resume needs, sharded under FSDP; it returns the weights whole on rank 0, for the script's own checkpoint; with
+  the adapter beside it: `save_adapter_and_state`);
 - at the end: `finish` (the loss plot, the loggers).
 
 The data order and the learning rate are pure functions of the step, so a resumed run continues exactly.
@@ -22,30 +24,49 @@ The data order and the learning rate are pure functions of the step, so a resume
 import importlib.util
 import math
 import os
+import shutil
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-from lightning.fabric.strategies import FSDPStrategy
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from adapter import adapter, is_adapter_tensor, load_adapter_state_dict, save_adapter_checkpoint
 from data import encode_prompt
 from generate import generate, printable
 from lora import is_lora_tensor, load_lora_state_dict, lora, save_lora_checkpoint
-from model import Block, LLaMA
+from model import LLaMA
 from quantize import make_bnb_optimizer
 from tokenizer import Tokenizer
 from utils import one_line, peak_memory_gb
 
-STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from
+STATE_NAME = "train_state.pt"  # in --out_dir: what --resume auto continues from (save_train_state)
+SHARDED_STATE_NAME = "train_state"  # the same under --strategy fsdp: a directory of torch.distributed.checkpoint files
+SHARDED_META_NAME = "meta.pt"  # in that directory: the step, loss history, settings and RNG states
+# steps a loss must stay near a uniform guess to count as diverged (stop_if_diverged); a spike of the tests' overfitting
+# run (LoRA at learning rate 3e-2) lasted 2: 27.7 and 12.0 after 3.5, then 5.2
+BLOW_UP_STEPS = 5
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
 
@@ -99,7 +120,12 @@ class TrainArgs:
     seed: int = 1337
 
     def for_records(self, n_records: int) -> "TrainArgs":
-        """These settings with max_steps filled in: when only `epochs` is given, as many steps as they take."""
+        """These settings with max_steps filled in: when only `epochs` is given, as many steps as they take. Every
+        script calls it before training; settings that would train nothing, or divide by zero, are refused here."""
+        for name in ("max_steps", "epochs", "eval_interval", "save_interval", "eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--train.{name} {value} must be at least 1")
         return replace(self, max_steps=self.max_steps or math.ceil(self.epochs * n_records / self.batch_size))
 
 
@@ -117,10 +143,12 @@ def check_batch_sizes(train: TrainArgs, devices: int) -> None:
 
 
 def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
-    """--resume: a train_state.pt, or "auto" for out_dir's when there is one."""
+    """--resume: a train state (a train_state.pt, or the train_state directory of a run with --strategy fsdp), or
+    "auto" for out_dir's newest when there is one."""
     if resume == "auto":
-        return out_dir / STATE_NAME if (out_dir / STATE_NAME).is_file() else None
-    if resume is not None and not Path(resume).is_file():
+        saved = [path for path in (out_dir / STATE_NAME, out_dir / SHARDED_STATE_NAME) if path.exists()]
+        return max(saved, key=lambda path: path.stat().st_mtime, default=None)
+    if resume is not None and not Path(resume).exists():
         raise FileNotFoundError(f"--resume {resume}: no such file (use --resume auto for the latest in --out_dir)")
     return None if resume is None else Path(resume)
 
@@ -128,16 +156,16 @@ def find_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
 def make_fabric(devices: int, num_nodes: int, strategy: str, precision: str, train: TrainArgs, out_dir: Path) -> Fabric:
     """The Fabric a script's main runs in (`fabric.launch(main, ...)`), on each of devices x num_nodes devices with
     `strategy`, in `precision`, logging to out_dir/logs (CSV, and TensorBoard when installed), seeded with
-    train.seed. FSDP shards each Block (and, with gradient checkpointing, recomputes each Block's activations
-    itself)."""
+    train.seed. "fsdp" is FSDP2 (Fabric's ModelParallelStrategy, `shard_model` in fabric.setup_module): every device
+    holds 1/world_size of each Block's weights, gradients and optimizer state."""
     if strategy == "fsdp":
-        checkpointing = {Block} if train.gradient_checkpointing else None
-        strategy = FSDPStrategy(
-            auto_wrap_policy={Block},
-            activation_checkpointing_policy=checkpointing,
-            state_dict_type="full",
-            limit_all_gathers=True,
-        )
+        shard = partial(shard_model, mixed=precision == "bf16-mixed")
+        strategy = ModelParallelStrategy(shard, data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
+        # Gradients are reduce-scattered into shards after every micro-batch: `fabric.no_backward_sync` (DDP's saving
+        # of all but the last micro-batch's communication) has no effect, as it would keep each Block's gradient
+        # whole on every device until the step's end.
+        strategy._backward_sync_control = None
+        warnings.filterwarnings("ignore", "The `ModelParallelStrategy` does not support skipping the gradient sync")
     loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=10)]
     if importlib.util.find_spec("tensorboard"):
         loggers.append(TensorBoardLogger(out_dir, name="logs"))
@@ -146,9 +174,29 @@ def make_fabric(devices: int, num_nodes: int, strategy: str, precision: str, tra
     return fabric
 
 
+def shard_model(model: LLaMA, device_mesh: DeviceMesh, mixed: bool) -> LLaMA:
+    """--strategy fsdp's sharding, which fabric.setup_module applies: FSDP2's `fully_shard` on each Block, then on the
+    rest (the embedding, the final norm, the head). Each parameter is split by rows across the devices (a DTensor);
+    a Block's are gathered whole just before its forward and backward, and its gradients are reduce-scattered back
+    into shards after. Frozen and trainable parameters share a Block (LoRA's A and B beside the base weights): only
+    the trainable ones get gradients. With `mixed` (bf16-mixed), the gathered weights are bf16 and the gradients are
+    reduced in fp32 (FSDP2's MixedPrecisionPolicy); the shards keep their own dtype. The model's own gradient
+    checkpointing (--train.gradient_checkpointing) recomputes a Block's activations within its gather."""
+    mesh = device_mesh["data_parallel"]
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed
+        else MixedPrecisionPolicy()
+    )
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
 def is_fsdp(fabric: Fabric) -> bool:
     """Whether the model is sharded (--strategy fsdp): then each device holds part of every Block's weights."""
-    return isinstance(fabric.strategy, FSDPStrategy)
+    return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
 def compile_blocks(fabric: Fabric, model: LLaMA, train: TrainArgs, quantized: bool = False) -> bool:
@@ -208,10 +256,13 @@ def load_train_state(
 ) -> dict:
     """Restores what `save_train_state` wrote into the model and optimizer, and the RNG states; returns the state the
     script saved (the step, the loss history and whatever else it keeps there, such as finetune_dpo.py's precomputed
-    reference log-probabilities). The data position and the learning rate follow from the step. A file of a run
-    with other `settings` is refused, naming the differences."""
-    try:
-        saved = torch.load(path, weights_only=True, mmap=True)["settings"]  # mmap: no tensor is read
+    reference log-probabilities). The data position and the learning rate follow from the step. A state of a run
+    with other `settings` is refused, naming the differences. A sharded state (a directory) loads on any number of
+    processes, sharded or not: each reads the parts of the saved shards its own parameters cover."""
+    sharded = path.is_dir()
+    try:  # mmap: no tensor is read
+        saved = torch.load(path / SHARDED_META_NAME if sharded else path, weights_only=True, mmap=not sharded)
+        saved_settings = saved["settings"]
     except Exception as e:  # not a file torch.save wrote, or not one of ours
         raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
     theirs, ours = ", ".join(sorted(set(saved) - set(settings))), ", ".join(sorted(set(settings) - set(saved)))
@@ -221,25 +272,67 @@ def load_train_state(
             f"this script's: {ours or 'none'}); resume it with the script that saved it"
         )
     differences = [
-        f"{key}={saved.get(key)} (now: {value})" for key, value in settings.items() if saved.get(key) != value
+        f"{key}={saved_settings.get(key)} (now: {value})"
+        for key, value in settings.items()
+        if saved_settings.get(key) != value
     ]
     if differences:
         raise ValueError(
             f"--resume {path} was saved by a run with other settings: {'; '.join(differences)}; "
             "resume with the same checkpoint, data, LoRA and batch settings"
         )
-    try:  # strict=False: a LoRA run's file holds LoRA's weights only
-        rest = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
+    try:
+        if sharded:
+            load_sharded_state(path, model, optimizer)
+        elif is_fsdp(fabric):  # a train_state.pt of a run on one device or DDP
+            load_whole_state(saved, model, optimizer)
+        else:  # strict=False: a LoRA run's file holds LoRA's weights only
+            fabric.load(path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
     except Exception as e:  # e.g. a state of another version of this script
         raise ValueError(f"--resume {path} does not fit this run ({one_line(e)})") from None
-    fabric.print(f"Resuming from {path} at step {rest['step']}")
+    fabric.print(f"Resuming from {path} at step {saved['step']}")
     # the RNG as each device left it (with another device count, the nearest)
-    rng = rest["rng"][fabric.global_rank % len(rest["rng"])]
+    rng = saved["rng"][fabric.global_rank % len(saved["rng"])].clone()  # a row at an offset crashes set_rng_state
     if fabric.device.type == "cuda":
         torch.cuda.set_rng_state(rng, fabric.device)
     else:
         torch.set_rng_state(rng)
-    return {key: value for key, value in rest.items() if key not in ("settings", "rng")}
+    return {key: value for key, value in saved.items() if key not in ("settings", "rng", "model", "optimizer")}
+
+
+def load_sharded_state(directory: Path, model: LLaMA, optimizer: torch.optim.Optimizer) -> None:
+    """The weights and optimizer state of a sharded train state (`save_sharded_state`) into `model` and `optimizer`,
+    sharded or not (torch.distributed.checkpoint reshards: each process reads what its parameters cover)."""
+    module, optimizer = unwrapped(model, optimizer)
+    saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata  # "model.<name>", "optimizer.<...>"
+    weights = {name: tensor for name, tensor in get_model_state_dict(module).items() if f"model.{name}" in saved}
+    optimizer_state = get_optimizer_state_dict(module, optimizer)
+    no_dist = not torch.distributed.is_initialized()  # one process, no FSDP: it reads every shard itself
+    dcp.load({"model": weights, "optimizer": optimizer_state}, checkpoint_id=directory, no_dist=no_dist)
+    set_model_state_dict(module, weights, options=StateDictOptions(strict=False))  # a LoRA run's: LoRA's alone
+    set_optimizer_state_dict(module, optimizer, optimizer_state)
+
+
+def load_whole_state(saved: dict, model: LLaMA, optimizer: torch.optim.Optimizer) -> None:
+    """The weights and optimizer state of a train_state.pt (`saved`, memory-mapped) into a sharded model and its
+    optimizer: each process takes its shards of the whole tensors."""
+    module, optimizer = unwrapped(model, optimizer)
+    options = StateDictOptions(full_state_dict=True, strict=False)  # a LoRA run's: LoRA's weights alone
+    set_model_state_dict(module, saved["model"], options=options)
+    # optimizer.state_dict() numbers the parameters in the optimizer's order; set_optimizer_state_dict takes names
+    names = {param: name for name, param in module.named_parameters()}
+    order = [names[param] for group in optimizer.param_groups for param in group["params"]]
+    state = saved["optimizer"]
+    named = {
+        "state": {order[i]: tensors for i, tensors in state["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(module, optimizer, named, options=options)
+
+
+def unwrapped(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model and optimizer inside Fabric's wrappers (fabric.setup_module, fabric.setup_optimizers)."""
+    return getattr(model, "module", model), getattr(optimizer, "optimizer", optimizer)
 
 
 class Progress:
@@ -369,18 +462,42 @@ class TokenCrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)[:, None]), None  # in place: the graph is backpropagated once
 
 
-def stop_if_diverged(loss: float, grad_norm: torch.Tensor, state: dict, saved: Path) -> None:
-    """Stops the run, before the weights are updated, when step state["step"] + 1 has diverged: today when its loss
-    or gradient norm is not finite (the place for any other rule: the loss history is in state["history"]). The
-    FloatingPointError names the last good train_state.pt (`saved`), if there is one, and what to change."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+def stop_if_diverged(
+    loss: float, grad_norm: torch.Tensor, state: dict, saved: Path, vocab_size: Optional[int] = None
+) -> None:
+    """Stops the run, before the weights are updated, when step state["step"] + 1 has diverged: when its loss or
+    gradient norm is not finite; or, given the `vocab_size` the loss is a cross-entropy over, when the loss is no
+    better than a uniform guess's, ln(vocab_size), to within 1, and either its gradient is exactly 0 (the output no
+    longer depends on the trained weights: a far too high learning rate leaves every logit equal, loss ln(vocab_size),
+    without a NaN) or it has stayed so, more than 1 above the lowest loss before, for BLOW_UP_STEPS steps (an ordinary
+    spike comes back down sooner). A trained model's loss starts far below ln(vocab_size); a random one's at it, with
+    a gradient. The FloatingPointError names the last train state (`saved`, or the directory of a sharded one), if
+    there is one, and what to change."""
+    step, history = state["step"] + 1, [loss for _, loss in state["history"]["train"]]
+    split = max(0, len(history) - BLOW_UP_STEPS + 1)
+    recent, before = [*history[split:], loss], history[:split]  # the last BLOW_UP_STEPS losses, and those before
+    uniform = math.log(vocab_size) if vocab_size is not None else math.inf
+    bar = max(uniform - 1, min(before, default=math.inf) + 1)  # a random model's start has nothing before it
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        what = f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {step}"
+    elif loss > uniform - 1 and grad_norm == 0:
+        what = (
+            f"the loss at step {step} ({loss:.4f}) is no better than a uniform guess over the vocabulary "
+            f"(ln {vocab_size} = {uniform:.4f}) and its gradient is 0: the output no longer depends on the weights"
+        )
+    elif len(recent) == BLOW_UP_STEPS and min(recent) > bar:
+        what = (
+            f"the loss has been no better than a uniform guess over the vocabulary (ln {vocab_size} = {uniform:.4f}) "
+            f"for {BLOW_UP_STEPS} steps, up from {min(before):.4f}: {loss:.4f} at step {step}"
+        )
+    else:
         return
+    saved = next((path for path in (saved, saved.with_suffix("")) if path.exists()), None)
     raise FloatingPointError(
-        f"the loss ({loss}) or its gradient (norm {float(grad_norm)}) is not finite at step {state['step'] + 1}; "
-        "stopped before updating the weights. "
+        f"{what}; stopped before updating the weights. "
         + (
             f"The last good checkpoint is {saved}: resume from it with a lower --train.learning_rate"
-            if saved.is_file()
+            if saved is not None
             else "Nothing was saved; try a lower --train.learning_rate"
         )
     )
@@ -415,22 +532,27 @@ def validate(
     model.eval()
     n = min(len(val_data), train.eval_batches * train.micro_batch_size)
     micro_batches = [range(i, min(i + train.micro_batch_size, n)) for i in range(0, n, train.micro_batch_size)]
-    if fabric.world_size > 1:  # every device runs as many forward passes (FSDP gathers weights in each)
-        micro_batches = micro_batches[: max(len(micro_batches) // fabric.world_size, 1) * fabric.world_size]
+    mine = micro_batches[fabric.global_rank :: fabric.world_size]
     totals = torch.zeros(2, device=fabric.device)  # summed loss, target tokens
-    for micro_batch in micro_batches[fabric.global_rank :: fabric.world_size]:
+    # every device runs as many forward passes, since under FSDP each one gathers weights from all: a device left
+    # without a micro-batch runs the first one again, and does not count it
+    for i in range(math.ceil(len(micro_batches) / fabric.world_size)):
+        counts = i < len(mine)
+        micro_batch = mine[i] if counts else micro_batches[0]
         input_ids, targets, lengths = pack_batch([val_data[j] for j in micro_batch], max_seq_length)
         input_ids, targets = input_ids.to(fabric.device), targets.to(fabric.device)
         where = targets != ignore_index
-        totals[0] += cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where])
-        totals[1] += where.sum()
+        totals[0] += counts * cross_entropy_sum(model(input_ids, lengths=lengths, logits_at=where), targets[where])
+        totals[1] += counts * where.sum()
     totals = fabric.all_reduce(totals, reduce_op="sum")
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
     step = state["step"]
-    fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-    fabric.print(f"{SAMPLE_INSTRUCTION} -> {sample_answer(fabric, model, tokenizer, chat_template)!r}")
+    perplexity = math.exp(val_loss) if val_loss < 700 else math.inf  # a diverged run's loss may be in the 1000s
+    fabric.print(f"\nStep {step}: validation loss {val_loss:.4f}, perplexity {perplexity:.2f}")
+    if not is_fsdp(fabric):  # under FSDP every generated token would gather the whole model
+        fabric.print(f"{SAMPLE_INSTRUCTION} -> {sample_answer(fabric, model, tokenizer, chat_template)!r}")
     state["history"]["val"].append((step, val_loss))
-    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step)
+    fabric.log_dict({"val_loss": val_loss, "val_ppl": perplexity}, step)
     model.train()
 
 
@@ -454,25 +576,65 @@ def save_train_state(
     state: dict,
     settings: dict,
     only: Optional[Callable[[str], bool]] = None,
-) -> None:
-    """Writes what --resume needs to `path`: the trained weights (those whose names `only` accepts when it is given,
-    such as lora.is_lora_tensor or adapter.is_adapter_tensor: the frozen base is not saved), the optimizer state, the
-    step and loss history, the `settings` a resumed run must share, and every device's RNG state (LoRA dropout draws
-    from it). Under a temporary name, renamed when complete: a run killed while saving
-    keeps the previous one. Under FSDP fabric.save gathers the shards a Block at a time into one file on rank 0;
-    otherwise rank 0 writes it with torch.save (fabric.save would first serialise the whole state into memory)."""
+) -> dict[str, torch.Tensor]:
+    """Writes what --resume needs to `path` (a train_state.pt): the trained weights (those whose names `only` accepts
+    when it is given, such as lora.is_lora_tensor: the frozen base is not saved), the optimizer state, the step and
+    loss history, the `settings` a resumed run must share, and every device's RNG state (LoRA dropout draws from it).
+    Rank 0 writes it with torch.save, under a temporary name renamed
+    when complete: a run killed while saving keeps the previous one. Under FSDP every device writes its shards
+    instead, into the directory `path` without its suffix (`save_sharded_state`).
+
+    Returns the weights it saved, whole, on rank 0 ({} on the others): what a script writes for use (the adapter, the
+    checkpoint), so that it always agrees with the train state. Under FSDP they are gathered one at a time to rank 0's
+    CPU."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    keep = (lambda name, _: True) if only is None else (lambda name, _: only(name))
-    train_state = {"model": model, "optimizer": optimizer, **state, "settings": settings, "rng": rng_states(fabric)}
+    keep = (lambda name: True) if only is None else only
+    rest = {**state, "settings": settings, "rng": rng_states(fabric)}
     if is_fsdp(fabric):
-        fabric.save(tmp, train_state, filter={"model": keep})
-    elif fabric.global_rank == 0:
-        weights = {name: tensor for name, tensor in model.state_dict().items() if keep(name, tensor)}
-        torch.save({**train_state, "model": weights, "optimizer": optimizer.state_dict()}, tmp)
+        return save_sharded_state(fabric, path.with_suffix(""), model, optimizer, rest, keep)
+    weights = {name: tensor for name, tensor in model.state_dict().items() if keep(name)}
     if fabric.global_rank == 0:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({**rest, "model": weights, "optimizer": optimizer.state_dict()}, tmp)
         os.replace(tmp, path)
     fabric.barrier()
+    return weights if fabric.global_rank == 0 else {}
+
+
+def save_sharded_state(
+    fabric: Fabric,
+    directory: Path,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    rest: dict,
+    keep: Callable[[str], bool],
+) -> dict[str, torch.Tensor]:
+    """save_train_state under FSDP: the weights `keep` selects and the optimizer state as torch.distributed.checkpoint
+    files, each device writing its own shards (no device ever holds them whole), and `rest` in meta.pt. They go into
+    a new directory beside `directory`; then `directory`, a link, is switched to it in one rename (a run killed while
+    saving keeps the previous state) and the previous one is removed. Returns the weights, whole, on rank 0."""
+    module, optimizer = unwrapped(model, optimizer)
+    new = fabric.broadcast(
+        tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent) if fabric.global_rank == 0 else None
+    )
+    weights = {name: tensor for name, tensor in get_model_state_dict(module).items() if keep(name)}
+    dcp.save({"model": weights, "optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=new)
+    if fabric.global_rank == 0:
+        torch.save(rest, Path(new) / SHARDED_META_NAME)
+        link = directory.with_name(f".{directory.name}.link")
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(new).name)
+        os.replace(link, directory)
+        for old in directory.parent.glob(f".{directory.name}-*"):
+            if old.name != Path(new).name:
+                shutil.rmtree(old)
+    fabric.barrier()
+    whole = {}
+    for name, tensor in weights.items():  # one at a time: a device holds at most one whole tensor more
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if fabric.global_rank == 0:
+            whole[name] = tensor.cpu()
+    return whole
 
 
 def save_adapter_and_state(
@@ -499,11 +661,11 @@ def save_adapter_and_state(
     else:
         kind, trained = lora(**settings["lora"]), is_lora_tensor
         load_tensors, write = load_lora_state_dict, save_lora_checkpoint
-    save_train_state(fabric, path, model, optimizer, state, settings, only=trained)
+    weights = save_train_state(fabric, path, model, optimizer, state, settings, only=trained)  # whole, on rank 0
     if fabric.global_rank == 0:
         with torch.device("meta"), kind:
             skeleton = LLaMA(model.config)  # no memory: only the adapter's tensors below are real
-        load_tensors(skeleton, torch.load(path, weights_only=True)["model"], path)
+        load_tensors(skeleton, weights, path)
         write(skeleton, adapter_path, chat_template, training)  # atomic too
     fabric.barrier()
 

@@ -2,7 +2,10 @@
 fine-tuning tests (a tiny converted checkpoint, 9 short real records prepared for it)."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,6 +163,43 @@ def finetune(setup, **flags) -> None:
         inspect.signature(setup).parameters["train"].default, **{k: v for k, v in flags.items() if k in names}
     )
     setup(**{k: v for k, v in flags.items() if k not in names}, train=train)
+
+
+def command(script: str, data_dir: Path, checkpoint_dir: Path, out_dir: Path, **settings) -> list[str]:
+    """The command line of a fine-tuning script with flat flags, as `finetune` takes them."""
+    from dataclasses import fields
+
+    from training import TrainArgs
+
+    args = [
+        sys.executable,
+        script,
+        "--data_dir",
+        str(data_dir),
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--out_dir",
+        str(out_dir),
+    ]
+    train_fields = {field.name for field in fields(TrainArgs)}
+    for key, value in settings.items():
+        flag = f"--train.{key}" if key in train_fields else f"--{key}"
+        args += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def run_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Runs a command in its own process group, killed whole (Fabric's DDP workers too) if it overruns."""
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(args)} ran longer than {timeout} s\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -188,6 +188,14 @@ def test_adapter_flags_refuse_the_other_kind_and_combinations_in_one_line(checkp
         assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_an_unknown_template_name_is_refused_in_one_line_not_rendered_as_text(checkpoint):
+    from chat import main
+
+    with pytest.raises(ValueError) as e:  # the checkpoint has its own template; the name is not a template's
+        main(checkpoint_dir=checkpoint, prompt="Hello", template="vicuna")
+    assert str(e.value) == "--template vicuna is not one of llama-3, llama-2, chatml, alpaca"
+
+
 def read_until(fd: int, marker: str, timeout: float = 60.0) -> str:
     """What the terminal shows until `marker` has appeared (newlines as the terminal writes them, \\r\\n)."""
     out, deadline = b"", time.monotonic() + timeout

@@ -108,6 +108,9 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
         return str(raised.value)
 
     assert error(micro_batch_size=8) == "--train.micro_batch_size 8 must be between 1 and --train.batch_size 4"
+    assert error(max_steps=-1) == "--train.max_steps -1 must be at least 1"  # it trained nothing and saved that
+    assert error(max_steps=0) == "--train.max_steps 0 must be at least 1"  # it trained --train.epochs
+    assert not (tmp_path / "out").exists()
     assert error(out_dir=checkpoint_dir) == (
         f"--out_dir {checkpoint_dir} is the checkpoint directory; choose a new directory"
     )

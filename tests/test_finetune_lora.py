@@ -6,13 +6,11 @@ All on the tiny config of conftest.make_checkpoint (real 32000-token tokenizer),
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -21,12 +19,11 @@ from safetensors.torch import load_file
 
 import finetune_lora
 import training
-from conftest import ROOT, caught_models, finetune, shared_file
+from conftest import ROOT, caught_models, command, finetune, run_command, shared_file
 from finetune_lora import setup
 from lora import read_lora_config
 from model import Config
 from prepare_alpaca import setup as prepare
-from training import TrainArgs
 
 # a short run: tests pass what they are about on top
 QUICK = dict(
@@ -97,38 +94,6 @@ def assert_same_history(actual: dict, expected: dict, atol: float) -> None:
         assert [loss for _, loss in actual[split]] == pytest.approx([loss for _, loss in expected[split]], abs=atol), (
             split
         )
-
-
-def command(data_dir: Path, checkpoint_dir: Path, out_dir: Path, **settings) -> list[str]:
-    args = [
-        sys.executable,
-        "finetune_lora.py",
-        "--data_dir",
-        str(data_dir),
-        "--checkpoint_dir",
-        str(checkpoint_dir),
-        "--out_dir",
-        str(out_dir),
-    ]
-    train_fields = {field.name for field in fields(TrainArgs)}
-    for key, value in settings.items():
-        flag = f"--train.{key}" if key in train_fields else f"--{key}"
-        args += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
-    return args
-
-
-def run_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Runs a command in its own process group, killed whole (Fabric's DDP workers too) if it overruns."""
-    process = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(args)} ran longer than {timeout} s\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 def test_lora_overfits_eight_records_while_the_base_weights_stay_bitwise_unchanged(overfit, checkpoint_dir):
@@ -203,7 +168,7 @@ def test_a_killed_run_resumes_to_the_losses_of_an_uninterrupted_one(checkpoint_d
     whole = train_state(tmp_path / "whole")
 
     process = subprocess.Popen(
-        command(data_dir, checkpoint_dir, tmp_path / "killed", **settings),
+        command("finetune_lora.py", data_dir, checkpoint_dir, tmp_path / "killed", **settings),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -240,7 +205,9 @@ def test_ddp_on_two_cpu_processes_gives_the_loss_of_one_process(checkpoint_dir, 
         "learning_rate": 1e-2,
     }
     finetune(setup, data_dir=data_dir, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "one", **settings)
-    two_processes = command(data_dir, checkpoint_dir, tmp_path / "two", devices=2, strategy="ddp", **settings)
+    two_processes = command(
+        "finetune_lora.py", data_dir, checkpoint_dir, tmp_path / "two", devices=2, strategy="ddp", **settings
+    )
     result = run_command(two_processes, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 device(s)" in result.stdout
@@ -274,6 +241,21 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(checkpo
     assert f"at step {state['step'] + 1};" in message and "\n" not in message
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert all(torch.isfinite(torch.tensor(losses(state))))
+
+
+def test_a_blow_up_to_a_uniform_guess_without_nan_stops_with_one_line(checkpoint_dir, eight_records, tmp_path):
+    """Issue 25's case: at learning rate 1e30 LoRA on query and value leaves every logit equal after one update, loss
+    ln(32000) with a gradient of exactly 0, which used to run to the end, save that adapter and exit 0."""
+    with pytest.raises(FloatingPointError) as raised:
+        finetune(
+            setup, data_dir=eight_records, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **QUICK, learning_rate=1e30
+        )
+    assert str(raised.value) == (
+        "the loss at step 2 (10.3735) is no better than a uniform guess over the vocabulary (ln 32000 = 10.3735) "
+        "and its gradient is 0: the output no longer depends on the weights; stopped before updating the weights. "
+        "Nothing was saved; try a lower --train.learning_rate"
+    )
+    assert not (tmp_path / finetune_lora.ADAPTER_NAME).exists()
 
 
 def link_checkpoint(source: Path, destination: Path, **changes) -> Path:
@@ -355,7 +337,9 @@ def test_bad_input_stops_with_one_line(checkpoint_dir, eight_records, overfit, t
 
 
 def test_command_line_errors_are_one_line_on_stderr_with_nonzero_exit(checkpoint_dir, tmp_path):
-    result = run_command(command(tmp_path / "missing", checkpoint_dir, tmp_path / "out"), timeout=120)
+    result = run_command(
+        command("finetune_lora.py", tmp_path / "missing", checkpoint_dir, tmp_path / "out"), timeout=120
+    )
     assert result.returncode == 1
     assert result.stderr == (
         f"error: {tmp_path / 'missing'} has no metadata.json; prepare the data with prepare_alpaca.py first\n"
@@ -426,7 +410,7 @@ def test_a_damaged_train_pt_is_one_line_and_nothing_is_written(
     data_dir = tmp_path / "data"
     shutil.copytree(eight_records, data_dir)
     content(data_dir / "train.pt")
-    result = run_command(command(data_dir, checkpoint_dir, tmp_path / "out", **QUICK), timeout=120)
+    result = run_command(command("finetune_lora.py", data_dir, checkpoint_dir, tmp_path / "out", **QUICK), timeout=120)
     assert result.returncode == 1
     assert result.stderr == f"error: {data_dir / 'train.pt'} {message}" + result.stderr.partition(message)[2]
     assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -171,6 +171,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_train_args_that_would_train_nothing_or_divide_by_zero_are_refused_in_one_place():
+    assert TrainArgs(batch_size=4, epochs=2).for_records(10).max_steps == 5
+    assert TrainArgs(max_steps=3).for_records(10).max_steps == 3
+    for name, value in (
+        ("max_steps", -1),
+        ("max_steps", 0),
+        ("epochs", 0),
+        ("eval_interval", 0),
+        ("save_interval", -5),
+    ):
+        with pytest.raises(ValueError) as raised:
+            TrainArgs(**{name: value}).for_records(10)
+        assert str(raised.value) == f"--train.{name} {value} must be at least 1"
+
+
 def test_each_epoch_reads_every_record_once_in_an_order_fixed_by_seed_and_epoch():
     first = [i for step in range(0, 5) for i in batch_indices(step, 4, 20, seed=7)]
     second = [i for step in range(5, 10) for i in batch_indices(step, 4, 20, seed=7)]
@@ -202,3 +217,36 @@ def test_a_loss_or_gradient_that_is_not_finite_stops_before_the_update_naming_wh
     saved.write_bytes(b"")
     with pytest.raises(FloatingPointError, match=f"The last good checkpoint is {saved}: resume from it with a lower"):
         stop_if_diverged(math.inf, torch.tensor(math.nan), state, saved)
+
+
+def test_a_loss_stuck_at_a_uniform_guess_stops_but_not_a_random_models_start_nor_an_ordinary_spike(tmp_path):
+    uniform, saved = math.log(32000), tmp_path / "train_state.pt"  # 10.3735
+
+    def stops(losses: list[float], grad_norm: float = 0.5) -> bool:
+        state = {"step": len(losses) - 1, "history": {"train": list(enumerate(losses[:-1], 1)), "val": []}}
+        try:
+            stop_if_diverged(losses[-1], torch.tensor(grad_norm), state, saved, vocab_size=32000)
+        except FloatingPointError:
+            return True
+        return False
+
+    assert not stops([uniform + 0.01])  # a random model's first step
+    assert not stops([uniform + 0.01] * 8)  # learning slowly
+    assert not stops([2.0, 2.9, 3.1, 2.8, 3.0, 2.9])  # a trained model's bumps: far below a uniform guess
+    assert not stops([0.1, 0.0], grad_norm=0.0)  # no gradient where nothing is left to learn
+    assert stops([uniform - 0.01, uniform], grad_norm=0.0)  # every logit equal: the output ignores the weights
+    # the tests' overfitting run (LoRA, learning rate 3e-2), steps 7 to 11: a spike that came back down
+    assert not stops([3.759, 3.545, 27.672, 12.015, 5.168])
+    assert not stops([3.759, 3.545, 27.672, 12.015])
+    assert stops([10.36, 1519.4, 2730.1, 4058.7, 3000.0, 2500.0])  # full fine-tuning at learning rate 10 (measured)
+    assert not stops([10.36, 1519.4, 2730.1, 4058.7, 3000.0])  # for 4 steps only
+    assert stops([2.0, 9.5, 9.6, 9.8, 9.9, 10.0])  # a trained model back near a uniform guess for 5 steps
+    (tmp_path / "train_state").mkdir()  # a sharded train state (--strategy fsdp) is a directory
+    state = {"step": 5, "history": {"train": [(1, 10.36), (2, 1519.4), (3, 2730.1), (4, 4058.7), (5, 3000)], "val": []}}
+    with pytest.raises(FloatingPointError) as raised:
+        stop_if_diverged(2500.0, torch.tensor(85.8), state, saved, 32000)
+    assert str(raised.value) == (
+        "the loss has been no better than a uniform guess over the vocabulary (ln 32000 = 10.3735) for 5 steps, up "
+        f"from 10.3600: 2500.0000 at step 6; stopped before updating the weights. The last good checkpoint is "
+        f"{tmp_path / 'train_state'}: resume from it with a lower --train.learning_rate"
+    )
