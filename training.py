@@ -265,7 +265,10 @@ def load_train_state(
         saved_settings = saved["settings"]
     except Exception as e:  # not a file torch.save wrote, or not one of ours
         raise ValueError(f"--resume {path} is not a {STATE_NAME} of a fine-tuning script ({one_line(e)})") from None
-    theirs, ours = ", ".join(sorted(set(saved) - set(settings))), ", ".join(sorted(set(settings) - set(saved)))
+    theirs, ours = (
+        ", ".join(sorted(set(saved_settings) - set(settings))),
+        ", ".join(sorted(set(settings) - set(saved_settings))),
+    )
     if theirs or ours:  # e.g. a LoRA run's "lora" where this run has "adapter"
         raise ValueError(
             f"--resume {path} was saved by another fine-tuning script (its own settings: {theirs or 'none'}; "

@@ -236,8 +236,7 @@ def test_bad_input_stops_with_one_line_before_anything_is_written(checkpoint_dir
 
 
 def test_command_line_errors_are_one_line_on_stderr_with_exit_status_1(checkpoint_dir, eight_records, tmp_path):
-    args = command(eight_records, checkpoint_dir, tmp_path / "out", adapter_layers=3)
-    args[1] = "finetune_adapter.py"
+    args = command("finetune_adapter.py", eight_records, checkpoint_dir, tmp_path / "out", adapter_layers=3)
     result = run_command(args, timeout=120)
     assert (result.returncode, result.stderr) == (
         1,
