@@ -169,3 +169,27 @@ def test_lora_on_two_nodes_of_one_process_through_torchrun_gives_the_losses_and_
     lora_shards = shards(out_dir / "train_state")
     assert len(lora_shards) == 2 * 2 * 7 and all(".lora." in name for name in lora_shards)
     assert all(len(sizes) == 2 and sizes[0] == sizes[1] for sizes in lora_shards.values())
+
+
+@pytest.mark.parametrize("script", ["finetune_adapter.py", "finetune_dpo.py"])
+def test_the_other_fine_tuning_scripts_on_two_processes_give_the_losses_of_one(
+    script, checkpoint_dir, eight_records, llama3_checkpoint_dir, tmp_path
+):
+    """finetune_adapter.py (v2: prompts, biases, scales and norms, every kind of tensor it trains) and finetune_dpo.py
+    (the reference under lora_disabled, a forward pass more per micro-batch on every process) shard as the others."""
+    import finetune_adapter
+    import finetune_dpo
+    from test_finetune_dpo import CONVERSATIONS, prepare_pairs
+
+    if script == "finetune_adapter.py":
+        setup, flags = finetune_adapter.setup, dict(SETTINGS, adapter_version=2, adapter_layers=2, learning_rate=1e-2)
+        data_dir, base = eight_records, checkpoint_dir
+    else:  # 4 pairs to train: 2 a step in micro-batches of 1, one each per process
+        setup, base = finetune_dpo.setup, llama3_checkpoint_dir
+        flags = dict(SETTINGS, batch_size=2, micro_batch_size=1, max_steps=4, learning_rate=3e-2, max_seq_length=256)
+        data_dir = prepare_pairs(base, tmp_path / "pairs", CONVERSATIONS)
+    finetune(setup, data_dir=data_dir, checkpoint_dir=base, out_dir=tmp_path / "one", **flags)
+    args = command(script, data_dir, base, tmp_path / "two", devices=2, strategy="fsdp", **flags)
+    result = run_command(args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_same_history(history(tmp_path / "two"), history(tmp_path / "one"))
