@@ -487,7 +487,7 @@ def answer_logps(
         torch.arange(len(sequences), device=device), torch.tensor(lengths, device=device)
     )
     sequence = sequence[where[0]]  # the sequence each answer token belongs to
-    logps = torch.zeros(len(sequences), device=device).index_add(0, sequence, token_logps)
+    logps = torch.zeros(len(sequences), device=device, dtype=token_logps.dtype).index_add(0, sequence, token_logps)
     n_tokens = torch.bincount(sequence, minlength=len(sequences))
     return logps.view(2, len(pairs)), n_tokens.view(2, len(pairs))
 

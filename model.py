@@ -338,9 +338,15 @@ class LLaMA(nn.Module):
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
         device and then loaded, as utils.load_model does, has no device for them before its first input)."""
-        if self.rope_cache is None or self.rope_cache[0].device != device:
+        dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)  # float32, or float64 for such a model
+        if self.rope_cache is None or self.rope_cache[0].device != device or self.rope_cache[0].dtype != dtype:
             self.rope_cache = build_rope_cache(
-                self.config.block_size, self.config.head_size, self.config.rope_base, device, self.config.rope_scaling
+                self.config.block_size,
+                self.config.head_size,
+                self.config.rope_base,
+                device,
+                self.config.rope_scaling,
+                dtype,
             )
         return self.rope_cache
 
@@ -493,7 +499,8 @@ class MLP(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Normalises by the root mean square, computed in float32 as the reference implementation does."""
+    """Normalises by the root mean square, computed in float32 as the reference implementation does (in float64 for
+    a float64 model, which tests use to tell rounding from a real difference)."""
 
     def __init__(self, size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -502,20 +509,25 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
 def build_rope_cache(
-    seq_len: int, head_size: int, base: float, device: torch.device, scaling: Optional[dict] = None
+    seq_len: int,
+    head_size: int,
+    base: float,
+    device: torch.device,
+    scaling: Optional[dict] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (seq_len, head_size), in float32, in the Hugging Face layout
+    """cos and sin tables of shape (seq_len, head_size), in `dtype`, in the Hugging Face layout
     (the first and second halves of each head form the rotated pairs). `scaling`: Config.rope_scaling."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=dtype) / head_size))
     if scaling is not None:
         inv_freq = llama3_scaled(inv_freq, **scaling)
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    positions = torch.arange(seq_len, device=device, dtype=dtype)
     freqs = torch.outer(positions, inv_freq)  # (seq_len, head_size / 2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (seq_len, head_size)
     return angles.cos(), angles.sin()

@@ -425,12 +425,14 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The cross-entropy of each target (N,), in fp32: minus the log-probability the logits (..., vocab_size) give
-    it, with `cross_entropy_sum`'s economy of memory. finetune_dpo.py sums it per answer."""
+    """The cross-entropy of each target (N,), in fp32 (float64 for float64 logits): minus the log-probability the
+    logits (..., vocab_size) give it, with `cross_entropy_sum`'s economy of memory. finetune_dpo.py sums it per
+    answer."""
     logits, targets = logits.flatten(0, -2), targets.flatten()
     if torch.is_grad_enabled() and logits.requires_grad:
         return TokenCrossEntropy.apply(logits, targets)
-    return F.cross_entropy(logits.float(), targets, reduction="none")  # evaluation: no gradient to keep
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(x, targets, reduction="none")  # evaluation: no gradient to keep
 
 
 class TokenCrossEntropy(torch.autograd.Function):
@@ -445,11 +447,12 @@ class TokenCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        losses = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        losses = torch.empty(logits.size(0), device=logits.device, dtype=dtype)
         chunk_size = max(1, 2**22 // logits.size(1))  # rows per chunk: 16 MB in fp32
         for start in range(0, logits.size(0), chunk_size):
             chunk, target = logits[start : start + chunk_size], targets[start : start + chunk_size]
-            x = chunk.float()  # the chunk itself when the logits are fp32, else an fp32 copy of it
+            x = chunk.to(dtype)  # the chunk itself when the logits are fp32 (or float64), else an fp32 copy of it
             log_z = torch.logsumexp(x, dim=1)
             losses[start : start + chunk_size] = log_z - x.gather(1, target[:, None]).squeeze(1)
             x = x.sub_(log_z[:, None]).exp_()  # softmax
