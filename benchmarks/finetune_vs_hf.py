@@ -219,7 +219,8 @@ def train_hf(workdir: Path) -> Callable[[list[dict]], float]:
 
 def serve(workdir: Path, build: Callable[[Path], Callable[[list[dict]], float]]) -> None:
     """Builds one side, then runs the micro-batch whose index arrives on stdin, answering with its time and loss
-    on stdout, until stdin closes; then reports the peak memory."""
+    on stdout, until stdin closes; then reports the peak memory (and the peak CUDA memory if it used a GPU). `build`'s
+    step returns its loss as a float, which waits for a GPU to finish the step."""
     step = build(workdir)
     batches = torch.load(workdir / "batches.pt", weights_only=True)
     print(json.dumps({"loaded_rss_gb": max_rss_gb(), "threads": torch.get_num_threads()}), flush=True)
@@ -228,7 +229,8 @@ def serve(workdir: Path, build: Callable[[Path], Callable[[list[dict]], float]])
         loss = step(batches[int(line)])
         result = {"time": time.perf_counter() - t0, "cpu": time.process_time() - cpu0, "loss": loss}
         print(json.dumps(result), flush=True)
-    print(json.dumps({"max_rss_gb": max_rss_gb()}), flush=True)
+    cuda_gb = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_initialized() else None
+    print(json.dumps({"max_rss_gb": max_rss_gb(), "max_cuda_gb": cuda_gb}), flush=True)
 
 
 def max_rss_gb() -> float:

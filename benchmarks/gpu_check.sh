@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of howto/finetune_lora.md's "Speed on a GPU" and howto/finetune_adapter.md's comparison with
-# LoRA, in one go, at most 10.5 minutes (the parts' time limits):
+# LoRA and howto/preference_tuning.md's comparison with TRL, in one go, at most 11.75 minutes (the parts' time limits):
 #   1. tests/test_gpu.py (packed records in one varlen flash-attention call, compiled Blocks against eager,
 #      finetune_lora.py's CUDA defaults, QLoRA, ...);
 #   2. benchmarks/packed_attention.py --device cuda (per record, block-diagonal mask, varlen flash, FlexAttention);
@@ -8,7 +8,9 @@
 #      the peak memory at 4 x 512 in bf16 and 1 x 512 in nf4-dq; DoRA, ours and PEFT's, eager), on all_linear (eager),
 #      then Llama-3.1-8B on both (eager, no DoRA);
 #   4. benchmarks/adapter_vs_lora.py --device cuda: Llama-2-7b-hf (random weights), LoRA r=8 on query+value against
-#      LLaMA-Adapter v1 and v2, bf16-mixed: trainable parameters, step time, peak memory.
+#      LLaMA-Adapter v1 and v2, bf16-mixed: trainable parameters, step time, peak memory;
+#   5. benchmarks/dpo_vs_trl.py --device cuda: Llama-3.2-1B (random weights), DPO with LoRA r=8 on query+value, ours
+#      against TRL's DPOTrainer + PEFT, bf16-mixed: step time and peak GPU memory.
 # Each part has its own time limit, so one that hangs or fails does not cost the others. Run from the repository root
 # with the CUDA build of torch already installed (this script never installs torch):
 #     OUT=out/gpu_check bash benchmarks/gpu_check.sh
@@ -25,11 +27,11 @@ if ! python -c "import torch; assert torch.cuda.is_available(), 'torch sees no C
 fi
 cat "$OUT/env.txt"
 # the references and test tools, if missing (requirements-test.txt without its torch line: never a torch from the registry)
-if ! python -c "import transformers, peft, bitsandbytes, lightning, jsonargparse, pytest, sentencepiece" 2>/dev/null; then
+if ! python -c "import transformers, peft, trl, datasets, bitsandbytes, lightning, jsonargparse, pytest, sentencepiece" 2>/dev/null; then
     cat requirements.txt requirements-test.txt | grep -v -E '^(torch|-r)' > "$OUT/requirements-no-torch.txt"
     python -m pip install -q -r "$OUT/requirements-no-torch.txt" 2>&1 | tail -3 | tee -a "$OUT/env.txt"
 fi
-python -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|peft|bitsandbytes|liger|triton|lightning) " | tee -a "$OUT/env.txt"
+python -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|peft|bitsandbytes|liger|triton|lightning|trl) " | tee -a "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$OUT/env.txt"
 
 run() {  # run NAME SECONDS COMMAND...: the command's output to the screen and $OUT/NAME.txt, its status to summary.txt
@@ -55,4 +57,5 @@ run lora_vs_peft_7b_all 60 python benchmarks/lora_vs_peft.py --device cuda --mod
 run lora_vs_peft_8b 90 python benchmarks/lora_vs_peft.py --device cuda --models '[Llama-3.1-8B]' --steps 5 \
     --compile false --memory false --dora_targets '[]'
 run adapter_vs_lora_7b 60 python benchmarks/adapter_vs_lora.py --device cuda --model Llama-2-7b-hf --steps 10
+run dpo_vs_trl_1b 75 python benchmarks/dpo_vs_trl.py --device cuda --model Llama-3.2-1B --steps 6 --rounds 2
 cat "$OUT/summary.txt"

@@ -5,8 +5,9 @@ the Llama 3.1 and SmolLM2 chat templates; a step of the script itself from an SF
 with precomputed reference log-probabilities; a preference learned from chance to >= 0.9 held-out reward accuracy;
 the adapter in generate_lora.py, merge_lora.py and PEFT; one-line errors on bad input.
 
-All fp32 on CPU. TRL's trainers run their own loss code (compute_loss, get_batch_loss_metrics) on the batch their
-own collators make from the prepared ids; the models are transformers' LlamaForCausalLM with PEFT."""
+All fp32 on CPU, and on SmolLM2 in float64 too, where rounding cannot hide a difference. TRL's trainers run their own
+loss code (compute_loss, get_batch_loss_metrics) on the batch their own collators make from the prepared ids; the
+models are transformers' LlamaForCausalLM with PEFT."""
 
 import csv
 import json
@@ -327,6 +328,7 @@ def exact_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
     def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.rope_type == "default"  # SmolLM2's: no rope scaling
         size = 2 * self.inv_freq.numel()
         inv_freq = 1.0 / self.config.rope_parameters["rope_theta"] ** (torch.arange(0, size, 2, dtype=x.dtype) / size)
         angles = position_ids[..., None].to(x.dtype) * inv_freq
