@@ -191,12 +191,14 @@ def trl_on_one_batch(
     loss, metrics = run(pairs)
     loss.backward()
     grads = {lit_name(name): param.grad for name, param in trainer.model.named_parameters() if ".default." in name}
-    rewards, logps = torch.zeros(2, len(pairs)), torch.zeros(2, len(pairs))
+    rewards, logps = torch.zeros(2, len(pairs), dtype=torch.float64), torch.zeros(2, len(pairs), dtype=torch.float64)
     with torch.no_grad():
         for i, pair in enumerate(pairs if per_pair else []):  # TRL logs means: a batch of one gives each pair's
             _, metrics_i = run([pair])
-            rewards[:, i] = torch.tensor([metrics_i["rewards/chosen"], metrics_i["rewards/rejected"]])
-            logps[:, i] = torch.tensor([metrics_i["logps/chosen"], metrics_i["logps/rejected"]])
+            rewards[:, i] = torch.tensor(
+                [metrics_i["rewards/chosen"], metrics_i["rewards/rejected"]], dtype=torch.float64
+            )
+            logps[:, i] = torch.tensor([metrics_i["logps/chosen"], metrics_i["logps/rejected"]], dtype=torch.float64)
     return {
         "loss": loss.item(),
         "rewards": rewards,
@@ -238,25 +240,25 @@ def assert_close(
 
 
 def assert_same_as_trl(
-    ours: dict, theirs: dict, preference: Preference, pairs: list[dict], logps_rtol: float, grads_rtol: float = 1e-5
+    ours: dict, theirs: dict, preference: Preference, pairs: list[dict], logps_rtol: float, rtol: float = 1e-5
 ) -> None:
-    """Loss and gradients within 1e-5 (`grads_rtol`) relative; each pair's log-probabilities within 1e-5 relative
-    and its rewards within 1e-5 relative or, if more, what `logps_rtol` leaves in them: a DPO or IPO reward is beta
-    times the difference of two log-probabilities, sums over the answer (about -250 on the tiny model: 20 tokens at
-    -12 each), and an error of `logps_rtol` in them is one of beta * logps_rtol * |logps| in the reward."""
-    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    """Loss, each pair's log-probabilities and every gradient within `rtol` relative; each pair's rewards within
+    `rtol` relative or, if more, what `logps_rtol` leaves in them: a DPO or IPO reward is beta times the difference of
+    two log-probabilities, sums over the answer (about -250 on the tiny model: 20 tokens at -12 each), and an error
+    of `logps_rtol` in them is one of beta * logps_rtol * |logps| in the reward."""
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=rtol)
     accuracy = (ours["rewards"][0] > ours["rewards"][1]).float().mean().item()
     assert 0 < accuracy < 1 and accuracy == theirs["metrics"]["rewards/accuracies"]
     rounding = preference.beta * logps_rtol * ours["logps"].abs().max().item()
-    assert_close(ours["rewards"], theirs["rewards"], what="rewards", atol=rounding)
+    assert_close(ours["rewards"], theirs["rewards"], rtol=rtol, what="rewards", atol=rounding)
     # DPOTrainer logs log-probabilities summed over the answer, CPOTrainer (simpo) their mean per token
     n_tokens = torch.tensor([[len(p["chosen_ids"]) for p in pairs], [len(p["rejected_ids"]) for p in pairs]])
     expected = theirs["logps"] * n_tokens if preference.method == "simpo" else theirs["logps"]
-    assert_close(ours["logps"], expected, what="logps")
+    assert_close(ours["logps"], expected, rtol=rtol, what="logps")
     assert set(ours["grads"]) == set(theirs["grads"]) and len(ours["grads"]) > 0
     for name, grad in ours["grads"].items():
         assert grad.abs().max() > 0, name
-        assert_close(grad, theirs["grads"][name], rtol=grads_rtol, what=name)
+        assert_close(grad, theirs["grads"][name], rtol=rtol, what=name)
 
 
 @pytest.mark.parametrize(
@@ -350,25 +352,38 @@ def exact_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trl.trainer.utils, "_ChunkedLogProbFunction", LogProbs)
 
 
+PREFERENCES = {  # the settings of each loss in the checks against TRL
+    "dpo": Preference("dpo", 0.1, None, "base"),
+    "ipo": Preference("ipo", 0.1, None, "base"),
+    "simpo": Preference("simpo", 2.0, 0.7, "base"),
+}
+
+
 @pytest.fixture(scope="module")
 def smollm2_dpo(smollm2, tmp_path_factory) -> dict:
-    """One batch of DPO (four pairs, one micro-batch) on the real model, by us and by TRL, in fp32 and in float64:
-    {("ours" or "trl", dtype): ours_on_one_batch's or trl_on_one_batch's result}."""
+    """One batch (four pairs, one micro-batch) on the real model, by us and by TRL: DPO in fp32, and DPO, IPO and
+    SimPO in float64 with each pair's rewards and log-probabilities from TRL. {("ours" or "trl", method, dtype):
+    ours_on_one_batch's or trl_on_one_batch's result}."""
     checkpoint_dir, data_dir, adapter, peft_dir = smollm2
     pairs = torch.load(data_dir / "train.pt", weights_only=True)
-    preference = Preference("dpo", 0.1, None, "base")
     runs = {}
-    for dtype in (torch.float32, torch.float64):
+    for dtype, methods in ((torch.float32, ["dpo"]), (torch.float64, ["dpo", "ipo", "simpo"])):
         model = load_lora_model(checkpoint_dir, adapter, dtype=dtype)
         mark_only_lora_as_trainable(model)
-        runs["ours", dtype] = ours_on_one_batch(model, pairs, preference)
-        with pytest.MonkeyPatch.context() as monkeypatch:
-            if dtype == torch.float64:
-                exact_in_float64(monkeypatch)
-            tmp_path = tmp_path_factory.mktemp("trl")
-            runs["trl", dtype] = trl_on_one_batch(
-                checkpoint_dir, peft_dir, pairs, preference, tmp_path, per_pair=False, dtype=dtype
-            )
+        for method in methods:
+            runs["ours", method, dtype] = ours_on_one_batch(model, pairs, PREFERENCES[method])
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                if dtype == torch.float64:
+                    exact_in_float64(monkeypatch)
+                runs["trl", method, dtype] = trl_on_one_batch(
+                    checkpoint_dir,
+                    peft_dir,
+                    pairs,
+                    PREFERENCES[method],
+                    tmp_path_factory.mktemp("trl"),
+                    per_pair=dtype == torch.float64,
+                    dtype=dtype,
+                )
     return runs
 
 
@@ -381,19 +396,17 @@ def gradient_errors(ours: dict, theirs: dict) -> dict[str, float]:
     }
 
 
-def test_dpo_on_smollm2_in_float64_equals_trl(smollm2_dpo):
-    """The real model, the one place its chat template, its 30 layers and real log-probabilities meet the loss, in
-    float64, where rounding cannot hide a difference: the loss, the logged means and every LoRA gradient equal
-    TRL's DPOTrainer's within 1e-10 relative (measured: 5e-14). IPO and SimPO share the log-probabilities and are
-    checked against TRL on the tiny model."""
-    ours, theirs = smollm2_dpo["ours", torch.float64], smollm2_dpo["trl", torch.float64]
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo"])
+def test_one_batch_on_smollm2_in_float64_equals_trl(method, smollm2, smollm2_dpo):
+    """The real model, the one place its chat template, its 30 layers and real log-probabilities meet the losses, in
+    float64, where rounding cannot hide a difference: the loss, each pair's rewards and log-probabilities, the reward
+    accuracy and all 420 LoRA gradients equal TRL's DPOTrainer's (dpo, ipo) and CPOTrainer's (simpo) within 1e-10
+    relative (measured: 5e-14)."""
+    ours, theirs = smollm2_dpo["ours", method, torch.float64], smollm2_dpo["trl", method, torch.float64]
+    pairs = torch.load(smollm2[1] / "train.pt", weights_only=True)
     assert all(grad.dtype == torch.float64 for grad in ours["grads"].values())
-    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-10)
-    for name, values in (("rewards", ours["rewards"].mean(1)), ("logps", ours["logps"].mean(1))):
-        assert values[0].item() == pytest.approx(theirs["metrics"][f"{name}/chosen"], rel=1e-10)
-        assert values[1].item() == pytest.approx(theirs["metrics"][f"{name}/rejected"], rel=1e-10)
-    errors = gradient_errors(ours, theirs)
-    assert max(errors.values()) <= 1e-10, max(errors, key=errors.get)
+    assert_same_as_trl(ours, theirs, PREFERENCES[method], pairs, logps_rtol=1e-12, rtol=1e-10)
+    assert len(ours["grads"]) == 30 * 7 * 2
 
 
 def test_dpo_on_smollm2_in_fp32_rounds_no_worse_than_trl_and_each_answer_is_transformers(smollm2_dpo, smollm2):
@@ -406,8 +419,8 @@ def test_dpo_on_smollm2_in_fp32_rounds_no_worse_than_trl_and_each_answer_is_tran
     from transformers import AutoTokenizer
 
     checkpoint_dir, data_dir, adapter, _ = smollm2
-    ours, theirs = smollm2_dpo["ours", torch.float32], smollm2_dpo["trl", torch.float32]
-    exact = smollm2_dpo["trl", torch.float64]
+    ours, theirs = smollm2_dpo["ours", "dpo", torch.float32], smollm2_dpo["trl", "dpo", torch.float32]
+    exact = smollm2_dpo["trl", "dpo", torch.float64]
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
     rewards = ours["rewards"].mean(1)
     logps = ours["logps"].mean(1)
