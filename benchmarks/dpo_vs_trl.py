@@ -32,7 +32,6 @@ of the paired steps) and the CPU time per step; our peak memory over TRL's.
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -41,7 +40,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 from export import make_checkpoint
-from finetune_vs_hf import SHARED_DATA, serve  # which puts the repository and scripts/ on sys.path
+from finetune_vs_hf import SHARED_DATA, serve, take_turns  # which puts the repository and scripts/ on sys.path
 from jsonargparse import CLI
 
 LORA = dict(r=8, alpha=16, dropout=0.0, targets=("query", "value"))
@@ -85,25 +84,8 @@ def main(
         tokens = make_inputs(workdir, model, steps, micro_batch_size)
         command = [sys.executable, __file__, "--workdir", str(workdir), "--device", device]
         command += ["--threads", str(threads)] if threads else []
-        processes = {
-            name: subprocess.Popen(command + ["--side", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for name in NAMES
-        }
-        reports = {name: json.loads(process.stdout.readline()) for name, process in processes.items()}  # loaded
-        times, cpu_times, losses = ({name: [] for name in NAMES} for _ in range(3))
-        for step in range(rounds * steps):
-            order = list(NAMES) if step % 2 == 0 else list(reversed(NAMES))  # neither side always goes first
-            for name in order:
-                processes[name].stdin.write(f"{step % steps}\n")
-                processes[name].stdin.flush()
-                result = json.loads(processes[name].stdout.readline())
-                times[name].append(result["time"])
-                cpu_times[name].append(result["cpu"])
-                losses[name].append(result["loss"])
-        for name, process in processes.items():
-            process.stdin.close()
-            reports[name].update(json.loads(process.stdout.readline()))
-            process.wait()
+        reports, results = take_turns(command, list(NAMES), steps, rounds)
+    times, cpu_times, losses = ({name: results[name][key] for name in NAMES} for key in ("time", "cpu", "loss"))
 
     paired = statistics.median(trl / ours for trl, ours in zip(times["trl"][1:], times["ours"][1:]))
     where = (

@@ -68,25 +68,8 @@ def main(
         lengths = make_inputs(workdir, steps, micro_batch_size)
         command = [sys.executable, __file__, "--workdir", str(workdir)]
         command += ["--threads", str(threads)] if threads else []
-        processes = {
-            name: subprocess.Popen(command + ["--side", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for name in NAMES
-        }
-        reports = {name: json.loads(process.stdout.readline()) for name, process in processes.items()}  # loaded
-        times, cpu_times, losses = ({name: [] for name in NAMES} for _ in range(3))
-        for step in range(rounds * steps):
-            order = list(NAMES) if step % 2 == 0 else list(reversed(NAMES))  # neither side always goes first
-            for name in order:
-                processes[name].stdin.write(f"{step % steps}\n")
-                processes[name].stdin.flush()
-                result = json.loads(processes[name].stdout.readline())
-                times[name].append(result["time"])
-                cpu_times[name].append(result["cpu"])
-                losses[name].append(result["loss"])
-        for name, process in processes.items():
-            process.stdin.close()
-            reports[name].update(json.loads(process.stdout.readline()))
-            process.wait()
+        reports, results = take_turns(command, list(NAMES), steps, rounds)
+    times, cpu_times, losses = ({name: results[name][key] for name in NAMES} for key in ("time", "cpu", "loss"))
 
     tokens = [lengths[step % steps][0] for step in range(rounds * steps)][1:]  # the first step warms up
     speed = {name: sum(tokens) / sum(times[name][1:]) for name in NAMES}
@@ -231,6 +214,29 @@ def serve(workdir: Path, build: Callable[[Path], Callable[[list[dict]], float]])
         print(json.dumps(result), flush=True)
     cuda_gb = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_initialized() else None
     print(json.dumps({"max_rss_gb": max_rss_gb(), "max_cuda_gb": cuda_gb}), flush=True)
+
+
+def take_turns(command: list[str], names: list[str], steps: int, rounds: int) -> tuple[dict, dict]:
+    """Starts `command --side NAME` for each side (each one `serve`s), then has them run micro-batch `step % steps`
+    one step each in turn, neither side always first, for `rounds` x `steps` steps. Returns each side's reports
+    (threads, memory) and its steps' results: {name: {"time": [...], "cpu": [...], "loss": [...]}}."""
+    processes = {
+        name: subprocess.Popen(command + ["--side", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for name in names
+    }
+    reports = {name: json.loads(process.stdout.readline()) for name, process in processes.items()}  # loaded
+    results = {name: {"time": [], "cpu": [], "loss": []} for name in names}
+    for step in range(rounds * steps):
+        for name in names if step % 2 == 0 else reversed(names):
+            processes[name].stdin.write(f"{step % steps}\n")
+            processes[name].stdin.flush()
+            for key, value in json.loads(processes[name].stdout.readline()).items():
+                results[name][key].append(value)
+    for name, process in processes.items():
+        process.stdin.close()
+        reports[name].update(json.loads(process.stdout.readline()))
+        process.wait()
+    return reports, results
 
 
 def max_rss_gb() -> float:
