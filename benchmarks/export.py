@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 from jsonargparse import CLI
@@ -90,9 +91,11 @@ def main(models: list[str] = ["134M"]) -> None:
             )
 
 
-def make_checkpoint(name: str, directory: Path) -> int:
-    """A converted checkpoint of preset `name` with random weights, written one tensor at a time into the dict that is
-    saved (never an fp32 copy of a bf16 model). Returns the bytes of the weights."""
+def make_checkpoint(name: str, directory: Path, dtype: Optional[torch.dtype] = None) -> int:
+    """A converted checkpoint of preset `name` with random N(0, 0.02) weights (norms 1) in `dtype` (by default
+    DTYPES[name]) and the shared tokenizer of its vocabulary, written one tensor at a time into the dict that is
+    saved (never an fp32 copy of a bf16 model). Returns the bytes of the weights. Other benchmarks use it too."""
+    dtype = dtype or DTYPES[name]
     config = Config.from_name(name)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in LLaMA(config).state_dict().items()}
@@ -102,9 +105,9 @@ def make_checkpoint(name: str, directory: Path) -> int:
     tensors = {}
     for n, shape in shapes.items():
         tensors[n] = (
-            torch.ones(shape, dtype=DTYPES[name])
+            torch.ones(shape, dtype=dtype)
             if n.endswith("norm.weight")
-            else torch.empty(shape, dtype=DTYPES[name]).normal_(std=0.02, generator=generator)
+            else torch.empty(shape, dtype=dtype).normal_(std=0.02, generator=generator)
         )
     directory.mkdir(parents=True)
     save_file(tensors, directory / "lit_model.safetensors")

@@ -2,8 +2,9 @@
 
     python benchmarks/finetune_vs_hf.py
 
-Builds a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000) with transformers,
-saves it in Hub format and converts it, so both sides hold the same weights; writes one initial LoRA adapter
+Makes a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000; benchmarks/export.py's
+checkpoint) and converts it to Hub format with scripts/convert_lit_checkpoint.py, so both sides hold the same
+weights; writes one initial LoRA adapter
 (r=8, alpha=16, dropout 0.05, query and value) and exports it with scripts/export_peft.py, so both start from
 the same LoRA weights; prepares real Alpaca records (../shared/data/alpaca_en_demo.json, prepare_alpaca.py's
 default max_seq_length 256) and takes the same micro-batches of 4 for both: transformers pads each to its longest
@@ -19,7 +20,6 @@ of the CPU time the processes spent (with --threads 1, nearly free of other jobs
 """
 
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
+from export import make_checkpoint
 from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,15 +99,19 @@ def main(
 
 
 def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tuple[int, int]]:
-    """The checkpoint (Hub format and converted), the initial adapter in both formats, and the micro-batches."""
+    """The checkpoint (ours and in Hub format), the initial adapter in both formats, and the micro-batches."""
+    from convert_lit_checkpoint import convert_lit_checkpoint
     from export_peft import export_peft
     from lora import lora, save_lora_checkpoint
     from prepare_alpaca import setup as prepare
     from utils import load_model
 
-    checkpoint_dir = make_checkpoint(workdir / "checkpoint")
+    checkpoint_dir = workdir / "checkpoint"
+    make_checkpoint("134M", checkpoint_dir)
+    convert_lit_checkpoint(checkpoint_dir=checkpoint_dir, out_dir=workdir / "hf")  # the same weights for transformers
+    torch.manual_seed(0)
     with lora(**LORA):
-        model = load_model(checkpoint_dir)  # A random (seeded in make_checkpoint), B zero
+        model = load_model(checkpoint_dir)  # A random, B zero
     save_lora_checkpoint(model, workdir / "adapter.safetensors")
     export_peft(lora_path=workdir / "adapter.safetensors", out_dir=workdir / "peft")
 
@@ -120,37 +125,6 @@ def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tu
     torch.save(batches, workdir / "batches.pt")
     # (real tokens, padded length) of each micro-batch
     return [(sum(len(r["input_ids"]) for r in batch), max(len(r["input_ids"]) for r in batch)) for batch in batches]
-
-
-def make_checkpoint(checkpoint_dir: Path) -> Path:
-    """A random 134M LLaMA (seeded) saved by transformers in Hub format with LLaMA's tokenizer, then converted: the
-    same weights for both sides. benchmarks/dpo_vs_trl.py uses it too."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from convert_hf_checkpoint import convert_hf_checkpoint
-    from model import Config
-
-    config = Config.from_name("134M")
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.n_embd,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.n_layer,
-            num_attention_heads=config.n_head,
-            num_key_value_heads=config.n_query_groups,
-            max_position_embeddings=config.block_size,
-            rms_norm_eps=config.norm_eps,
-            rope_theta=config.rope_base,
-            tie_word_embeddings=config.tie_embeddings,
-        )
-    )
-    hf.save_pretrained(checkpoint_dir)
-    del hf
-    shutil.copyfile(SHARED_DATA / "tokenizer.model", checkpoint_dir / "tokenizer.model")
-    convert_hf_checkpoint(checkpoint_dir)
-    return checkpoint_dir
 
 
 def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
@@ -182,7 +156,7 @@ def train_hf(workdir: Path) -> Callable[[list[dict]], float]:
     from torch.nn.utils.rnn import pad_sequence
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(workdir / "checkpoint", dtype=torch.float32, attn_implementation="sdpa")
+    model = LlamaForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32, attn_implementation="sdpa")
     model = PeftModel.from_pretrained(model, workdir / "peft", is_trainable=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     model.train()

@@ -32,7 +32,6 @@ bf16) is resident only once read. The resident memory after that (VmRSS) and the
 
 import ctypes
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,10 @@ from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from quantize import BNB_OPTIMIZERS, QUANTIZE_MODES  # noqa: E402  after the path is set
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from export import make_checkpoint  # noqa: E402  after the path is set
+
+from quantize import BNB_OPTIMIZERS, QUANTIZE_MODES  # noqa: E402
 
 LORA = dict(r=8, alpha=16, dropout=0.05, targets=("query", "value"))
 LOAD_MODEL = "TinyLlama-1.1B-intermediate-step-1431k-3T"
@@ -120,7 +122,7 @@ def measure_cpu(seq_len: int, new_tokens: int) -> None:
     )
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint_dir = Path(workdir) / "134M"
-        make_checkpoint(checkpoint_dir, "134M", torch.float32)
+        make_checkpoint("134M", checkpoint_dir, torch.float32)
 
         print(
             f"\nload + generate {new_tokens} tokens  weights (all)     projections     peak RSS  over baseline  "
@@ -169,7 +171,7 @@ def measure_loading() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint_dir = Path(workdir) / LOAD_MODEL
         t0 = time.perf_counter()
-        make_checkpoint(checkpoint_dir, LOAD_MODEL, torch.bfloat16)
+        make_checkpoint(LOAD_MODEL, checkpoint_dir, torch.bfloat16)
         adapter = Path(workdir) / "adapter.safetensors"
         make_adapter(checkpoint_dir, adapter)
         size = (checkpoint_dir / "lit_model.safetensors").stat().st_size
@@ -203,7 +205,7 @@ def measure_gpu(gpu_model: str, seq_len: int) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint_dir = Path(workdir) / gpu_model
         t0 = time.perf_counter()
-        make_checkpoint(checkpoint_dir, gpu_model, torch.bfloat16)
+        make_checkpoint(gpu_model, checkpoint_dir, torch.bfloat16)
         print(
             f"\n{gpu_model} config, random weights (written in {time.perf_counter() - t0:.0f} s), on "
             f"{torch.cuda.get_device_name()}: QLoRA step, nf4-dq base in bf16, LoRA r=8 on query and value in fp32 "
@@ -215,26 +217,6 @@ def measure_gpu(gpu_model: str, seq_len: int) -> None:
             f"of which weights {row['weight_mb'] / 1e3:.2f} GB; "
             f"{row['step_s']:.2f} s for the step, the first (warm-up included)"
         )
-
-
-def make_checkpoint(directory: Path, name: str, dtype: torch.dtype) -> None:
-    """A converted checkpoint directory with random N(0, 0.02) weights (norms 1) and the shared tokenizer."""
-    from safetensors.torch import save_file
-
-    from model import Config, LLaMA
-
-    config = Config.from_name(name)
-    with torch.device("meta"):
-        shapes = {name: param.shape for name, param in LLaMA(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {}
-    for name, shape in shapes.items():
-        tensor = torch.empty(shape, dtype=dtype)
-        state_dict[name] = tensor.fill_(1.0) if len(shape) == 1 else tensor.normal_(0, 0.02, generator=generator)
-    directory.mkdir(parents=True)
-    save_file(state_dict, directory / "lit_model.safetensors", metadata={"format": "pt"})
-    config.to_file(directory / "model_config.json")
-    shutil.copyfile(ROOT.parent / "shared" / "data" / "tokenizer.model", directory / "tokenizer.model")
 
 
 def make_adapter(checkpoint_dir: Path, path: Path) -> None:

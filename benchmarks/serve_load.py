@@ -4,7 +4,7 @@ It checks what must hold under load: every answer right, every request accounted
     python benchmarks/serve_load.py --seconds 300
 
 It starts serve.py (a subprocess on a free port of 127.0.0.1) over a checkpoint and 16 adapters: by default a tiny
-random checkpoint (model.py's "tiny" config, by memory.py's make_checkpoint, with the LLaMA tokenizer of
+random checkpoint (model.py's "tiny" config, by export.py's make_checkpoint, with the LLaMA tokenizer of
 ../shared/data) and 16 random non-zero adapters of different ranks, targets and chat templates, made in a temporary
 directory; or --checkpoint_dir and --adapters_dir. Then:
 
@@ -58,7 +58,7 @@ from jsonargparse import CLI
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing the repo
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import make_checkpoint
+from export import make_checkpoint
 
 from lora import lora, save_lora_checkpoint
 from model import Config, LLaMA
@@ -151,7 +151,7 @@ def main(
                     "the tiny checkpoint takes ../shared/data/tokenizer.model; pass --checkpoint_dir"
                 )
             checkpoint_dir = workdir / "tiny"
-            make_checkpoint(checkpoint_dir, "tiny", torch.float32)
+            make_checkpoint("tiny", checkpoint_dir, torch.float32)
         if adapters_dir is None:
             adapters_dir = workdir / "adapters"
             make_adapters(Config.from_file(Path(checkpoint_dir) / "model_config.json"), adapters_dir, 16)
