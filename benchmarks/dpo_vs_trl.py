@@ -25,9 +25,9 @@ under bf16 autocast (finetune_dpo.py's bf16-mixed), eager (finetune_dpo.py compi
 TRL does not), without activation checkpointing on either side.
 
 Each side runs in its own process, so that its peak memory (resident, VmHWM; on CUDA also the GPU's, allocated) is its
-own, and the two take turns one step each, so that both meet the same load on a shared machine
-(finetune_vs_hf.serve). The ratios: TRL's step time over ours (the sum over every step but the first, and the median
-of the paired steps) and the CPU time per step; our peak memory over TRL's.
+own, and the two take turns one step each, so that both meet the same load on a shared machine (finetune_vs_hf.serve
+and take_turns). The ratios: TRL's step time over ours (the sum over every step but the first, and the median of the
+paired steps) and the CPU time per step; our peak memory over TRL's.
 """
 
 import json

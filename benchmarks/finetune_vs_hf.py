@@ -4,11 +4,11 @@
 
 Makes a random 134M LLaMA (n_embd 768, 12 layers, 12 heads, intermediate 2048, vocab 32000; benchmarks/export.py's
 checkpoint) and converts it to Hub format with scripts/convert_lit_checkpoint.py, so both sides hold the same
-weights; writes one initial LoRA adapter
-(r=8, alpha=16, dropout 0.05, query and value) and exports it with scripts/export_peft.py, so both start from
-the same LoRA weights; prepares real Alpaca records (../shared/data/alpaca_en_demo.json, prepare_alpaca.py's
-default max_seq_length 256) and takes the same micro-batches of 4 for both: transformers pads each to its longest
-record (its documented way), ours packs the records into one row without padding (finetune_lora.py's way).
+weights; writes one initial LoRA adapter (r=8, alpha=16, dropout 0.05, query and value) and exports it with
+scripts/export_peft.py, so both start from the same LoRA weights; prepares real Alpaca records
+(../shared/data/alpaca_en_demo.json, prepare_alpaca.py's default max_seq_length 256) and takes the same
+micro-batches of 4 for both: transformers pads each to its longest record (its documented way), ours packs the
+records into one row without padding (finetune_lora.py's way).
 
 Each side trains in its own process, so that its peak resident memory (VmHWM, Linux) is its own: ours as
 finetune_lora.py does a step (training.pack_batch, training.cross_entropy_sum, AdamW over the LoRA weights), and
