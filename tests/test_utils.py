@@ -118,15 +118,16 @@ def status_gb(key: str) -> float:
 
 
 def test_peak_memory_on_cpu_is_the_processs_peak_resident_memory():
-    """Against the kernel's VmHWM, before and after resident memory rises 300 MB above its peak so far."""
+    """Against the kernel's VmHWM, before and after resident memory rises 500 MB above its peak so far."""
     if not sys.platform.startswith("linux"):
         pytest.skip("VmHWM is Linux's")
     cpu = torch.device("cpu")
     assert peak_memory_gb(cpu) == pytest.approx(status_gb("VmHWM"), abs=0.005)
     before = peak_memory_gb(cpu)
-    x = torch.ones(int((before - status_gb("VmRSS") + 0.3) * 1e9) // 4)  # written, so resident
+    x = torch.ones(int((before - status_gb("VmRSS") + 0.5) * 1e9) // 4)  # written, so resident
     assert peak_memory_gb(cpu) == pytest.approx(status_gb("VmHWM"), abs=0.005)
-    assert peak_memory_gb(cpu) > before + 0.15  # a new peak (what else the process frees meanwhile varies)
+    # a new peak; what else the process frees meanwhile varies (in the whole suite, once 150 MB)
+    assert peak_memory_gb(cpu) > before + 0.25
     del x
 
 
