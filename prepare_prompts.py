@@ -101,9 +101,7 @@ def setup(
     wheres = [where for where, _ in records]
     examples = to_examples(records, data_file_path, prompt_field, answer_field, chat_template is not None)
     print(f"Read {len(examples)} prompts from {data_file_path}")
-    order = split_order(
-        len(examples), test_split_fraction, seed
-    )  # drawn apart from the tokens: the same for any length
+    order = split_order(len(examples), test_split_fraction, seed)  # before tokenizing: the same for any length
 
     texts = [render(tokenizer, prompt, chat_template, where) for (prompt, _), where in zip(examples, wheres)]
     bos = [tokenizer.bos_id] if chat_template is None and tokenizer.add_bos else []  # a chat template writes its own
