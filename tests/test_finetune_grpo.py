@@ -1,0 +1,342 @@
+"""finetune_grpo.py's GRPO math against TRL's GRPOTrainer: for the same prompts (prepared by prepare_prompts.py in the
+Llama 3.1 chat template, which TRL renders itself from the same messages), the same fixed completions (TRL's generation
+replaced by them) and the same rewards (rewards.py's, with a weight each and a None), the advantages, each token's
+log-probability, the loss, the clip fractions and KL, and every LoRA gradient equal TRL's in float64 within 1e-10, for
+each --loss, each --scale_rewards, beta 0 and above, one pass and a second pass (clipped) over the rollouts, with and
+without --mask_truncated_completions, at a temperature of 0.7; on a tiny model and on the real SmolLM2-135M-Instruct.
+
+TRL runs its own code (`_generate_and_score_completions`, `_get_per_token_logps_and_entropies`, `_compute_loss`) on a
+transformers LlamaForCausalLM with a PEFT LoRA holding the same weights as ours. Its float32 islands are lifted to
+float64 as tests/test_finetune_dpo.py lifts them (`exact_in_float64`: norms, rotary tables, the fused head's
+log-softmax, here with its temperature), and its rewards and nanstd's Bessel factor, float32 tensors made in the
+default dtype, by making float64 the default dtype while it scores."""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_grpo import (
+    GRPO,
+    TOKEN_METRICS,
+    completion_logps,
+    completion_mask,
+    group_advantages,
+    grpo_loss,
+    loss_normalizer,
+    reference_logps,
+)
+from lora import load_lora_model, mark_only_lora_as_trainable
+from prepare_prompts import setup as prepare
+from rewards import combine, load_rewards, score
+from test_finetune_dpo import exact_in_float64, lit_name, make_adapter
+from tokenizer import Tokenizer
+
+# three prompts, four completions each: an answer with a number, one without (number_match says None for its group)
+RECORDS = [
+    {"messages": [{"role": "user", "content": "Tom has 3 apples, buys 4 more. How many?"}], "answer": "3 + 4\n#### 7"},
+    {"messages": [{"role": "user", "content": "What is 5 + 7?"}], "answer": "12"},
+    {"messages": [{"role": "user", "content": "Say hello."}], "answer": "hello"},
+    {"messages": [{"role": "user", "content": "Held out."}], "answer": "0"},
+]
+COMPLETIONS = [  # by prompt; a text ending in "..." is cut at MAX_NEW_TOKENS (truncated), the others end with EOS
+    ["The answer is 7.", "It is 8?", "7", "I think the answer is 7 because three plus four is seven ..."],
+    ["12", "The answer is 13?", "twelve", "Maybe 12, or maybe 11, or 10, or something else entirely ..."],
+    ["Hello?", "Hi", "Hey there?", "Hm"],  # all None but "Hi" and "Hm", which get the same reward: a zero spread
+]
+G, MAX_NEW_TOKENS, TEMPERATURE = 4, 12, 0.7
+WEIGHTS = [1.0, 0.5]
+
+
+BREVITY = '''
+def brevity(prompts, completions, **fields):
+    """1.0 for a completion of at most 4 characters, 0.25 for a longer one, None for a question (it abstains)."""
+    return [None if "?" in c else 1.0 if len(c) <= 4 else 0.25 for c in completions]
+'''
+
+
+def reward_functions(tmp_path: Path) -> list:
+    """rewards.py's number_match, and a user's reward, `brevity`, loaded from its file."""
+    (tmp_path / "my_rewards.py").write_text(BREVITY)
+    return load_rewards(["number_match", f"{tmp_path / 'my_rewards.py'}:brevity"])
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def exact_with_temperature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`exact_in_float64`, with TRL's fused head dividing the logits by its temperature (GRPO samples at one)."""
+    import trl.trainer.utils
+
+    exact_in_float64(monkeypatch)
+
+    class LogProbs:  # what TRL's FusedCausalLMOutput reads: log_probs, entropy, -, mean_logits, is_top1
+        @staticmethod
+        def apply(hidden, weight, bias, labels, temperature, chunk_size, softcapping, scale, outputs) -> tuple:
+            assert bias is None and softcapping is None and scale == 1
+            logits = hidden @ weight.t() / temperature
+            log_probs = logits.log_softmax(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            return log_probs.gather(1, labels[:, None]).squeeze(1), entropy, None, logits.mean(-1), None
+
+    monkeypatch.setattr(trl.trainer.utils, "_ChunkedLogProbFunction", LogProbs)
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory, llama3_checkpoint_dir) -> dict:
+    """The prompts prepared by prepare_prompts.py, each repeated G times, the completions' ids (EOS after those that
+    end), their texts as decoded for the rewards, and an adapter as if trained with its PEFT export."""
+    directory = tmp_path_factory.mktemp("grpo")
+    data = directory / "prompts.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in RECORDS))
+    prepare(
+        destination_path=directory / "data",
+        checkpoint_dir=llama3_checkpoint_dir,
+        data_file_path=data,
+        test_split_fraction=0.25,
+    )
+    prepared = [r for split in ("train", "test") for r in torch.load(directory / "data" / f"{split}.pt")]
+    by_answer = {r["answer"]: r for r in prepared}
+    records = [by_answer[record["answer"]] for record in RECORDS[:3]]  # in RECORDS's order
+    tokenizer = Tokenizer(llama3_checkpoint_dir)
+    completion_ids = []
+    for texts in COMPLETIONS:
+        for text in texts:
+            ids = tokenizer.encode(text, bos=False).tolist()
+            ids = ids[:MAX_NEW_TOKENS] if text.endswith("...") else ids + [tokenizer.eos_id]
+            assert len(ids) <= MAX_NEW_TOKENS
+            completion_ids.append(ids)
+    adapter, peft_dir = make_adapter(llama3_checkpoint_dir, directory / "adapter", scale=0.2, targets=("all_linear",))
+    return {
+        "records": records,
+        "messages": [record["messages"] for record in RECORDS[:3]],
+        "prompt_ids": [record["prompt_ids"] for record in records for _ in range(G)],
+        "completion_ids": completion_ids,
+        "texts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids],
+        "truncated": [ids[-1] not in tokenizer.stop_ids for ids in completion_ids],
+        "adapter": adapter,
+        "peft_dir": peft_dir,
+        "directory": directory,
+    }
+
+
+def perturbations(names: list[str], seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """What an optimizer step might do to each LoRA weight: random changes, the same on both sides."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(1, generator=generator).item() * scale for name in sorted(names)}
+
+
+def ours(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step: float) -> dict:
+    """The step's parts on one micro-batch holding all the completions: rewards, advantages, the old log-probabilities
+    (with a second pass: before the update), the update (`step`: each LoRA weight times 1 + its change), the reference,
+    the log-probabilities, the loss and its gradients."""
+    model = load_lora_model(checkpoint_dir, rollouts["adapter"], dtype=torch.float64)
+    mark_only_lora_as_trainable(model)
+    prompts, completions = rollouts["prompt_ids"], [torch.tensor(ids) for ids in rollouts["completion_ids"]]
+    answers = [record["answer"] for record in rollouts["records"] for _ in range(G)]
+    prompt_texts = [record["prompt"] for record in rollouts["records"] for _ in range(G)]
+    per_function = score(functions, prompt_texts, rollouts["texts"], {"answer": answers})
+    rewards = combine(per_function, WEIGHTS)
+    advantages, zero_std = group_advantages(rewards, G, grpo.scale_rewards)
+    old_logps = None
+    if grpo.num_iterations > 1:  # kept from the rollouts, then the model moves
+        with torch.no_grad():
+            old_logps = completion_logps(model, prompts, completions, 1024, grpo.temperature)
+        changes = perturbations([n for n, p in model.named_parameters() if p.requires_grad], 0, step)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.mul_(1 + changes[name])
+    ref_logps = reference_logps(model, prompts, completions, 1024, grpo.temperature) if grpo.beta else None
+    logps = completion_logps(model, prompts, completions, 1024, grpo.temperature)
+    mask = completion_mask([len(c) for c in completions], rollouts["truncated"], grpo.mask_truncated_completions)
+    normalizer = loss_normalizer(grpo, len(completions), int(mask.sum()), n_micro_batches=1)
+    loss, metrics = grpo_loss(grpo, logps, old_logps, ref_logps, advantages, mask, normalizer)
+    loss.backward()
+    grads = {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
+    return {
+        "per_function": per_function,
+        "rewards": rewards,
+        "advantages": advantages,
+        "zero_std": zero_std.double().mean().item(),
+        "logps": logps.detach(),
+        "mask": mask,
+        "loss": loss.item(),
+        "metrics": dict(zip(TOKEN_METRICS, (metrics / mask.sum()).tolist())),
+        "grads": grads,
+    }
+
+
+def trl(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step: float, tmp_path: Path) -> dict:
+    """TRL's GRPOTrainer on the same rollouts: its generation replaced by the fixed completions, its rewards
+    `functions` (given the completions' text: TRL hands conversational completions over as messages), its
+    `_generate_and_score_completions` (advantages; the old and reference log-probabilities), then the same update of
+    the LoRA weights, its per-token log-probabilities and its `_compute_loss`, and the gradients by our names."""
+    from datasets import Dataset
+    from peft import LoraConfig, set_peft_model_state_dict
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    def for_trl(name, function):
+        def reward(prompts, completions, **fields):
+            return function(prompts=prompts, completions=[c[0]["content"] for c in completions], **fields)
+
+        reward.__name__ = name
+        return reward
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    peft_config = LoraConfig.from_pretrained(rollouts["peft_dir"])
+    peft_config.inference_mode = False
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        report_to="none",
+        use_cpu=True,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=3 * G,
+        num_generations=G,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=grpo.temperature,
+        loss_type=grpo.loss,
+        scale_rewards=grpo.scale_rewards,
+        beta=grpo.beta,
+        epsilon=grpo.epsilon,
+        epsilon_high=grpo.epsilon_high,
+        num_iterations=grpo.num_iterations,
+        mask_truncated_completions=grpo.mask_truncated_completions,
+        reward_weights=WEIGHTS,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[for_trl(name, function) for name, function in functions],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": rollouts["messages"][0], "answer": "0"}]),  # batches are ours
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    set_peft_model_state_dict(trainer.model, load_file(rollouts["peft_dir"] / "adapter_model.safetensors"))
+    seen = {}
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        seen["prompt_ids"] = prompt_ids
+        return [list(ids) for ids in rollouts["completion_ids"]], None
+
+    trainer._generate_single_turn = generate
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
+    trainer.model.train()
+    inputs = [
+        {"prompt": messages, "answer": record["answer"]}
+        for messages, record in zip(rollouts["messages"], rollouts["records"])
+        for _ in range(G)
+    ]
+    with default_dtype(torch.float64):
+        output = trainer._generate_and_score_completions(inputs)
+    assert ("old_per_token_logps" in output) == (grpo.num_iterations > 1)
+    named = {lit_name(n): p for n, p in trainer.model.named_parameters() if ".default." in n}
+    if grpo.num_iterations > 1:
+        changes = perturbations(list(named), 0, step)
+        with torch.no_grad():
+            for name, param in named.items():
+                param.mul_(1 + changes[name])
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, output["completion_ids"].size(1)
+        )
+    loss = trainer._compute_loss(trainer.model, output)
+    loss.backward()
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    return {
+        "prompt_ids": seen["prompt_ids"],
+        "advantages": output["advantages"],
+        "logps": logps,
+        "completion_mask": output["completion_mask"],
+        "loss": loss.item(),
+        "metrics": metrics,
+        "grads": {name: param.grad for name, param in named.items()},
+        "rewards": trainer._logs["rewards"],
+    }
+
+
+CASES = [  # (loss, scale_rewards, beta, num_iterations, mask_truncated_completions): each loss with beta 0 and above,
+    # one pass and two, each scale_rewards with several
+    ("grpo", "group", 0.0, 1, False),
+    ("grpo", "none", 0.04, 2, True),
+    ("bnpo", "batch", 0.04, 1, False),
+    ("bnpo", "group", 0.0, 2, False),
+    ("dr_grpo", "none", 0.0, 2, False),
+    ("dr_grpo", "batch", 0.04, 1, True),
+    ("dapo", "group", 0.04, 2, False),
+    ("dapo", "batch", 0.0, 1, True),
+    ("dapo", "none", 0.0, 1, False),
+]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-10) -> float:
+    """Within `rtol` of the expected tensor's largest magnitude; returns the relative difference."""
+    scale = max(expected.abs().max().item(), 1e-300)
+    error = (actual - expected).abs().max().item() / scale
+    assert error <= rtol, f"{what}: {error} relative to {scale}"
+    return error
+
+
+@pytest.mark.parametrize("loss, scale_rewards, beta, num_iterations, mask_truncated", CASES)
+def test_a_batch_equals_trl_in_float64(
+    loss, scale_rewards, beta, num_iterations, mask_truncated, llama3_checkpoint_dir, rollouts, tmp_path, monkeypatch
+):
+    grpo = GRPO(
+        loss=loss,
+        num_generations=G,
+        scale_rewards=scale_rewards,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=beta,
+        num_iterations=num_iterations,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        mask_truncated_completions=mask_truncated,
+    )
+    functions = reward_functions(tmp_path)
+    step = 0.5  # the second pass's update of each LoRA weight (relative): enough to clip some tokens
+    mine = ours(llama3_checkpoint_dir, rollouts, grpo, functions, step)
+    exact_with_temperature(monkeypatch)
+    theirs = trl(llama3_checkpoint_dir, rollouts, grpo, functions, step, tmp_path)
+
+    # the same prompts (prepare_prompts.py's ids, TRL's own rendering) and rewards, None where TRL has NaN
+    assert [list(ids) for ids in theirs["prompt_ids"]] == [ids.tolist() for ids in rollouts["prompt_ids"]]
+    for j, (name, _) in enumerate(functions):
+        expected = torch.tensor(theirs["rewards"][name], dtype=torch.float64)
+        torch.testing.assert_close(mine["per_function"][:, j], expected, rtol=0, atol=0, equal_nan=True)
+    assert mine["rewards"].isnan().sum() == 2  # unscored completions
+    assert (mine["zero_std"] > 0) == (scale_rewards != "batch")  # a group of equal rewards
+    assert mine["advantages"].abs().max() > 0
+    assert_close(mine["advantages"], theirs["advantages"], "advantages")
+    assert mine["zero_std"] == pytest.approx(theirs["metrics"]["frac_reward_zero_std"], rel=1e-7)  # TRL's: float32
+
+    assert torch.equal(mine["mask"].bool(), theirs["completion_mask"].bool())
+    # where a completion is learned from (TRL does not attend to the tokens of those truncated and masked)
+    assert_close(mine["logps"] * mine["mask"], theirs["logps"] * mine["mask"], "log-probabilities")
+    assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-10, abs=1e-14)
+    assert mine["loss"] != 0
+    for name in TOKEN_METRICS[:3]:  # TRL's: a float32 division
+        assert mine["metrics"][name] == pytest.approx(theirs["metrics"][name], rel=1e-7, abs=1e-14), name
+    if beta:
+        assert mine["metrics"]["kl"] == pytest.approx(theirs["metrics"]["kl"], rel=1e-10)
+        assert mine["metrics"]["kl"] > 0
+    if num_iterations > 1:  # the second pass clipped some tokens, not all
+        assert 0 < mine["metrics"]["clip_ratio/region_mean"] < 1
+    assert set(mine["grads"]) == set(theirs["grads"]) and len(mine["grads"]) == 2 * 7 * 2
+    for name, grad in mine["grads"].items():
+        assert grad.abs().max() > 0, name
+        assert_close(grad, theirs["grads"][name], name)
