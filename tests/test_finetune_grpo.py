@@ -381,3 +381,44 @@ def test_a_batch_on_smollm2_equals_trl_in_float64(smollm2_dir, tmp_path, monkeyp
     errors = assert_same_as_trl(mine, theirs, grpo, functions, smollm2_rollouts)
     assert len(mine["grads"]) == 30 * 7 * 2
     print("largest relative differences:", {name: f"{error:.1e}" for name, error in errors.items()})
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_micro_batches_add_up_to_the_batch(loss, llama3_checkpoint_dir, rollouts, tmp_path):
+    """The batch's 12 completions in micro-batches of 5, 5 and 2, each loss divided by `loss_normalizer`: their sum and
+    gradients are those of the batch in one micro-batch (grpo, dr_grpo, dapo), or, for bnpo, whose loss TRL defines
+    per micro-batch, the mean of the micro-batches' own token means."""
+    grpo = settings(loss, "group", 0.04, 1, mask_truncated=True)
+    model = load_lora_model(llama3_checkpoint_dir, rollouts["adapter"], dtype=torch.float64)
+    mark_only_lora_as_trainable(model)
+    prompts, completions = rollouts["prompt_ids"], [torch.tensor(ids) for ids in rollouts["completion_ids"]]
+    answers = [record["answer"] for record in rollouts["records"] for _ in range(G)]
+    rewards = combine(score(reward_functions(tmp_path), [""] * len(answers), rollouts["texts"], {"answer": answers}))
+    advantages, _ = group_advantages(rewards, G, grpo.scale_rewards)
+    lengths = [len(c) for c in completions]
+    mask = completion_mask(lengths, rollouts["truncated"], True)
+    n_tokens = int(mask.sum())
+
+    def run(parts: list[slice]) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in parts:
+            p, c = prompts[part], completions[part]
+            ref = reference_logps(model, p, c, 1024, grpo.temperature)
+            logps = completion_logps(model, p, c, 1024, grpo.temperature)
+            m = completion_mask(lengths[part], rollouts["truncated"][part], True)
+            normalizer = loss_normalizer(grpo, len(completions), n_tokens, len(parts))
+            part_loss, _ = grpo_loss(grpo, logps, None, ref, advantages[part], m, normalizer)
+            part_loss.backward()
+            total += part_loss.item()
+        return total, {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+
+    whole, whole_grads = run([slice(0, 12)])
+    split, split_grads = run([slice(0, 5), slice(5, 10), slice(10, 12)])
+    if loss == "bnpo":
+        means = [run([part])[0] for part in (slice(0, 5), slice(5, 10), slice(10, 12))]
+        assert split == pytest.approx(sum(means) / 3, rel=1e-12) and split != pytest.approx(whole, rel=1e-3)
+    else:
+        assert split == pytest.approx(whole, rel=1e-12)
+        for name, grad in split_grads.items():
+            assert_close(grad, whole_grads[name], name, rtol=1e-12)
