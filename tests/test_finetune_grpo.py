@@ -4,6 +4,7 @@ replaced by them) and the same rewards (rewards.py's, with a weight each and a N
 log-probability, the loss, the clip fractions and KL, and every LoRA gradient equal TRL's in float64 within 1e-10, for
 each --loss, each --scale_rewards, beta 0 and above, one pass and a second pass (clipped) over the rollouts, with and
 without --mask_truncated_completions, at a temperature of 0.7; on a tiny model and on the real SmolLM2-135M-Instruct.
+And micro-batches, each divided by `loss_normalizer`, add up to the batch.
 
 TRL runs its own code (`_generate_and_score_completions`, `_get_per_token_logps_and_entropies`, `_compute_loss`) on a
 transformers LlamaForCausalLM with a PEFT LoRA holding the same weights as ours. Its float32 islands are lifted to
