@@ -21,7 +21,7 @@ import torch
 
 from adapter import load_adapter_model, read_adapter_chat_template, read_adapter_config
 from data import encode_prompt
-from generate import generate, printable
+from decode import generate, printable
 from tokenizer import Tokenizer
 from utils import cli, default_precision, load_config, peak_memory_gb, precision_to_dtype, use_cpu_decode_layout
 

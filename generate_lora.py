@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from data import encode_prompt
-from generate import generate, printable
+from decode import generate, printable
 from lora import load_lora_model, read_lora_chat_template, read_lora_config
 from tokenizer import Tokenizer
 from utils import cli, default_precision, load_config, peak_memory_gb, precision_to_dtype, use_cpu_decode_layout

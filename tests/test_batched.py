@@ -10,7 +10,7 @@ import torch
 
 from batched import BatchGenerator, Job, QueueFull, generate_all
 from conftest import make_adapters
-from generate import generate
+from decode import generate
 from lora import load_lora_model
 from multilora import AdapterStack, adapter_updates
 from utils import load_model

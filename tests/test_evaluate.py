@@ -312,7 +312,7 @@ def test_batched_scoring_equals_each_request_alone(checkpoint_dir):
     at every batch size; and greedy generation of prompts of different lengths in one batch, against generate.py's
     one prompt at a time."""
     from evaluate import HarnessLM
-    from generate import generate
+    from decode import generate
     from tokenizer import Tokenizer
     from utils import load_model
 
