@@ -315,7 +315,10 @@ def load_inference_model(
             )
         model = load_adapter_model(checkpoint_dir, adapter_path, device, dtype)
         model = merge_adapter_v2(model) if merge else model
-        what = f" with {adapter_path} (LLaMA-Adapter v{adapter_config.version}, {'merged' if merge else 'not merged'})"
+        what = (
+            f" with {adapter_path} (LLaMA-Adapter v{adapter_config.version}, {adapter_config.adapter_len} prompt "
+            f"vectors in the top {adapter_config.adapter_layers} layers, {'merged' if merge else 'not merged'})"
+        )
     else:
         model, what = load_model(checkpoint_dir, device, dtype, quantize), ""
     model.eval()
