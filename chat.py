@@ -190,10 +190,8 @@ class Chat:
         self.messages.append({"role": "assistant", "content": ""})
         for _, token in stream(self.model, [answer], starts=[n]):
             self.cached = ids + answer.tokens[:-1]  # fed so far: the conversation, and each token before this one
-            if token in self.tokenizer.stop_ids:
-                if len(answer.tokens) == 1:
-                    print(ended_at_once(answer.tokens, self.tokenizer.stop_ids), file=sys.stderr)
-                break
+            if hint := ended_at_once(answer.tokens, self.tokenizer.stop_ids):
+                print(hint, file=sys.stderr)
             # the text grows as tokens complete characters (a character of several bytes may span tokens)
             new = answer.text[len(self.messages[-1]["content"]) :]
             self.messages[-1]["content"] = answer.text

@@ -47,34 +47,34 @@ class Completion:
     stop_ids: Collection[int] = ()  # decoding ends after one of these (it is kept in `tokens`)
     stop_strings: Collection[str] = ()  # ... or once the text holds one of these (cut from `text`); needs detokenize
     detokenize: Optional[Callable[[list[int]], str]] = None  # token ids -> text, for stop_strings and `text`
-    on_token: Optional[Callable[[int], None]] = None  # called with each new token as it comes
+    on_token: Optional[Callable[[int], None]] = None  # called with each new token, once `text` has taken it
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the text of `tokens` up to a stop string (kept only with detokenize)
     finish_reason: Optional[str] = None  # "stop" (a stop id or string) or "length" (max_new_tokens)
     decoded: tuple[int, int] = (0, 0)  # detokenize's window: tokens[decoded[0]:decoded[1]] gave the end of `text`
 
     def add(self, token: int) -> bool:
-        """Takes one new token; returns whether the completion has ended."""
+        """Takes one new token; returns whether the completion has ended. A stop id ends it without text of its own."""
         self.tokens.append(token)
-        if self.on_token is not None:
-            self.on_token(token)
-        if self.detokenize is not None and self.add_text() and self.finish_reason is not None:
-            return True
         if token in self.stop_ids:
             self.finish_reason = "stop"
-        elif len(self.tokens) >= self.max_new_tokens:
+        elif self.detokenize is not None:
+            self.add_text()  # ends it at a stop string
+        if self.finish_reason is None and len(self.tokens) >= self.max_new_tokens:
             self.finish_reason = "length"
+        if self.on_token is not None:
+            self.on_token(token)
         return self.finish_reason is not None
 
-    def add_text(self) -> bool:
+    def add_text(self) -> None:
         """Adds the newest token's text to `text`, decoding only the last few tokens: a token may complete a character
         that earlier ones began (then it adds nothing until the character is whole), and a sentencepiece word's leading
         space shows only after the word before it, so the text of the window before the new token is taken from the
-        window with it. Ends the completion at a stop string found in the new text. Returns whether text was added."""
+        window with it. Ends the completion at a stop string found in the new text."""
         start, end = self.decoded
         before, now = self.detokenize(self.tokens[start:end]), self.detokenize(self.tokens[start:])
         if len(now) <= len(before) or now.endswith("\ufffd"):
-            return False
+            return
         new = now[len(before) :]
         self.decoded = (end, len(self.tokens))
         longest = max((len(stop) for stop in self.stop_strings), default=0)
@@ -83,7 +83,6 @@ class Completion:
         found = [at for at in (self.text.find(stop, searched) for stop in self.stop_strings if stop) if at >= 0]
         if found:
             self.text, self.finish_reason = self.text[: min(found)], "stop"
-        return True
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float], max_new_tokens: int) -> None:

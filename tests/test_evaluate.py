@@ -311,8 +311,8 @@ def test_batched_scoring_equals_each_request_alone(checkpoint_dir):
     others, so that later passes have rows with nothing left), lone requests, inputs cut from the left at max_length,
     at every batch size; and greedy generation of prompts of different lengths in one batch, against generate.py's
     one prompt at a time."""
-    from evaluate import HarnessLM
     from decode import generate
+    from evaluate import HarnessLM
     from tokenizer import Tokenizer
     from utils import load_model
 
