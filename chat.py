@@ -188,7 +188,7 @@ class Chat:
             detokenize=self.tokenizer.decode,
         )
         self.messages.append({"role": "assistant", "content": ""})
-        for _, token in stream(self.model, [answer], starts=[n]):
+        for _ in stream(self.model, [answer], starts=[n]):
             self.cached = ids + answer.tokens[:-1]  # fed so far: the conversation, and each token before this one
             if hint := ended_at_once(answer.tokens, self.tokenizer.stop_ids):
                 print(hint, file=sys.stderr)
