@@ -58,7 +58,8 @@ def test_stacked_layer_pads_ranks_and_applies_a_per_row_factor():
 
 def test_every_projection_is_wrapped_and_holds_slots_only_once_adapted():
     """AdapterStack wraps every projection (each reads the rows' adapters from the stack), but memory goes only to the
-    projections some adapter adapts: a slot per adapter so far (zeros for those that leave it alone) from the first one on."""
+    projections some adapter adapts: a slot per adapter so far (zeros for those that leave it alone) from the first
+    one on."""
     model = torch.nn.Module()
     model.embed = torch.nn.Embedding(4, 6)
     model.first, model.second = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 6, bias=False)
