@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from decode import Batch, Completion, prefill
-from model import KVCache, LLaMA
+from model import KVCache, LLaMA, cache_mask
 from multilora import AdapterStack
 
 
@@ -68,8 +68,7 @@ class SlotCache(KVCache):
         self.slots = slots
 
     def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        mask = input_pos[..., None] >= torch.arange(self.slots.length, device=input_pos.device)
-        return mask if input_pos.dim() == 1 else mask[:, None]
+        return cache_mask(input_pos, self.slots.length, self.k.dtype)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, n = self.slots.rows, self.slots.length

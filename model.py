@@ -255,10 +255,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """Which cached positions each query at input_pos attends to (computed once per forward pass): (T, length)
-        for positions (T,), (B, 1, T, length) for per-row positions (B, T)."""
-        mask = input_pos[..., None] >= torch.arange(self.k.size(2), device=input_pos.device)
-        return mask if input_pos.dim() == 1 else mask[:, None]
+        return cache_mask(input_pos, self.k.size(2), self.k.dtype)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes this pass's keys and values (B, n_query_groups, T, head_size) at input_pos into rows 0..B-1, and
@@ -274,6 +271,16 @@ class KVCache(nn.Module):
             self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k[:B], self.v[:B]
+
+
+def cache_mask(input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """What each query at input_pos adds to its attention scores over the first `length` cached positions (0 where it
+    attends, -inf after it), computed once per forward pass: (T, length) for positions (T,), (B, 1, T, length) for
+    per-row positions (B, T). Added rather than a boolean mask, which scaled_dot_product_attention would turn into this
+    in every layer."""
+    keep = input_pos[..., None] >= torch.arange(length, device=input_pos.device)
+    mask = torch.zeros(keep.shape, device=keep.device, dtype=dtype).masked_fill_(~keep, float("-inf"))
+    return mask if input_pos.dim() == 1 else mask[:, None]
 
 
 class Block(nn.Module):
@@ -334,6 +341,7 @@ class CausalSelfAttention(nn.Module):
         if lengths is not None:  # sequences packed into one row: each is causal attention over its own tokens only
             y = packed_attention(q, k, v, lengths)
         else:
+            mask = None if mask is None else mask.to(q.dtype)  # bf16 under autocast
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         # y: (B, n_head, T, head_size)
         if self.adaption_prompt is not None:  # LLaMA-Adapter: gated attention over a learned prompt, of every position
