@@ -157,8 +157,9 @@ class Batch:
     """The completions decoding together, one per row of the model's KV cache, each at its own position: `begin`
     takes each new one's first token from its prefill logits, `step` gives every row still going one more token."""
 
-    def __init__(self, model: LLaMA, batch_size: int) -> None:
+    def __init__(self, model: LLaMA, batch_size: int, step_model: Optional[Callable] = None) -> None:
         self.model, self.device = model, model.embed.weight.device
+        self.step_model = model if step_model is None else step_model  # or compile_step's
         self.rows: list[Optional[Completion]] = [None] * batch_size  # None: free, or ended
         self.positions = [0] * batch_size  # where each row's next token goes
         self.last = [0] * batch_size  # each row's newest token, fed at the next step
@@ -186,7 +187,7 @@ class Batch:
         n = self.width
         idx = torch.tensor(self.last[:n], device=self.device)[:, None]  # (n, 1)
         input_pos = torch.tensor(self.positions[:n], device=self.device)[:, None]  # (n, 1)
-        logits = self.model(idx, input_pos)[:, -1]  # (n, vocab_size)
+        logits = self.step_model(idx, input_pos)[:, -1]  # (n, vocab_size)
         going = [i for i in range(n) if self.rows[i] is not None]
         tokens = pick([self.rows[i] for i in going], logits if len(going) == n else logits[going])
         for i, token in zip(going, tokens):
@@ -197,13 +198,27 @@ class Batch:
         return list(zip(going, tokens))
 
 
+def compile_step(model: LLaMA) -> Callable:
+    """The model compiled by torch.compile (inductor) for decode steps, to pass to `stream` as its step_model: one
+    token per row, static shapes (the whole cache attended, masked), one graph for each batch size and cache length.
+    Compiling takes tens of seconds on a small CPU, then each step leaves out most of eager PyTorch's cost per operation
+    (the figures: howto/inference.md); prefill stays eager, its shapes change with every prompt."""
+    model.rope(model.embed.weight.device)  # built now, the compiled graph never sees it missing
+    return torch.compile(model, dynamic=False)
+
+
 @torch.no_grad()
 def stream(
-    model: LLaMA, completions: list[Completion], starts: Optional[list[int]] = None
+    model: LLaMA,
+    completions: list[Completion],
+    starts: Optional[list[int]] = None,
+    step_model: Optional[Callable] = None,
 ) -> Iterator[tuple[int, int]]:
     """Decodes the completions together, yielding (index, token) for each new token as it comes. Without `starts`
     the prompts begin at position 0 in a KV cache made for them and freed at the end (it can be as large as the
-    weights); with `starts`, prompt i continues at position starts[i] in the cache the model has (chat.py's).
+    weights; its length rounded up to a multiple of 64, so that a compiled step_model meets few lengths); with
+    `starts`, prompt i continues at position starts[i] in the cache the model has (chat.py's). step_model: what runs
+    the steps (compile_step's), by default the model.
 
     Runs under no_grad, not inference_mode: tensors inference_mode creates (the model's cached rotary tables) could not
     be used by a later training step."""
@@ -216,9 +231,10 @@ def stream(
     if max(end + c.max_new_tokens - 1 for end, c in zip(ends, completions)) >= model.config.block_size:
         raise ValueError(f"a prompt plus its max_new_tokens exceeds the model's block_size {model.config.block_size}")
     if starts is None:
-        model.set_kv_cache(len(completions), max(ends) + max(c.max_new_tokens for c in completions))
+        length = max(ends) + max(c.max_new_tokens for c in completions)
+        model.set_kv_cache(len(completions), min(-(-length // 64) * 64, model.config.block_size))
     try:
-        batch = Batch(model, len(completions))
+        batch = Batch(model, len(completions), step_model)
         logits = prefill(model, [c.prompt for c in completions], starts)
         yield from batch.begin(list(range(len(completions))), completions, logits, ends)
         while batch.width:
@@ -228,9 +244,9 @@ def stream(
             model.clear_kv_cache()
 
 
-def decode_all(model: LLaMA, completions: list[Completion]) -> list[Completion]:
+def decode_all(model: LLaMA, completions: list[Completion], step_model: Optional[Callable] = None) -> list[Completion]:
     """`stream` to the end: fills every completion's tokens (and text), and returns them."""
-    for _ in stream(model, completions):
+    for _ in stream(model, completions, step_model=step_model):
         pass
     return completions
 
@@ -245,13 +261,14 @@ def generate(
     top_p: Optional[float] = None,
     stop_ids: Collection[int] = (),
     generator: Optional[torch.Generator] = None,
+    step_model: Optional[Callable] = None,
 ) -> torch.Tensor:
     """One prompt `idx` (a 1-D LongTensor) followed by up to `max_new_tokens` new tokens, the last of them one of
     `stop_ids` (the tokenizer's: EOS, end of turn) if it stopped there."""
     if idx.dim() != 1:
         raise ValueError(f"idx must be the prompt's token ids as a 1-D tensor, not of shape {tuple(idx.shape)}")
     completion = Completion(idx.tolist(), max_new_tokens, temperature, top_k, top_p, generator, stop_ids)
-    decode_all(model, [completion])
+    decode_all(model, [completion], step_model)
     return torch.cat([idx, torch.tensor(completion.tokens, dtype=idx.dtype, device=idx.device)])
 
 

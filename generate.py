@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from decode import check_sampling, ended_at_once, generate, load_inference_model, printable
+from decode import check_sampling, compile_step, ended_at_once, generate, load_inference_model, printable
 from tokenizer import Tokenizer
 from utils import cli, load_config, peak_memory_gb
 
@@ -65,9 +65,7 @@ def main(
 
     model, loaded = load_inference_model(checkpoint_dir, quantize=quantize, precision=precision)
     print(loaded, file=sys.stderr)
-    if compile:
-        model.rope(model.embed.weight.device)  # built now, the compiled graphs never see it missing
-        model = torch.compile(model)
+    step_model = compile_step(model) if compile else None
 
     encoded = encoded.to(model.embed.weight.device)
     generator = torch.Generator(encoded.device).manual_seed(seed)
@@ -82,6 +80,7 @@ def main(
             top_p=top_p,
             stop_ids=tokenizer.stop_ids,
             generator=generator,
+            step_model=step_model,
         )
         t = time.perf_counter() - t0
         print(tokenizer.decode(printable(y, tokenizer)), flush=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
-from decode import Completion, decode_all, generate, sample, stream
+from decode import Completion, compile_step, decode_all, generate, sample, stream
 from model import Config, LLaMA
 from tokenizer import Tokenizer
 from utils import load_model
@@ -146,3 +146,14 @@ def test_sample_follows_softmax_of_the_top_k_and_top_p():
     kept = torch.zeros(5)
     kept[[4, 0]] = probs[[4, 0]] / probs[[4, 0]].sum()
     assert (frequencies - kept).abs().max() < 0.02
+
+
+def test_a_compiled_step_gives_the_eager_tokens_with_one_graph(model):
+    """decode.compile_step (generate.py --compile): prompts of other lengths reuse the graph (the cache's length is
+    rounded up to a multiple of 64), and the tokens are the eager ones."""
+    torch._dynamo.reset()
+    step = compile_step(model)
+    for prompt in ([1, 5, 7], [2, 3, 4, 5, 6, 7, 8]):
+        eager = generate(model, torch.tensor(prompt), 10, temperature=0.0)
+        assert generate(model, torch.tensor(prompt), 10, temperature=0.0, step_model=step).tolist() == eager.tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
