@@ -1,29 +1,29 @@
 """Continuous batching: many generation jobs (serve.py's requests) decoded together on one base model, each with its own
-adapter, sampling settings and length.
+adapter, sampling settings and length, joining and leaving while the others decode.
 
-The KV cache has `max_batch_size` rows ("slots"). A new job takes a free slot: its prompt is fed in one pass into
-that row of the cache (model.forward's `kv_rows`); then every step feeds the newest token of every busy slot in one
-forward pass, each row at its own position (`input_pos` of shape (B, 1)) and with its own adapter (model.forward's
-`adapters`: each row's slot in the multilora.AdapterStack). A job that ends (a stop id, its max_new_tokens,
-cancelled) frees its slot at once for the next waiting one. Each row's greedy output equals generate.generate's for
-that job alone (tests/test_batched.py).
+The KV cache has `max_batch_size` rows ("slots"): a `SlotCache` in every attention layer. A new job takes the lowest
+free slot: its prompt is fed in one pass into that row of the cache; then each step is decode.py's `Batch.step`, one
+token for every busy slot, each at its own position and with its own adapter (`AdapterStack.rows`). A job that ends
+(a stop id or string, its max_new_tokens, cancelled) frees its slot at once for the next waiting one. Each row's greedy
+output equals decode.generate's for that job alone (tests/test_batched.py).
 
     generator = BatchGenerator(model, stack, max_batch_size=8, max_seq_length=1024)
-    jobs = [Job(prompt=ids, adapter="support", max_new_tokens=64), ...]
-    generate_all(generator, jobs)  # or: generator.submit(r) from any thread, generator.loop(stop) in one thread
-    jobs[0].tokens
+    jobs = [Job(Completion(ids, max_new_tokens=64), adapter="support"), ...]
+    generate_all(generator, jobs)  # or: generator.submit(job) from any thread, generator.loop(stop) in one thread
+    jobs[0].completion.tokens
 """
 
 import collections
 import threading
 import traceback
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from generate import sample
-from model import LLaMA
+from decode import Batch, Completion, prefill
+from model import KVCache, LLaMA, cache_mask
 from multilora import AdapterStack
 
 
@@ -33,22 +33,50 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request's generation: its prompt and settings, and what the generator fills in."""
+    """One request: its completion (prompt, settings, what decoding fills in), its adapter, and how it ended."""
 
-    prompt: list[int]  # token ids, at least one
-    max_new_tokens: int
+    completion: Completion
     adapter: str = ""  # a name in the AdapterStack, "" for the base
-    temperature: float = 0.0  # 0: greedy
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    stop_ids: Sequence[int] = ()  # generation ends after yielding one of these
-    seed: Optional[int] = None  # the job's own random numbers when sampling
-    # called from the generation loop with each new token id, then once with None when the job has ended
-    on_token: Optional[Callable[[Optional[int]], None]] = None
-    # set by the generator
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "stop" (a stop id), "length" (max_new_tokens), "cancelled" or "error"
+    on_end: Optional[Callable[[], None]] = None  # called from the generation loop once the job has ended
+    finish_reason: Optional[str] = None  # the completion's ("stop", "length"), or "cancelled" or "error"
     cancelled: bool = False  # set from any thread: the slot is freed at the next step
+
+
+class Slots:
+    """Which rows of the SlotCaches a forward pass uses, and how many positions it attends over: set for its span by
+    `use`, so that the model's forward needs no argument for them."""
+
+    def __init__(self) -> None:
+        self.rows, self.length = slice(0, 0), 0
+
+    @contextmanager
+    def use(self, rows: slice, length: int) -> Iterator[None]:
+        before = self.rows, self.length
+        self.rows, self.length = rows, length
+        try:
+            yield
+        finally:
+            self.rows, self.length = before
+
+
+class SlotCache(KVCache):
+    """model.KVCache whose batch row i is the cache's row slots.rows.start + i, and whose attention reads only the
+    first slots.length positions: a cache sized for the longest request a server takes is mostly empty."""
+
+    def __init__(self, slots: Slots, *args) -> None:
+        super().__init__(*args)
+        self.slots = slots
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return cache_mask(input_pos, self.slots.length, self.k.dtype)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, n = self.slots.rows, self.slots.length
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        index = torch.arange(rows.start, rows.stop, device=k.device)[:, None]  # (B, 1)
+        self.k[index, :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
+        self.v[index, :, input_pos] = v.transpose(1, 2)
+        return self.k[rows, :, :n], self.v[rows, :, :n]
 
 
 class BatchGenerator:
@@ -63,13 +91,14 @@ class BatchGenerator:
             )
         self.model, self.stack = model, stack
         self.max_seq_length, self.max_waiting = max_seq_length, max_waiting
-        self.device = model.embed.weight.device
-        model.set_kv_cache(max_batch_size, max_seq_length)
-        self.slots: list[Optional[Job]] = [None] * max_batch_size
-        self.positions = [0] * max_batch_size  # where each slot's next token goes
-        self.last = [0] * max_batch_size  # each slot's newest token, fed at the next step
+        self.slots = Slots()
+        device, dtype = model.embed.weight.device, model.embed.weight.dtype
+        for block in model.blocks:
+            shape = (max_batch_size, block.attn.n_query_groups, max_seq_length, block.attn.head_size)
+            block.attn.kv_cache = SlotCache(self.slots, *shape, device, dtype)
+        self.batch = Batch(model, max_batch_size)
+        self.jobs: list[Optional[Job]] = [None] * max_batch_size
         self.adapter_slots = [0] * max_batch_size
-        self.generators: list[Optional[torch.Generator]] = [None] * max_batch_size
         self.waiting: collections.deque[Job] = collections.deque()
         self.ended = collections.Counter()  # jobs ended so far, by finish_reason (serve.py's /health)
         self.lock = threading.Lock()  # held by a step; adding an adapter waits for it
@@ -77,111 +106,80 @@ class BatchGenerator:
 
     def submit(self, job: Job) -> None:
         """Queues a job (from any thread); it starts as soon as a slot is free."""
-        if not job.prompt or job.max_new_tokens < 1:
+        completion = job.completion
+        if not completion.prompt or completion.max_new_tokens < 1:
             raise ValueError("a job needs at least one prompt token and max_new_tokens >= 1")
-        if len(job.prompt) + job.max_new_tokens > self.max_seq_length:
+        if len(completion.prompt) + completion.max_new_tokens > self.max_seq_length:
             raise ValueError(
-                f"the prompt ({len(job.prompt)} tokens) plus max_new_tokens ({job.max_new_tokens}) "
+                f"the prompt ({len(completion.prompt)} tokens) plus max_new_tokens ({completion.max_new_tokens}) "
                 f"exceeds max_seq_length {self.max_seq_length}"
             )
         self.stack.index(job.adapter)  # an unknown adapter fails here, not in the loop
         with self.wakeup:
             # free slots take jobs at the next step: until then those count as places in the queue too
-            if len(self.waiting) >= self.max_waiting + self.slots.count(None):
+            if len(self.waiting) >= self.max_waiting + self.jobs.count(None):
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting for a slot (the limit); retry later")
             self.waiting.append(job)
             self.wakeup.notify()
 
     def busy(self) -> bool:
-        return bool(self.waiting) or any(slot is not None for slot in self.slots)
+        return bool(self.waiting) or any(job is not None for job in self.jobs)
 
     @torch.no_grad()
     def step(self) -> None:
         """Starts waiting jobs in free slots, then generates one token for every busy slot."""
         with self.lock:
-            for i, job in enumerate(self.slots):
+            for i, job in enumerate(self.jobs):
                 if job is not None and job.cancelled:
+                    self.batch.rows[i] = None
                     self.finish(i, "cancelled")
-            while self.waiting and None in self.slots:
+            while self.waiting and None in self.jobs:
                 with self.wakeup:
                     job = self.waiting.popleft()
                 if not job.cancelled:
-                    self.start(self.slots.index(None), job)
+                    self.start(self.jobs.index(None), job)
                 else:
                     self.end(job, "cancelled")
-            busy = [i for i, job in enumerate(self.slots) if job is not None]
-            if busy:
-                self.decode(busy[-1] + 1)
+            if self.batch.width:
+                self.decode()
 
     def start(self, i: int, job: Job) -> None:
         """Feeds the prompt into slot i's row of the cache and takes the first new token from its last position."""
-        self.slots[i] = job
-        self.adapter_slots[i] = self.stack.index(job.adapter)
-        self.generators[i] = None
-        if job.seed is not None:
-            self.generators[i] = torch.Generator(self.device).manual_seed(job.seed)
-        T = len(job.prompt)
-        idx = torch.tensor([job.prompt], device=self.device)  # (1, T)
-        logits_at = torch.zeros(1, T, dtype=torch.bool, device=self.device)
-        logits_at[0, -1] = True
-        logits = self.model(
-            idx,
-            torch.arange(T, device=self.device)[None],
-            logits_at=logits_at,
-            kv_rows=torch.tensor([i], device=self.device),
-            adapters=self.adapters_tensor([self.adapter_slots[i]]),
-        )  # (1, vocab_size)
-        self.positions[i] = T
-        self.take(i, logits[0])
+        self.jobs[i], self.adapter_slots[i] = job, self.stack.index(job.adapter)
+        n = len(job.completion.prompt)
+        with self.slots.use(slice(i, i + 1), n), self.stack.rows([self.adapter_slots[i]]):
+            logits = prefill(self.model, [job.completion.prompt])  # (1, vocab_size)
+        self.batch.begin([i], [job.completion], logits, [n])
+        if self.batch.rows[i] is None:  # ended at its first token
+            self.finish(i, job.completion.finish_reason)
 
-    def decode(self, n: int) -> None:
-        """One forward pass over slots 0..n-1 (free ones among them fed a dummy token at position 0 of their own row,
-        which the next job there overwrites), one new token each."""
-        idx = torch.tensor(self.last[:n], device=self.device)[:, None]  # (n, 1)
-        input_pos = torch.tensor(self.positions[:n], device=self.device)[:, None]  # (n, 1)
-        adapters = [a if self.slots[i] is not None else 0 for i, a in enumerate(self.adapter_slots[:n])]
-        logits = self.model(idx, input_pos, adapters=self.adapters_tensor(adapters))[:, -1]  # (n, vocab_size)
-        greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy row
-        for i in range(n):
-            if self.slots[i] is not None:
-                self.positions[i] += 1
-                self.take(i, logits[i], greedy[i])
-
-    def adapters_tensor(self, slots: list[int]) -> Optional[torch.Tensor]:
-        """model.forward's `adapters` for rows on these adapter slots: None when every row is on the base."""
-        return torch.tensor(slots, device=self.device) if any(slots) else None
-
-    def take(self, i: int, logits: torch.Tensor, greedy: Optional[int] = None) -> None:
-        """Picks slot i's next token from its logits (vocab_size,), hands it over, and ends the job if it is done."""
-        job = self.slots[i]
-        if job.temperature == 0.0 and greedy is not None:
-            token = greedy
-        else:
-            token = sample(logits, job.temperature, job.top_k, job.top_p, self.generators[i]).item()
-        job.tokens.append(token)
-        self.last[i] = token
-        if job.on_token is not None:
-            job.on_token(token)
-        if token in job.stop_ids:
-            self.finish(i, "stop")
-        elif len(job.tokens) >= job.max_new_tokens:
-            self.finish(i, "length")
+    def decode(self) -> None:
+        """One step of every busy slot (free ones below the last busy one are fed a dummy token, decode.Batch.step)."""
+        n = self.batch.width
+        length = max(self.batch.positions[i] for i in range(n) if self.batch.rows[i] is not None) + 1
+        adapters = [a if self.batch.rows[i] is not None else 0 for i, a in enumerate(self.adapter_slots[:n])]
+        with self.slots.use(slice(0, n), length), self.stack.rows(adapters):
+            taken = self.batch.step()
+        for i, _ in taken:
+            if self.batch.rows[i] is None:
+                self.finish(i, self.jobs[i].completion.finish_reason)
 
     def finish(self, i: int, reason: str) -> None:
-        job, self.slots[i], self.last[i], self.positions[i] = self.slots[i], None, 0, 0
+        job, self.jobs[i] = self.jobs[i], None
         self.end(job, reason)
 
     def end(self, job: Job, reason: str) -> None:
         job.finish_reason = reason
         self.ended[reason] += 1
-        if job.on_token is not None:
-            job.on_token(None)
+        if job.on_end is not None:
+            job.on_end()
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         """Ends every job in flight or waiting (serve.py at shutdown)."""
         with self.lock:
-            for i, job in enumerate(self.slots):
+            for i, job in enumerate(self.jobs):
                 if job is not None:
+                    self.batch.rows[i] = None
                     self.finish(i, reason)
             with self.wakeup:
                 waiting, self.waiting = list(self.waiting), collections.deque()

@@ -12,18 +12,17 @@ are dropped (said on stderr). See howto/chat.md.
 """
 
 import sys
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-from adapter import load_adapter_model, read_adapter_chat_template, read_adapter_config
-from generate import generate_tokens
-from lora import load_lora_model, read_lora_chat_template, read_lora_config
+from adapter import read_adapter_chat_template
+from decode import Completion, check_sampling, ended_at_once, load_inference_model, stream
+from lora import read_lora_chat_template
 from model import LLaMA
 from tokenizer import CHAT_TEMPLATES, Tokenizer, check_template_name
-from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype, use_cpu_decode_layout
+from utils import cli, load_config, one_line
 
 
 def main(
@@ -63,24 +62,14 @@ def main(
         adapter_path: a LLaMA-Adapter (v1 or v2) written by finetune_adapter.py to chat with, instead of --lora_path;
             its prompts stay separate from the weights (they cannot merge), and the base is not quantized.
     """
-    if temperature < 0 or (top_k is not None and top_k < 1) or max_new_tokens < 1:
-        raise ValueError(
-            f"--temperature must be >= 0, --top_k >= 1 (or null) and --max_new_tokens >= 1, "
-            f"not {temperature}, {top_k} and {max_new_tokens}"
-        )
+    check_sampling(temperature, top_k, None, max_new_tokens)
     check_template_name(template)
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    if lora_path is not None and adapter_path is not None:
-        raise ValueError("pass --lora_path (a LoRA adapter) or --adapter_path (a LLaMA-Adapter), not both")
-    if adapter_path is not None and quantize is not None:
-        raise ValueError("--quantize is for LoRA adapters (QLoRA); a LLaMA-Adapter runs on the unquantized base")
-    if lora_path is not None:
-        read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
-        template = template or read_lora_chat_template(lora_path)  # what it was trained on, if conversations
+    if lora_path is not None:  # the template of what the adapter was trained on, if conversations
+        template = template or read_lora_chat_template(lora_path)
     if adapter_path is not None:
-        read_adapter_config(adapter_path)
         template = template or read_adapter_chat_template(adapter_path)
     if template is None and tokenizer.chat_template is None:
         raise ValueError(
@@ -92,29 +81,19 @@ def main(
             f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the model's "
             f"block_size {config.block_size}"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = precision_to_dtype(precision or default_precision())
-
-    t0 = time.perf_counter()
-    if adapter_path is not None:
-        model = load_adapter_model(checkpoint_dir, adapter_path, device=device, dtype=dtype)
-    elif lora_path is None:
-        model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
-    else:  # merged, unless the base is quantized: 4 or 8 bits would round the adapter's small update away
-        model = load_lora_model(
-            checkpoint_dir, lora_path, device=device, dtype=dtype, merge=quantize is None, quantize=quantize
-        )
-    model.eval()
-    if device.type == "cpu":
-        use_cpu_decode_layout(model)
-    print(
-        f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s "
-        f"({dtype}, {quantize or 'not quantized'}, {device})",
-        file=sys.stderr,
+    # LoRA merged, unless the base is quantized: 4 or 8 bits would round the adapter's small update away
+    model, loaded = load_inference_model(
+        checkpoint_dir,
+        lora_path,
+        adapter_path,
+        merge=lora_path is not None and quantize is None,
+        quantize=quantize,
+        precision=precision,
     )
+    print(loaded, file=sys.stderr)
 
-    torch.manual_seed(seed)
-    chat = Chat(model, tokenizer, system, template, max_new_tokens, temperature, top_k)
+    generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
+    chat = Chat(model, tokenizer, system, template, max_new_tokens, temperature, top_k, generator)
     if prompt is not None:
         for text in chat.reply(prompt):
             print(text, end="", flush=True)
@@ -160,9 +139,15 @@ class Chat:
         max_new_tokens: int,
         temperature: float,
         top_k: Optional[int],
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.max_new_tokens, self.temperature, self.top_k, self.generator = (
+            max_new_tokens,
+            temperature,
+            top_k,
+            generator,
+        )
         self.system = [] if system is None else [{"role": "system", "content": system}]
         self.messages = list(self.system)
         self.cached: list[int] = []  # the ids in the cache, at positions 0..len(cached)-1
@@ -182,7 +167,6 @@ class Chat:
         except ValueError:  # a message too long even alone: refused, and the conversation stays as it was
             self.messages = before
             raise
-        device = self.model.embed.weight.device
         if len(ids) + self.max_new_tokens > self.capacity:  # a new, longer cache: the conversation is fed again
             self.capacity = min(
                 self.model.config.block_size, max(2 * self.capacity, len(ids) + self.max_new_tokens, 1024)
@@ -193,30 +177,26 @@ class Chat:
         n = min(n, len(ids) - 1)  # feed at least the last token: its logits give the answer's first token
         self.cached = ids[:n]
 
-        answer: list[int] = []
-        printed = ""
-        new_tokens = generate_tokens(
-            self.model,
-            torch.tensor(ids[n:], device=device),
-            torch.arange(n, len(ids), device=device),
+        answer = Completion(
+            ids[n:],
             self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            stop_ids=self.tokenizer.stop_ids,
+            self.temperature,
+            self.top_k,
+            None,
+            self.generator,
+            self.tokenizer.stop_ids,
+            detokenize=self.tokenizer.decode,
         )
         self.messages.append({"role": "assistant", "content": ""})
-        for token in new_tokens:
-            self.cached = ids + answer  # fed so far: the conversation, and each token yielded before this one
-            if token.item() in self.tokenizer.stop_ids:
-                break
-            answer.append(token.item())
-            # decode the whole answer and print what is new: a character of several bytes may span tokens, and
-            # decodes to U+FFFD until its last byte has come
-            text = self.tokenizer.decode(answer)
-            self.messages[-1]["content"] = text
-            if not text.endswith("\ufffd") and text.startswith(printed):
-                yield text[len(printed) :]
-                printed = text
+        for _ in stream(self.model, [answer], starts=[n]):
+            self.cached = ids + answer.tokens[:-1]  # fed so far: the conversation, and each token before this one
+            if hint := ended_at_once(answer.tokens, self.tokenizer.stop_ids):
+                print(hint, file=sys.stderr)
+            # the text grows as tokens complete characters (a character of several bytes may span tokens)
+            new = answer.text[len(self.messages[-1]["content"]) :]
+            self.messages[-1]["content"] = answer.text
+            if new:
+                yield new
 
     def encode_fitting(self) -> list[int]:
         """The conversation's ids in the chat template, ending with the assistant's turn opened; while they and

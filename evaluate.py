@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from adapter import load_adapter_model, merge_adapter_v2, read_adapter_config
 from data import load_prepared_data
-from generate import sample
+from decode import Completion, decode_all
 from lora import check_same_base, load_lora_model, read_lora_config
 from model import LLaMA
 from quantize import check_mode
@@ -430,10 +430,14 @@ class HarnessLM(TemplateLM):
             totals[i] += log_likelihood
         return totals
 
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)  # as HFLM decodes a continuation
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation of its context, greedy unless the task samples, until one of the task's stop
         sequences, the tokenizer's stop ids or max_gen_toks; the text up to the first stop sequence (as HFLM).
-        Requests with the same settings are decoded together, longest context first, batch_size at a time."""
+        Requests with the same settings are decoded together (decode.py), longest context first, batch_size at a
+        time."""
         by_settings: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             by_settings.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
@@ -453,56 +457,24 @@ class HarnessLM(TemplateLM):
             indices = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
-                texts = self.generate_batch(
-                    [prompts[i] for i in batch], max_new_tokens, until, temperature if do_sample else 0.0, top_k, top_p
-                )
-                for i, text in zip(batch, texts):
-                    results[i] = postprocess_generated_text(text, until, None)
+                completions = [
+                    Completion(
+                        prompts[i],
+                        max_new_tokens,
+                        temperature if do_sample else 0.0,
+                        top_k,
+                        top_p,
+                        stop_ids=self.tokenizer.stop_ids,
+                        stop_strings=until,
+                        detokenize=self.decode_text,
+                    )
+                    for i in batch
+                ]
+                for i, completion in zip(batch, decode_all(self.model, completions)):
+                    results[i] = postprocess_generated_text(completion.text, until, None)
                 bar.update(len(batch))
         bar.close()
         return results
-
-    @torch.no_grad()
-    def generate_batch(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        until: list[str],
-        temperature: float,
-        top_k: Optional[int],
-        top_p: Optional[float],
-    ) -> list[str]:
-        """Decodes the prompts together: one pass over them right-padded (a pad only follows a prompt's tokens, and
-        each row's first new token overwrites its first pad in the KV cache), then one token per row per pass, each
-        row at its own position. A row is done at a stop id or once its text holds a stop sequence; the batch
-        when every row is. Returns each row's new text, special tokens left out (as HFLM decodes it)."""
-        lengths = torch.tensor([len(prompt) for prompt in prompts], device=self._device)
-        width = int(lengths.max())
-        idx = torch.zeros(len(prompts), width, dtype=torch.long)
-        for r, prompt in enumerate(prompts):
-            idx[r, : len(prompt)] = torch.tensor(prompt)
-        last = torch.arange(width, device=self._device)[None] == (lengths - 1)[:, None]  # (B, T): each prompt's end
-        new_tokens: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        self.model.set_kv_cache(len(prompts), width + max_new_tokens)
-        try:
-            logits = self.model(idx.to(self._device), torch.arange(width, device=self._device), logits_at=last)
-            for step in range(max_new_tokens):
-                if temperature == 0:
-                    tokens = logits.argmax(dim=-1)  # (B,)
-                else:
-                    tokens = torch.cat([sample(row, temperature, top_k, top_p) for row in logits])
-                for r, token in enumerate(tokens.tolist()):
-                    if not done[r]:
-                        new_tokens[r].append(token)
-                        text = self.tokenizer.decode(new_tokens[r], skip_special_tokens=True)
-                        done[r] = token in self.tokenizer.stop_ids or any(stop in text for stop in until if stop)
-                if all(done) or step == max_new_tokens - 1:
-                    break
-                logits = self.model(tokens[:, None], (lengths + step)[:, None])[:, -1]  # (B, vocab_size)
-        finally:
-            self.model.clear_kv_cache()
-        return [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new_tokens]
 
 
 def load_tasks(names: list[str], include_path: Optional[Path]) -> tuple[TaskManager, list]:

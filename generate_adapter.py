@@ -19,11 +19,11 @@ from typing import Optional
 
 import torch
 
-from adapter import load_adapter_model, read_adapter_chat_template, read_adapter_config
+from adapter import read_adapter_chat_template
 from data import encode_prompt
-from generate import generate, printable
+from decode import check_sampling, ended_at_once, generate, load_inference_model, printable
 from tokenizer import Tokenizer
-from utils import cli, default_precision, load_config, peak_memory_gb, precision_to_dtype, use_cpu_decode_layout
+from utils import cli, load_config, peak_memory_gb
 
 
 def main(
@@ -53,42 +53,38 @@ def main(
         precision: "bf16-true", "16-true" or "32-true"; by default bf16-true on GPUs that support it and
             32-true elsewhere (on CPUs bf16 matrix products are often hundreds of times slower).
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    check_sampling(temperature, top_k, None, max_new_tokens)
     config = load_config(checkpoint_dir)
-    adapter_config, _ = read_adapter_config(
-        adapter_path
-    )  # a missing or foreign adapter stops here, before the slow part
-    chat_template = read_adapter_chat_template(adapter_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = precision_to_dtype(precision or default_precision())
+    chat_template = read_adapter_chat_template(adapter_path)  # a missing or foreign file stops here
     tokenizer = Tokenizer(checkpoint_dir)
-    encoded = encode_prompt(tokenizer, {"instruction": prompt, "input": input}, chat_template).to(device)
+    encoded = encode_prompt(tokenizer, {"instruction": prompt, "input": input}, chat_template)
     if len(encoded) + max_new_tokens > config.block_size:
         raise ValueError(
             f"the prompt ({len(encoded)} tokens with the template) plus --max_new_tokens {max_new_tokens} "
             f"exceeds the model's block_size {config.block_size}; shorten the prompt or lower --max_new_tokens"
         )
+    model, loaded = load_inference_model(checkpoint_dir, adapter_path=adapter_path, merge=False, precision=precision)
+    print(loaded, file=sys.stderr)
 
+    encoded = encoded.to(model.embed.weight.device)
+    generator = torch.Generator(encoded.device).manual_seed(seed)
     t0 = time.perf_counter()
-    model = load_adapter_model(checkpoint_dir, adapter_path, device=device, dtype=dtype)
-    model.eval()
-    if device.type == "cpu":
-        use_cpu_decode_layout(model)
-    print(
-        f"Loaded {checkpoint_dir} with {adapter_path} (LLaMA-Adapter v{adapter_config.version}, "
-        f"{adapter_config.adapter_len} prompt vectors in the top {adapter_config.adapter_layers} layers) in "
-        f"{time.perf_counter() - t0:.2f} s ({dtype}, {device})",
-        file=sys.stderr,
+    output = generate(
+        model,
+        encoded,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        stop_ids=tokenizer.stop_ids,
+        generator=generator,
     )
-
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    output = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=tokenizer.stop_ids)
     t = time.perf_counter() - t0
-    print(tokenizer.decode(printable(output[len(encoded) :], tokenizer)), flush=True)
-    n_new = len(output) - len(encoded)
-    print(f"{n_new} tokens in {t:.2f} s, {n_new / t:.2f} tokens/sec", file=sys.stderr)
-    print(f"Peak memory: {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+    new = output[len(encoded) :]
+    print(tokenizer.decode(printable(new, tokenizer)), flush=True)
+    print(f"{len(new)} tokens in {t:.2f} s, {len(new) / t:.2f} tokens/sec", file=sys.stderr)
+    if hint := ended_at_once(new.tolist(), tokenizer.stop_ids):
+        print(hint, file=sys.stderr)
+    print(f"Peak memory: {peak_memory_gb(encoded.device):.2f} GB", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from typing import Optional
 import torch
 
 from data import encode_prompt
-from generate import generate, printable
-from lora import load_lora_model, read_lora_chat_template, read_lora_config
+from decode import check_sampling, ended_at_once, generate, load_inference_model, printable
+from lora import read_lora_chat_template
 from tokenizer import Tokenizer
-from utils import cli, default_precision, load_config, peak_memory_gb, precision_to_dtype, use_cpu_decode_layout
+from utils import cli, load_config, peak_memory_gb
 
 
 def main(
@@ -59,44 +59,40 @@ def main(
             or 8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading, LoRA on top
             unmerged: it needs --merge false (see howto/quantize.md).
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    check_sampling(temperature, top_k, None, max_new_tokens)
     config = load_config(checkpoint_dir)
-    read_lora_config(lora_path)  # a missing or foreign adapter stops here, before the slow part
-    chat_template = read_lora_chat_template(lora_path)
-    if quantize and merge:
-        raise ValueError(
-            f"--quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
-            "update away; pass --merge false to apply LoRA on top of the quantized base"
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = precision_to_dtype(precision or default_precision())
+    chat_template = read_lora_chat_template(lora_path)  # a missing or foreign adapter stops here, before the slow part
     tokenizer = Tokenizer(checkpoint_dir)
-    encoded = encode_prompt(tokenizer, {"instruction": prompt, "input": input}, chat_template).to(device)
+    encoded = encode_prompt(tokenizer, {"instruction": prompt, "input": input}, chat_template)
     if len(encoded) + max_new_tokens > config.block_size:
         raise ValueError(
             f"the prompt ({len(encoded)} tokens with the template) plus --max_new_tokens {max_new_tokens} "
             f"exceeds the model's block_size {config.block_size}; shorten the prompt or lower --max_new_tokens"
         )
-
-    t0 = time.perf_counter()
-    model = load_lora_model(checkpoint_dir, lora_path, device=device, dtype=dtype, merge=merge, quantize=quantize)
-    model.eval()
-    if device.type == "cpu":
-        use_cpu_decode_layout(model)
-    print(
-        f"Loaded {checkpoint_dir} with {lora_path} ({'merged' if merge else 'not merged'}) in "
-        f"{time.perf_counter() - t0:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})",
-        file=sys.stderr,
+    model, loaded = load_inference_model(
+        checkpoint_dir, lora_path=lora_path, merge=merge, quantize=quantize, precision=precision
     )
+    print(loaded, file=sys.stderr)
 
-    torch.manual_seed(seed)
+    encoded = encoded.to(model.embed.weight.device)
+    generator = torch.Generator(encoded.device).manual_seed(seed)
     t0 = time.perf_counter()
-    output = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=tokenizer.stop_ids)
+    output = generate(
+        model,
+        encoded,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        stop_ids=tokenizer.stop_ids,
+        generator=generator,
+    )
     t = time.perf_counter() - t0
-    print(tokenizer.decode(printable(output[len(encoded) :], tokenizer)), flush=True)
-    n_new = len(output) - len(encoded)
-    print(f"{n_new} tokens in {t:.2f} s, {n_new / t:.2f} tokens/sec", file=sys.stderr)
-    print(f"Peak memory: {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+    new = output[len(encoded) :]
+    print(tokenizer.decode(printable(new, tokenizer)), flush=True)
+    print(f"{len(new)} tokens in {t:.2f} s, {len(new) / t:.2f} tokens/sec", file=sys.stderr)
+    if hint := ended_at_once(new.tolist(), tokenizer.stop_ids):
+        print(hint, file=sys.stderr)
+    print(f"Peak memory: {peak_memory_gb(encoded.device):.2f} GB", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ turn `factor` times slower, the fast ones stay, and those in between are interpo
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -71,7 +71,7 @@ class Config:
     def from_name(cls, name: str) -> "Config":
         if name not in configs:
             raise ValueError(f"unknown model name {name!r}; known names: {', '.join(configs)}")
-        return cls(**configs[name])
+        return replace(configs[name])  # a copy
 
     @classmethod
     def from_file(cls, path: Path) -> "Config":
@@ -92,144 +92,38 @@ class Config:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-# Presets named after their Hub repositories
+LLAMA3_1_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA3_2_ROPE = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+# Presets named after their Hub repositories; each -Instruct variant has its base model's shapes
+# fmt: off
+# Config's fields in order: block_size, vocab_size, n_layer, n_head, n_query_groups, n_embd, intermediate_size,
+# rope_base, norm_eps, tie_embeddings, rope_scaling
 configs = {
-    "Llama-2-7b-hf": dict(n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008),
-    "Llama-2-13b-hf": dict(n_layer=40, n_head=40, n_query_groups=40, n_embd=5120, intermediate_size=13824),
-    "Llama-2-70b-hf": dict(n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672),
-    "llama-7b": dict(
-        block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6
-    ),
-    "llama-13b": dict(
-        block_size=2048, n_layer=40, n_head=40, n_query_groups=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6
-    ),
-    "llama-30b": dict(
-        block_size=2048, n_layer=60, n_head=52, n_query_groups=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6
-    ),
-    "llama-65b": dict(
-        block_size=2048, n_layer=80, n_head=64, n_query_groups=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-6
-    ),
-    "TinyLlama-1.1B-intermediate-step-1431k-3T": dict(
-        block_size=2048, n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632
-    ),
-    "open_llama_3b": dict(
-        block_size=2048, n_layer=26, n_head=32, n_query_groups=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6
-    ),
-    "open_llama_7b": dict(
-        block_size=2048, n_layer=32, n_head=32, n_query_groups=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6
-    ),
-    "Mistral-7B-v0.1": dict(
-        n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336
-    ),  # block_size = its 4096 sliding window
-    "Mistral-7B-v0.3": dict(
-        block_size=32768,
-        vocab_size=32768,
-        n_layer=32,
-        n_head=32,
-        n_query_groups=8,
-        n_embd=4096,
-        intermediate_size=14336,
-        rope_base=1000000.0,
-    ),
-    # Llama 3 and later; each -Instruct variant has its base model's shapes
-    "Meta-Llama-3-8B": dict(
-        block_size=8192,
-        vocab_size=128256,
-        n_layer=32,
-        n_head=32,
-        n_query_groups=8,
-        n_embd=4096,
-        intermediate_size=14336,
-        rope_base=500000.0,
-    ),
-    "Llama-3.1-8B": dict(
-        block_size=131072,
-        vocab_size=128256,
-        n_layer=32,
-        n_head=32,
-        n_query_groups=8,
-        n_embd=4096,
-        intermediate_size=14336,
-        rope_base=500000.0,
-        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-    ),
-    "Llama-3.2-1B": dict(
-        block_size=131072,
-        vocab_size=128256,
-        n_layer=16,
-        n_head=32,
-        n_query_groups=8,
-        n_embd=2048,
-        intermediate_size=8192,
-        rope_base=500000.0,
-        tie_embeddings=True,
-        rope_scaling=dict(
-            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-        ),
-    ),
-    "Llama-3.2-3B": dict(
-        block_size=131072,
-        vocab_size=128256,
-        n_layer=28,
-        n_head=24,
-        n_query_groups=8,
-        n_embd=3072,
-        intermediate_size=8192,
-        rope_base=500000.0,
-        tie_embeddings=True,
-        rope_scaling=dict(
-            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-        ),
-    ),
-    "SmolLM2-135M": dict(
-        block_size=8192,
-        vocab_size=49152,
-        n_layer=30,
-        n_head=9,
-        n_query_groups=3,
-        n_embd=576,
-        intermediate_size=1536,
-        rope_base=100000.0,
-        tie_embeddings=True,
-    ),
-    "SmolLM2-360M": dict(
-        block_size=8192,
-        vocab_size=49152,
-        n_layer=32,
-        n_head=15,
-        n_query_groups=5,
-        n_embd=960,
-        intermediate_size=2560,
-        rope_base=100000.0,
-        tie_embeddings=True,
-    ),
-    "SmolLM2-1.7B": dict(
-        block_size=8192,
-        vocab_size=49152,
-        n_layer=24,
-        n_head=32,
-        n_query_groups=32,
-        n_embd=2048,
-        intermediate_size=8192,
-        rope_base=130000.0,
-        tie_embeddings=True,
-    ),
+    "Llama-2-7b-hf": Config(4096, 32000, 32, 32, 32, 4096, 11008),
+    "Llama-2-13b-hf": Config(4096, 32000, 40, 40, 40, 5120, 13824),
+    "Llama-2-70b-hf": Config(4096, 32000, 80, 64, 8, 8192, 28672),
+    "llama-7b": Config(2048, 32000, 32, 32, 32, 4096, 11008, norm_eps=1e-6),
+    "llama-13b": Config(2048, 32000, 40, 40, 40, 5120, 13824, norm_eps=1e-6),
+    "llama-30b": Config(2048, 32000, 60, 52, 52, 6656, 17920, norm_eps=1e-6),
+    "llama-65b": Config(2048, 32000, 80, 64, 64, 8192, 22016, norm_eps=1e-6),
+    "TinyLlama-1.1B-intermediate-step-1431k-3T": Config(2048, 32000, 22, 32, 4, 2048, 5632),
+    "open_llama_3b": Config(2048, 32000, 26, 32, 32, 3200, 8640, norm_eps=1e-6),
+    "open_llama_7b": Config(2048, 32000, 32, 32, 32, 4096, 11008, norm_eps=1e-6),
+    "Mistral-7B-v0.1": Config(4096, 32000, 32, 32, 8, 4096, 14336),  # block_size: its 4096 sliding window
+    "Mistral-7B-v0.3": Config(32768, 32768, 32, 32, 8, 4096, 14336, 1000000.0),
+    "Meta-Llama-3-8B": Config(8192, 128256, 32, 32, 8, 4096, 14336, 500000.0),
+    "Llama-3.1-8B": Config(131072, 128256, 32, 32, 8, 4096, 14336, 500000.0, rope_scaling=LLAMA3_1_ROPE),
+    "Llama-3.2-1B": Config(131072, 128256, 16, 32, 8, 2048, 8192, 500000.0, 1e-5, True, LLAMA3_2_ROPE),
+    "Llama-3.2-3B": Config(131072, 128256, 28, 24, 8, 3072, 8192, 500000.0, 1e-5, True, LLAMA3_2_ROPE),
+    "SmolLM2-135M": Config(8192, 49152, 30, 9, 3, 576, 1536, 100000.0, tie_embeddings=True),
+    "SmolLM2-360M": Config(8192, 49152, 32, 15, 5, 960, 2560, 100000.0, tie_embeddings=True),
+    "SmolLM2-1.7B": Config(8192, 49152, 24, 32, 32, 2048, 8192, 130000.0, tie_embeddings=True),
     # small shapes for tests and benchmarks
-    "stories260K": dict(
-        block_size=512,
-        vocab_size=512,
-        n_layer=5,
-        n_head=8,
-        n_query_groups=4,
-        n_embd=64,
-        intermediate_size=172,
-        tie_embeddings=True,
-    ),
-    "tiny": dict(
-        block_size=256, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=172
-    ),
-    "134M": dict(block_size=2048, n_layer=12, n_head=12, n_query_groups=12, n_embd=768, intermediate_size=2048),
+    "stories260K": Config(512, 512, 5, 8, 4, 64, 172, tie_embeddings=True),
+    "tiny": Config(256, 32000, 2, 4, 2, 64, 172),
+    "134M": Config(2048, 32000, 12, 12, 12, 768, 2048),
 }
+# fmt: on
 
 
 def linear(in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Linear:
@@ -245,12 +139,6 @@ def adaption_prompt(config: Config, path: str) -> Optional[nn.Module]:
     model. Inside adapter.adapter() the top layers get a LLaMA-Adapter prompt (adapter.AdaptionPrompt) instead, whose
     forward(q, k_proj, v_proj) returns what to add to the attention's output, (B, n_head, T, head_size)."""
     return None
-
-
-def project(layer: nn.Module, x: torch.Tensor, adapters: Optional[torch.Tensor]) -> torch.Tensor:
-    """Runs a projection: layer(x), or with `adapters`, each row's adapter (LLaMA.forward), layer(x, adapters), which
-    multilora.MultiLoRALinear takes."""
-    return layer(x) if adapters is None else layer(x, adapters)
 
 
 class LLaMA(nn.Module):
@@ -274,20 +162,15 @@ class LLaMA(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         lengths: Optional[list[int]] = None,
         logits_at: Optional[torch.Tensor] = None,
-        kv_rows: Optional[torch.Tensor] = None,
-        adapters: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) positions to write into the KV cache, the same for every row, or
-        (B, T), each row its own (batched.py decodes requests of different lengths together), or None for a
-        plain causal pass over positions 0..T-1 without a cache. kv_rows: (B,) the rows of the KV cache that the
-        batch's rows use, by default 0..B-1 (batched.py fills one request's row of a cache shared by many).
-        adapters: (B,) the adapter of each row, its slot in the multilora.AdapterStack that wraps this model's
-        projections (0: the base), or None for the model as it is (serve.py runs each request on its own adapter).
-        lengths: for training on several sequences packed into one row without padding (B = 1, T = sum(lengths)):
-        each attends only to itself and its positions start at 0, so every position is a real token. logits_at: a
-        (B, T) boolean mask of the positions whose logits are wanted: the output head, the largest matrix product at
-        a large vocabulary, then runs on those positions only (the fine-tuning loss needs them only where there is a
-        target).
+        """idx: (B, T) token ids. input_pos: the positions of idx's tokens, to write into the KV cache (set_kv_cache)
+        and attend over what it holds before them: (T,) the same in every row, or (B, T) each row its own (decode.py
+        decodes prompts of different lengths together); None for a plain causal pass over positions 0..T-1 without
+        a cache. lengths: for training on several sequences packed into one row without padding (B = 1,
+        T = sum(lengths)): each attends only to itself and its positions start at 0, so every position is a real token.
+        logits_at: a (B, T) boolean mask of the positions whose logits are wanted: the output head, the largest matrix
+        product at a large vocabulary, then runs on those positions only (the fine-tuning loss needs them only where
+        there is a target, decoding only at each prompt's last token).
         Returns logits (B, T, vocab_size), or (number of True in logits_at, vocab_size) with logits_at."""
         B, T = idx.shape
         cos, sin = self.rope(idx.device)
@@ -305,35 +188,21 @@ class LLaMA(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             cos, sin = cos[:T], sin[:T]
         else:
+            cache = self.blocks[0].attn.kv_cache
+            if cache is None:
+                raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
             cos, sin = cos[input_pos], sin[input_pos]  # (T, head_size), or (B, T, head_size) for per-row positions
-            mask = self.kv_cache_mask(input_pos, B, kv_rows)
+            mask = cache.mask(input_pos)  # once for every layer
 
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
-            inputs = (x, cos, sin, mask, input_pos, lengths, kv_rows, adapters)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, input_pos, lengths, use_reentrant=False)
             else:
-                x = block(*inputs)
+                x = block(x, cos, sin, mask, input_pos, lengths)
         if logits_at is not None:
             x = x[logits_at]  # (n, n_embd): RMSNorm and the head work position by position
-            adapters = None if adapters is None else adapters[:, None].expand(B, T)[logits_at]  # (n,)
-        return project(self.lm_head, self.norm(x), adapters)  # (B, T, vocab_size), or (n, vocab_size)
-
-    def kv_cache_mask(self, input_pos: torch.Tensor, B: int, kv_rows: Optional[torch.Tensor]) -> torch.Tensor:
-        """Which cached positions each query at input_pos attends to, once per forward pass for every layer; its last
-        dimension is how many positions of the cache the layers read. With one position per column (generate.py):
-        (T, cache length), the whole cache, so that no shape depends on how full it is (torch.compile needs no graph
-        break). With positions per row (batched.py): (B, 1, T, n), only as far as the furthest row has come (one
-        host sync per forward pass), as a cache sized for the longest request a server takes is mostly empty."""
-        cache = self.blocks[0].attn.kv_cache
-        if cache is None:
-            raise RuntimeError("call model.set_kv_cache(batch_size) before passing input_pos")
-        if input_pos.dim() == 1 and kv_rows is None:
-            return input_pos[:, None] >= torch.arange(cache[0].size(2), device=input_pos.device)
-        input_pos = input_pos.expand(B, -1)
-        n = int(input_pos.max()) + 1
-        return (input_pos[:, :, None] >= torch.arange(n, device=input_pos.device))[:, None]
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size), or (n, vocab_size)
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
@@ -351,15 +220,67 @@ class LLaMA(nn.Module):
         return self.rope_cache
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
-        """Allocates key/value caches for incremental decoding with `forward(idx, input_pos)`, in the dtype of the
-        activations, the embedding's (the projections' weights may be integer codes: utils.load_model's `quantize`)."""
+        """Gives every attention layer a KVCache for incremental decoding with `forward(idx, input_pos)`, in the dtype
+        of the activations, the embedding's (the projections' weights may be integer codes: utils.load_model's
+        `quantize`)."""
         max_seq_length = max_seq_length or self.config.block_size
+        device, dtype = self.embed.weight.device, self.embed.weight.dtype
         for block in self.blocks:
-            block.attn.set_kv_cache(batch_size, max_seq_length, self.embed.weight.device, self.embed.weight.dtype)
+            attn = block.attn
+            attn.kv_cache = KVCache(batch_size, attn.n_query_groups, max_seq_length, attn.head_size, device, dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
+
+
+class KVCache(nn.Module):
+    """The keys and values of the positions fed so far, (batch_size, n_query_groups, max_seq_length, head_size) each,
+    for decoding one token at a time (gpt-fast's KVCache). A forward pass of B rows uses the cache's rows 0..B-1 and
+    attends over all of its positions, masked, so that no shape depends on how full it is (torch.compile needs no
+    recompilation). batched.SlotCache is the serving variant: rows chosen per pass, attending only as far as used."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_query_groups: int,
+        max_seq_length: int,
+        head_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return cache_mask(input_pos, self.k.size(2), self.k.dtype)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes this pass's keys and values (B, n_query_groups, T, head_size) at input_pos into rows 0..B-1, and
+        returns those rows' keys and values at every position (B, n_query_groups, max_seq_length, head_size)."""
+        # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        B = k.size(0)
+        if input_pos.dim() == 1:  # the same positions in every row
+            self.k[:B].index_copy_(2, input_pos, k)
+            self.v[:B].index_copy_(2, input_pos, v)
+        else:  # each row at its own positions
+            rows = torch.arange(B, device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[:B], self.v[:B]
+
+
+def cache_mask(input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """What each query at input_pos adds to its attention scores over the first `length` cached positions (0 where it
+    attends, -inf after it), computed once per forward pass: (T, length) for positions (T,), (B, 1, T, length) for
+    per-row positions (B, T). Added rather than a boolean mask, which scaled_dot_product_attention would turn into this
+    in every layer."""
+    keep = input_pos[..., None] >= torch.arange(length, device=input_pos.device)
+    mask = torch.zeros(keep.shape, device=keep.device, dtype=dtype).masked_fill_(~keep, float("-inf"))
+    return mask if input_pos.dim() == 1 else mask[:, None]
 
 
 class Block(nn.Module):
@@ -378,11 +299,9 @@ class Block(nn.Module):
         mask: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor],
         lengths: Optional[list[int]],
-        kv_rows: Optional[torch.Tensor],
-        adapters: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, lengths, kv_rows, adapters)
-        return x + self.mlp(self.mlp_norm(x), adapters)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, lengths)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class CausalSelfAttention(nn.Module):
@@ -398,7 +317,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = linear(config.n_embd, kv_size, f"{path}.v_proj", config.attention_bias)
         self.o_proj = linear(config.n_embd, config.n_embd, f"{path}.o_proj", config.attention_bias)
         self.adaption_prompt = adaption_prompt(config, path)  # None but in adapter.adapter()
-        self.kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.kv_cache: Optional[KVCache] = None  # LLaMA.set_kv_cache
 
     def forward(
         self,
@@ -408,55 +327,26 @@ class CausalSelfAttention(nn.Module):
         mask: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor],
         lengths: Optional[list[int]],
-        kv_rows: Optional[torch.Tensor],
-        adapters: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """mask: LLaMA.kv_cache_mask's with a KV cache (input_pos), else None for causal attention."""
+        """mask: the KV cache's (KVCache.mask) with input_pos, else None for causal attention."""
         B, T, C = x.shape
-        q = project(self.q_proj, x, adapters).view(B, T, self.n_head, self.head_size)
-        k = project(self.k_proj, x, adapters).view(B, T, self.n_query_groups, self.head_size)
-        v = project(self.v_proj, x, adapters).view(B, T, self.n_query_groups, self.head_size)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_size)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
+        k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            k, v = self.kv_cache_update(k, v, input_pos, kv_rows, mask.size(-1))
+            k, v = self.kv_cache.update(input_pos, k, v)
 
         gqa = self.n_query_groups != self.n_head
         if lengths is not None:  # sequences packed into one row: each is causal attention over its own tokens only
             y = packed_attention(q, k, v, lengths)
         else:
+            mask = None if mask is None else mask.to(q.dtype)  # bf16 under autocast
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         # y: (B, n_head, T, head_size)
         if self.adaption_prompt is not None:  # LLaMA-Adapter: gated attention over a learned prompt, of every position
             y = y + self.adaption_prompt(q, self.k_proj, self.v_proj)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return project(self.o_proj, y, adapters)
-
-    def kv_cache_update(
-        self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, kv_rows: Optional[torch.Tensor], n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes this pass's keys and values (B, n_query_groups, T, head_size) into the cache at input_pos, in cache
-        rows kv_rows (0..B-1 by default), and returns the keys and values of those rows at positions 0..n-1,
-        (B, n_query_groups, n, head_size): a view of rows 0..B-1, a copy of others (a request's first pass)."""
-        k_cache, v_cache = self.kv_cache
-        # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
-        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-        B, T = k.size(0), k.size(2)
-        if input_pos.dim() == 1 and kv_rows is None:  # one position per column, in every row
-            k_cache[:B].index_copy_(2, input_pos, k)
-            v_cache[:B].index_copy_(2, input_pos, v)
-        else:  # each row at its own positions, in its own cache row
-            rows = torch.arange(B, device=k.device) if kv_rows is None else kv_rows
-            input_pos = input_pos.expand(B, T)
-            k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
-            v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2)
-        if kv_rows is None:
-            return k_cache[:B, :, :n], v_cache[:B, :, :n]
-        return k_cache[kv_rows, :, :n], v_cache[kv_rows, :, :n]
-
-    def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (batch_size, self.n_query_groups, max_seq_length, self.head_size)
-        self.kv_cache = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 @torch.compiler.disable  # under --train.compile: the one call runs as it is, `lengths` (Python ints) never traced
@@ -493,9 +383,8 @@ class MLP(nn.Module):
         self.up_proj = linear(config.n_embd, config.intermediate_size, f"{path}.up_proj", config.mlp_bias)
         self.down_proj = linear(config.intermediate_size, config.n_embd, f"{path}.down_proj", config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, adapters: Optional[torch.Tensor]) -> torch.Tensor:
-        gated = F.silu(project(self.gate_proj, x, adapters)) * project(self.up_proj, x, adapters)
-        return project(self.down_proj, gated, adapters)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RMSNorm(nn.Module):

@@ -14,16 +14,17 @@ norm of each row of W + ΔW).
 
     stack = AdapterStack(model)  # wraps the model's projections
     stack.add("support", adapter_updates("adapters/support.safetensors", model))
-    adapters = torch.tensor([0, stack.index("support")])  # row 0 on the base, row 1 with the adapter
-    logits = model(idx, input_pos, adapters=adapters)  # model.py hands `adapters` to every projection
+    with stack.rows([0, stack.index("support")]):  # row 0 on the base, row 1 with the adapter
+        logits = model(idx)
 
 `adapter_updates` is the one place that reads an adapter file (lora.py's format); batched.py schedules the rows
-and passes their `adapters` at every step.
+and sets their adapters around every forward pass. The model itself does not know it runs many adapters.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -84,21 +85,24 @@ class MultiLoRALinear(nn.Module):
     """A projection of the base (`base`: nn.Linear, or a quantized subclass of it) plus the updates of every adapter
     that adapts it, one slot each (none until the first: `append` then fills the slots before it with zeros)."""
 
-    def __init__(self, base: nn.Linear, rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, base: nn.Linear, stack: "AdapterStack", rank: int) -> None:
         super().__init__()
         self.base = base
+        self.stack = stack  # whose `adapters` say each row's slot during a forward pass (AdapterStack.rows)
         # A: (slots, r, in), B: (slots, out, r)
-        self.register_buffer("A", torch.zeros(0, rank, base.in_features, device=device, dtype=dtype))
-        self.register_buffer("B", torch.zeros(0, base.out_features, rank, device=device, dtype=dtype))
+        self.register_buffer("A", torch.zeros(0, rank, base.in_features, device=stack.device, dtype=stack.dtype))
+        self.register_buffer("B", torch.zeros(0, base.out_features, rank, device=stack.device, dtype=stack.dtype))
         self.row_factor: Optional[torch.Tensor] = None  # (slots, out), None while every adapter's is ones
 
-    def forward(self, x: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, T, in), or (B, in) with one position per row (the output head under `logits_at`); adapters: (B,)
-        the slot of each row, or None for the plain base throughout."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, in), or (B, in) with one position per row (the output head under model.forward's `logits_at`)."""
         y = self.base(x)
+        adapters = self.stack.adapters  # (B,) each row's slot, or None for the plain base throughout
         if adapters is None or len(self.A) == 0:  # the plain base, or no adapter adapts this projection
             return y
         flat = x.dim() == 2
+        if len(adapters) != len(x):
+            raise ValueError(f"{len(adapters)} rows' adapters for {len(x)} rows (one position per row when flat)")
         x3 = x[:, None] if flat else x  # (B, T, in)
         # each row's A and B (index_select: 3x faster than A[adapters] for 16 rows on CPU)
         A, B = self.A.index_select(0, adapters), self.B.index_select(0, adapters)  # (B, r, in), (B, out, r)
@@ -136,20 +140,31 @@ class MultiLoRALinear(nn.Module):
 
 class AdapterStack:
     """The adapters loaded onto one base model, by name, slot 0 being the base itself (the name ""), and the layers
-    that apply them: every projection of the model, wrapped in a MultiLoRALinear when the stack is made. A forward
-    pass takes each row's slot as its `adapters` argument (batched.py passes it at every step)."""
+    that apply them: every projection of the model, wrapped in a MultiLoRALinear when the stack is made. Which adapter
+    each row of a batch uses is set for the span of a forward pass with `rows` (batched.py does at every step)."""
 
     def __init__(self, model: LLaMA) -> None:
         self.model = model
         self.device, self.dtype = model.embed.weight.device, model.embed.weight.dtype
         self.names: list[str] = [""]
         self.rank = 1
+        self.adapters: Optional[torch.Tensor] = None  # (B,) each row's slot inside `rows`; None: the base throughout
         self.layers: dict[str, MultiLoRALinear] = {}  # by module path
         for path in [path for path, module in model.named_modules() if isinstance(module, nn.Linear)]:
             parent_path, _, attribute = path.rpartition(".")
             parent = model.get_submodule(parent_path)
-            self.layers[path] = MultiLoRALinear(getattr(parent, attribute), self.rank, self.device, self.dtype)
+            self.layers[path] = MultiLoRALinear(getattr(parent, attribute), self, self.rank)
             setattr(parent, attribute, self.layers[path])
+
+    @contextmanager
+    def rows(self, slots: list[int]) -> Iterator[None]:
+        """The forward passes inside run batch row i on adapter slot slots[i] (0: the base), then it is restored."""
+        before = self.adapters
+        self.adapters = torch.tensor(slots, device=self.device) if any(slots) else None
+        try:
+            yield
+        finally:
+            self.adapters = before
 
     def index(self, name: str) -> int:
         """The slot of adapter `name` ("" for the base)."""

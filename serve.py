@@ -33,10 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from batched import BatchGenerator, Job, QueueFull
+from decode import Completion, load_inference_model
 from lora import read_lora_chat_template
 from multilora import AdapterStack, adapter_updates
 from tokenizer import Tokenizer
-from utils import cli, default_precision, load_config, load_model, one_line, precision_to_dtype, use_cpu_decode_layout
+from utils import cli, load_config, one_line
 
 
 def main(
@@ -85,12 +86,7 @@ def main(
         raise ValueError("--max_tokens, --max_prompt_tokens and --max_batch_size must be >= 1, --max_waiting >= 0")
     if adapters_dir is not None and not Path(adapters_dir).is_dir():
         raise ValueError(f"--adapters_dir {adapters_dir} is not a directory")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = precision_to_dtype(precision or default_precision())
-    t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=dtype).eval()
-    if device.type == "cpu":
-        use_cpu_decode_layout(model)
+    model, loaded = load_inference_model(checkpoint_dir, precision=precision)
     server = Server(
         base_name=Path(checkpoint_dir).resolve().name,
         tokenizer=Tokenizer(checkpoint_dir),
@@ -103,8 +99,8 @@ def main(
     )
     server.scan_adapters()
     print(
-        f"Loaded {checkpoint_dir} and {len(server.adapters)} adapters in {time.perf_counter() - t0:.2f} s ({dtype}, "
-        f"{device}); serving {', '.join(server.model_names())} on http://{host}:{port}/v1",
+        f"{loaded}; {len(server.adapters)} adapters; serving {', '.join(server.model_names())} on "
+        f"http://{host}:{port}/v1",
         file=sys.stderr,
     )
     # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again for the handler it found: this
@@ -262,7 +258,7 @@ async def models(server: ServerDep) -> dict:
 async def health(server: ServerDep) -> dict:
     """GET /health, for load balancers and tests: jobs decoding now, waiting for a slot, and ended so far by reason."""
     generator = server.generator
-    running = sum(slot is not None for slot in generator.slots)
+    running = sum(job is not None for job in generator.jobs)
     return {"status": "ok", "running": running, "waiting": len(generator.waiting), "ended": dict(generator.ended)}
 
 
@@ -354,26 +350,30 @@ def submit(server: Server, body: SamplingFields, adapter: str, ids: list[int], m
     """Queues the request's job in the generation loop (429 when the queue is full); returns its Answer, which the
     job's tokens flow into."""
     loop = asyncio.get_running_loop()
-    tokens: asyncio.Queue = asyncio.Queue()
-    job = Job(
-        prompt=ids,
-        max_new_tokens=checked_max_tokens(server, ids, max_tokens),
-        adapter=adapter,
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
+    texts: asyncio.Queue = asyncio.Queue()
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    device = server.generator.model.embed.weight.device
+    completion = Completion(
+        ids,
+        checked_max_tokens(server, ids, max_tokens),
+        body.temperature,
+        body.top_k,
+        body.top_p,
+        generator=None if body.seed is None else torch.Generator(device).manual_seed(body.seed),
         stop_ids=server.tokenizer.stop_ids,
-        seed=body.seed,
-        on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),  # from the generation thread
+        stop_strings=[stop for stop in stops if stop],
+        detokenize=server.tokenizer.decode,
     )
+    # from the generation thread: the text so far after each token (a str: the same object whichever thread reads it)
+    completion.on_token = lambda _: loop.call_soon_threadsafe(texts.put_nowait, completion.text)
+    job = Job(completion, adapter, on_end=lambda: loop.call_soon_threadsafe(texts.put_nowait, None))
     try:
         server.generator.submit(job)
     except QueueFull as e:
         raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
     except ValueError as e:  # what checked_max_tokens lets through
         raise APIError(400, one_line(e)) from None
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return Answer(server.tokenizer, stops, job, tokens)
+    return Answer(job, texts)
 
 
 # Answering: streamed as server-sent events, or whole
@@ -396,7 +396,7 @@ async def events(answer: "Answer", reply: "Reply", include_usage: bool) -> Async
     try:
         first = True
         while answer.finish_reason is None:
-            text = answer.add(await answer.tokens.get())
+            text = answer.add(await answer.texts.get())
             if text:
                 yield sse(chunk(reply, [choice(reply, text, None, delta=True, first=first)]))
                 first = False
@@ -415,7 +415,7 @@ async def wait_for_end(answer: "Answer", request: Request) -> None:
         checked = loop.time()
         while answer.finish_reason is None:
             try:
-                answer.add(await asyncio.wait_for(answer.tokens.get(), timeout=0.5))
+                answer.add(await asyncio.wait_for(answer.texts.get(), timeout=0.5))
             except asyncio.TimeoutError:
                 pass
             if loop.time() - checked > 0.5:
@@ -427,46 +427,34 @@ async def wait_for_end(answer: "Answer", request: Request) -> None:
 
 
 class Answer:
-    """The text of a job's answer, built token by token from `tokens` (the queue its on_token fills; None at the end):
-    what may be sent so far (not a character cut in half, not what could still turn into a stop string), and where it
-    ends."""
+    """A job's answer as the generation loop hands it over in `texts` (the text so far after each token, decoded and
+    cut at a stop string by decode.Completion; None once the job has ended): what may be sent so far (not what could
+    still turn into a stop string), and where it ends."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], job: Job, tokens: asyncio.Queue) -> None:
-        self.tokenizer, self.stops, self.job, self.tokens = tokenizer, [s for s in stops if s], job, tokens
-        self.ids: list[int] = []
-        self.n_tokens = 0  # generated, the stop token included (usage's completion_tokens)
+    def __init__(self, job: Job, texts: asyncio.Queue) -> None:
+        self.job, self.texts = job, texts
         self.text = ""  # the answer so far (in the end, all of it)
         self.sent = 0  # characters of text handed out
         self.finish_reason: Optional[str] = None
 
-    def add(self, token: Optional[int]) -> str:
-        """Takes the next token (None: the job ended) and returns the text that became final."""
+    def add(self, text: Optional[str]) -> str:
+        """Takes the next text (None: the job ended) and returns the part of it that became final."""
         if self.finish_reason is not None:
             return ""
-        if token is not None:
-            self.n_tokens += 1
-        if token is None:
-            self.finish_reason = {"stop": "stop", "length": "length"}.get(self.job.finish_reason, "stop")
-        elif token not in self.tokenizer.stop_ids:
-            self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids)
         hold = 0
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text, self.finish_reason = self.text[:at], "stop"
-                self.job.cancelled = True  # the generation loop frees the slot at its next step
-        if self.finish_reason is None:
-            if self.text.endswith("\ufffd"):  # a character of several bytes, not all of them generated yet
-                return ""
-            hold = max((len(stop) - 1 for stop in self.stops), default=0)  # could be the start of a stop string
+        if text is None:
+            self.finish_reason = {"stop": "stop", "length": "length"}.get(self.job.finish_reason, "stop")
+        else:
+            self.text = text
+            hold = max((len(stop) - 1 for stop in self.job.completion.stop_strings), default=0)  # a stop's start?
         end = max(self.sent, len(self.text) - hold)
         new, self.sent = self.text[self.sent : end], end
         return new
 
     def usage(self) -> dict:
-        prompt = len(self.job.prompt)
-        return {"prompt_tokens": prompt, "completion_tokens": self.n_tokens, "total_tokens": prompt + self.n_tokens}
+        """Tokens of the prompt and of the answer (the stop token included), once the job has ended."""
+        prompt, answer = len(self.job.completion.prompt), len(self.job.completion.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
 # OpenAI's response and chunk shapes, server-sent events, errors

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from adapter import adapter, is_adapter_tensor, load_adapter_state_dict, save_adapter_checkpoint
 from data import encode_prompt
-from generate import generate, printable
+from decode import generate, printable
 from lora import is_lora_tensor, load_lora_state_dict, lora, save_lora_checkpoint
 from model import LLaMA
 from quantize import make_bnb_optimizer

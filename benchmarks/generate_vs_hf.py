@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from convert_hf_checkpoint import convert_hf_checkpoint
-from generate import generate
+from decode import generate
 from model import Config
 from utils import load_model, use_cpu_decode_layout
 

@@ -23,8 +23,8 @@ from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from decode import generate  # noqa: E402
 from export_gguf import export_gguf  # noqa: E402  after the path is set
-from generate import generate  # noqa: E402
 from lora import load_lora_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from utils import load_model  # noqa: E402

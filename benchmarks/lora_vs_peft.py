@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import max_rss_mb
 
 from convert_hf_checkpoint import hf_to_lit_name
+from decode import generate
 from export_peft import lit_to_peft_name
-from generate import generate
 from lora import TARGETS, LoRAConfig, LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
 from model import Config, LLaMA
 from quantize import quantize_weight, quantized_layers, swap_in_layers

@@ -274,7 +274,7 @@ def run(
 
 
 def measure_generate(checkpoint_dir: Path, quantize: Optional[str], new_tokens: int) -> dict:
-    from generate import generate
+    from decode import generate
     from utils import load_model
 
     model = load_model(checkpoint_dir, quantize=quantize).eval()

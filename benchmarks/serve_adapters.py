@@ -43,8 +43,8 @@ from lora_vs_peft import build_hf_model, synchronize
 
 from batched import BatchGenerator, Job
 from convert_hf_checkpoint import hf_to_lit_name
+from decode import generate
 from export_peft import lit_to_peft_name
-from generate import generate
 from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
 from model import Config, LLaMA
 from multilora import AdapterStack, Update

@@ -26,7 +26,7 @@ from adapter import (
     save_adapter_checkpoint,
 )
 from conftest import make_adapter, make_checkpoint, randomize_adapter
-from generate import generate
+from decode import generate
 from lora import read_lora_config
 from model import Config, LLaMA
 from utils import load_model

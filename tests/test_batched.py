@@ -1,7 +1,7 @@
 """batched.py, with multilora.py's stacked adapters: a batch mixing 5 adapters of different ranks, targets and variants
 (rsLoRA, DoRA), the plain base, and prompts of different lengths, decoded together with continuous batching; each
 row's greedy ids must equal generate_lora.py's path for that adapter alone (lora.load_lora_model unmerged, fp32,
-generate.generate)."""
+decode.generate)."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import torch
 
 from batched import BatchGenerator, Job, QueueFull, generate_all
 from conftest import make_adapters
-from generate import generate
+from decode import Completion, generate
 from lora import load_lora_model
 from multilora import AdapterStack, adapter_updates
 from utils import load_model
@@ -40,7 +40,7 @@ def adapters(tmp_path_factory, checkpoint_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint_dir, adapters):
-    """greedy(adapter name or "", prompt, n) -> new ids: generate.generate on the adapter alone, unmerged, fp32."""
+    """greedy(adapter name or "", prompt, n) -> new ids: decode.generate on the adapter alone, unmerged, fp32."""
     models = {"": load_model(checkpoint_dir).eval()}
     models.update({name: load_lora_model(checkpoint_dir, path, merge=False).eval() for name, path in adapters.items()})
 
@@ -62,10 +62,10 @@ def stacked(checkpoint_dir, adapters, max_batch_size, max_seq_length=64, max_wai
 def test_each_row_equals_its_adapter_alone(checkpoint_dir, adapters, reference):
     generator = stacked(checkpoint_dir, adapters, max_batch_size=10)
     names = ["", *adapters]
-    jobs = [Job(prompt=PROMPTS[i % len(PROMPTS)], adapter=names[i % len(names)], max_new_tokens=12) for i in range(10)]
+    jobs = [Job(Completion(PROMPTS[i % len(PROMPTS)], 12), adapter=names[i % len(names)]) for i in range(10)]
     generate_all(generator, jobs)
     for job in jobs:
-        assert job.tokens == reference(job.adapter, job.prompt, 12), job.adapter
+        assert job.completion.tokens == reference(job.adapter, job.completion.prompt, 12), job.adapter
         assert job.finish_reason == "length"
     # the adapters do change the answers: the same prompt gives six different continuations
     same_prompt = [reference(name, PROMPTS[0], 12) for name in names]
@@ -83,42 +83,42 @@ def test_continuous_batching_reuses_freed_slots_with_per_row_stop_ids(checkpoint
         full = reference(name, prompt, n)
         stop_ids = (full[2],) if i % 3 == 0 else ()  # ends at the third new token (or earlier, if it came before)
         expected.append(full[: full.index(full[2]) + 1] if stop_ids else full)
-        jobs.append(Job(prompt=prompt, adapter=name, max_new_tokens=n, stop_ids=stop_ids))
+        jobs.append(Job(Completion(prompt, n, stop_ids=stop_ids), adapter=name))
     generate_all(generator, jobs)
-    assert [job.tokens for job in jobs] == expected
+    assert [job.completion.tokens for job in jobs] == expected
     assert [job.finish_reason for job in jobs] == ["stop" if i % 3 == 0 else "length" for i in range(9)]
-    assert generator.slots == [None, None, None]
+    assert generator.jobs == [None, None, None]
 
 
 def test_an_adapter_added_later_and_sampling_by_seed(checkpoint_dir, adapters, reference):
     generator = stacked(checkpoint_dir, {name: adapters[name] for name in ("qv2", "ko1")}, max_batch_size=4)
-    generator.submit(Job(prompt=PROMPTS[1], adapter="qv2", max_new_tokens=8))
+    generator.submit(Job(Completion(PROMPTS[1], 8), adapter="qv2"))
     generator.step()  # in flight while a larger, wider adapter comes in
     generator.stack.add("all4", adapter_updates(adapters["all4"], generator.model))
-    first = generator.slots[0]
-    late = Job(prompt=PROMPTS[3], adapter="all4", max_new_tokens=8)
+    first = generator.jobs[0]
+    late = Job(Completion(PROMPTS[3], 8), adapter="all4")
     generate_all(generator, [late])
-    assert first.tokens == reference("qv2", PROMPTS[1], 8)
-    assert late.tokens == reference("all4", PROMPTS[3], 8)
+    assert first.completion.tokens == reference("qv2", PROMPTS[1], 8)
+    assert late.completion.tokens == reference("all4", PROMPTS[3], 8)
 
-    sampled = [
-        Job(prompt=PROMPTS[0], adapter="all4", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
-        for seed in (1, 1, 2)
-    ]
+    def seeded(seed: int) -> Job:
+        return Job(Completion(PROMPTS[0], 10, 1.0, top_p=0.9, generator=torch.Generator().manual_seed(seed)), "all4")
+
+    sampled = [seeded(1), seeded(1), seeded(2)]
     generate_all(generator, sampled)
-    assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
+    assert sampled[0].completion.tokens == sampled[1].completion.tokens != sampled[2].completion.tokens
 
     with pytest.raises(ValueError, match="no adapter named 'nope' is loaded"):
-        generator.submit(Job(prompt=[1], adapter="nope", max_new_tokens=1))
+        generator.submit(Job(Completion([1], 1), adapter="nope"))
     with pytest.raises(ValueError, match="exceeds max_seq_length 64"):
-        generator.submit(Job(prompt=[1] * 60, max_new_tokens=5))
+        generator.submit(Job(Completion([1] * 60, 5)))
 
 
 def test_a_full_queue_refuses(checkpoint_dir, adapters):
     generator = stacked(checkpoint_dir, {}, max_batch_size=1, max_waiting=2)
     for _ in range(3):  # the free slot takes one at the next step, the queue two
-        generator.submit(Job(prompt=[1], max_new_tokens=1))
+        generator.submit(Job(Completion([1], 1)))
     with pytest.raises(QueueFull, match="3 requests are already waiting for a slot"):
-        generator.submit(Job(prompt=[1], max_new_tokens=1))
+        generator.submit(Job(Completion([1], 1)))
     generator.step()  # one starts (and ends: one token); the queue has room again
-    generator.submit(Job(prompt=[1], max_new_tokens=1))
+    generator.submit(Job(Completion([1], 1)))

@@ -309,10 +309,8 @@ def test_batched_scoring_equals_each_request_alone(checkpoint_dir):
     """HarnessLM's batching on the tiny checkpoint, against each request scored by a plain forward pass of its own:
     groups of continuations sharing a context (of 1 to 5 tokens, some of a single token, some groups larger than
     others, so that later passes have rows with nothing left), lone requests, inputs cut from the left at max_length,
-    at every batch size; and greedy generation of prompts of different lengths in one batch, against generate.py's
-    one prompt at a time."""
+    at every batch size (generate_until's batches: decode.py, tests/test_decode.py)."""
     from evaluate import HarnessLM
-    from generate import generate
     from tokenizer import Tokenizer
     from utils import load_model
 
@@ -341,13 +339,6 @@ def test_batched_scoring_equals_each_request_alone(checkpoint_dir):
             lm._loglikelihood_tokens(requests, True), expected
         ):
             assert likelihood == pytest.approx(reference, abs=1e-4) and greedy == reference_greedy
-
-    prompts = [tokens(n) for n in (9, 3, 17, 5)]
-    lm = HarnessLM(model, Tokenizer(checkpoint_dir), batch_size=4)
-    texts = lm.generate_batch(prompts, 12, [], 0.0, None, None)
-    for prompt, text in zip(prompts, texts):
-        alone = generate(model, torch.tensor(prompt), 12, temperature=0.0, stop_ids=lm.tokenizer.stop_ids)
-        assert text == lm.tokenizer.decode(alone[len(prompt) :], skip_special_tokens=True)
 
 
 def transformers_sliding_window_nll(model, ids: torch.Tensor, max_length: int, stride: int) -> float:

@@ -15,8 +15,8 @@ import torch
 
 from conftest import ROOT, SMOLLM2_GGUF, make_checkpoint, make_llama_adapter, shared_file
 from convert_hf_checkpoint import convert_hf_checkpoint
+from decode import generate
 from export_gguf import export_gguf
-from generate import generate
 from lora import LoRALinear, load_lora_model, lora, save_lora_checkpoint
 from merge_lora import merge_lora
 from test_model import LLAMA3_ROPE

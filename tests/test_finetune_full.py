@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, finetune
 from convert_lit_checkpoint import convert_lit_checkpoint
 from data import generate_prompt
+from decode import generate
 from finetune_full import setup
-from generate import generate
 from model import Config, LLaMA
 from test_convert_lit_checkpoint import assert_transformers_logits_equal_ours
 from tokenizer import Tokenizer

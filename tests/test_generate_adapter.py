@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, make_adapter, make_checkpoint, make_llama_adapter
 from data import generate_prompt
-from generate import printable
+from decode import printable
 from generate_adapter import main as generate_adapter
 from tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ import torch
 
 import model as model_module
 from conftest import REAL_CUDA, finetune, make_checkpoint
-from generate import generate
+from decode import generate
 from lora import LoRALinear, lora, mark_only_lora_as_trainable
 from model import varlen_attn
 from training import TrainArgs, compile_blocks, cross_entropy_sum, pack_batch

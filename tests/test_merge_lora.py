@@ -130,7 +130,7 @@ def test_a_llama_adapter_v2_merges_into_a_checkpoint_with_biases_that_transforme
     transformers' LlamaForCausalLM (attention_bias, mlp_bias), with the same greedy tokens."""
     from transformers import LlamaForCausalLM
 
-    from generate import generate
+    from decode import generate
 
     make_checkpoint(tmp_path / "base", vocab_size=1000, tie_word_embeddings=True)
     adapted = make_llama_adapter(tmp_path / "base", tmp_path / "v2.safetensors", version=2, adapter_layers=0)

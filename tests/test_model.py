@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from conftest import make_checkpoint, shared_file
 from convert_hf_checkpoint import convert_hf_checkpoint
-from generate import generate
+from decode import generate
 from model import Config, LLaMA, build_rope_cache
 from utils import load_model
 

@@ -46,19 +46,20 @@ def test_stacked_layer_pads_ranks_and_applies_a_per_row_factor():
     stack.add("one", {"proj": Update(A1, B1, 2.0)})
     stack.add("two", {"proj": Update(A2, B2, 0.5, row_factor=factor)})
     x = torch.randn(3, 2, 6)  # (B, T, in)
-    adapters = torch.tensor([2, 0, 1])
     W = model.proj.base.weight
     expected = torch.stack(
         [factor * (x[0] @ W.T + x[0] @ A2.T @ B2.T * 0.5), x[1] @ W.T, x[2] @ W.T + x[2] @ A1.T @ B1.T * 2.0]
     )
-    torch.testing.assert_close(model.proj(x, adapters), expected)
-    torch.testing.assert_close(model.proj(x[:, -1], adapters), expected[:, -1])  # one position per row, as logits_at
-    torch.testing.assert_close(model.proj(x), x @ W.T)  # no adapters: the plain base
+    with stack.rows([2, 0, 1]):
+        torch.testing.assert_close(model.proj(x), expected)
+        torch.testing.assert_close(model.proj(x[:, -1]), expected[:, -1])  # one position per row, as logits_at
+    torch.testing.assert_close(model.proj(x), x @ W.T)  # outside rows(): the plain base
 
 
 def test_every_projection_is_wrapped_and_holds_slots_only_once_adapted():
-    """AdapterStack wraps every projection (model.py hands `adapters` to each), but memory goes only to the projections
-    some adapter adapts: a slot per adapter so far (zeros for those that leave it alone) from the first one on."""
+    """AdapterStack wraps every projection (each reads the rows' adapters from the stack), but memory goes only to the
+    projections some adapter adapts: a slot per adapter so far (zeros for those that leave it alone) from the first
+    one on."""
     model = torch.nn.Module()
     model.embed = torch.nn.Embedding(4, 6)
     model.first, model.second = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 6, bias=False)
@@ -81,12 +82,13 @@ def test_rows_on_different_adapters_equal_each_adapter_alone_unmerged_and_merged
         stack.add(name, adapter_updates(path, model))
     names = ["", *adapters]
     idx = torch.randint(0, model.config.vocab_size, (len(names), 7), generator=torch.Generator().manual_seed(0))
-    adapter_slots = torch.tensor([stack.index(name) for name in names])
+    adapter_slots = [stack.index(name) for name in names]
     with torch.no_grad():
-        logits = model(idx, adapters=adapter_slots)  # (rows, T, vocab_size)
-        picked = torch.arange(len(names)) % 7
-        logits_at = torch.arange(7) == picked[:, None]  # (rows, T): the head on one position per row, each its own
-        at = model(idx, adapters=adapter_slots, logits_at=logits_at)
+        with stack.rows(adapter_slots):
+            logits = model(idx)  # (rows, T, vocab_size)
+            picked = torch.arange(len(names)) % 7
+            logits_at = torch.arange(7) == picked[:, None]  # (rows, T): the head on one position per row, each its own
+            at = model(idx, logits_at=logits_at)
         base = load_model(checkpoint_dir).eval()
         for row, name in enumerate(names):
             for merge in (False, True):
@@ -95,7 +97,8 @@ def test_rows_on_different_adapters_equal_each_adapter_alone_unmerged_and_merged
                 torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4, msg=f"{name} {merge=}")
             torch.testing.assert_close(at[row], logits[row, picked[row]])
         # and the adapters do change the logits: no two rows alike on the same tokens
-        same = model(idx[:1].expand(len(names), -1), adapters=adapter_slots)[:, -1]
+        with stack.rows(adapter_slots):
+            same = model(idx[:1].expand(len(names), -1))[:, -1]
     assert all(not torch.allclose(same[i], same[j]) for i in range(len(names)) for j in range(i))
 
 

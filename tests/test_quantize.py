@@ -20,8 +20,8 @@ import generate as generate_py
 import utils
 from conftest import ROOT, caught_models, finetune, make_checkpoint
 from data import generate_prompt
+from decode import generate
 from finetune_full import setup as finetune_full
-from generate import generate
 from generate_lora import main as generate_lora
 from lora import LoRALinear, load_lora_model, lora, lora_state_dict, save_lora_checkpoint
 from merge_lora import merge_lora

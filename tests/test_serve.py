@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_adapter
-from generate import generate
+from decode import generate
 from lora import load_lora_model
 from tokenizer import CHAT_TEMPLATES, Tokenizer
 from utils import load_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from convert_hf_checkpoint import convert_hf_checkpoint
-from generate import generate
+from decode import generate
 from model import Config
 from tokenizer import Tokenizer
 from utils import load_model
