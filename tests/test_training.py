@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 import training
 from lora import lora, mark_only_lora_as_trainable
+from losses import cross_entropy_sum, pack_batch
 from model import Config, LLaMA
-from training import TrainArgs, batch_indices, cross_entropy_sum, learning_rate, pack_batch, stop_if_diverged
+from training import TrainArgs, batch_indices, learning_rate, stop_if_diverged
 
 TINY = dict(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48)
 
