@@ -1,7 +1,7 @@
 """Pieces every script shares: the command line with one-line errors (`cli`, `one_line`), choosing a precision,
 loading a checkpoint directory (quantized if asked), writing files atomically, and the device helpers (the CPU
-decoding layout, peak memory). The training parts of the fine-tuning scripts are in training.py, the data pieces in
-data.py, bitsandbytes' quantization in quantize.py."""
+decoding layout, peak memory). The training parts of the fine-tuning scripts are in training.py (losses.py,
+train_state.py), the data pieces in data.py, bitsandbytes' quantization in quantize.py."""
 
 import json
 import os
