@@ -206,6 +206,23 @@ def save_adapter_checkpoint(
     )
 
 
+def save_adapter_tensors(
+    tensors: dict[str, torch.Tensor],
+    adapter_config: AdapterConfig,
+    config: Config,
+    path: Path,
+    chat_template: Optional[str] = None,
+    training: Optional[dict] = None,
+) -> None:
+    """`save_adapter_checkpoint` for adapter tensors without their model (those a train state holds, whole even when
+    the model is sharded: train_state.save_train_state), checked against a model of `config` with `adapter_config`
+    built on the meta device (no memory: only the adapter's tensors are real)."""
+    with torch.device("meta"), adapter(**asdict(adapter_config)):
+        skeleton = LLaMA(config)
+    load_adapter_state_dict(skeleton, tensors, path)
+    save_adapter_checkpoint(skeleton, path, chat_template, training)
+
+
 def read_adapter_config(path: Path) -> tuple[AdapterConfig, Config]:
     """The LLaMA-Adapter settings and the base model's config recorded in an adapter checkpoint, read without its
     tensors."""

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional
 import torch
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, tokenizer_file
+from tokenizer import CHAT_TEMPLATES, Tokenizer, tokenizer_file
 from utils import atomic_path, load_config, one_line
 
 METADATA_FORMAT = 1  # metadata.json's version: data prepared by another is refused (`check_prepared_data`)
@@ -289,6 +289,21 @@ def print_summary(lengths: list[int], truncated: int, max_seq_length: int) -> No
     p95 = ordered[math.ceil(0.95 * n) - 1]  # nearest rank: 95% of the records are this long or shorter
     print(f"Token lengths of {n} records: min {ordered[0]}, median {median(ordered):g}, p95 {p95}, max {ordered[-1]}")
     print(f"Truncated to --max_seq_length {max_seq_length}: {truncated} records ({100 * truncated / n:.1f}%)")
+
+
+def chat_template_for(tokenizer: Tokenizer, template: Optional[str]) -> str:
+    """The chat template conversations are rendered in (prepare_chat.py, prepare_preferences.py): the built-in
+    `template` (tokenizer.CHAT_TEMPLATES) when given, else the checkpoint's own. Refused for a checkpoint with only
+    tokenizer.model, since chat templates write special tokens as text, or without a template."""
+    if tokenizer.path.name != "tokenizer.json":
+        raise ValueError(
+            f"{tokenizer.path.parent} has only tokenizer.model; chat templates write special tokens as text, which "
+            "needs the checkpoint's tokenizer.json (download it from the model's Hub repository)"
+        )
+    chat_template = CHAT_TEMPLATES[template] if template else tokenizer.chat_template
+    if chat_template is None:
+        tokenizer.apply_chat_template([])  # says that there is none and which to choose
+    return chat_template
 
 
 def tokenizer_metadata(tokenizer: Tokenizer) -> dict:

@@ -39,10 +39,10 @@ from adapter import load_adapter_model, merge_adapter_v2, read_adapter_config
 from data import load_prepared_data
 from decode import Completion, decode_all
 from lora import check_same_base, load_lora_model, read_lora_config
-from model import LLaMA
+from losses import cross_entropy_sum, pack_batch
+from model import Config, LLaMA
 from quantize import check_mode
 from tokenizer import Tokenizer
-from training import cross_entropy_sum, pack_batch
 from utils import (
     atomic_path,
     cli,
@@ -114,6 +114,82 @@ def main(
         out_dir: where results.json, samples_*.jsonl and perplexity.json go; created if needed.
     """
     names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else []
+    validate_args(names, data_file, data_dir, lora_path, adapter_path, merge, quantize, limit, batch_size)
+    dtype = precision_to_dtype(precision or default_precision())
+    config = load_config(checkpoint_dir)
+    max_length = max_length or config.block_size
+    stride = stride or max(1, max_length // 2)
+    check_model_args(config, max_length, stride, lora_path, adapter_path, merge)
+    tokenizer = Tokenizer(checkpoint_dir)
+    # everything that can be checked without the model first: a mistake stops before the slow part, writing nothing
+    task_manager, task_objects = load_tasks(names, include_path) if names else (None, [])
+    corpus, test_data, ignore_index = read_data(data_file, data_dir, checkpoint_dir, tokenizer)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(checkpoint_dir, lora_path, adapter_path, merge, quantize, device, dtype)
+
+    t0 = time.perf_counter()
+    results, perplexities = None, {}
+    if task_objects:
+        lm = HarnessLM(model, tokenizer, batch_size, max_length)
+        model_args = dict(
+            checkpoint_dir=str(checkpoint_dir),
+            lora_path=str(lora_path) if lora_path else None,
+            adapter_path=str(adapter_path) if adapter_path else None,
+            merge=merge,
+            quantize=quantize,
+            precision=str(dtype),
+        )
+        results = run_tasks(
+            lm, model_args, task_manager, task_objects, num_fewshot, limit, log_samples, apply_chat_template
+        )
+    if corpus is not None:
+        windows = sliding_windows(corpus, max_length, stride)
+        scores = perplexity(model, windows, IGNORE_INDEX, max_length, batch_size)
+        perplexities["data_file"] = {"path": str(data_file), **scores, "max_length": max_length, "stride": stride}
+    if test_data is not None:
+        scores = perplexity(model, test_data, ignore_index, max_length, batch_size)
+        perplexities["data_dir"] = {"path": str(data_dir), **scores, "records": len(test_data)}
+    seconds = time.perf_counter() - t0
+    write_results(Path(out_dir), results, perplexities, seconds, peak_memory_gb(device))
+
+
+def run_tasks(
+    lm: "HarnessLM",
+    model_args: dict,
+    task_manager: TaskManager,
+    task_objects: list,
+    num_fewshot: Optional[int],
+    limit: Optional[float],
+    log_samples: bool,
+    apply_chat_template: bool,
+) -> dict:
+    """lm-eval's results of the tasks, asked of `lm` (`model_args` only go into the results, to say what was
+    evaluated)."""
+    return simple_evaluate(
+        model=lm,
+        model_args=model_args,
+        tasks=task_objects,
+        task_manager=task_manager,
+        num_fewshot=num_fewshot,
+        limit=int(limit) if limit is not None and limit >= 1 else limit,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+    )
+
+
+def validate_args(
+    names: list[str],
+    data_file: Optional[Path],
+    data_dir: Optional[Path],
+    lora_path: Optional[Path],
+    adapter_path: Optional[Path],
+    merge: bool,
+    quantize: Optional[str],
+    limit: Optional[float],
+    batch_size: int,
+) -> None:
+    """The checks of main's flags that need no file: what to evaluate, and which combinations make sense."""
     if not names and data_file is None and data_dir is None:
         raise ValueError("nothing to evaluate: give --tasks, --data_file or --data_dir (or several)")
     if limit is not None and limit <= 0:
@@ -133,15 +209,23 @@ def main(
         )
     if quantize is not None:
         check_mode(quantize)
-    dtype = precision_to_dtype(precision or default_precision())
-    config = load_config(checkpoint_dir)
-    max_length = max_length or config.block_size
+
+
+def check_model_args(
+    config: Config,
+    max_length: int,
+    stride: int,
+    lora_path: Optional[Path],
+    adapter_path: Optional[Path],
+    merge: bool,
+) -> None:
+    """The checks of main's flags against the checkpoint's `config`: the window, and the adapter file (a missing
+    file, one of the other kind or of another base stops here, before the model is loaded)."""
     if not 1 < max_length <= config.block_size:
         raise ValueError(f"--max_length must be between 2 and the model's block_size {config.block_size}")
-    stride = stride or max(1, max_length // 2)
     if not 1 <= stride <= max_length:
         raise ValueError(f"--stride must be between 1 and --max_length {max_length}, not {stride}")
-    if lora_path is not None:  # a missing file, one of the other kind or of another base stops here
+    if lora_path is not None:
         _, adapter_base = read_lora_config(lora_path)
         check_same_base(adapter_base, config, lora_path)
     if adapter_path is not None:
@@ -152,9 +236,13 @@ def main(
                 f"{adapter_path} holds prompts (LLaMA-Adapter v{adapter_config.version}, adapter_layers "
                 f"{adapter_config.adapter_layers}), which cannot merge into weights: leave out --merge"
             )
-    tokenizer = Tokenizer(checkpoint_dir)
-    # everything that can be checked without the model first: a mistake stops before the slow part, writing nothing
-    task_manager, task_objects = load_tasks(names, include_path) if names else (None, [])
+
+
+def read_data(
+    data_file: Optional[Path], data_dir: Optional[Path], checkpoint_dir: Path, tokenizer: Tokenizer
+) -> tuple[Optional[torch.Tensor], Optional[list[dict]], int]:
+    """The ids of --data_file's corpus, the test records of --data_dir and their ignore_index (None where not given;
+    IGNORE_INDEX without --data_dir), checked before the model is loaded."""
     corpus = tokenizer.encode(read_corpus(data_file)) if data_file is not None else None
     if corpus is not None and len(corpus) < 2:
         raise ValueError(f"--data_file {data_file} has fewer than 2 tokens: nothing to score")
@@ -164,8 +252,20 @@ def main(
         test_data, ignore_index = prepared.val, prepared.ignore_index
         if not test_data:
             raise ValueError(f"{data_dir}/test.pt holds no records; prepare the data with a test split")
+    return corpus, test_data, ignore_index
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def load(
+    checkpoint_dir: Path,
+    lora_path: Optional[Path],
+    adapter_path: Optional[Path],
+    merge: bool,
+    quantize: Optional[str],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> LLaMA:
+    """The model to evaluate, in eval mode: the base, with the LoRA or LLaMA-Adapter file if given, merged or not,
+    quantized or not; on CPU in the decoding layout."""
     t0 = time.perf_counter()
     if lora_path is not None:
         model = load_lora_model(checkpoint_dir, lora_path, device, dtype, merge=merge, quantize=quantize)
@@ -185,45 +285,7 @@ def main(
         f"({dtype}, {quantize or 'not quantized'}, {device})",
         file=sys.stderr,
     )
-
-    t0 = time.perf_counter()
-    results, perplexities = None, {}
-    if task_objects:
-        lm = HarnessLM(model, tokenizer, batch_size, max_length)
-        model_args = dict(
-            checkpoint_dir=str(checkpoint_dir),
-            lora_path=str(lora_path) if lora_path else None,
-            adapter_path=str(adapter_path) if adapter_path else None,
-            merge=merge,
-            quantize=quantize,
-            precision=str(dtype),
-        )
-        results = simple_evaluate(
-            model=lm,
-            model_args=model_args,
-            tasks=task_objects,
-            task_manager=task_manager,
-            num_fewshot=num_fewshot,
-            limit=int(limit) if limit is not None and limit >= 1 else limit,
-            log_samples=log_samples,
-            apply_chat_template=apply_chat_template,
-        )
-    if corpus is not None:
-        windows = sliding_windows(corpus, max_length, stride)
-        perplexities["data_file"] = {
-            "path": str(data_file),
-            **perplexity(model, windows, IGNORE_INDEX, max_length, batch_size),
-            "max_length": max_length,
-            "stride": stride,
-        }
-    if test_data is not None:
-        perplexities["data_dir"] = {
-            "path": str(data_dir),
-            **perplexity(model, test_data, ignore_index, max_length, batch_size),
-            "records": len(test_data),
-        }
-    seconds = time.perf_counter() - t0
-    write_results(Path(out_dir), results, perplexities, seconds, peak_memory_gb(device))
+    return model
 
 
 def write_results(out_dir: Path, results: Optional[dict], perplexities: dict, seconds: float, memory: float) -> None:
@@ -567,7 +629,7 @@ def perplexity(
     model: LLaMA, records: list[dict[str, torch.Tensor]], ignore_index: int, max_length: int, batch_size: int
 ) -> dict[str, float]:
     """The mean loss per scored token and its exponential over prepared records (input_ids, labels), cut to
-    `max_length`, `batch_size` at a time packed into one row, as fine-tuning validates (training.pack_batch,
+    `max_length`, `batch_size` at a time packed into one row, as fine-tuning validates (losses.pack_batch,
     cross_entropy_sum)."""
     device = model.embed.weight.device
     loss_sum, n_tokens = 0.0, 0

@@ -13,11 +13,12 @@ generate_adapter.py, chat.py --adapter_path, scripts/export_peft.py and, for v2 
 scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also logs/
 (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_adapter.md.
 The story is here, top to bottom (setup: the flags and every check; main: the model and the optimizer; fit: the
-training loop and its step), the parts it calls (the checkpoints: training.save_adapter_and_state) in training.py
-and data.py.
+training loop and its step; save: the adapter and train_state.pt), the parts it calls in training.py, losses.py,
+train_state.py, adapter.py and data.py.
 """
 
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -25,28 +26,23 @@ import torch
 from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
-from adapter import AdapterConfig, adapter, mark_only_adapter_as_trainable
+from adapter import AdapterConfig, adapter, is_adapter_tensor, mark_only_adapter_as_trainable, save_adapter_tensors
 from data import PreparedData, load_prepared_data
+from losses import cross_entropy_sum, pack_batch
 from model import LLaMA
+from quantize import make_optimizer
 from tokenizer import Tokenizer
+from train_state import STATE_NAME, find_resume, resume_settings, save_train_state, start_state
 from training import (
-    STATE_NAME,
     Progress,
     TrainArgs,
     batch_indices,
     check_batch_sizes,
     compile_blocks,
-    cross_entropy_sum,
-    find_resume,
     finish,
     is_fsdp,
     learning_rate,
     make_fabric,
-    make_optimizer,
-    pack_batch,
-    resume_settings,
-    save_adapter_and_state,
-    start_state,
     stop_if_diverged,
     validate,
 )
@@ -156,7 +152,7 @@ def main(
 
     # train_state.pt, then the adapter from the tensors just saved in it (the adapter records the chat template of
     # conversation data, which generate_adapter.py and chat.py then prompt in)
-    save_adapter_and_state(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
+    save(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
     fabric.print(f"Saved the adapter to {out_dir / ADAPTER_NAME}")
     finish(fabric, state["history"], out_dir)
 
@@ -218,7 +214,28 @@ def fit(
                 validate(fabric, model, data.val, tokenizer, state, train, data.ignore_index, data.chat_template)
             if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
                 adapter_path = out_dir / f"adapter_step-{step:06d}.safetensors"
-                save_adapter_and_state(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
+                save(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
+
+
+def save(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: Optimizer,
+    state: dict,
+    settings: dict,
+    adapter_path: Path,
+    chat_template: Optional[str],
+) -> None:
+    """Writes train_state.pt beside `adapter_path` (train_state.save_train_state: the adapter's tensors and what
+    --resume needs), then the adapter at `adapter_path` from the tensors just saved in it, so the two always agree.
+    The adapter records the chat template of conversation data, which generate_adapter.py and chat.py then prompt in.
+    Both are written under a temporary name and renamed when complete."""
+    path, adapter_config = adapter_path.parent / STATE_NAME, AdapterConfig(**settings["adapter"])
+    trained = partial(is_adapter_tensor, v2=adapter_config.version == 2)  # v2 also trains the norms
+    weights = save_train_state(fabric, path, model, optimizer, state, settings, only=trained)  # on rank 0
+    if fabric.global_rank == 0:
+        save_adapter_tensors(weights, adapter_config, model.config, adapter_path, chat_template)
+    fabric.barrier()
 
 
 if __name__ == "__main__":

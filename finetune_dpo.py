@@ -18,7 +18,7 @@ computed once, before the first step, from the model as training starts, and kep
 resumed run reads them back; that is how a run that starts from an adapter (--lora_path, e.g. one that
 finetune_lora.py trained on instructions: SFT then DPO) keeps that adapter as its reference.
 A micro-batch's chosen and rejected answers, each after its prompt, go through the model packed into one row without
-padding (training.pack_batch) in one forward pass, whose head computes logits at the answer tokens only.
+padding (losses.pack_batch) in one forward pass, whose head computes logits at the answer tokens only.
 
 The flags, the data order, resume (--resume), the stop on a loss that is not finite, the logs and loss.png are
 finetune_lora.py's; the figures are logged under TRL's names (loss, rewards/chosen, rewards/rejected,
@@ -26,8 +26,9 @@ rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; eval_* on the
 ordinary LoRA adapter, which records the method and its settings in its metadata ("training"): generate_lora.py,
 chat.py, serve.py and scripts/merge_lora.py, export_peft.py and export_gguf.py take it as they take finetune_lora.py's.
 The story is here, top to bottom (setup: the flags and every check; main: the model, the optimizer and the precomputed
-reference; fit: the training loop and its step; validate; the loss and the log-probabilities), the parts it calls in
-training.py and data.py. See howto/preference_tuning.md.
+reference; fit: the training loop and its step; validate; save: the adapter and train_state.pt; the loss and the
+log-probabilities), the parts it calls in training.py, losses.py, train_state.py, lora.py and data.py. See
+howto/preference_tuning.md.
 """
 
 import math
@@ -45,35 +46,32 @@ from data import PreparedData, file_sha256, load_prepared_data
 from lora import (
     LoRAConfig,
     check_same_base,
+    is_lora_tensor,
     load_lora_checkpoint,
     lora,
     lora_disabled,
     mark_only_lora_as_trainable,
     read_lora_config,
+    save_lora_tensors,
 )
+from losses import pack_batch, token_cross_entropy
 from model import LLaMA
+from quantize import make_optimizer
 from tokenizer import Tokenizer
+from train_state import STATE_NAME, find_resume, resume_settings, save_train_state, start_state
 from training import (
     SAMPLE_INSTRUCTION,
-    STATE_NAME,
     Progress,
     TrainArgs,
     batch_indices,
     check_batch_sizes,
     compile_blocks,
-    find_resume,
     finish,
     is_fsdp,
     learning_rate,
     make_fabric,
-    make_optimizer,
-    pack_batch,
-    resume_settings,
     sample_answer,
-    save_adapter_and_state,
-    start_state,
     stop_if_diverged,
-    token_cross_entropy,
 )
 from utils import cli, default_precision, load_config, load_model, precision_to_dtype
 
@@ -100,6 +98,15 @@ class Preference:
     beta: float
     gamma: Optional[float]  # SimPO's target margin; None for the others
     reference: Optional[str]  # "base": the model with LoRA off, every step; "precomputed": once; None (SimPO): none
+
+    @classmethod
+    def from_flags(
+        cls, loss: str, beta: float, gamma: float, precompute_reference: Optional[bool], lora_path: Optional[Path]
+    ) -> "Preference":
+        """From setup's flags: --gamma only for SimPO, and the reference precomputed by default with --lora_path."""
+        precompute_reference = lora_path is not None if precompute_reference is None else precompute_reference
+        reference = None if loss == "simpo" else "precomputed" if precompute_reference else "base"
+        return cls(loss, beta, gamma if loss == "simpo" else None, reference)
 
 
 def setup(
@@ -180,54 +187,13 @@ def setup(
             pairs.
         resume: a train_state.pt to continue from, or "auto" for out_dir/train_state.pt when there is one.
     """
-    # everything that can be wrong with the input is found here, before any model is loaded or process started
-    if loss not in LOSSES:
-        raise ValueError(f"--loss {loss} is not one of {', '.join(LOSSES)}")
-    if not beta > 0:
-        raise ValueError(f"--beta must be above 0, not {beta}")
-    if precompute_reference is False and lora_path is not None:
-        raise ValueError(
-            "--lora_path needs --precompute_reference true: the reference is the adapter as it starts, which "
-            "training moves; leave --precompute_reference out"
-        )
-    check_batch_sizes(train, devices * num_nodes)
-    if quantize and strategy == "fsdp":
-        raise ValueError(
-            "--quantize does not work with --strategy fsdp, which shards floating-point weights; "
-            "use --strategy ddp or one device"
-        )
+    validate_args(loss, beta, precompute_reference, lora_path, quantize, strategy, train, devices * num_nodes)
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
-    data = load_prepared_data(data_dir, checkpoint_dir, keys=PAIR_KEYS)
-    block_size = load_config(checkpoint_dir).block_size
-    if data.metadata["longest_sequence"] > min(train.max_seq_length, block_size):
-        raise ValueError(
-            f"{data_dir} holds a prompt and answer of {data.metadata['longest_sequence']} tokens, more than "
-            f"--train.max_seq_length {train.max_seq_length} (or the model's block_size {block_size}); cutting them "
-            "here could leave a pair's answers the same: prepare the data with that --max_seq_length instead"
-        )
-    tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
+    data = load_pairs(data_dir, checkpoint_dir, train)
     flags = dict(r=lora_r, alpha=lora_alpha, targets=lora_targets, rslora=lora_rslora, dora=lora_dora)
-    flags.update(ranks=lora_ranks, alphas=lora_alphas)
-    if lora_path is None:
-        lora_config = LoRAConfig(**{key: value for key, value in flags.items() if value is not None})
-    else:  # the adapter's settings; a flag that says otherwise is a mistake
-        lora_config, base_config = read_lora_config(lora_path)
-        check_same_base(base_config, load_config(checkpoint_dir), lora_path)
-        given = LoRAConfig(**{key: value for key, value in flags.items() if value is not None})
-        differences = [
-            f"--lora_{key} {getattr(given, key)} (the adapter's: {getattr(lora_config, key)})"
-            for key, value in flags.items()
-            if value is not None and getattr(given, key) != getattr(lora_config, key)
-        ]
-        if differences:
-            raise ValueError(
-                f"--lora_path {lora_path} was trained with other LoRA settings than {', '.join(differences)}; leave "
-                "those flags out: the adapter's are used"
-            )
-    lora_config = replace(lora_config, dropout=lora_dropout)  # checked there
-    precompute_reference = lora_path is not None if precompute_reference is None else precompute_reference
-    reference = None if loss == "simpo" else "precomputed" if precompute_reference else "base"
-    preference = Preference(loss, beta, gamma if loss == "simpo" else None, reference)
+    flags.update(ranks=lora_ranks, alphas=lora_alphas, dropout=lora_dropout)
+    lora_config = lora_settings(flags, lora_path, checkpoint_dir)
+    preference = Preference.from_flags(loss, beta, gamma, precompute_reference, lora_path)
     resume = find_resume(resume, out_dir)
     train = train.for_records(len(data.train))  # max_steps from epochs, unless given
     precision = precision or default_precision(training=True)  # bf16-mixed on GPUs with bf16, else 32-true
@@ -238,7 +204,7 @@ def setup(
         checkpoint_dir,
         out_dir,
         data,
-        tokenizer,
+        Tokenizer(checkpoint_dir),  # for the sample answers of validate
         lora_config,
         lora_path,
         preference,
@@ -247,6 +213,74 @@ def setup(
         train,
         resume,
     )
+
+
+def validate_args(
+    loss: str,
+    beta: float,
+    precompute_reference: Optional[bool],
+    lora_path: Optional[Path],
+    quantize: Optional[str],
+    strategy: str,
+    train: TrainArgs,
+    devices: int,
+) -> None:
+    """The checks of setup's flags that need no file (`devices`: all of them, on every node). With those of the data and
+    the adapter in setup, everything that can be wrong with the input is found before any model is loaded or process
+    started."""
+    if loss not in LOSSES:
+        raise ValueError(f"--loss {loss} is not one of {', '.join(LOSSES)}")
+    if not beta > 0:
+        raise ValueError(f"--beta must be above 0, not {beta}")
+    if precompute_reference is False and lora_path is not None:
+        raise ValueError(
+            "--lora_path needs --precompute_reference true: the reference is the adapter as it starts, which "
+            "training moves; leave --precompute_reference out"
+        )
+    check_batch_sizes(train, devices)
+    if quantize and strategy == "fsdp":
+        raise ValueError(
+            "--quantize does not work with --strategy fsdp, which shards floating-point weights; "
+            "use --strategy ddp or one device"
+        )
+
+
+def load_pairs(data_dir: Path, checkpoint_dir: Path, train: TrainArgs) -> PreparedData:
+    """The pairs prepared by prepare_preferences.py, refused when longer than the run takes: cutting them here could
+    leave a pair's answers the same."""
+    data = load_prepared_data(data_dir, checkpoint_dir, keys=PAIR_KEYS)
+    block_size = load_config(checkpoint_dir).block_size
+    if data.metadata["longest_sequence"] > min(train.max_seq_length, block_size):
+        raise ValueError(
+            f"{data_dir} holds a prompt and answer of {data.metadata['longest_sequence']} tokens, more than "
+            f"--train.max_seq_length {train.max_seq_length} (or the model's block_size {block_size}); cutting them "
+            "here could leave a pair's answers the same: prepare the data with that --max_seq_length instead"
+        )
+    return data
+
+
+def lora_settings(flags: dict, lora_path: Optional[Path], checkpoint_dir: Path) -> LoRAConfig:
+    """The LoRA settings of the run: the --lora_* `flags` given (not None) over LoRAConfig's defaults, or with
+    --lora_path that adapter's, which a flag that says otherwise is a mistake against; the dropout always the flag's
+    (checked by LoRAConfig)."""
+    dropout = flags.pop("dropout")
+    given = {key: value for key, value in flags.items() if value is not None}
+    if lora_path is None:
+        return replace(LoRAConfig(**given), dropout=dropout)
+    lora_config, base_config = read_lora_config(lora_path)
+    check_same_base(base_config, load_config(checkpoint_dir), lora_path)
+    given = LoRAConfig(**given)
+    differences = [
+        f"--lora_{key} {getattr(given, key)} (the adapter's: {getattr(lora_config, key)})"
+        for key, value in flags.items()
+        if value is not None and getattr(given, key) != getattr(lora_config, key)
+    ]
+    if differences:
+        raise ValueError(
+            f"--lora_path {lora_path} was trained with other LoRA settings than {', '.join(differences)}; leave "
+            "those flags out: the adapter's are used"
+        )
+    return replace(lora_config, dropout=dropout)
 
 
 def main(
@@ -310,9 +344,7 @@ def main(
     fit(fabric, model, optimizer, data, tokenizer, state, settings, preference, train, out_dir)
 
     training = {**asdict(preference), "start_adapter": None if lora_path is None else str(lora_path)}
-    save_adapter_and_state(
-        fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template, training
-    )
+    save(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template, training)
     fabric.print(f"Saved the adapter to {out_dir / ADAPTER_NAME}")
     finish(fabric, state["history"], out_dir, loss_name=f"{preference.method} loss")
 
@@ -379,7 +411,7 @@ def fit(
                 validate(fabric, model, data, tokenizer, state, preference, train)
             if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
                 adapter_path = out_dir / f"lora_step-{step:06d}.safetensors"
-                save_adapter_and_state(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
+                save(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
 
 
 @torch.no_grad()
@@ -422,6 +454,28 @@ def validate(
     state["history"]["val"].append((step, metrics["loss"]))
     fabric.log_dict({f"eval_{name}": value for name, value in metrics.items()}, step)
     model.train()
+
+
+def save(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: Optimizer,
+    state: dict,
+    settings: dict,
+    adapter_path: Path,
+    chat_template: Optional[str],
+    training: Optional[dict] = None,
+) -> None:
+    """Writes train_state.pt beside `adapter_path` (train_state.save_train_state: the LoRA tensors and what --resume
+    needs, with the precomputed reference log-probabilities, if any), then the adapter at `adapter_path` from the
+    tensors just saved in it, recording the chat template of conversation data and `training`, the method and its
+    settings, when given (the final adapter's). Both are written under a temporary name and renamed when complete."""
+    path = adapter_path.parent / STATE_NAME
+    weights = save_train_state(fabric, path, model, optimizer, state, settings, only=is_lora_tensor)  # on rank 0
+    if fabric.global_rank == 0:
+        lora_config = LoRAConfig.from_dict(settings["lora"])
+        save_lora_tensors(weights, lora_config, model.config, adapter_path, chat_template, training)
+    fabric.barrier()
 
 
 def preference_loss(

@@ -21,26 +21,21 @@ from safetensors.torch import save_file
 from torch.optim import Optimizer
 
 from data import PreparedData, load_prepared_data
+from losses import cross_entropy_sum, pack_batch
 from model import LLaMA
+from quantize import make_optimizer
 from tokenizer import Tokenizer
+from train_state import STATE_NAME, find_resume, resume_settings, save_train_state, start_state
 from training import (
-    STATE_NAME,
     Progress,
     TrainArgs,
     batch_indices,
     check_batch_sizes,
     compile_blocks,
-    cross_entropy_sum,
-    find_resume,
     finish,
     is_fsdp,
     learning_rate,
     make_fabric,
-    make_optimizer,
-    pack_batch,
-    resume_settings,
-    save_train_state,
-    start_state,
     stop_if_diverged,
     validate,
 )
@@ -201,7 +196,7 @@ def save(
     checkpoint_dir: Path,
     dtype: torch.dtype,
 ) -> None:
-    """Writes out_dir/train_state.pt (training.save_train_state: every weight and what --resume needs), then a
+    """Writes out_dir/train_state.pt (train_state.save_train_state: every weight and what --resume needs), then a
     checkpoint directory for generate.py at `destination`: the weights in `dtype` (the run's starting checkpoint's),
     its config, and the tokenizer of `checkpoint_dir`. Every file is written under a temporary name and renamed when
     complete: a run killed while saving keeps the previous checkpoint."""

@@ -47,7 +47,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from lora import lora_disabled
 from model import LLaMA
-from training import pack_batch, token_cross_entropy
+from losses import pack_batch, token_cross_entropy
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")

@@ -12,8 +12,8 @@ Every --train.save_interval steps and at the end, out_dir receives the adapter (
 scripts/merge_lora.py) and train_state.pt, from which --resume continues exactly where the run stopped; also
 logs/ (CSV, and TensorBoard when installed) and, at the end, loss.png. See howto/finetune_lora.md.
 The story is here, top to bottom (setup: the flags and every check; main: the model and the optimizer; fit: the
-training loop and its step), the parts it calls (the checkpoints: training.save_adapter_and_state) in training.py
-and data.py.
+training loop and its step; save: the adapter and train_state.pt), the parts it calls in training.py, losses.py,
+train_state.py, lora.py and data.py.
 """
 
 from dataclasses import asdict
@@ -25,27 +25,22 @@ from lightning.fabric import Fabric
 from torch.optim import Optimizer
 
 from data import PreparedData, load_prepared_data
-from lora import LoRAConfig, lora, mark_only_lora_as_trainable
+from lora import LoRAConfig, is_lora_tensor, lora, mark_only_lora_as_trainable, save_lora_tensors
+from losses import cross_entropy_sum, pack_batch
 from model import LLaMA
+from quantize import make_optimizer
 from tokenizer import Tokenizer
+from train_state import STATE_NAME, find_resume, resume_settings, save_train_state, start_state
 from training import (
-    STATE_NAME,
     Progress,
     TrainArgs,
     batch_indices,
     check_batch_sizes,
     compile_blocks,
-    cross_entropy_sum,
-    find_resume,
     finish,
     is_fsdp,
     learning_rate,
     make_fabric,
-    make_optimizer,
-    pack_batch,
-    resume_settings,
-    save_adapter_and_state,
-    start_state,
     stop_if_diverged,
     validate,
 )
@@ -167,7 +162,7 @@ def main(
 
     # train_state.pt, then the adapter from the LoRA tensors just saved in it (the adapter records the chat template
     # of conversation data, which generate_lora.py then prompts in)
-    save_adapter_and_state(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
+    save(fabric, model, optimizer, state, settings, out_dir / ADAPTER_NAME, data.chat_template)
     fabric.print(f"Saved the adapter to {out_dir / ADAPTER_NAME}")
     finish(fabric, state["history"], out_dir)
 
@@ -228,7 +223,27 @@ def fit(
                 validate(fabric, model, data.val, tokenizer, state, train, data.ignore_index, data.chat_template)
             if step % train.save_interval == 0 and step < train.max_steps:  # an adapter and train_state.pt
                 adapter_path = out_dir / f"lora_step-{step:06d}.safetensors"
-                save_adapter_and_state(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
+                save(fabric, model, optimizer, state, settings, adapter_path, data.chat_template)
+
+
+def save(
+    fabric: Fabric,
+    model: LLaMA,
+    optimizer: Optimizer,
+    state: dict,
+    settings: dict,
+    adapter_path: Path,
+    chat_template: Optional[str],
+) -> None:
+    """Writes train_state.pt beside `adapter_path` (train_state.save_train_state: the LoRA tensors and what --resume
+    needs), then the adapter at `adapter_path` from the tensors just saved in it, so the two always agree. The adapter
+    records the chat template of conversation data, which generate_lora.py then prompts in. Both are written under a
+    temporary name and renamed when complete."""
+    path = adapter_path.parent / STATE_NAME
+    weights = save_train_state(fabric, path, model, optimizer, state, settings, only=is_lora_tensor)  # on rank 0
+    if fabric.global_rank == 0:
+        save_lora_tensors(weights, LoRAConfig.from_dict(settings["lora"]), model.config, adapter_path, chat_template)
+    fabric.barrier()
 
 
 if __name__ == "__main__":

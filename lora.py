@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -205,12 +206,36 @@ class LoRALinear(nn.Linear):
         base = F.linear(x, weight.to(x.dtype))
         return result - base + factor * (base + (x @ self.lora.A.T * self.lora.scaling) @ self.lora.B.T)
 
+    def on_base(self, base: type, **base_settings) -> "LoRALinear":
+        """A new layer with this one's shape and LoRA settings over `base`, a subclass of nn.Linear such as
+        bitsandbytes' Linear4bit (QLoRA: quantize.swap_in_layers), `base_settings` going to it; on the meta device,
+        its LoRA is initialised with its weight (utils.load_weights)."""
+        lora = self.lora
+        layer_class = with_base(type(self), base)
+        return layer_class(
+            self.in_features,
+            self.out_features,
+            lora.r,
+            lora.alpha,
+            lora.dropout.p,
+            lora.rslora,
+            lora.magnitude is not None,
+            self.bias is not None,
+            **base_settings,
+        )
+
     @torch.no_grad()
     def weight_norm(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖W + ΔW‖ of each output row (out,), DoRA's denominator; no gradient flows through it. `weight`: W, if the
         caller has it already (`base_weight`)."""
         weight = base_weight(self) if weight is None else weight
         return dora_norm(weight, self.lora.A.to(weight.dtype), self.lora.B.to(weight.dtype), self.lora.scaling)
+
+    def base_loaded(self) -> None:
+        """Called by utils.load_weights once the base weight is in, when this layer's LoRA was created fresh: DoRA's
+        magnitude starts as the norm of each row of the loaded weight (`reset_magnitude`)."""
+        if self.lora.magnitude is not None:
+            self.reset_magnitude()
 
     @torch.no_grad()
     def reset_magnitude(self) -> None:
@@ -245,6 +270,12 @@ class LoRALinear(nn.Linear):
                 self.weight /= self.factor.to(self.weight.dtype).unsqueeze(1)
             self.weight -= self.lora.delta_weight().to(self.weight.dtype)
             self.merged = False
+
+
+@cache
+def with_base(layer_class: type, base: type) -> type:
+    """`layer_class` (LoRALinear) with `base` (a bitsandbytes layer) between it and nn.Linear."""
+    return type(f"{layer_class.__name__}_{base.__name__}", (layer_class, base), {})
 
 
 @contextmanager
@@ -378,6 +409,23 @@ def save_lora_checkpoint(
     if lora_config is None:
         raise ValueError("the model has no LoRA layers to save; build it inside lora()")
     save_adapter_file(path, lora_state_dict(model), "lora", asdict(lora_config), model.config, chat_template, training)
+
+
+def save_lora_tensors(
+    tensors: dict[str, torch.Tensor],
+    lora_config: LoRAConfig,
+    config: Config,
+    path: Path,
+    chat_template: Optional[str] = None,
+    training: Optional[dict] = None,
+) -> None:
+    """`save_lora_checkpoint` for LoRA tensors without their model (those a train state holds, whole even when the
+    model is sharded: train_state.save_train_state), checked against a model of `config` with `lora_config` built on
+    the meta device (no memory: only the adapter's tensors are real)."""
+    with torch.device("meta"), lora(**asdict(lora_config)):
+        skeleton = LLaMA(config)
+    load_lora_state_dict(skeleton, tensors, path)
+    save_lora_checkpoint(skeleton, path, chat_template, training)
 
 
 def read_lora_config(path: Path) -> tuple[LoRAConfig, Config]:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data import (
     METADATA_FORMAT,
+    chat_template_for,
     find_data_file,
     load_records,
     print_summary,
@@ -35,7 +36,7 @@ from data import (
     tokenizer_metadata,
     write_prepared,
 )
-from tokenizer import CHAT_TEMPLATES, Tokenizer, check_template_name, tokenizer_file
+from tokenizer import Tokenizer, check_template_name, tokenizer_file
 from utils import cli
 
 # the two formats: the key of the message list, the keys of role and text, and their role names -> ours
@@ -75,23 +76,16 @@ def setup(
         seed: seed of the train/test split.
     """
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
-    tokenizer_path = tokenizer_file(checkpoint_dir)
+    tokenizer_file(checkpoint_dir)  # a missing tokenizer is the first thing to say
     check_template_name(template)
     if not 0 < test_split_fraction < 1:
         raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
     if max_seq_length < 2:
         raise ValueError(f"--max_seq_length must be at least 2, not {max_seq_length}")
     tokenizer = Tokenizer(checkpoint_dir)
-    if tokenizer_path.name != "tokenizer.json":
-        raise ValueError(
-            f"{checkpoint_dir} has only tokenizer.model; chat templates write special tokens as text, which needs the "
-            "checkpoint's tokenizer.json (download it from the model's Hub repository)"
-        )
+    chat_template = chat_template_for(tokenizer, template)
     if 0 <= ignore_index < tokenizer.vocab_size:
         raise ValueError(f"--ignore_index {ignore_index} is a token id; use a negative value such as -100")
-    chat_template = CHAT_TEMPLATES[template] if template else tokenizer.chat_template
-    if chat_template is None:
-        tokenizer.apply_chat_template([])  # says that there is none and which to choose
 
     data_file_path, source = find_data_file(data_file_path, data_repo_id, data_file_name)
     records = load_records(data_file_path)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from data import (
     METADATA_FORMAT,
+    chat_template_for,
     find_data_file,
     find_problem,
     generate_prompt,
@@ -44,7 +45,7 @@ from data import (
     tokenizer_metadata,
     write_prepared,
 )
-from tokenizer import CHAT_TEMPLATES, Tokenizer, tokenizer_file
+from tokenizer import Tokenizer, check_template_name, tokenizer_file
 from utils import cli
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")  # a record's keys
@@ -84,9 +85,45 @@ def setup(
         seed: seed of the train/test split.
     """
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
-    tokenizer_path = tokenizer_file(checkpoint_dir)  # a missing tokenizer is the first thing to say
-    if template is not None and template not in CHAT_TEMPLATES:
-        raise ValueError(f"--template {template} is not one of {', '.join(CHAT_TEMPLATES)}")
+    tokenizer_file(checkpoint_dir)  # a missing tokenizer is the first thing to say
+    validate_args(template, test_split_fraction, max_seq_length, max_prompt_length)
+    tokenizer = Tokenizer(checkpoint_dir)
+
+    data_file_path, source = find_data_file(data_file_path, data_repo_id, data_file_name)
+    records = load_records(data_file_path)
+    pairs, conversational = to_pairs(records, data_file_path)
+    wheres = [where for where, _ in records]
+    print(f"Read {len(pairs)} {'conversational' if conversational else 'plain'} pairs from {data_file_path}")
+    if conversational:
+        chat_template = chat_template_for(tokenizer, template)
+        tokenized = tokenize_conversations(pairs, wheres, tokenizer, chat_template)
+    else:
+        chat_template = None
+        tokenized = tokenize_plain(pairs, tokenizer)
+    order = split_order(len(pairs), test_split_fraction, seed)  # drawn apart from the tokens: the same for any length
+
+    samples, cuts = cut_pairs(tokenized, wheres, max_seq_length, max_prompt_length, tokenizer.bos_id)
+    n_test = int(len(pairs) * test_split_fraction)
+    train_set, test_set = split_samples(samples, order, n_test)
+    if not train_set or not test_set:
+        raise ValueError(f"no pair of a split has different answers within --max_seq_length {max_seq_length}")
+    metadata = {
+        "format": METADATA_FORMAT,
+        "pairs": True,
+        **prompt_metadata(template, chat_template),
+        **tokenizer_metadata(tokenizer),
+        **split_metadata(train_set, test_set, max_seq_length, IGNORE_INDEX, test_split_fraction, seed, source),
+        "max_prompt_length": max_prompt_length,
+        **cuts,
+    }
+    write_prepared(destination_path, train_set, test_set, metadata)
+
+
+def validate_args(
+    template: Optional[str], test_split_fraction: float, max_seq_length: int, max_prompt_length: int
+) -> None:
+    """The checks of setup's flags that need no file."""
+    check_template_name(template)
     if not 0 < test_split_fraction < 1:
         raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
     if max_seq_length < 2:
@@ -96,32 +133,21 @@ def setup(
             f"--max_prompt_length {max_prompt_length} must be at least 1 and below --max_seq_length {max_seq_length}, "
             "to leave room for the answers"
         )
-    tokenizer = Tokenizer(checkpoint_dir)
 
-    data_file_path, source = find_data_file(data_file_path, data_repo_id, data_file_name)
-    records = load_records(data_file_path)
-    pairs, conversational = to_pairs(records, data_file_path)
-    wheres = [where for where, _ in records]
-    print(f"Read {len(pairs)} {'conversational' if conversational else 'plain'} pairs from {data_file_path}")
-    if conversational:
-        if tokenizer_path.name != "tokenizer.json":
-            raise ValueError(
-                f"{checkpoint_dir} has only tokenizer.model; chat templates write special tokens as text, which needs "
-                "the checkpoint's tokenizer.json (download it from the model's Hub repository)"
-            )
-        chat_template = CHAT_TEMPLATES[template] if template else tokenizer.chat_template
-        if chat_template is None:
-            tokenizer.apply_chat_template([])  # says that there is none and which to choose
-        tokenized = tokenize_conversations(pairs, wheres, tokenizer, chat_template)
-    else:
-        chat_template = None
-        tokenized = tokenize_plain(pairs, tokenizer)
-    order = split_order(len(pairs), test_split_fraction, seed)  # drawn apart from the tokens: the same for any length
 
+def cut_pairs(
+    tokenized: list[tuple[list[int], list[int], list[int]]],
+    wheres: list[str],
+    max_seq_length: int,
+    max_prompt_length: int,
+    bos_id: Optional[int],
+) -> tuple[list[Optional[dict[str, torch.Tensor]]], dict[str, int]]:
+    """Each pair's ids as tensors under PAIR_KEYS, cut to max_seq_length (`cut_pair`), or None for a pair whose
+    answers are the same once cut; and how many were cut or left out, for the metadata. Prints what it did."""
     samples, lengths, prompt_cut, answers_cut, same = [], [], 0, 0, []
     for (prompt, chosen, rejected), where in zip(tokenized, wheres):
         lengths.append(len(prompt) + max(len(chosen), len(rejected)))
-        cut = cut_pair(prompt, chosen, rejected, max_seq_length, max_prompt_length, tokenizer.bos_id)
+        cut = cut_pair(prompt, chosen, rejected, max_seq_length, max_prompt_length, bos_id)
         prompt_cut += len(cut[0]) < len(prompt)
         answers_cut += len(cut[1]) < len(chosen) or len(cut[2]) < len(rejected)
         if cut[1] == cut[2]:  # the answers differed only in what was cut
@@ -139,37 +165,26 @@ def setup(
             f"Left out {len(same)} pairs whose answers are the same within --max_seq_length {max_seq_length} "
             f"(e.g. {', '.join(same[:3])}); raise it to keep them"
         )
-    n_test = int(len(pairs) * test_split_fraction)
-    train_set, test_set = split_samples(samples, order, n_test)
-    if not train_set or not test_set:
-        raise ValueError(f"no pair of a split has different answers within --max_seq_length {max_seq_length}")
-    if conversational:
-        prompt_metadata = {
+    return samples, {"prompt_cut": prompt_cut, "answers_cut": answers_cut, "left_out_same_answers": len(same)}
+
+
+def prompt_metadata(template: Optional[str], chat_template: Optional[str]) -> dict:
+    """How the prompts were written, for metadata.json: in `chat_template` (conversations; `template` the built-in
+    one's name, if any), or, without one, in the Alpaca template."""
+    if chat_template is not None:
+        return {
             "template": "chat",
             "chat_template_name": template or "checkpoint",
             "chat_template": chat_template,
             "tokenization": "encode(apply_chat_template(prompt, add_generation_prompt=True)); an answer: what "
             "encode(apply_chat_template(prompt + answer)) holds after it",
         }
-    else:
-        prompt_metadata = {
-            "template": "alpaca",
-            "prompt_with_input": generate_prompt({"instruction": "{instruction}", "input": "{input}"}),
-            "prompt_without_input": generate_prompt({"instruction": "{instruction}", "input": ""}),
-            "tokenization": "BOS (if add_bos) + encode(prompt); an answer: encode(answer) + EOS",
-        }
-    metadata = {
-        "format": METADATA_FORMAT,
-        "pairs": True,
-        **prompt_metadata,
-        **tokenizer_metadata(tokenizer),
-        **split_metadata(train_set, test_set, max_seq_length, IGNORE_INDEX, test_split_fraction, seed, source),
-        "max_prompt_length": max_prompt_length,
-        "prompt_cut": prompt_cut,
-        "answers_cut": answers_cut,
-        "left_out_same_answers": len(same),
+    return {
+        "template": "alpaca",
+        "prompt_with_input": generate_prompt({"instruction": "{instruction}", "input": "{input}"}),
+        "prompt_without_input": generate_prompt({"instruction": "{instruction}", "input": ""}),
+        "tokenization": "BOS (if add_bos) + encode(prompt); an answer: encode(answer) + EOS",
     }
-    write_prepared(destination_path, train_set, test_set, metadata)
 
 
 def to_pairs(records: list[tuple[str, Any]], path: Path) -> tuple[list[tuple[Any, Any, Any]], bool]:

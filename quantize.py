@@ -1,5 +1,5 @@
-"""Quantization with bitsandbytes: the frozen projections held in 4 or 8 bits (--quantize, QLoRA) and the 8-bit and
-paged AdamW optimizers (--train.optimizer). See howto/quantize.md.
+"""Quantization with bitsandbytes: the frozen projections held in 4 or 8 bits (--quantize, QLoRA), and the choice of
+optimizer (--train.optimizer: torch's AdamW, or bitsandbytes' 8-bit and paged ones). See howto/quantize.md.
 
 bitsandbytes' own layers and optimizers, not a re-implementation: they are what QLoRA was published with, what
 PEFT and transformers use, and they run on CUDA and (slower) on the CPU. utils.load_model calls `swap_in_layers`
@@ -9,7 +9,6 @@ on a model still on the meta device, then `quantize_weight` for each projection'
 import logging
 import sys
 import warnings
-from functools import cache
 from types import ModuleType
 from typing import Iterable, Optional
 
@@ -42,27 +41,19 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
             bnb.nn.Linear4bit,
             dict(compute_dtype=dtype, quant_type=quant_type, compress_statistics=compress_statistics),
         )
+    from adapter import AdapterV2Linear  # here: both import utils, which imports this module
+    from lora import LoRALinear
+
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, nn.Linear) or (name == "lm_head" and model.config.tie_embeddings):
             continue
-        if hasattr(layer, "bias_scale"):
+        if isinstance(layer, AdapterV2Linear):
             raise ValueError(
                 "LLaMA-Adapter v2 (a learned bias and scale on every projection) on a quantized base is not "
                 "implemented; quantize without it, or use v1 (its prompts only)"
             )
-        if hasattr(layer, "lora"):  # its LoRA A and B are created anew, on meta, and initialised by load_weights
-            lora = layer.lora
-            quantized = on_base(type(layer), base)(
-                layer.in_features,
-                layer.out_features,
-                lora.r,
-                lora.alpha,
-                lora.dropout.p,
-                lora.rslora,
-                lora.magnitude is not None,
-                layer.bias is not None,
-                **settings,
-            )
+        if isinstance(layer, LoRALinear):  # QLoRA: the LoRA layer builds itself anew over the bitsandbytes layer
+            quantized = layer.on_base(base, **settings)
         else:
             quantized = base(layer.in_features, layer.out_features, bias=layer.bias is not None, **settings)
         if isinstance(quantized, bnb.nn.Linear4bit):
@@ -72,12 +63,6 @@ def swap_in_layers(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = N
             # asserts that out_features divide by 32. Never repacked, the layer is exact and has no shape rule.
             quantized.support_avx512bf16_for_cpu = False
         model.set_submodule(name, quantized)
-
-
-@cache
-def on_base(layer_class: type, base: type) -> type:
-    """`layer_class` (an nn.Linear subclass) with `base` (a bitsandbytes layer) between it and nn.Linear."""
-    return type(f"{layer_class.__name__}_{base.__name__}", (layer_class, base), {})
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -116,13 +101,13 @@ def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
 
 
-def make_bnb_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """One of bitsandbytes' AdamW variants. AdamW8bit holds the two moments in 8 bits per value (one quarter of
-    AdamW's optimizer memory; tensors under 4096 values keep 32 bits). The paged ones (CUDA only) keep their state in
-    memory that the driver pages out to the CPU when the GPU runs out, instead of failing; on CPU bitsandbytes runs
-    them unpaged (PagedAdamW8bit = AdamW8bit there)."""
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """--train.optimizer: torch's AdamW, or one of bitsandbytes' AdamW variants. AdamW8bit holds the two moments in 8
+    bits per value (one quarter of AdamW's optimizer memory; tensors under 4096 values keep 32 bits). The paged ones
+    (CUDA only) keep their state in memory that the driver pages out to the CPU when the GPU runs out, instead of
+    failing; on CPU bitsandbytes runs them unpaged (PagedAdamW8bit = AdamW8bit there)."""
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name not in BNB_OPTIMIZERS:
         raise ValueError(f"--train.optimizer {name!r} is not one of AdamW, {', '.join(BNB_OPTIMIZERS)}")
     params = list(params)

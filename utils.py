@@ -1,7 +1,7 @@
 """Pieces every script shares: the command line with one-line errors (`cli`, `one_line`), choosing a precision,
 loading a checkpoint directory (quantized if asked), writing files atomically, and the device helpers (the CPU
-decoding layout, peak memory). The training parts of the fine-tuning scripts are in training.py, the data pieces in
-data.py, bitsandbytes' quantization in quantize.py."""
+decoding layout, peak memory). The training parts of the fine-tuning scripts are in training.py (losses.py,
+train_state.py), the data pieces in data.py, bitsandbytes' quantization in quantize.py."""
 
 import json
 import os
@@ -57,7 +57,7 @@ def one_line(error: BaseException) -> str:
 
 
 def default_precision(training: bool = False) -> str:
-    """bf16 where CUDA supports it, else fp32: on CPUs bf16 matmuls are often hundreds of times slower."""
+    """bf16 where CUDA supports it, else fp32: on CPUs bf16 matmuls are far slower (howto/finetune_lora.md)."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed" if training else "bf16-true"
     return "32-true"
@@ -163,8 +163,8 @@ def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path
     Modules that add to the base model (LoRA's A and B in a model built inside lora.lora(), LLaMA-Adapter's prompts
     and v2's biases and scales inside adapter.adapter(), marked `adapter = True`) are not in a base checkpoint: they
     are created beside the weights, on their device and in their dtype, and initialised by their own
-    `reset_parameters()`; DoRA's magnitude then starts from the loaded weight it adapts
-    (lora.LoRALinear.reset_magnitude: the norm of each row)."""
+    `reset_parameters()`; then the layer holding one, if it has a `base_loaded()`, is told that its base weight is in
+    (an adapter that starts from it: lora.LoRALinear.base_loaded)."""
     _, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -174,9 +174,9 @@ def load_weights(model: LLaMA, state_dict: dict[str, torch.Tensor], source: Path
             module.to_empty(device=model.embed.weight.device).to(model.embed.weight.dtype)
             module.reset_parameters()
             fresh.append(module)
-    for module in model.modules():  # DoRA's magnitude starts as the norm of the loaded weight (lora.LoRALinear)
-        if any(getattr(module, "lora", None) is adapter for adapter in fresh) and module.lora.magnitude is not None:
-            module.reset_magnitude()
+    for module in model.modules():
+        if hasattr(module, "base_loaded") and any(child in fresh for child in module.children()):
+            module.base_loaded()
     missing = [name for name, param in model.named_parameters() if param.is_meta]
     if missing or unexpected:
         raise ValueError(
@@ -254,12 +254,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def use_cpu_decode_layout(model: torch.nn.Module) -> None:
     """Stores the float32 Linear weights with at least as many outputs as inputs column-major, for decoding on CPU.
 
-    Decoding multiplies a single row by each weight. On CPU (MKL, measured on an AVX2 EPYC) that product
-    reads a float32 weight with out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out)
-    than in nn.Linear's (out, in): the head 1.6x, gate/up 1.3x, square ones about the same. A weight with
-    out < in (down_proj) is 1.2x slower that way, and a bfloat16 one 15x slower, so those stay as they are.
-    `t().contiguous().t()` keeps the shape (out, in) and only changes the strides, so F.linear, LoRA layers
-    and merging work unchanged; a tied head re-lays out the embedding it shares, which lookups do not mind.
+    Decoding multiplies a single row by each weight. On CPU (MKL) that product reads a float32 weight with
+    out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out) than in nn.Linear's (out, in); a
+    weight with out < in (down_proj), or in bfloat16, is slower that way, so those stay as they are (the figures:
+    howto/inference.md#speed, benchmarks/generate_vs_hf.py). `t().contiguous().t()` keeps the shape (out, in) and
+    only changes the strides, so F.linear, LoRA layers and merging work unchanged; a tied head re-lays out the
+    embedding it shares, which lookups do not mind.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:

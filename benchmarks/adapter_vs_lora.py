@@ -43,7 +43,8 @@ from adapter import adapter, mark_only_adapter_as_trainable
 from data import load_prepared_data
 from lora import lora, mark_only_lora_as_trainable
 from model import Config, LLaMA
-from training import batch_indices, cross_entropy_sum, pack_batch
+from losses import cross_entropy_sum, pack_batch
+from training import batch_indices
 from utils import cli, load_config, load_model
 
 METHODS = {  # name: (the context the model is built in, how its tensors are marked, learning rate, weight decay)

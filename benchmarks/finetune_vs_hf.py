@@ -129,7 +129,7 @@ def make_inputs(workdir: Path, n_batches: int, micro_batch_size: int) -> list[tu
 
 def train_ours(workdir: Path) -> Callable[[list[dict]], float]:
     from lora import load_lora_checkpoint, lora, mark_only_lora_as_trainable
-    from training import cross_entropy_sum, pack_batch
+    from losses import cross_entropy_sum, pack_batch
     from utils import load_model
 
     with lora(**LORA):

@@ -53,7 +53,8 @@ from export_peft import lit_to_peft_name
 from lora import TARGETS, LoRAConfig, LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
 from model import Config, LLaMA
 from quantize import quantize_weight, quantized_layers, swap_in_layers
-from training import cross_entropy_sum, learning_rate, pack_batch
+from losses import cross_entropy_sum, pack_batch
+from training import learning_rate
 from utils import cli
 
 # Token lengths of the 999 records of ../shared/data/alpaca_en_demo.json (prepare_alpaca.tokenize, the LLaMA

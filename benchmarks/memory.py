@@ -311,7 +311,8 @@ def measure_step(
     from contextlib import nullcontext
 
     from lora import lora, mark_only_lora_as_trainable
-    from training import cross_entropy_sum, make_optimizer
+    from losses import cross_entropy_sum
+    from quantize import make_optimizer
     from utils import load_model
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

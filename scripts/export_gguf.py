@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -93,20 +93,7 @@ def export_gguf(
         getattr(gguf.LlamaFileType, DTYPES[dtype][1]),
     )
     tokenizer = Tokenizer(checkpoint_dir)
-    config = load_config(checkpoint_dir)
-    if lora_path is None:
-        path = checkpoint_dir / "lit_model.safetensors"
-        with safe_open(path, framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        tensors = read_tensors(path)
-    else:
-        from lora import load_lora_model, merged_state_dict
-
-        model = load_lora_model(checkpoint_dir, lora_path, merge=True)
-        config = model.config  # an adapted head is no longer tied to the embedding
-        state_dict = merged_state_dict(model)
-        shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-        tensors = iter(state_dict.items())
+    config, shapes, tensors = source_tensors(checkpoint_dir, lora_path)
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.n_layer)
     gguf_names = {}
     for name in shapes:
@@ -147,6 +134,24 @@ def export_gguf(
             writer.write_tensor_data(gguf_tensor(name, tensor, config, types[name]))
         writer.close()
     print(f"Wrote {out_path} ({out_path.stat().st_size / 1e9:.2f} GB, {dtype})", file=sys.stderr)
+
+
+def source_tensors(
+    checkpoint_dir: Path, lora_path: Optional[Path]
+) -> tuple[Config, dict[str, tuple[int, ...]], Iterator[tuple[str, torch.Tensor]]]:
+    """The model's config, the shape of each of its tensors, and the tensors themselves, read one at a time from the
+    checkpoint; with `lora_path`, those of the base with the adapter merged in, in memory."""
+    if lora_path is None:
+        path = checkpoint_dir / "lit_model.safetensors"
+        with safe_open(path, framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        return load_config(checkpoint_dir), shapes, read_tensors(path)
+    from lora import load_lora_model, merged_state_dict
+
+    model = load_lora_model(checkpoint_dir, lora_path, merge=True)
+    state_dict = merged_state_dict(model)
+    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
+    return model.config, shapes, iter(state_dict.items())  # model.config: an adapted head is no longer tied
 
 
 def add_model_metadata(writer, config: Config, file_type, name: str) -> None:

@@ -58,23 +58,7 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
             checkpoints/<base_model_name_or_path from adapter_config.json>.
     """
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ValueError(f"{adapter_dir} has no adapter_config.json; pass the directory PEFT's save_pretrained wrote")
-    peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    peft_type = peft_config.get("peft_type")
-    if peft_type not in ("LORA", "ADAPTION_PROMPT"):
-        raise ValueError(
-            f"{adapter_dir} holds a {peft_type} adapter; only LoRA and adaption prompts (LLaMA-Adapter) can be imported"
-        )
-    for key, what in UNSUPPORTED.items():
-        if peft_type == "LORA" and peft_config.get(key) and peft_config[key] != "none":
-            raise ValueError(f"{adapter_dir} uses {what} ({key}={peft_config[key]!r}), which lora.py cannot represent")
-    if str(peft_config.get("init_lora_weights")).lower().startswith(BASE_CHANGING_INITS):
-        raise ValueError(
-            f"{adapter_dir} was initialised with {peft_config['init_lora_weights']!r}, which also changes the base "
-            "weights; convert it to a plain LoRA adapter with PEFT (path_initial_model_for_weight_conversion) first"
-        )
-
+    peft_config = read_peft_config(adapter_dir)
     if checkpoint_dir is None:
         if not peft_config.get("base_model_name_or_path"):
             raise ValueError("adapter_config.json names no base model; pass --checkpoint_dir")
@@ -82,55 +66,13 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
     base_config = load_config(checkpoint_dir)
 
     weights = read_adapter_weights(adapter_dir)
-    if peft_type == "ADAPTION_PROMPT":
+    if peft_config["peft_type"] == "ADAPTION_PROMPT":
         import_adaption_prompt(adapter_dir, peft_config, weights, base_config, out_path)
         return
     if f"{PEFT_PREFIX}lm_head.base_layer.weight" in weights:  # PEFT saves the head it adapts, as an embedding layer
         check_unchanged_head(weights.pop(f"{PEFT_PREFIX}lm_head.base_layer.weight"), checkpoint_dir, adapter_dir)
-    state_dict = {}
-    for name, tensor in weights.items():
-        ours = peft_to_lit_name(name)
-        if ours is None:
-            raise ValueError(
-                f"{adapter_dir} holds {name!r}, which is not the LoRA A, B or DoRA magnitude of a LLaMA projection"
-            )
-        state_dict[ours] = tensor
-    ranks = {
-        name.removesuffix(".lora.A"): tensor.shape[0] for name, tensor in state_dict.items() if name.endswith(".lora.A")
-    }
-    projections = {path.rpartition(".")[2] for path in ranks}  # q_proj, v_proj, ...
-    for projection in sorted(projections - {"lm_head"}):
-        layers = [
-            i
-            for i in range(base_config.n_layer)
-            if any(path.startswith(f"blocks.{i}.") and path.endswith(projection) for path in ranks)
-        ]
-        if len(layers) < base_config.n_layer:
-            raise ValueError(
-                f"{adapter_dir} adapts {projection} in layers {layers} of {base_config.n_layer} only; lora.py adapts a "
-                "projection in every layer"
-            )
-
-    # per-module ranks read off the tensors, alphas as PEFT picks them: the first alpha_pattern key that matches the
-    # end of the module's path (peft.utils.other.get_pattern_key)
-    alpha = peft_config["lora_alpha"]
-    alphas = {}
-    for path in ranks:
-        hf_path = lit_to_hf_module(path)
-        key = next(
-            (key for key in peft_config.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({key})$", hf_path)), None
-        )
-        alphas[path] = alpha if key is None else peft_config["alpha_pattern"][key]
-    lora_config = LoRAConfig(
-        peft_config["r"],
-        alpha,
-        peft_config.get("lora_dropout", 0.0),
-        targets=tuple(target for target, projection in TARGETS.items() if projection in projections),
-        rslora=bool(peft_config.get("use_rslora")),
-        dora=bool(peft_config.get("use_dora")),
-        ranks={path: r for path, r in ranks.items() if r != peft_config["r"]},
-        alphas={path: a for path, a in alphas.items() if a != alpha},
-    )
+    state_dict = lora_tensors(adapter_dir, weights, base_config)
+    lora_config = lora_config_from_peft(peft_config, state_dict)
     with lora(**asdict(lora_config)), torch.device("meta"):
         model = LLaMA(base_config)  # the base stays on the meta device: only its LoRA tensors are real
     load_lora_state_dict(model, state_dict, adapter_dir)
@@ -148,6 +90,81 @@ def import_peft(*, adapter_dir: Path, out_path: Path, checkpoint_dir: Optional[P
         f"Wrote {out_path} (r={lora_config.r}, alpha={lora_config.alpha}, targets: {', '.join(lora_config.targets)}"
         f"{''.join(', ' + v for v in variants)})",
         file=sys.stderr,
+    )
+
+
+def read_peft_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, after checking that it is an adapter this repository can hold: LoRA without what lora.py
+    has no equivalent for (UNSUPPORTED, BASE_CHANGING_INITS), or an adaption prompt."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ValueError(f"{adapter_dir} has no adapter_config.json; pass the directory PEFT's save_pretrained wrote")
+    peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    peft_type = peft_config.get("peft_type")
+    if peft_type not in ("LORA", "ADAPTION_PROMPT"):
+        raise ValueError(
+            f"{adapter_dir} holds a {peft_type} adapter; only LoRA and adaption prompts (LLaMA-Adapter) can be imported"
+        )
+    for key, what in UNSUPPORTED.items():
+        if peft_type == "LORA" and peft_config.get(key) and peft_config[key] != "none":
+            raise ValueError(f"{adapter_dir} uses {what} ({key}={peft_config[key]!r}), which lora.py cannot represent")
+    if str(peft_config.get("init_lora_weights")).lower().startswith(BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{adapter_dir} was initialised with {peft_config['init_lora_weights']!r}, which also changes the base "
+            "weights; convert it to a plain LoRA adapter with PEFT (path_initial_model_for_weight_conversion) first"
+        )
+    return peft_config
+
+
+def lora_tensors(adapter_dir: Path, weights: dict[str, torch.Tensor], base_config: Config) -> dict[str, torch.Tensor]:
+    """PEFT's LoRA tensors under our names, after checking that each projection is adapted in every layer, as lora.py
+    adapts them."""
+    state_dict = {}
+    for name, tensor in weights.items():
+        ours = peft_to_lit_name(name)
+        if ours is None:
+            raise ValueError(
+                f"{adapter_dir} holds {name!r}, which is not the LoRA A, B or DoRA magnitude of a LLaMA projection"
+            )
+        state_dict[ours] = tensor
+    paths = [name.removesuffix(".lora.A") for name in state_dict if name.endswith(".lora.A")]
+    for projection in sorted({path.rpartition(".")[2] for path in paths} - {"lm_head"}):  # q_proj, v_proj, ...
+        layers = [
+            i
+            for i in range(base_config.n_layer)
+            if any(path.startswith(f"blocks.{i}.") and path.endswith(projection) for path in paths)
+        ]
+        if len(layers) < base_config.n_layer:
+            raise ValueError(
+                f"{adapter_dir} adapts {projection} in layers {layers} of {base_config.n_layer} only; lora.py adapts a "
+                "projection in every layer"
+            )
+    return state_dict
+
+
+def lora_config_from_peft(peft_config: dict, state_dict: dict[str, torch.Tensor]) -> LoRAConfig:
+    """The LoRA settings of a PEFT adapter: per-module ranks read off the tensors, alphas as PEFT picks them (the first
+    alpha_pattern key that matches the end of the module's path: peft.utils.other.get_pattern_key)."""
+    ranks = {
+        name.removesuffix(".lora.A"): tensor.shape[0] for name, tensor in state_dict.items() if name.endswith(".lora.A")
+    }
+    projections = {path.rpartition(".")[2] for path in ranks}  # q_proj, v_proj, ...
+    alpha = peft_config["lora_alpha"]
+    alphas = {}
+    for path in ranks:
+        hf_path = lit_to_hf_module(path)
+        key = next(
+            (key for key in peft_config.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({key})$", hf_path)), None
+        )
+        alphas[path] = alpha if key is None else peft_config["alpha_pattern"][key]
+    return LoRAConfig(
+        peft_config["r"],
+        alpha,
+        peft_config.get("lora_dropout", 0.0),
+        targets=tuple(target for target, projection in TARGETS.items() if projection in projections),
+        rslora=bool(peft_config.get("use_rslora")),
+        dora=bool(peft_config.get("use_dora")),
+        ranks={path: r for path, r in ranks.items() if r != peft_config["r"]},
+        alphas={path: a for path, a in alphas.items() if a != alpha},
     )
 
 

@@ -132,7 +132,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_losses_of_an_unbroken_o
     v2_run, checkpoint_dir, eight_records, tmp_path
 ):
     whole = train_state(v2_run[0])
-    save = finetune_adapter.save_adapter_and_state
+    save = finetune_adapter.save
 
     def save_then_stop(fabric, model, optimizer, state, *args, **kwargs):
         save(fabric, model, optimizer, state, *args, **kwargs)
@@ -147,7 +147,7 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_losses_of_an_unbroken_o
         **{**QUICK, "max_steps": 4, "save_interval": 2, "eval_interval": 2, "eval_batches": 1},
     )
     with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(KeyboardInterrupt):
-        monkeypatch.setattr(finetune_adapter, "save_adapter_and_state", save_then_stop)
+        monkeypatch.setattr(finetune_adapter, "save", save_then_stop)
         finetune(setup, **flags)
     assert train_state(tmp_path)["step"] == 2
     finetune(setup, resume="auto", **flags)

@@ -540,7 +540,7 @@ def test_a_stopped_run_resumes_to_the_losses_of_an_unbroken_one_with_the_referen
     class Stop(Exception):
         pass
 
-    saving = finetune_dpo.save_adapter_and_state
+    saving = finetune_dpo.save
 
     def save_then_stop(fabric, model, optimizer, state, *args):
         saving(fabric, model, optimizer, state, *args)
@@ -548,7 +548,7 @@ def test_a_stopped_run_resumes_to_the_losses_of_an_unbroken_one_with_the_referen
             raise Stop
 
     with monkeypatch.context() as patch:
-        patch.setattr(finetune_dpo, "save_adapter_and_state", save_then_stop)
+        patch.setattr(finetune_dpo, "save", save_then_stop)
         with pytest.raises(Stop):
             finetune(setup, out_dir=tmp_path / "resumed", **flags)
     finetune(setup, out_dir=tmp_path / "resumed", resume="auto", **flags)

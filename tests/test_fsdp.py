@@ -1,8 +1,7 @@
-"""--strategy fsdp (FSDP2: training.make_fabric, shard_model, save_train_state, load_train_state) on 2 CPU processes
-over gloo, against one process: the same losses with gradient accumulation (2 micro-batches per process per step), each
-process holding half of every Block's weights, a run killed with SIGKILL and resumed continuing exactly, on 2 processes
-and on 1, and LoRA on 2 "nodes" of 1 process each, launched by torchrun through its c10d rendezvous.
-
+"""--strategy fsdp (FSDP2: training.make_fabric, shard_model; train_state.save_train_state, load_train_state) on 2 CPU
+processes over gloo, against one process: the same losses with gradient accumulation (2 micro-batches per process per
+step), each process holding half of every Block's weights, a run killed with SIGKILL and resumed continuing exactly,
+on 2 processes and on 1, and LoRA on 2 "nodes" of 1 process each, launched by torchrun through its c10d rendezvous.
 The tiny config of conftest.make_checkpoint, fp32, the 8 records of conftest.eight_records."""
 
 import os
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 import finetune_full
 import finetune_lora
 from conftest import ROOT, command, finetune, run_command
-from training import find_resume
+from train_state import find_resume
 
 # 8 records a step in micro-batches of 2: on 2 processes, 2 micro-batches each, accumulated
 SETTINGS = dict(

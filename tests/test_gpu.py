@@ -13,8 +13,9 @@ import model as model_module
 from conftest import REAL_CUDA, finetune, make_checkpoint
 from decode import generate
 from lora import LoRALinear, lora, mark_only_lora_as_trainable
+from losses import cross_entropy_sum, pack_batch
 from model import varlen_attn
-from training import TrainArgs, compile_blocks, cross_entropy_sum, pack_batch
+from training import TrainArgs, compile_blocks
 from utils import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -26,9 +26,8 @@ from generate_lora import main as generate_lora
 from lora import LoRALinear, load_lora_model, lora, lora_state_dict, save_lora_checkpoint
 from merge_lora import merge_lora
 from model import LLaMA
-from quantize import QUANTIZE_MODES
+from quantize import QUANTIZE_MODES, make_optimizer
 from tokenizer import Tokenizer
-from training import make_optimizer
 from utils import load_model
 
 RECORD = {"instruction": "Sum up the numbers.", "input": "3, 2, 5"}
