@@ -100,6 +100,11 @@ def main(
         print()
         return
 
+    converse(chat)
+
+
+def converse(chat: "Chat") -> None:
+    """The interactive loop: a message at a time from stdin, each answer printed as it is generated."""
     print("Type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:

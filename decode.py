@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from adapter import load_adapter_model, merge_adapter_v2, read_adapter_config
-from lora import load_lora_model
+from lora import check_same_base, load_lora_model, read_lora_config
 from model import LLaMA
 from quantize import check_mode
 from utils import default_precision, load_config, load_model, precision_to_dtype, use_cpu_decode_layout
@@ -290,20 +290,11 @@ def ended_at_once(new_tokens: list[int], stop_ids: Collection[int]) -> Optional[
     )
 
 
-def load_inference_model(
-    checkpoint_dir: Path,
-    lora_path: Optional[Path] = None,
-    adapter_path: Optional[Path] = None,
-    merge: bool = True,
-    quantize: Optional[str] = None,
-    precision: Optional[str] = None,
-) -> tuple[LLaMA, str]:
-    """The model every script that generates, chats, evaluates or serves runs: the base of `checkpoint_dir` on the GPU
-    if there is one, in `precision` (by default the device's, utils.default_precision), its projections held in 4 or 8
-    bits with `quantize`, plus a LoRA adapter (merged into the weights when `merge`: no cost per token) or a
-    LLaMA-Adapter (v2's biases and scales merged when `merge`; v1's prompts cannot be), in eval mode, laid out for
-    decoding on a CPU. Checks the files and flags before the slow part. Returns the model and a line for stderr that
-    says what was loaded, how, and in how long."""
+def check_inference_model(
+    checkpoint_dir: Path, lora_path: Optional[Path], adapter_path: Optional[Path], merge: bool, quantize: Optional[str]
+) -> None:
+    """load_inference_model's checks of the files and flags, for a script to run before its other slow work: the
+    checkpoint, the adapter file (of the right kind, for this base), and which combinations make sense."""
     if lora_path is not None and adapter_path is not None:
         raise ValueError("pass --lora_path (a LoRA adapter) or --adapter_path (a LLaMA-Adapter), not both")
     if quantize is not None:
@@ -315,7 +306,34 @@ def load_inference_model(
                 f"--quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
                 "update away; pass --merge false to apply LoRA on top of the quantized base"
             )
-    load_config(checkpoint_dir)  # a missing or broken checkpoint stops here, before the slow part
+    config = load_config(checkpoint_dir)
+    if lora_path is not None:
+        check_same_base(read_lora_config(lora_path)[1], config, lora_path)
+    if adapter_path is not None:
+        adapter_config, adapter_base = read_adapter_config(adapter_path)
+        check_same_base(adapter_base, config, adapter_path)
+        if merge and (adapter_config.version != 2 or adapter_config.adapter_layers):
+            raise ValueError(
+                f"{adapter_path} holds prompts (LLaMA-Adapter v{adapter_config.version}, adapter_layers "
+                f"{adapter_config.adapter_layers}), which cannot merge into weights: leave out --merge"
+            )
+
+
+def load_inference_model(
+    checkpoint_dir: Path,
+    lora_path: Optional[Path] = None,
+    adapter_path: Optional[Path] = None,
+    merge: bool = True,
+    quantize: Optional[str] = None,
+    precision: Optional[str] = None,
+) -> tuple[LLaMA, str]:
+    """The model every script that generates, chats, evaluates or serves runs: the base of `checkpoint_dir` on the GPU
+    if there is one, in `precision` (by default the device's, utils.default_precision), its projections held in 4 or 8
+    bits with `quantize`, plus a LoRA adapter (merged into the weights when `merge`: no cost per token) or a
+    LLaMA-Adapter (v2 without prompts merged when `merge`), in eval mode, laid out for decoding on a CPU. Checks the
+    files and flags first (check_inference_model). Returns the model and a line for stderr that says what was
+    loaded, how, and in how long."""
+    check_inference_model(checkpoint_dir, lora_path, adapter_path, merge, quantize)
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = precision_to_dtype(precision or default_precision())
@@ -324,11 +342,6 @@ def load_inference_model(
         what = f" with {lora_path} ({'merged' if merge else 'not merged'})"
     elif adapter_path is not None:
         adapter_config, _ = read_adapter_config(adapter_path)
-        if merge and (adapter_config.version != 2 or adapter_config.adapter_layers):
-            raise ValueError(
-                f"{adapter_path} holds prompts (LLaMA-Adapter v{adapter_config.version}, adapter_layers "
-                f"{adapter_config.adapter_layers}), which cannot merge into weights: leave out --merge"
-            )
         model = load_adapter_model(checkpoint_dir, adapter_path, device, dtype)
         model = merge_adapter_v2(model) if merge else model
         what = (

@@ -35,24 +35,17 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 from tqdm import tqdm
 
-from adapter import load_adapter_model, merge_adapter_v2, read_adapter_config
 from data import load_prepared_data
-from decode import Completion, decode_all
-from lora import check_same_base, load_lora_model, read_lora_config
+from decode import Completion, check_inference_model, decode_all, load_inference_model
 from losses import cross_entropy_sum, pack_batch
 from model import Config, LLaMA
-from quantize import check_mode
 from tokenizer import Tokenizer
 from utils import (
     atomic_path,
     cli,
-    default_precision,
     load_config,
-    load_model,
     one_line,
     peak_memory_gb,
-    precision_to_dtype,
-    use_cpu_decode_layout,
 )
 
 IGNORE_INDEX = -100  # the label of a corpus token that is not scored
@@ -114,19 +107,19 @@ def main(
         out_dir: where results.json, samples_*.jsonl and perplexity.json go; created if needed.
     """
     names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else []
-    validate_args(names, data_file, data_dir, lora_path, adapter_path, merge, quantize, limit, batch_size)
-    dtype = precision_to_dtype(precision or default_precision())
+    validate_args(names, data_file, data_dir, lora_path, adapter_path, merge, limit, batch_size)
+    check_inference_model(checkpoint_dir, lora_path, adapter_path, merge, quantize)
     config = load_config(checkpoint_dir)
     max_length = max_length or config.block_size
     stride = stride or max(1, max_length // 2)
-    check_model_args(config, max_length, stride, lora_path, adapter_path, merge)
+    check_window(config, max_length, stride)
     tokenizer = Tokenizer(checkpoint_dir)
     # everything that can be checked without the model first: a mistake stops before the slow part, writing nothing
     task_manager, task_objects = load_tasks(names, include_path) if names else (None, [])
     corpus, test_data, ignore_index = read_data(data_file, data_dir, checkpoint_dir, tokenizer)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(checkpoint_dir, lora_path, adapter_path, merge, quantize, device, dtype)
+    model, loaded = load_inference_model(checkpoint_dir, lora_path, adapter_path, merge, quantize, precision)
+    print(loaded, file=sys.stderr)
 
     t0 = time.perf_counter()
     results, perplexities = None, {}
@@ -138,7 +131,7 @@ def main(
             adapter_path=str(adapter_path) if adapter_path else None,
             merge=merge,
             quantize=quantize,
-            precision=str(dtype),
+            precision=str(model.embed.weight.dtype),
         )
         results = run_tasks(
             lm, model_args, task_manager, task_objects, num_fewshot, limit, log_samples, apply_chat_template
@@ -151,7 +144,7 @@ def main(
         scores = perplexity(model, test_data, ignore_index, max_length, batch_size)
         perplexities["data_dir"] = {"path": str(data_dir), **scores, "records": len(test_data)}
     seconds = time.perf_counter() - t0
-    write_results(Path(out_dir), results, perplexities, seconds, peak_memory_gb(device))
+    write_results(Path(out_dir), results, perplexities, seconds, peak_memory_gb(model.embed.weight.device))
 
 
 def run_tasks(
@@ -185,7 +178,6 @@ def validate_args(
     lora_path: Optional[Path],
     adapter_path: Optional[Path],
     merge: bool,
-    quantize: Optional[str],
     limit: Optional[float],
     batch_size: int,
 ) -> None:
@@ -196,46 +188,16 @@ def validate_args(
         raise ValueError(f"--limit must be positive (documents per task, or a fraction below 1), not {limit}")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, not {batch_size}")
-    if lora_path is not None and adapter_path is not None:
-        raise ValueError("pass --lora_path (a LoRA adapter) or --adapter_path (a LLaMA-Adapter), not both")
     if merge and lora_path is None and adapter_path is None:
         raise ValueError("--merge folds an adapter into the weights: give --lora_path or --adapter_path too")
-    if adapter_path is not None and quantize is not None:
-        raise ValueError("--quantize is for LoRA adapters (QLoRA); a LLaMA-Adapter runs on the unquantized base")
-    if quantize and merge:
-        raise ValueError(
-            f"--quantize {quantize} holds the base in 4 or 8 bits, which would round the merged adapter's small "
-            "update away; leave out --merge to apply LoRA on top of the quantized base"
-        )
-    if quantize is not None:
-        check_mode(quantize)
 
 
-def check_model_args(
-    config: Config,
-    max_length: int,
-    stride: int,
-    lora_path: Optional[Path],
-    adapter_path: Optional[Path],
-    merge: bool,
-) -> None:
-    """The checks of main's flags against the checkpoint's `config`: the window, and the adapter file (a missing
-    file, one of the other kind or of another base stops here, before the model is loaded)."""
+def check_window(config: Config, max_length: int, stride: int) -> None:
+    """The perplexity window's flags against the checkpoint's `config`."""
     if not 1 < max_length <= config.block_size:
         raise ValueError(f"--max_length must be between 2 and the model's block_size {config.block_size}")
     if not 1 <= stride <= max_length:
         raise ValueError(f"--stride must be between 1 and --max_length {max_length}, not {stride}")
-    if lora_path is not None:
-        _, adapter_base = read_lora_config(lora_path)
-        check_same_base(adapter_base, config, lora_path)
-    if adapter_path is not None:
-        adapter_config, adapter_base = read_adapter_config(adapter_path)
-        check_same_base(adapter_base, config, adapter_path)
-        if merge and (adapter_config.version != 2 or adapter_config.adapter_layers):
-            raise ValueError(
-                f"{adapter_path} holds prompts (LLaMA-Adapter v{adapter_config.version}, adapter_layers "
-                f"{adapter_config.adapter_layers}), which cannot merge into weights: leave out --merge"
-            )
 
 
 def read_data(
@@ -253,39 +215,6 @@ def read_data(
         if not test_data:
             raise ValueError(f"{data_dir}/test.pt holds no records; prepare the data with a test split")
     return corpus, test_data, ignore_index
-
-
-def load(
-    checkpoint_dir: Path,
-    lora_path: Optional[Path],
-    adapter_path: Optional[Path],
-    merge: bool,
-    quantize: Optional[str],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> LLaMA:
-    """The model to evaluate, in eval mode: the base, with the LoRA or LLaMA-Adapter file if given, merged or not,
-    quantized or not; on CPU in the decoding layout."""
-    t0 = time.perf_counter()
-    if lora_path is not None:
-        model = load_lora_model(checkpoint_dir, lora_path, device, dtype, merge=merge, quantize=quantize)
-    elif adapter_path is not None:
-        model = load_adapter_model(checkpoint_dir, adapter_path, device, dtype)
-        if merge:
-            model = merge_adapter_v2(model)
-    else:
-        model = load_model(checkpoint_dir, device, dtype, quantize=quantize)
-    model.eval()
-    if device.type == "cpu":
-        use_cpu_decode_layout(model)
-    adapter_file = lora_path or adapter_path
-    adapter = f" with {adapter_file} ({'merged' if merge else 'not merged'})" if adapter_file else ""
-    print(
-        f"Loaded {checkpoint_dir}{adapter} in {time.perf_counter() - t0:.2f} s "
-        f"({dtype}, {quantize or 'not quantized'}, {device})",
-        file=sys.stderr,
-    )
-    return model
 
 
 def write_results(out_dir: Path, results: Optional[dict], perplexities: dict, seconds: float, memory: float) -> None:

@@ -46,8 +46,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from lora import lora_disabled
-from model import LLaMA
 from losses import pack_batch, token_cross_entropy
+from model import LLaMA
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")

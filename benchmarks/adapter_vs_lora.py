@@ -42,8 +42,8 @@ from lora_vs_peft import alpaca_micro_batches, free_memory, ours_loss, time_step
 from adapter import adapter, mark_only_adapter_as_trainable
 from data import load_prepared_data
 from lora import lora, mark_only_lora_as_trainable
-from model import Config, LLaMA
 from losses import cross_entropy_sum, pack_batch
+from model import Config, LLaMA
 from training import batch_indices
 from utils import cli, load_config, load_model
 

@@ -51,9 +51,9 @@ from convert_hf_checkpoint import hf_to_lit_name
 from decode import generate
 from export_peft import lit_to_peft_name
 from lora import TARGETS, LoRAConfig, LoRALinear, lora, mark_only_lora_as_trainable, merge_lora_weights
+from losses import cross_entropy_sum, pack_batch
 from model import Config, LLaMA
 from quantize import quantize_weight, quantized_layers, swap_in_layers
-from losses import cross_entropy_sum, pack_batch
 from training import learning_rate
 from utils import cli
 
