@@ -63,8 +63,10 @@ class SlotCache(KVCache):
     """model.KVCache whose batch row i is the cache's row slots.rows.start + i, and whose attention reads only the
     first slots.length positions: a cache sized for the longest request a server takes is mostly empty."""
 
-    def __init__(self, slots: Slots, *args) -> None:
-        super().__init__(*args)
+    def __init__(
+        self, slots: Slots, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super().__init__(shape, device, dtype)
         self.slots = slots
 
     def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,7 @@ class BatchGenerator:
         device, dtype = model.embed.weight.device, model.embed.weight.dtype
         for block in model.blocks:
             shape = (max_batch_size, block.attn.n_query_groups, max_seq_length, block.attn.head_size)
-            block.attn.kv_cache = SlotCache(self.slots, *shape, device, dtype)
+            block.attn.kv_cache = SlotCache(self.slots, shape, device, dtype)
         self.batch = Batch(model, max_batch_size)
         self.jobs: list[Optional[Job]] = [None] * max_batch_size
         self.adapter_slots = [0] * max_batch_size

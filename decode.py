@@ -186,7 +186,8 @@ class Batch:
         Returns the (row, token) pairs taken."""
         n = self.width
         idx = torch.tensor(self.last[:n], device=self.device)[:, None]  # (n, 1)
-        input_pos = torch.tensor(self.positions[:n], device=self.device)[:, None]  # (n, 1)
+        input_pos = torch.tensor(self.positions[:n], device=self.device)  # (n,): one row's position, in fewer ops
+        input_pos = input_pos[:, None] if n > 1 else input_pos  # (n, 1): each row its own
         logits = self.step_model(idx, input_pos)[:, -1]  # (n, vocab_size)
         going = [i for i in range(n) if self.rows[i] is not None]
         tokens = pick([self.rows[i] for i in going], logits if len(going) == n else logits[going])

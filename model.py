@@ -1,24 +1,18 @@
-"""A readable LLaMA: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention and a KV cache.
-
-Numerically equal to Hugging Face's `LlamaForCausalLM` (tests/test_model.py checks it). Weight names
-are our own; scripts/convert_hf_checkpoint.py maps the Hub's names onto them.
-
-Llama 3.1 and 3.2 stretch the rotary embeddings to a longer context with "llama3" rope scaling
-(`Config.rope_scaling`): the slow-turning frequencies, whose wavelengths exceed the original training context,
-turn `factor` times slower, the fast ones stay, and those in between are interpolated; `build_rope_cache` applies it.
-"""
+"""A readable LLaMA: RMSNorm, rotary embeddings (with Llama 3.1's "llama3" scaling), SwiGLU, grouped-query attention
+and a KV cache. Numerically equal to Hugging Face's `LlamaForCausalLM` (tests/test_model.py checks it). Weight names
+are our own; scripts/convert_hf_checkpoint.py maps the Hub's names onto them."""
 
 import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch import Tensor
 
 try:  # flash attention over variable-length sequences, for packed records on GPUs: torch 2.10 and later
     from torch.nn.attention.varlen import varlen_attn
@@ -41,12 +35,9 @@ class Config:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # the output head shares the token embedding's weight
-    # "llama3" rope scaling (Llama 3.1/3.2), or None for plain rotary embeddings: a dict with the keys of
-    # ROPE_SCALING_KEYS, as the Hub's config.json names them, e.g. dict(factor=8.0, low_freq_factor=1.0,
-    # high_freq_factor=4.0, original_max_position_embeddings=8192)
-    rope_scaling: Optional[dict] = None
-    # biases on the attention projections (q, k, v, o) and on the MLP's (gate, up, down), as the Hub's config.json names
-    # them; LLaMA has none, a merged LLaMA-Adapter v2 (adapter.merge_adapter_v2) has both
+    # "llama3" rope scaling (Llama 3.1/3.2): the keys of ROPE_SCALING_KEYS, as config.json names them; None: plain
+    rope_scaling: dict | None = None
+    # biases on the attention's and the MLP's projections: LLaMA has none, a merged LLaMA-Adapter v2 has both
     attention_bias: bool = False
     mlp_bias: bool = False
 
@@ -128,16 +119,14 @@ configs = {
 
 def linear(in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Linear:
     """Builds every projection of the model. `name` is the module's path in the model ("blocks.0.attn.q_proj", ...,
-    "lm_head"), so that lora.lora() can swap in LoRA layers where it is asked to (lora.TARGETS maps its target names
-    onto the last part, the projection's own name) with the rank asked for that module, and adapter.adapter() its
-    LLaMA-Adapter v2 layers (a learned bias and scale)."""
+    "lm_head"), so that lora.lora() can swap in LoRA layers where it is asked to, with the rank asked for that module,
+    and adapter.adapter() its LLaMA-Adapter v2 layers."""
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-def adaption_prompt(config: Config, path: str) -> Optional[nn.Module]:
-    """Builds what the attention layer at `path` ("blocks.0.attn") attends to besides the sequence: nothing in a plain
-    model. Inside adapter.adapter() the top layers get a LLaMA-Adapter prompt (adapter.AdaptionPrompt) instead, whose
-    forward(q, k_proj, v_proj) returns what to add to the attention's output, (B, n_head, T, head_size)."""
+def adaption_prompt(config: Config, path: str) -> nn.Module | None:
+    """What the attention layer at `path` ("blocks.0.attn") attends to besides the sequence: nothing in a plain model;
+    inside adapter.adapter() a LLaMA-Adapter prompt, whose forward(q, k_proj, v_proj) is added to its output."""
     return None
 
 
@@ -151,27 +140,23 @@ class LLaMA(nn.Module):
         self.lm_head = linear(config.n_embd, config.vocab_size, "lm_head")
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the input's device
-        # Gradient checkpointing (the fine-tuning scripts' --train.gradient_checkpointing): in training, keep only each
-        # block's input and recompute its activations during backward; about 1/3 more compute for far less memory
+        self.rope_cache: tuple[Tensor, Tensor] | None = None  # built on first use, on the input's device
+        # --train.gradient_checkpointing: keep each block's input only, recompute its activations during backward
         self.gradient_checkpointing = False
 
     def forward(
         self,
-        idx: torch.Tensor,
-        input_pos: Optional[torch.Tensor] = None,
-        lengths: Optional[list[int]] = None,
-        logits_at: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: the positions of idx's tokens, to write into the KV cache (set_kv_cache)
-        and attend over what it holds before them: (T,) the same in every row, or (B, T) each row its own (decode.py
-        decodes prompts of different lengths together); None for a plain causal pass over positions 0..T-1 without
-        a cache. lengths: for training on several sequences packed into one row without padding (B = 1,
-        T = sum(lengths)): each attends only to itself and its positions start at 0, so every position is a real token.
-        logits_at: a (B, T) boolean mask of the positions whose logits are wanted: the output head, the largest matrix
-        product at a large vocabulary, then runs on those positions only (the fine-tuning loss needs them only where
-        there is a target, decoding only at each prompt's last token).
-        Returns logits (B, T, vocab_size), or (number of True in logits_at, vocab_size) with logits_at."""
+        idx: Tensor,
+        input_pos: Tensor | None = None,
+        lengths: list[int] | None = None,
+        logits_at: Tensor | None = None,
+    ) -> Tensor:
+        """idx: (B, T) token ids. input_pos: their positions, written into the KV cache (set_kv_cache) and attending
+        over what it holds: (T,) the same in every row, or (B, T) each row its own; None for a causal pass over 0..T-1
+        without a cache. lengths: several sequences packed into one row without padding (B = 1, T = sum(lengths)),
+        each attending only to itself from position 0. logits_at: a (B, T) boolean mask of the positions whose logits
+        are wanted; the head, the largest product at a large vocabulary, runs on those only (where the loss has a
+        target, at each prompt's last token). Returns logits (B, T, vocab_size), or (n, vocab_size) with logits_at."""
         B, T = idx.shape
         cos, sin = self.rope(idx.device)
         mask = None  # without a KV cache: causal attention
@@ -204,30 +189,24 @@ class LLaMA(nn.Module):
             x = x[logits_at]  # (n, n_embd): RMSNorm and the head work position by position
         return self.lm_head(self.norm(x))  # (B, T, vocab_size), or (n, vocab_size)
 
-    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The rotary cos and sin tables, built on first use on `device` (not in __init__: a model built on the meta
         device and then loaded, as utils.load_model does, has no device for them before its first input)."""
         dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)  # float32, or float64 for such a model
         if self.rope_cache is None or self.rope_cache[0].device != device or self.rope_cache[0].dtype != dtype:
-            self.rope_cache = build_rope_cache(
-                self.config.block_size,
-                self.config.head_size,
-                self.config.rope_base,
-                device,
-                self.config.rope_scaling,
-                dtype,
-            )
+            c = self.config
+            self.rope_cache = build_rope_cache(c.block_size, c.head_size, c.rope_base, device, c.rope_scaling, dtype)
         return self.rope_cache
 
-    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
+    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None) -> None:
         """Gives every attention layer a KVCache for incremental decoding with `forward(idx, input_pos)`, in the dtype
         of the activations, the embedding's (the projections' weights may be integer codes: utils.load_model's
         `quantize`)."""
         max_seq_length = max_seq_length or self.config.block_size
         device, dtype = self.embed.weight.device, self.embed.weight.dtype
         for block in self.blocks:
-            attn = block.attn
-            attn.kv_cache = KVCache(batch_size, attn.n_query_groups, max_seq_length, attn.head_size, device, dtype)
+            shape = (batch_size, block.attn.n_query_groups, max_seq_length, block.attn.head_size)
+            block.attn.kv_cache = KVCache(shape, device, dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
@@ -240,24 +219,15 @@ class KVCache(nn.Module):
     attends over all of its positions, masked, so that no shape depends on how full it is (torch.compile needs no
     recompilation). batched.SlotCache is the serving variant: rows chosen per pass, attending only as far as used."""
 
-    def __init__(
-        self,
-        batch_size: int,
-        n_query_groups: int,
-        max_seq_length: int,
-        head_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__()
-        shape = (batch_size, n_query_groups, max_seq_length, head_size)
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()  # shape: (batch_size, n_query_groups, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+    def mask(self, input_pos: Tensor) -> Tensor:
         return cache_mask(input_pos, self.k.size(2), self.k.dtype)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Writes this pass's keys and values (B, n_query_groups, T, head_size) at input_pos into rows 0..B-1, and
         returns those rows' keys and values at every position (B, n_query_groups, max_seq_length, head_size)."""
         # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
@@ -273,7 +243,7 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
-def cache_mask(input_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+def cache_mask(input_pos: Tensor, length: int, dtype: torch.dtype) -> Tensor:
     """What each query at input_pos adds to its attention scores over the first `length` cached positions (0 where it
     attends, -inf after it), computed once per forward pass: (T, length) for positions (T,), (B, 1, T, length) for
     per-row positions (B, T). Added rather than a boolean mask, which scaled_dot_product_attention would turn into this
@@ -292,15 +262,9 @@ class Block(nn.Module):
         self.mlp = MLP(config, f"{path}.mlp")
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        input_pos: Optional[torch.Tensor],
-        lengths: Optional[list[int]],
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, lengths)
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | None, lengths: list[int] | None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos, lengths)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -317,25 +281,20 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = linear(config.n_embd, kv_size, f"{path}.v_proj", config.attention_bias)
         self.o_proj = linear(config.n_embd, config.n_embd, f"{path}.o_proj", config.attention_bias)
         self.adaption_prompt = adaption_prompt(config, path)  # None but in adapter.adapter()
-        self.kv_cache: Optional[KVCache] = None  # LLaMA.set_kv_cache
+        self.kv_cache: KVCache | None = None  # LLaMA.set_kv_cache
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        input_pos: Optional[torch.Tensor],
-        lengths: Optional[list[int]],
-    ) -> torch.Tensor:
-        """mask: the KV cache's (KVCache.mask) with input_pos, else None for causal attention."""
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | None, lengths: list[int] | None
+    ) -> Tensor:
+        """LLaMA.forward's rotary tables at the positions, and its KV cache mask and positions `pos` (its input_pos) or
+        packed `lengths`; all None: causal attention over the sequence."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
         k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+        if pos is not None:
+            k, v = self.kv_cache.update(pos, k, v)
 
         gqa = self.n_query_groups != self.n_head
         if lengths is not None:  # sequences packed into one row: each is causal attention over its own tokens only
@@ -343,21 +302,19 @@ class CausalSelfAttention(nn.Module):
         else:
             mask = None if mask is None else mask.to(q.dtype)  # bf16 under autocast
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        # y: (B, n_head, T, head_size)
         if self.adaption_prompt is not None:  # LLaMA-Adapter: gated attention over a learned prompt, of every position
             y = y + self.adaption_prompt(q, self.k_proj, self.v_proj)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # y: (B, n_head, T, head_size)
 
 
 @torch.compiler.disable  # under --train.compile: the one call runs as it is, `lengths` (Python ints) never traced
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
     """Causal attention of sequences packed into one row, each over its own tokens only. q: (1, n_head, T, head_size);
     k, v: (1, n_query_groups, T, head_size); T = sum(lengths). Returns (1, n_head, T, head_size).
 
-    On a GPU in bf16 or fp16 (bf16-mixed training): one kernel call for all of them, flash attention's variable-length
-    form, given where each sequence starts. Elsewhere one scaled_dot_product_attention call per sequence: on CPUs that
-    is faster than one call with a block-diagonal mask, which computes every query against every key (3x slower for
-    4 Alpaca records, benchmarks in howto/finetune_lora.md), and FlexAttention has no backward pass on CPUs."""
+    On a GPU in bf16 or fp16: one call of flash attention's variable-length form. Elsewhere one
+    scaled_dot_product_attention call per sequence, faster on CPUs than one call with a block-diagonal mask (which
+    computes every query against every key; the figures: howto/finetune_lora.md)."""
     gqa = k.size(1) != q.size(1)
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
         starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(q.device, non_blocking=True)
@@ -383,7 +340,7 @@ class MLP(nn.Module):
         self.up_proj = linear(config.n_embd, config.intermediate_size, f"{path}.up_proj", config.mlp_bias)
         self.down_proj = linear(config.intermediate_size, config.n_embd, f"{path}.down_proj", config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -396,10 +353,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), x.shape[-1:], eps=self.eps)  # x / rms(x)
         return self.weight * x.to(dtype)
 
 
@@ -408,41 +364,34 @@ def build_rope_cache(
     head_size: int,
     base: float,
     device: torch.device,
-    scaling: Optional[dict] = None,
+    scaling: dict | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """cos and sin tables of shape (seq_len, head_size), in `dtype`, in the Hugging Face layout
     (the first and second halves of each head form the rotated pairs). `scaling`: Config.rope_scaling."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=dtype) / head_size))
     if scaling is not None:
-        inv_freq = llama3_scaled(inv_freq, **scaling)
+        inv_freq = llama3_scaled(inv_freq, scaling)
     positions = torch.arange(seq_len, device=device, dtype=dtype)
     freqs = torch.outer(positions, inv_freq)  # (seq_len, head_size / 2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (seq_len, head_size)
     return angles.cos(), angles.sin()
 
 
-def llama3_scaled(
-    inv_freq: torch.Tensor,
-    factor: float,
-    low_freq_factor: float,
-    high_freq_factor: float,
-    original_max_position_embeddings: int,
-) -> torch.Tensor:
-    """Llama 3.1's rope scaling of the inverse frequencies (head_size / 2,), as transformers computes it: a frequency
-    whose wavelength is longer than original_max_position_embeddings / low_freq_factor turns `factor` times slower, one
-    shorter than original_max_position_embeddings / high_freq_factor is kept, and those between are interpolated."""
+def llama3_scaled(inv_freq: Tensor, scaling: dict) -> Tensor:
+    """Llama 3.1's rope scaling (Config.rope_scaling) of the inverse frequencies (head_size / 2,), as transformers
+    computes it: a frequency whose wavelength is longer than the original context / low_freq_factor turns `factor`
+    times slower, one shorter than it / high_freq_factor is kept, and those between are interpolated."""
+    factor, low, high, original = (scaling[key] for key in ROPE_SCALING_KEYS)
     wavelen = 2 * math.pi / inv_freq
-    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
-    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    is_medium = (wavelen >= original / high) & (wavelen <= original / low)
     return torch.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: (B, n_heads, T, head_size); cos, sin: (T, head_size), or (B, T, head_size) for per-row positions."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_size): the same for every head

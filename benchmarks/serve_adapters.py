@@ -43,7 +43,7 @@ from lora_vs_peft import build_hf_model, synchronize
 
 from batched import BatchGenerator, Job
 from convert_hf_checkpoint import hf_to_lit_name
-from decode import generate
+from decode import Completion, generate
 from export_peft import lit_to_peft_name
 from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
 from model import Config, LLaMA
@@ -187,9 +187,9 @@ def run_batched(
     """All requests submitted at once, stepped to the end: the wall time, each request's latency, and the time of each
     step after the first (which starts every request: their prompts, then a token each) while all are decoding."""
     done: dict[int, float] = {}
-    jobs = [Job(prompt=p, max_new_tokens=new_tokens, adapter=name) for p, name in zip(prompts, names)]
+    jobs = [Job(Completion(p, new_tokens), adapter=name) for p, name in zip(prompts, names)]
     for i, job in enumerate(jobs):
-        job.on_token = lambda token, i=i: done.setdefault(i, time.perf_counter()) if token is None else None
+        job.on_end = lambda i=i: done.setdefault(i, time.perf_counter())
     synchronize(device)
     t0 = time.perf_counter()
     for job in jobs:
@@ -201,7 +201,7 @@ def run_batched(
         synchronize(device)
         steps.append(time.perf_counter() - start)
     wall = time.perf_counter() - t0
-    assert all(len(job.tokens) == new_tokens for job in jobs)
+    assert all(len(job.completion.tokens) == new_tokens for job in jobs)
     return wall, [done[i] - t0 for i in range(len(jobs))], steps[1:]
 
 

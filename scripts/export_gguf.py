@@ -277,7 +277,7 @@ def rope_frequency_factors(config: Config) -> Optional[np.ndarray]:
     inv_freq = 1.0 / (
         config.rope_base ** (torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size)
     )
-    return (inv_freq / llama3_scaled(inv_freq, **config.rope_scaling)).numpy()
+    return (inv_freq / llama3_scaled(inv_freq, config.rope_scaling)).numpy()
 
 
 def float_types() -> dict:
