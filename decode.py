@@ -113,8 +113,13 @@ def sample(
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # whose more likely predecessors add up to < top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)  # multinomial renormalises
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    # one uniform number per row, looked up in the cumulative probabilities (in float64, and scaled to their sum:
+    # unnormalised is fine): torch.multinomial draws one exponential number per token instead, 10x slower for 32 rows
+    # of 32000 (benchmarks/decode_speed.py's rollout)
+    cdf = probs.double().cumsum(-1)
+    uniform = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    choice = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)  # (B, 1)
     return (choice if candidates is None else candidates.gather(-1, choice))[:, 0]
 
 
@@ -137,8 +142,19 @@ def pick(completions: list[Completion], logits: torch.Tensor) -> list[int]:
 def prefill(model: LLaMA, prompts: list[list[int]], starts: Optional[list[int]] = None) -> torch.Tensor:
     """Feeds the prompts into rows 0..B-1 of the model's KV cache in one forward pass, prompt r at positions
     starts[r], starts[r] + 1, ... (0 by default; chat.py continues a conversation the cache holds), right-padded to
-    the longest. Returns the logits at each prompt's last token, (B, vocab_size)."""
+    the longest; a prompt that several rows share is fed once. Returns the logits at each prompt's last token,
+    (B, vocab_size)."""
     device = model.embed.weight.device
+    first_row = {}  # of each distinct prompt
+    for i, prompt in enumerate(prompts):
+        first_row.setdefault(tuple(prompt), i)
+    if starts is None and len(first_row) < len(prompts):  # GRPO's groups: each prompt fed once, its cache row copied
+        rows = list(first_row.values())
+        logits = prefill(model, [prompts[i] for i in rows])
+        index = torch.tensor([rows.index(first_row[tuple(prompt)]) for prompt in prompts], device=device)
+        for block in model.blocks:
+            block.attn.kv_cache.repeat_rows(index)
+        return logits[index]
     starts = starts or [0] * len(prompts)
     lengths = [len(prompt) for prompt in prompts]
     if min(lengths) < 1:

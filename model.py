@@ -199,9 +199,8 @@ class LLaMA(nn.Module):
         return self.rope_cache
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None) -> None:
-        """Gives every attention layer a KVCache for incremental decoding with `forward(idx, input_pos)`, in the dtype
-        of the activations, the embedding's (the projections' weights may be integer codes: utils.load_model's
-        `quantize`)."""
+        """Gives every attention layer a KVCache for `forward(idx, input_pos)`, in the activations' dtype, the
+        embedding's (the projections' weights may be integer codes: utils.load_model's `quantize`)."""
         max_seq_length = max_seq_length or self.config.block_size
         device, dtype = self.embed.weight.device, self.embed.weight.dtype
         for block in self.blocks:
@@ -214,13 +213,13 @@ class LLaMA(nn.Module):
 
 
 class KVCache(nn.Module):
-    """The keys and values of the positions fed so far, (batch_size, n_query_groups, max_seq_length, head_size) each,
-    for decoding one token at a time (gpt-fast's KVCache). A forward pass of B rows uses the cache's rows 0..B-1 and
-    attends over all of its positions, masked, so that no shape depends on how full it is (torch.compile needs no
-    recompilation). batched.SlotCache is the serving variant: rows chosen per pass, attending only as far as used."""
+    """The keys and values of the positions fed so far, `shape` (batch_size, n_query_groups, max_seq_length, head_size)
+    each, for decoding one token at a time (gpt-fast's KVCache). A forward pass of B rows uses rows 0..B-1 and attends
+    over every position, masked, so that no shape depends on how full it is (torch.compile needs no recompilation).
+    batched.SlotCache is the serving variant: rows chosen per pass, attending only as far as used."""
 
     def __init__(self, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()  # shape: (batch_size, n_query_groups, max_seq_length, head_size)
+        super().__init__()
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
@@ -241,6 +240,10 @@ class KVCache(nn.Module):
             self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k[:B], self.v[:B]
+
+    def repeat_rows(self, index: Tensor) -> None:
+        """Row i becomes a copy of row index[i] (decode.py prefills a prompt that several rows share once)."""
+        self.k.copy_(self.k[index]), self.v.copy_(self.v[index])
 
 
 def cache_mask(input_pos: Tensor, length: int, dtype: torch.dtype) -> Tensor:
@@ -271,11 +274,8 @@ class Block(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config, path: str) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.n_query_groups = config.n_query_groups
-        self.head_size = config.head_size
-        kv_size = config.n_query_groups * config.head_size
-        # separate projections, so that LoRA can adapt each one on its own
+        self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
+        kv_size = config.n_query_groups * config.head_size  # separate projections: LoRA adapts each on its own
         self.q_proj = linear(config.n_embd, config.n_embd, f"{path}.q_proj", config.attention_bias)
         self.k_proj = linear(config.n_embd, kv_size, f"{path}.k_proj", config.attention_bias)
         self.v_proj = linear(config.n_embd, kv_size, f"{path}.v_proj", config.attention_bias)

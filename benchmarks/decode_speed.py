@@ -226,7 +226,7 @@ def rollout(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
 
     make_checkpoint("134M", tmp / "lit", torch.float32)
     convert_lit_checkpoint(checkpoint_dir=tmp / "lit", out_dir=tmp / "hf")
-    with lora(r=16, alpha=32, targets=("all_linear",)):
+    with lora(r=16, alpha=32, dropout=0.0, targets=("all_linear",)):
         model = load_model(tmp / "lit").eval()
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -289,7 +289,7 @@ def serve(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
 
     make_checkpoint("134M", tmp / "lit", torch.float32)
     (tmp / "adapters").mkdir()
-    with lora(r=8, alpha=16, targets=("query", "value")):
+    with lora(r=8, alpha=16, dropout=0.0, targets=("query", "value")):
         model = load_model(tmp / "lit").eval()
     for i in range(16):
         model.load_state_dict(random_adapter(model, seed=i), strict=False)

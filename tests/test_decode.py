@@ -157,3 +157,15 @@ def test_a_compiled_step_gives_the_eager_tokens_with_one_graph(model):
         eager = generate(model, torch.tensor(prompt), 10, temperature=0.0)
         assert generate(model, torch.tensor(prompt), 10, temperature=0.0, step_model=step).tolist() == eager.tolist()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_rows_sharing_a_prompt_decode_as_each_alone(model):
+    """GRPO's groups: a prompt several rows share is prefilled once and its cache row copied; each row still gets
+    the tokens it gets alone (greedy), and sampled rows of one prompt differ."""
+    prompts = [[1, 5, 7], [2, 3, 4, 9, 9], [1, 5, 7], [2, 3, 4, 9, 9], [1, 5, 7]]
+    alone = {tuple(p): generate(model, torch.tensor(p), 8, temperature=0.0)[len(p) :].tolist() for p in prompts}
+    completions = decode_all(model, [Completion(p, 8) for p in prompts])
+    assert [c.tokens for c in completions] == [alone[tuple(p)] for p in prompts]
+    generator = torch.Generator().manual_seed(0)
+    sampled = decode_all(model, [Completion([1, 5, 7], 8, 1.0, generator=generator) for _ in range(4)])
+    assert len({tuple(c.tokens) for c in sampled}) > 1
