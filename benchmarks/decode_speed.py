@@ -251,11 +251,17 @@ def rollout(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 32000, (n,), generator=generator).tolist() for n in (20, 34, 27, 41)]
 
-    def ours() -> None:
+    def ours(step_model=None) -> None:
         sampler = torch.Generator().manual_seed(0)
-        decode_all(model, [Completion(p, NEW_TOKENS, 1.0, generator=sampler) for p in prompts for _ in range(8)])
+        completions = [Completion(p, NEW_TOKENS, 1.0, generator=sampler) for p in prompts for _ in range(8)]
+        decode_all(model, completions, step_model)
 
     report("ours, 32 rows, LoRA unmerged", best_of(ours, repeats), 32 * NEW_TOKENS, NEW_TOKENS, bound)
+    t0 = time.perf_counter()
+    compiled = compile_step(model)
+    ours(compiled)
+    print(f"(compiling the decode step and the first run: {time.perf_counter() - t0:.0f} s)")
+    report("ours, compiled step", best_of(lambda: ours(compiled), repeats), 32 * NEW_TOKENS, NEW_TOKENS, bound)
 
     hf = LlamaForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32, attn_implementation="sdpa")
     hf = PeftModel.from_pretrained(hf, tmp / "peft").eval()
