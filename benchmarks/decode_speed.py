@@ -290,7 +290,6 @@ def rollout(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
 def serve(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
     import socket
 
-    from openai import AsyncOpenAI
     from serve_adapters import random_adapter
 
     make_checkpoint("134M", tmp / "lit", torch.float32)
@@ -324,15 +323,23 @@ def serve(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
         text=True,
     )
     try:
-        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        asyncio.run(wait_until_up(client, server))
-        prompt = list(range(100, 124))
-        runs = [asyncio.run(sixteen_requests(client, prompt)) for _ in range(repeats + 1)][1:]
-        seconds = min(end - first for first, end in runs)
-        report("serve.py, 16 requests on 16 adapters, HTTP", seconds, 16 * (NEW_TOKENS - 1), NEW_TOKENS - 1, bound)
+        runs = asyncio.run(serve_runs(port, server, repeats))
+        n_tokens, steps = runs[0][2], max(1, runs[0][3] - 1)
+        seconds = min(end - first for first, end, _, _ in runs)
+        report("serve.py, 16 requests on 16 adapters, HTTP", seconds, n_tokens, steps, bound)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+async def serve_runs(port: int, server: subprocess.Popen, repeats: int) -> list[tuple[float, float, int, int]]:
+    """A warm-up and `repeats` timed rounds of 16 requests, one client throughout."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    await wait_until_up(client, server)
+    prompt = list(range(100, 124))
+    return [await sixteen_requests(client, prompt) for _ in range(repeats + 1)][1:]
 
 
 async def wait_until_up(client, server: subprocess.Popen) -> None:
@@ -347,9 +354,10 @@ async def wait_until_up(client, server: subprocess.Popen) -> None:
     raise RuntimeError("serve.py did not come up")
 
 
-async def sixteen_requests(client, prompt: list[int]) -> tuple[float, float]:
-    """The times of the first token of any request and of the last token of all (time.perf_counter)."""
-    firsts, ends = [], []
+async def sixteen_requests(client, prompt: list[int]) -> tuple[float, float, int, int]:
+    """The times of the first token of any request and of the last token of all (time.perf_counter), the tokens of all
+    (usage) and the most of one request."""
+    firsts, ends, counts = [], [], []
 
     async def one(i: int) -> None:
         stream = await client.completions.create(
@@ -358,14 +366,16 @@ async def sixteen_requests(client, prompt: list[int]) -> tuple[float, float]:
             max_tokens=NEW_TOKENS,
             temperature=0,
             stream=True,
-            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
         )
-        async for _ in stream:
+        async for chunk in stream:
             firsts.append(time.perf_counter())
+            if chunk.usage is not None:
+                counts.append(chunk.usage.completion_tokens)
         ends.append(time.perf_counter())
 
     await asyncio.gather(*(one(i) for i in range(16)))
-    return min(firsts), max(ends)
+    return min(firsts), max(ends), sum(counts), max(counts)
 
 
 if __name__ == "__main__":

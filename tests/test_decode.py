@@ -152,6 +152,7 @@ def test_a_compiled_step_gives_the_eager_tokens_with_one_graph(model):
     """decode.compile_step (generate.py --compile): prompts of other lengths reuse the graph (the cache's length is
     rounded up to a multiple of 64), and the tokens are the eager ones."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     step = compile_step(model)
     for prompt in ([1, 5, 7], [2, 3, 4, 5, 6, 7, 8]):
         eager = generate(model, torch.tensor(prompt), 10, temperature=0.0)
