@@ -19,6 +19,7 @@ What is fast when, and why: howto/inference.md.
     completions[0].tokens
 """
 
+import sys
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from adapter import load_adapter_model, merge_adapter_v2, read_adapter_config
 from lora import check_same_base, load_lora_model, read_lora_config
 from model import LLaMA
 from quantize import check_mode
-from utils import default_precision, load_config, load_model, precision_to_dtype, use_cpu_decode_layout
+from tokenizer import Tokenizer
+from utils import default_precision, load_config, load_model, peak_memory_gb, precision_to_dtype, use_cpu_decode_layout
 
 
 @dataclass
@@ -289,12 +291,44 @@ def generate(
     return torch.cat([idx, torch.tensor(completion.tokens, dtype=idx.dtype, device=idx.device)])
 
 
-def printable(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+def printable(ids: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
     """`ids` without a leading BOS and a final stop token, the text to print: sentencepiece decodes those to nothing,
     a tokenizer.json to their names ("<|begin_of_text|>", "<|eot_id|>")."""
     start = 1 if len(ids) and ids[0].item() == tokenizer.bos_id else 0
     end = len(ids) - 1 if len(ids) > start and ids[-1].item() in tokenizer.stop_ids else len(ids)
     return ids[start:end]
+
+
+def print_answer(
+    model: LLaMA,
+    tokenizer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    seed: int,
+) -> None:
+    """generate_lora.py's and generate_adapter.py's output: the answer to `prompt` on stdout; its speed, a hint if it
+    ended at once, and the peak memory on stderr."""
+    prompt = prompt.to(model.embed.weight.device)
+    generator = torch.Generator(prompt.device).manual_seed(seed)
+    t0 = time.perf_counter()
+    output = generate(
+        model,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        stop_ids=tokenizer.stop_ids,
+        generator=generator,
+    )
+    t = time.perf_counter() - t0
+    new = output[len(prompt) :]
+    print(tokenizer.decode(printable(new, tokenizer)), flush=True)
+    print(f"{len(new)} tokens in {t:.2f} s, {len(new) / t:.2f} tokens/sec", file=sys.stderr)
+    if hint := ended_at_once(new.tolist(), tokenizer.stop_ids):
+        print(hint, file=sys.stderr)
+    print(f"Peak memory: {peak_memory_gb(prompt.device):.2f} GB", file=sys.stderr)
 
 
 def ended_at_once(new_tokens: list[int], stop_ids: Collection[int]) -> Optional[str]:

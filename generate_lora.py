@@ -12,17 +12,14 @@ Prints only the response to stdout; load time, tokens/sec and peak memory go to 
 """
 
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from data import encode_prompt
-from decode import check_sampling, ended_at_once, generate, load_inference_model, printable
+from decode import check_sampling, load_inference_model, print_answer
 from lora import read_lora_chat_template
 from tokenizer import Tokenizer
-from utils import cli, load_config, peak_memory_gb
+from utils import cli, load_config
 
 
 def main(
@@ -74,25 +71,7 @@ def main(
     )
     print(loaded, file=sys.stderr)
 
-    encoded = encoded.to(model.embed.weight.device)
-    generator = torch.Generator(encoded.device).manual_seed(seed)
-    t0 = time.perf_counter()
-    output = generate(
-        model,
-        encoded,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        stop_ids=tokenizer.stop_ids,
-        generator=generator,
-    )
-    t = time.perf_counter() - t0
-    new = output[len(encoded) :]
-    print(tokenizer.decode(printable(new, tokenizer)), flush=True)
-    print(f"{len(new)} tokens in {t:.2f} s, {len(new) / t:.2f} tokens/sec", file=sys.stderr)
-    if hint := ended_at_once(new.tolist(), tokenizer.stop_ids):
-        print(hint, file=sys.stderr)
-    print(f"Peak memory: {peak_memory_gb(encoded.device):.2f} GB", file=sys.stderr)
+    print_answer(model, tokenizer, encoded, max_new_tokens, temperature, top_k, seed)
 
 
 if __name__ == "__main__":
