@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, make_checkpoint
+from decode import generate
 from tokenizer import Tokenizer
+from utils import load_model
 
 
 def run_cli(*args):
@@ -117,3 +119,17 @@ def test_damaged_checkpoint_files_are_one_line(tmp_path, damage, message):
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + message.format(d=tmp_path)), result.stderr
+
+
+def test_an_answer_that_ends_at_once_is_said_on_stderr(tmp_path):
+    """The greedy first token made a stop token (generation_config.json's eos_token_id): no empty line alone, but
+    what happened and what to try."""
+    make_checkpoint(tmp_path)
+    prompt = "Hello, my name is"
+    ids = Tokenizer(tmp_path).encode(prompt)
+    token = generate(load_model(tmp_path).eval(), ids, 1, temperature=0.0)[-1].item()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, token]}))
+    result = run_cli("--checkpoint_dir", tmp_path, "--prompt", prompt, "--max_new_tokens", 5, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == prompt
+    assert "the answer is empty: the model's first token was a stop token. Try sampling" in result.stderr
