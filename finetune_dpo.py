@@ -44,12 +44,11 @@ from tqdm import tqdm
 from data import PreparedData, file_sha256, load_prepared_data
 from lora import (
     LoRAConfig,
-    check_same_base,
     load_lora_checkpoint,
     lora,
+    lora_config_for,
     lora_disabled,
     mark_only_lora_as_trainable,
-    read_lora_config,
 )
 from model import LLaMA
 from tokenizer import Tokenizer
@@ -208,22 +207,7 @@ def setup(
     tokenizer = Tokenizer(checkpoint_dir)  # for the sample answers of validate
     flags = dict(r=lora_r, alpha=lora_alpha, targets=lora_targets, rslora=lora_rslora, dora=lora_dora)
     flags.update(ranks=lora_ranks, alphas=lora_alphas)
-    if lora_path is None:
-        lora_config = LoRAConfig(**{key: value for key, value in flags.items() if value is not None})
-    else:  # the adapter's settings; a flag that says otherwise is a mistake
-        lora_config, base_config = read_lora_config(lora_path)
-        check_same_base(base_config, load_config(checkpoint_dir), lora_path)
-        given = LoRAConfig(**{key: value for key, value in flags.items() if value is not None})
-        differences = [
-            f"--lora_{key} {getattr(given, key)} (the adapter's: {getattr(lora_config, key)})"
-            for key, value in flags.items()
-            if value is not None and getattr(given, key) != getattr(lora_config, key)
-        ]
-        if differences:
-            raise ValueError(
-                f"--lora_path {lora_path} was trained with other LoRA settings than {', '.join(differences)}; leave "
-                "those flags out: the adapter's are used"
-            )
+    lora_config = lora_config_for(flags, lora_path, load_config(checkpoint_dir))  # --lora_path's own, if given
     lora_config = replace(lora_config, dropout=lora_dropout)  # checked there
     precompute_reference = lora_path is not None if precompute_reference is None else precompute_reference
     reference = None if loss == "simpo" else "precomputed" if precompute_reference else "base"
