@@ -45,13 +45,12 @@ from tqdm import tqdm
 from data import PreparedData, file_sha256, load_prepared_data
 from lora import (
     LoRAConfig,
-    check_same_base,
     is_lora_tensor,
     load_lora_checkpoint,
     lora,
+    lora_config_for,
     lora_disabled,
     mark_only_lora_as_trainable,
-    read_lora_config,
     save_lora_tensors,
 )
 from losses import pack_batch, token_cross_entropy
@@ -191,8 +190,9 @@ def setup(
     data_dir, checkpoint_dir, out_dir = Path(data_dir), Path(checkpoint_dir), Path(out_dir)
     data = load_pairs(data_dir, checkpoint_dir, train)
     flags = dict(r=lora_r, alpha=lora_alpha, targets=lora_targets, rslora=lora_rslora, dora=lora_dora)
-    flags.update(ranks=lora_ranks, alphas=lora_alphas, dropout=lora_dropout)
-    lora_config = lora_settings(flags, lora_path, checkpoint_dir)
+    flags.update(ranks=lora_ranks, alphas=lora_alphas)
+    lora_config = lora_config_for(flags, lora_path, load_config(checkpoint_dir))  # --lora_path's own, if given
+    lora_config = replace(lora_config, dropout=lora_dropout)  # checked there
     preference = Preference.from_flags(loss, beta, gamma, precompute_reference, lora_path)
     resume = find_resume(resume, out_dir)
     train = train.for_records(len(data.train))  # max_steps from epochs, unless given
@@ -257,30 +257,6 @@ def load_pairs(data_dir: Path, checkpoint_dir: Path, train: TrainArgs) -> Prepar
             "here could leave a pair's answers the same: prepare the data with that --max_seq_length instead"
         )
     return data
-
-
-def lora_settings(flags: dict, lora_path: Optional[Path], checkpoint_dir: Path) -> LoRAConfig:
-    """The LoRA settings of the run: the --lora_* `flags` given (not None) over LoRAConfig's defaults, or with
-    --lora_path that adapter's, which a flag that says otherwise is a mistake against; the dropout always the flag's
-    (checked by LoRAConfig)."""
-    dropout = flags.pop("dropout")
-    given = {key: value for key, value in flags.items() if value is not None}
-    if lora_path is None:
-        return replace(LoRAConfig(**given), dropout=dropout)
-    lora_config, base_config = read_lora_config(lora_path)
-    check_same_base(base_config, load_config(checkpoint_dir), lora_path)
-    given = LoRAConfig(**given)
-    differences = [
-        f"--lora_{key} {getattr(given, key)} (the adapter's: {getattr(lora_config, key)})"
-        for key, value in flags.items()
-        if value is not None and getattr(given, key) != getattr(lora_config, key)
-    ]
-    if differences:
-        raise ValueError(
-            f"--lora_path {lora_path} was trained with other LoRA settings than {', '.join(differences)}; leave "
-            "those flags out: the adapter's are used"
-        )
-    return replace(lora_config, dropout=dropout)
 
 
 def main(

@@ -501,6 +501,28 @@ def load_lora_checkpoint(model: LLaMA, path: Path) -> None:
     load_lora_state_dict(model, state_dict, path)
 
 
+def lora_config_for(flags: dict, lora_path: Optional[Path], base_config: Config) -> LoRAConfig:
+    """The LoRA settings of a fine-tuning run from its --lora_* `flags` (r, alpha, targets, ...: None where left out,
+    LoRAConfig's default then), or, with `lora_path` (an adapter to start from), the adapter's own, after checking that
+    it was trained on `base_config`'s model; a flag given with another value than the adapter's is a mistake."""
+    given = LoRAConfig(**{key: value for key, value in flags.items() if value is not None})
+    if lora_path is None:
+        return given
+    lora_config, adapter_base = read_lora_config(lora_path)
+    check_same_base(adapter_base, base_config, lora_path)
+    differences = [
+        f"--lora_{key} {getattr(given, key)} (the adapter's: {getattr(lora_config, key)})"
+        for key, value in flags.items()
+        if value is not None and getattr(given, key) != getattr(lora_config, key)
+    ]
+    if differences:
+        raise ValueError(
+            f"--lora_path {lora_path} was trained with other LoRA settings than {', '.join(differences)}; leave "
+            "those flags out: the adapter's are used"
+        )
+    return lora_config
+
+
 def check_same_base(adapter_base: Config, model_config: Config, path: Path) -> None:
     # block_size only limits the sequence length; every other field changes the weights or their meaning
     differences = [

@@ -12,14 +12,20 @@ float64 as tests/test_finetune_dpo.py lifts them (`exact_in_float64`: norms, rot
 log-softmax, here with its temperature), and its rewards and nanstd's Bessel factor, float32 tensors made in the
 default dtype, by making float64 the default dtype while it scores."""
 
+import csv
 import json
+import re
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+import finetune_grpo
+from conftest import ROOT, command, finetune, run_command
 from finetune_grpo import (
     GRPO,
     TOKEN_METRICS,
@@ -29,6 +35,7 @@ from finetune_grpo import (
     grpo_loss,
     loss_normalizer,
     reference_logps,
+    setup,
 )
 from lora import load_lora_model, mark_only_lora_as_trainable
 from prepare_prompts import setup as prepare
@@ -423,3 +430,152 @@ def test_micro_batches_add_up_to_the_batch(loss, llama3_checkpoint_dir, rollouts
         assert split == pytest.approx(whole, rel=1e-12)
         for name, grad in split_grads.items():
             assert_close(grad, whole_grads[name], name, rtol=1e-12)
+
+
+# The script: a tiny model (conftest's, LLaMA's sentencepiece tokenizer, the Alpaca prompt), prompts prepared by
+# prepare_prompts.py, a reward that random text earns about half the time (the letter "e"), a few steps
+WORDS = ["apple", "river", "music", "garden", "stone", "cloud", "metal", "paper", "bread", "window"]
+PROMPTS = [{"prompt": f"Say a word like {word}.", "answer": word} for word in WORDS]
+RUN = dict(
+    rewards=["format"],
+    format_pattern="e",
+    num_generations=4,
+    max_new_tokens=6,
+    temperature=1.0,
+    lora_targets="all_linear",
+    batch_size=2,
+    micro_batch_size=4,
+    max_steps=4,
+    learning_rate=3e-2,
+    warmup_steps=1,
+    eval_interval=2,
+    eval_batches=1,
+    save_interval=2,
+    max_seq_length=128,
+)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory, checkpoint_dir) -> Path:
+    directory = tmp_path_factory.mktemp("prompts")
+    (directory / "prompts.jsonl").write_text("".join(json.dumps(record) + "\n" for record in PROMPTS))
+    prepare(
+        destination_path=directory / "data",
+        checkpoint_dir=checkpoint_dir,
+        data_file_path=directory / "prompts.jsonl",
+        test_split_fraction=0.2,
+    )
+    return directory / "data"
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, checkpoint_dir, prompts) -> Path:
+    """4 steps, uninterrupted."""
+    out_dir = tmp_path_factory.mktemp("unbroken")
+    finetune(setup, data_dir=prompts, checkpoint_dir=checkpoint_dir, out_dir=out_dir, **RUN)
+    return out_dir
+
+
+def test_a_few_steps_write_the_adapter_the_logs_and_the_plots_and_the_rewards_are_those_of_the_completions(
+    unbroken, checkpoint_dir
+):
+    """The adapter records the method; each step logs the reward (between 0 and 1, the share of completions with an
+    "e": the format reward's mean), its spread, the share of groups that teach nothing, lengths, clip fractions and the
+    split of the step's time; the test prompts' greedy reward at steps 0, 2 and 4; loss.png and reward.png."""
+    with safe_open(unbroken / "lit_model_lora_finetuned.safetensors", framework="pt") as f:
+        training = json.loads(f.metadata()["training"])
+    assert training["method"] == "grpo" and training["loss"] == "dapo" and training["rewards"] == ["format"]
+    rows = list(csv.DictReader(open(unbroken / "logs" / "version_0" / "metrics.csv")))
+    steps = [row for row in rows if row.get("reward")]
+    assert [int(row["step"]) for row in steps] == [1, 2, 3, 4]
+    for row in steps:
+        assert float(row["reward"]) == float(row["rewards/format/mean"])  # one reward, weight 1
+        assert 0 <= float(row["reward"]) <= 1 and 0 <= float(row["frac_reward_zero_std"]) <= 1
+        assert 1 <= float(row["completions/mean_length"]) <= 6 and float(row["clip_ratio/region_mean"]) == 0
+        assert float(row["time/generation"]) > 0 and float(row["time/update"]) > 0
+        assert "kl" not in row or row["kl"] == ""  # beta 0: no reference, no KL
+    assert [int(row["step"]) for row in rows if row.get("eval_reward")] == [0, 2, 4]
+    state = torch.load(unbroken / "train_state.pt", weights_only=True)
+    assert [reward for _, reward in state["rewards"]["train"]] == [float(row["reward"]) for row in steps]
+    for plot in ("loss.png", "reward.png"):
+        assert (unbroken / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_stopped_run_resumes_to_the_losses_and_rewards_of_an_unbroken_one(
+    unbroken, checkpoint_dir, prompts, tmp_path, monkeypatch
+):
+    """Stopped after the checkpoint of step 2 and resumed: the same completions (sampled from a generator seeded
+    with the step), rewards and losses as the unbroken run, and the same adapter."""
+
+    class Stop(Exception):
+        pass
+
+    saving = finetune_grpo.save
+
+    def save_then_stop(fabric, model, optimizer, state, *args):
+        saving(fabric, model, optimizer, state, *args)
+        if state["step"] == 2:
+            raise Stop
+
+    flags = dict(data_dir=prompts, checkpoint_dir=checkpoint_dir, out_dir=tmp_path, **RUN)
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune_grpo, "save", save_then_stop)
+        with pytest.raises(Stop):
+            finetune(setup, **flags)
+    finetune(setup, resume="auto", **flags)
+    expected = torch.load(unbroken / "train_state.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert [step for step, _ in resumed["history"]["train"]] == [1, 2, 3, 4]
+    assert resumed["history"] == expected["history"] and resumed["rewards"] == expected["rewards"]
+    losses = [loss for _, loss in expected["history"]["train"]]
+    assert any(loss != 0 for loss in losses)  # it learned something
+    adapter = "lit_model_lora_finetuned.safetensors"
+    for name, tensor in load_file(unbroken / adapter).items():
+        assert torch.equal(load_file(tmp_path / adapter)[name], tensor), name
+
+
+def test_two_ddp_processes_give_the_losses_of_one(unbroken, checkpoint_dir, prompts, tmp_path):
+    """Every process samples the whole batch's completions (the same ones: same weights, same generator), the
+    micro-batches of the update are shared out (2 of 8 completions: 1 each)."""
+    args = command("finetune_grpo.py", prompts, checkpoint_dir, tmp_path, devices=2, strategy="ddp", **RUN)
+    result = run_command(args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = torch.load(unbroken / "train_state.pt", weights_only=True)
+    two = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert two["rewards"] == expected["rewards"]  # the same completions
+    assert [loss for _, loss in two["history"]["train"]] == pytest.approx(
+        [loss for _, loss in expected["history"]["train"]], abs=1e-5
+    )
+
+
+RAISES = "def reward(prompts, completions, **fields):\n    raise KeyError('score')\n"
+SHORT = "def reward(prompts, completions, **fields):\n    return [1.0] * (len(completions) - 1)\n"
+NAN = "def reward(prompts, completions, **fields):\n    return [float('nan')] * len(completions)\n"
+
+
+def test_bad_input_is_one_line_and_nothing_is_written(checkpoint_dir, llama3_checkpoint_dir, prompts, tmp_path):
+    result = subprocess.run(
+        command("finetune_grpo.py", prompts, checkpoint_dir, tmp_path / "out", num_generations=1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and result.stderr.startswith("error: --num_generations 1: GRPO learns by comparing")
+    assert result.stderr.count("\n") == 1
+    for name, source in (("raises", RAISES), ("short", SHORT), ("nan", NAN)):
+        (tmp_path / f"{name}.py").write_text(source)
+    flags = dict(RUN, data_dir=prompts, checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "out")
+    for changes, message in [
+        (dict(rewards=[f"{tmp_path}/missing.py:reward"]), "the reward file"),
+        (dict(rewards=[f"{tmp_path}/nan.py:rewrd"]), "has no function 'rewrd' (it defines: reward)"),
+        (dict(rewards=[f"{tmp_path}/raises.py:reward"]), "raised KeyError: 'score'"),
+        (dict(rewards=[f"{tmp_path}/short.py:reward"]), "returned 1 values for 2 completions; return one each"),
+        (dict(rewards=[f"{tmp_path}/nan.py:reward"]), "returned nan for completion 0; return a finite number"),
+        (dict(max_new_tokens=120), "which with --max_new_tokens 120 is more than the 128 tokens of the context"),
+        (dict(checkpoint_dir=llama3_checkpoint_dir), "was tokenized with another tokenizer"),
+        (dict(num_generations=3), "completions must be a multiple of --train.micro_batch_size 4"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+            finetune(setup, **{**flags, **changes})
+    assert not (tmp_path / "out").exists()
