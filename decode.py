@@ -116,9 +116,8 @@ def sample(
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # whose more likely predecessors add up to < top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
-    # one uniform number per row, looked up in the cumulative probabilities (in float64, and scaled to their sum:
-    # unnormalised is fine): torch.multinomial draws one exponential number per token instead, 10x slower for 32 rows
-    # of 32000 (benchmarks/decode_speed.py's rollout)
+    # one uniform number per row, looked up in the cumulative probabilities (float64, scaled to their sum): cheaper
+    # than torch.multinomial's exponential number per token when many rows sample (howto/inference.md)
     cdf = probs.double().cumsum(-1)
     uniform = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     choice = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)  # (B, 1)

@@ -50,8 +50,8 @@ def main(
         quantize: hold the weights of every projection in 4 bits ("bnb.nf4", "bnb.fp4"; "-dq" quantizes their scales
             too) or 8 bits ("bnb.int8") with bitsandbytes, quantized one layer at a time while loading: a fraction of
             the memory, slightly less accurate (see howto/quantize.md).
-        compile: run the model through torch.compile: about 30 s to start on a small CPU (and again the first
-            time the prompt length changes), then faster decoding (1.16x measured on CPU; howto/inference.md).
+        compile: compile the decode step with torch.compile (decode.compile_step): tens of seconds on a small CPU
+            before the first token, then faster steps; it pays for long answers or many samples (howto/inference.md).
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     config = load_config(checkpoint_dir)

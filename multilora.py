@@ -104,7 +104,7 @@ class MultiLoRALinear(nn.Module):
         if len(adapters) != len(x):
             raise ValueError(f"{len(adapters)} rows' adapters for {len(x)} rows (one position per row when flat)")
         x3 = x[:, None] if flat else x  # (B, T, in)
-        # each row's A and B (index_select: 3x faster than A[adapters] for 16 rows on CPU)
+        # each row's A and B (index_select: faster than A[adapters] on CPU)
         A, B = self.A.index_select(0, adapters), self.B.index_select(0, adapters)  # (B, r, in), (B, out, r)
         h = torch.bmm(x3.to(A.dtype), A.transpose(1, 2))  # (B, T, r)
         delta = torch.bmm(h, B.transpose(1, 2))  # (B, T, out)

@@ -133,7 +133,7 @@ def load_model(
 def read_tensors(path: Path, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of a safetensors file, one at a time, in `dtype` if given. The file is opened anew for each:
     the pages of a memory-mapped file that were read count as the process's memory until it is closed, and would
-    otherwise add up to the whole file beside the converted copy (1.5x the fp32 weights for a bf16 file)."""
+    otherwise add up to the whole file beside the converted copy (howto/inference.md#memory)."""
     try:
         with safe_open(path, framework="pt") as f:
             names = list(f.keys())
