@@ -81,13 +81,7 @@ def setup(
     """
     destination_path, checkpoint_dir = Path(destination_path), Path(checkpoint_dir)
     tokenizer_path = tokenizer_file(checkpoint_dir)  # a missing tokenizer is the first thing to say
-    check_template_name(template)
-    if not 0 < test_split_fraction < 1:
-        raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
-    if max_prompt_length < 1:
-        raise ValueError(f"--max_prompt_length must be at least 1, not {max_prompt_length}")
-    if prompt_field == answer_field:
-        raise ValueError(f"--prompt_field and --answer_field are both {prompt_field!r}; the answer is another field")
+    validate_args(template, test_split_fraction, max_prompt_length, prompt_field, answer_field)
     tokenizer = Tokenizer(checkpoint_dir)
     chat_template = CHAT_TEMPLATES[template] if template else tokenizer.chat_template
     if chat_template is not None and tokenizer_path.name != "tokenizer.json":
@@ -103,17 +97,7 @@ def setup(
     print(f"Read {len(examples)} prompts from {data_file_path}")
     order = split_order(len(examples), test_split_fraction, seed)  # before tokenizing: the same for any length
 
-    texts = [render(tokenizer, prompt, chat_template, where) for (prompt, _), where in zip(examples, wheres)]
-    bos = [tokenizer.bos_id] if chat_template is None and tokenizer.add_bos else []  # a chat template writes its own
-    samples, lengths, too_long = [], [], []
-    for text, ids, (_, fields), where in zip(texts, tokenizer.encode_batch(texts), examples, wheres):
-        ids = bos + ids
-        lengths.append(len(ids))
-        if len(ids) > max_prompt_length:
-            samples.append(None)
-            too_long.append(where)
-        else:
-            samples.append({"prompt_ids": torch.tensor(ids, dtype=torch.long), "prompt": text, **fields})
+    samples, lengths, too_long = tokenize(tokenizer, examples, wheres, chat_template, max_prompt_length)
     print(
         f"Token lengths of {len(lengths)} prompts: min {min(lengths)}, median {median(lengths):g}, max {max(lengths)}"
     )
@@ -126,25 +110,11 @@ def setup(
     train_set, test_set = split_samples(samples, order, n_test)
     if not train_set or not test_set:
         raise ValueError(f"no prompt of a split fits in --max_prompt_length {max_prompt_length}; raise it")
-    if chat_template is not None:
-        prompt_metadata = {
-            "template": "chat",
-            "chat_template_name": template or "checkpoint",
-            "chat_template": chat_template,
-            "tokenization": "encode(apply_chat_template(messages or [user: prompt], add_generation_prompt=True))",
-        }
-    else:
-        prompt_metadata = {
-            "template": "alpaca",
-            "prompt_with_input": generate_prompt({"instruction": "{instruction}", "input": "{input}"}),
-            "prompt_without_input": generate_prompt({"instruction": "{instruction}", "input": ""}),
-            "tokenization": "BOS (if add_bos) + encode(generate_prompt({'instruction': prompt}))",
-        }
     longest = max(len(record["prompt_ids"]) for record in train_set + test_set)
     metadata = {
         "format": METADATA_FORMAT,
         "prompts": True,
-        **prompt_metadata,
+        **prompt_metadata(chat_template, template),
         **tokenizer_metadata(tokenizer),
         "prompt_field": prompt_field,
         "answer_field": answer_field,
@@ -159,6 +129,55 @@ def setup(
         "left_out_prompt_too_long": len(too_long),
     }
     write_prepared(destination_path, train_set, test_set, metadata)
+
+
+def validate_args(
+    template: Optional[str], test_split_fraction: float, max_prompt_length: int, prompt_field: str, answer_field: str
+) -> None:
+    """The checks of setup's flags that need no file."""
+    check_template_name(template)
+    if not 0 < test_split_fraction < 1:
+        raise ValueError(f"--test_split_fraction must be between 0 and 1, not {test_split_fraction}")
+    if max_prompt_length < 1:
+        raise ValueError(f"--max_prompt_length must be at least 1, not {max_prompt_length}")
+    if prompt_field == answer_field:
+        raise ValueError(f"--prompt_field and --answer_field are both {prompt_field!r}; the answer is another field")
+
+
+def tokenize(
+    tokenizer: Tokenizer, examples: list, wheres: list[str], chat_template: Optional[str], max_prompt_length: int
+) -> tuple[list[Optional[dict]], list[int], list[str]]:
+    """Each example's record (its prompt's ids, its rendered text and its other fields), None for a prompt longer than
+    max_prompt_length; every prompt's length; and where the ones left out came from."""
+    texts = [render(tokenizer, prompt, chat_template, where) for (prompt, _), where in zip(examples, wheres)]
+    bos = [tokenizer.bos_id] if chat_template is None and tokenizer.add_bos else []  # a chat template writes its own
+    samples, lengths, too_long = [], [], []
+    for text, ids, (_, fields), where in zip(texts, tokenizer.encode_batch(texts), examples, wheres):
+        ids = bos + ids
+        lengths.append(len(ids))
+        if len(ids) > max_prompt_length:
+            samples.append(None)
+            too_long.append(where)
+        else:
+            samples.append({"prompt_ids": torch.tensor(ids, dtype=torch.long), "prompt": text, **fields})
+    return samples, lengths, too_long
+
+
+def prompt_metadata(chat_template: Optional[str], template: Optional[str]) -> dict:
+    """How the prompts were written, for metadata.json: in a chat template, or in the Alpaca prompt."""
+    if chat_template is not None:
+        return {
+            "template": "chat",
+            "chat_template_name": template or "checkpoint",
+            "chat_template": chat_template,
+            "tokenization": "encode(apply_chat_template(messages or [user: prompt], add_generation_prompt=True))",
+        }
+    return {
+        "template": "alpaca",
+        "prompt_with_input": generate_prompt({"instruction": "{instruction}", "input": "{input}"}),
+        "prompt_without_input": generate_prompt({"instruction": "{instruction}", "input": ""}),
+        "tokenization": "BOS (if add_bos) + encode(generate_prompt({'instruction': prompt}))",
+    }
 
 
 def to_examples(
