@@ -404,15 +404,12 @@ def fit(
             n_tokens = int(completion_mask(lengths, truncated, grpo.mask_truncated_completions).sum())
             t_generation = time.perf_counter() - t0
 
-            # micro-batches of train.micro_batch_size completions; micro-batch k goes to device k % devices
             starts = range(0, len(lengths), train.micro_batch_size)
             normalizer = loss_normalizer(grpo, len(lengths), n_tokens, len(starts))  # the parts add up to the batch
             micro_batches = [slice(i, i + train.micro_batch_size) for i in starts]
             micro_batches = micro_batches[fabric.global_rank :: fabric.world_size]
-            masks = [
-                completion_mask(lengths[mb], truncated[mb], grpo.mask_truncated_completions, device)
-                for mb in micro_batches
-            ]
+            mask_truncated = grpo.mask_truncated_completions
+            masks = [completion_mask(lengths[mb], truncated[mb], mask_truncated, device) for mb in micro_batches]
             # what the updates compare with: the model that sampled (from the second pass on it has moved) and the base
             old, ref = fixed_logps(model, prompt_ids, completion_ids, micro_batches, grpo, max_seq_length)
             lr = learning_rate(step, train.learning_rate, train.warmup_steps, train.max_steps)

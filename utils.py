@@ -257,7 +257,7 @@ def use_cpu_decode_layout(model: torch.nn.Module) -> None:
     Decoding multiplies a single row by each weight. On CPU (MKL) that product reads a float32 weight with
     out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out) than in nn.Linear's (out, in); a
     weight with out < in (down_proj), or in bfloat16, is slower that way, so those stay as they are (the figures:
-    howto/inference.md#speed, benchmarks/generate_vs_hf.py). `t().contiguous().t()` keeps the shape (out, in) and
+    howto/inference.md#speed, benchmarks/decode_speed.py). `t().contiguous().t()` keeps the shape (out, in) and
     only changes the strides, so F.linear, LoRA layers and merging work unchanged; a tied head re-lays out the
     embedding it shares, which lookups do not mind.
     """

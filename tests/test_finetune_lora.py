@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import decode
 import finetune_lora
 import training
 from conftest import ROOT, caught_models, command, finetune, run_command, shared_file
@@ -513,7 +514,7 @@ def test_lora_on_multi_turn_conversations_lowers_the_validation_loss_and_generat
     adapter = tmp_path / "out" / "lit_model_lora_finetuned.safetensors"
     assert read_lora_chat_template(adapter) == tokenizer.chat_template  # the checkpoint's, recorded by prepare_chat
     prompts = []
-    monkeypatch.setattr(generate_lora, "generate", lambda model, ids, *args, **kwargs: prompts.append(ids) or ids)
+    monkeypatch.setattr(decode, "generate", lambda model, ids, *args, **kwargs: prompts.append(ids) or ids)
     generate_lora.main(
         checkpoint_dir=llama3_checkpoint_dir,
         lora_path=adapter,
