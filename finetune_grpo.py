@@ -74,7 +74,7 @@ from lora import (
     mark_only_lora_as_trainable,
     save_lora_tensors,
 )
-from losses import pack_batch, token_cross_entropy
+from losses import token_cross_entropy
 from model import LLaMA
 from quantize import make_optimizer
 from rewards import RewardFunction, combine, load_rewards, score
@@ -651,27 +651,39 @@ def completion_logps(
     """The log-probability of each token of each completion after its prompt under the model (completions, longest
     completion), 0 after a completion's end, from the logits divided by `temperature`.
 
-    The prompt + completion sequences are packed into one row without padding and go through the model in one forward
-    pass (each attends only to itself), whose head computes logits at the completion tokens only (training.pack_batch
-    and token_cross_entropy, as finetune_dpo.py scores its answers)."""
-    sequences = [
-        {
-            "input_ids": torch.cat([prompt, completion]),
-            "labels": torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion]),
-        }
-        for prompt, completion in zip(prompt_ids, completion_ids)
-    ]
-    longest = max(len(sequence["input_ids"]) for sequence in sequences)
-    if longest > max_seq_length:
-        raise ValueError(f"a prompt and its completion hold {longest} tokens, more than the {max_seq_length} allowed")
-    input_ids, targets, lengths = pack_batch(sequences, max_seq_length)
+    One forward pass over one row without padding: each prompt once, followed by its completions that follow one
+    another in the list (a group's), each of which attends to the prompt and to itself (LLaMA.forward's `lengths`
+    (prompt, n1, n2, ...)). A group's G completions thus cost one prompt, not G (the same values: the prompt's
+    activations do not depend on what follows it; with LoRA dropout, one draw of it for the prompt instead of G).
+    The head computes logits only where they predict a completion token: at each prompt's last token, which predicts
+    the first token of every completion of it, and at every completion token but the last."""
+    pieces, lengths, logits_at, rows = [], [], [], []  # rows: the logits that predict each completion token
+    n_logits = 0
+    for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        if len(prompt) + len(completion) > max_seq_length:
+            n = len(prompt) + len(completion)
+            raise ValueError(f"a prompt and its completion hold {n} tokens, more than the {max_seq_length} allowed")
+        if i == 0 or not torch.equal(prompt, prompt_ids[i - 1]):  # a prompt not yet in the row
+            pieces.append(prompt)
+            lengths.append([len(prompt)])
+            logits_at += [False] * (len(prompt) - 1) + [True]
+            prompt_row, n_logits = n_logits, n_logits + 1
+        pieces.append(completion)
+        lengths[-1].append(len(completion))
+        logits_at += [True] * (len(completion) - 1) + [False]
+        rows += [prompt_row, *range(n_logits, n_logits + len(completion) - 1)]
+        n_logits += len(completion) - 1
     device = model.embed.weight.device
-    input_ids, targets = input_ids.to(device), targets.to(device)
-    where = targets != IGNORE_INDEX  # (1, N): the completion tokens, each predicted from the position before it
-    logits = model(input_ids, lengths=lengths, logits_at=where)  # (completion tokens, vocab_size)
+    input_ids = torch.cat(pieces)[None].to(device)
+    logits_at = torch.tensor(logits_at, device=device)[None]
+    logits = model(input_ids, lengths=lengths, logits_at=logits_at)
+    # a prompt's last logits G times; index_select, not logits[rows], whose gradient adds the G rows up in parallel
+    # on CPUs, in no fixed order (a resumed run would not repeat an unbroken one bit for bit)
+    logits = logits.index_select(0, torch.tensor(rows, device=device))  # (completion tokens, vocab_size)
     if temperature != 1.0:
         logits = logits / temperature
-    token_logps = -token_cross_entropy(logits, targets[where])  # (completion tokens,)
+    targets = torch.cat(completion_ids).to(device)
+    token_logps = -token_cross_entropy(logits, targets)  # (completion tokens,)
     del logits  # now held by the graph alone, which frees them once the head's backward is done
     per_completion = token_logps.split([len(completion) for completion in completion_ids])
     return pad_sequence(list(per_completion), batch_first=True)

@@ -147,25 +147,31 @@ class LLaMA(nn.Module):
         self,
         idx: Tensor,
         input_pos: Tensor | None = None,
-        lengths: list[int] | None = None,
+        lengths: list[int | tuple[int, ...]] | None = None,
         logits_at: Tensor | None = None,
     ) -> Tensor:
         """idx: (B, T) token ids. input_pos: their positions, written into the KV cache (set_kv_cache) and attending
         over what it holds: (T,) the same in every row, or (B, T) each row its own; None for a causal pass over 0..T-1
-        without a cache. lengths: several sequences packed into one row without padding (B = 1, T = sum(lengths)),
-        each attending only to itself from position 0. logits_at: a (B, T) boolean mask of the positions whose logits
-        are wanted; the head, the largest product at a large vocabulary, runs on those only (where the loss has a
-        target, at each prompt's last token). Returns logits (B, T, vocab_size), or (n, vocab_size) with logits_at."""
+        without a cache. lengths: several sequences packed into one row without padding (B = 1, T = their sum), each
+        attending only to itself from position 0; an entry (prompt, n1, n2, ...) is a prompt followed by continuations
+        that each attend to it and to themselves (GRPO's completions of one prompt: the prompt computed once).
+        logits_at: a (B, T) boolean mask of the positions whose logits are wanted; the head, the largest product at a
+        large vocabulary, runs on those only (where the loss has a target, at each prompt's last token).
+        Returns logits (B, T, vocab_size), or (n, vocab_size) with logits_at."""
         B, T = idx.shape
         cos, sin = self.rope(idx.device)
         mask = None  # without a KV cache: causal attention
         if lengths is not None:
-            if input_pos is not None or B != 1 or sum(lengths) != T or max(lengths) > self.config.block_size:
+            groups = [(n,) if isinstance(n, int) else tuple(n) for n in lengths]  # (prompt, continuations...)
+            longest = max(group[0] + max(group[1:], default=0) for group in groups)
+            if input_pos is not None or B != 1 or sum(map(sum, groups)) != T or longest > self.config.block_size:
                 limit = self.config.block_size
                 raise ValueError(
                     f"lengths {lengths} must add up to one row's {T} tokens, each <= {limit}, no input_pos"
                 )
-            positions = torch.cat([torch.arange(n, device=idx.device) for n in lengths])
+            # each from 0, a continuation from its prompt's end
+            positions = [torch.arange(n) + (i > 0) * g[0] for g in groups for i, n in enumerate(g)]
+            positions = torch.cat(positions).to(idx.device)
             cos, sin = cos[positions], sin[positions]
         elif input_pos is None:
             if T > self.config.block_size:
@@ -264,7 +270,7 @@ class Block(nn.Module):
         self.mlp = MLP(config, f"{path}.mlp")
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | None, lengths: list[int] | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | None, lengths: list | None
     ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos, lengths)
         return x + self.mlp(self.mlp_norm(x))
@@ -283,7 +289,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None  # LLaMA.set_kv_cache
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | None, lengths: list[int] | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | None, lengths: list | None
     ) -> Tensor:
         """LLaMA.forward's rotary tables at the positions, and its KV cache mask and positions `pos` (its input_pos) or
         packed `lengths`; all None: causal attention over the sequence."""
@@ -309,14 +315,27 @@ class CausalSelfAttention(nn.Module):
 
 
 @torch.compiler.disable  # under --train.compile: the one call runs as it is, `lengths` (Python ints) never traced
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
-    """Causal attention of sequences packed into one row, each over its own tokens only. q: (1, n_head, T, head_size);
-    k, v: (1, n_query_groups, T, head_size); T = sum(lengths). Returns (1, n_head, T, head_size).
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int | tuple[int, ...]]) -> Tensor:
+    """Causal attention of sequences packed into one row, each over its own tokens only (and a prompt's continuations
+    over the prompt too: LLaMA.forward's `lengths`). q: (1, n_head, T, head_size); k, v: (1, n_query_groups, T,
+    head_size). Returns (1, n_head, T, head_size).
 
     On a GPU in bf16 or fp16: one call of flash attention's variable-length form. Elsewhere one
     scaled_dot_product_attention call per sequence, faster on CPUs than one call with a block-diagonal mask (which
     computes every query against every key; the figures: howto/finetune_lora.md)."""
     gqa = k.size(1) != q.size(1)
+    if any(not isinstance(n, int) for n in lengths):  # a prompt and its continuations: one call each, masked
+        sizes = [n if isinstance(n, int) else sum(n) for n in lengths]
+        pieces = zip(lengths, q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(*qkv, enable_gqa=gqa, is_causal=True)
+                if isinstance(n, int)
+                else F.scaled_dot_product_attention(*qkv, attn_mask=shared_prompt_mask(n, q.device), enable_gqa=gqa)
+                for n, *qkv in pieces
+            ],
+            dim=2,
+        )
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
         starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(q.device, non_blocking=True)
         # (T, heads, head_size), as varlen_attn takes them; window (-1, 0): causal
@@ -325,6 +344,14 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Ten
         return y.transpose(0, 1)[None]
     pieces = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
     return torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=gqa) for qkv in pieces], dim=2)
+
+
+def shared_prompt_mask(group: tuple[int, ...], device: torch.device) -> Tensor:
+    """Where a prompt of group[0] tokens followed by continuations of group[1:] tokens may attend (True), (N, N):
+    causal, and a continuation's tokens over the prompt and their own continuation only."""
+    part = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(group)).to(device)  # 0: the prompt
+    i = torch.arange(len(part), device=device)
+    return (i[None] <= i[:, None]) & ((part[None] == 0) | (part[None] == part[:, None]))
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

@@ -9,11 +9,13 @@ model's chat template on both sides), the same group size, completion length, sa
 alpha=16, every linear projection, no dropout), learning rate, loss (dapo) and reward (rewards.number_match). Each side
 runs in its own process, one after the other, so that its peak resident memory (ru_maxrss) is its own:
 
-- ours: finetune_grpo.py's setup on prompts prepared by prepare_prompts.py; the split from its logged time/generation
-  (sampling with decode.decode_all and scoring) and time/update;
-- TRL: GRPOTrainer(peft_config=...) with per_device_train_batch_size = prompts x num_generations (one generation and
-  one optimizer step per step); generation time is its `_generate_and_score_completions` (sampling with transformers'
-  generate, scoring), the rest of the step its update.
+- ours: finetune_grpo.py's setup on prompts prepared by prepare_prompts.py, --train.micro_batch_size completions per
+  forward and backward pass; the split from its logged time/generation (sampling with decode.decode_all and scoring)
+  and time/update;
+- TRL: GRPOTrainer(peft_config=...) with per_device_train_batch_size = that micro-batch and as many gradient
+  accumulation steps as make up the prompts x num_generations completions (one generation and one optimizer step per
+  step), its other settings its defaults (gradient checkpointing on); generation time is its
+  `_generate_and_score_completions` (sampling with transformers' generate, scoring), the rest of the step its update.
 
 The first step of each side is left out of the means (warm-up). Prints a table and the ratios.
 """
@@ -44,12 +46,15 @@ def main(
     max_new_tokens: int = 16,
     temperature: float = 0.7,
     learning_rate: float = 3e-4,
+    micro_batch_size: int = 8,
     threads: Optional[int] = None,
     side: Optional[Literal["ours", "trl"]] = None,
     workdir: Optional[Path] = None,
 ) -> None:
     settings = dict(steps=steps, prompts=prompts, num_generations=num_generations, max_new_tokens=max_new_tokens)
-    settings.update(temperature=temperature, learning_rate=learning_rate)
+    settings.update(temperature=temperature, learning_rate=learning_rate, micro_batch_size=micro_batch_size)
+    if prompts * num_generations % micro_batch_size:
+        raise SystemExit(f"--micro_batch_size {micro_batch_size} must divide {prompts * num_generations} completions")
     if side is not None:  # one side, in this process: prints its figures as JSON
         import torch
 
@@ -107,7 +112,7 @@ def run_ours(checkpoint_dir: Path, workdir: Path, steps: int, prompts: int, **se
     )
     train = TrainArgs(
         batch_size=prompts,
-        micro_batch_size=prompts * settings["num_generations"],
+        micro_batch_size=settings["micro_batch_size"],
         max_steps=steps,
         learning_rate=settings["learning_rate"],
         warmup_steps=0,
@@ -153,8 +158,8 @@ def run_trl(checkpoint_dir: Path, workdir: Path, steps: int, prompts: int, **set
     G = settings["num_generations"]
     config = GRPOConfig(
         output_dir=str(workdir / "trl_out"),
-        per_device_train_batch_size=prompts * G,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=settings["micro_batch_size"],  # completions per forward and backward
+        gradient_accumulation_steps=prompts * G // settings["micro_batch_size"],  # one generation, one update a step
         num_generations=G,
         max_completion_length=settings["max_new_tokens"],
         temperature=settings["temperature"],

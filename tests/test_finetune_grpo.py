@@ -150,11 +150,13 @@ def perturbations(names: list[str], seed: int, scale: float) -> dict[str, float]
     return {name: torch.randn(1, generator=generator).item() * scale for name in sorted(names)}
 
 
-def ours(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step: float) -> dict:
+def ours(
+    checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step: float, dtype: torch.dtype = torch.float64
+) -> dict:
     """The step's parts on one micro-batch holding all the completions: rewards, advantages, the old log-probabilities
     (with a second pass: before the update), the update (`step`: each LoRA weight times 1 + its change), the reference,
     the log-probabilities, the loss and its gradients."""
-    model = load_lora_model(checkpoint_dir, rollouts["adapter"], dtype=torch.float64)
+    model = load_lora_model(checkpoint_dir, rollouts["adapter"], dtype=dtype)
     mark_only_lora_as_trainable(model)
     prompts, completions = rollouts["prompt_ids"], [torch.tensor(ids) for ids in rollouts["completion_ids"]]
     answers = [record["answer"] for record in rollouts["records"] for _ in range(G)]
@@ -191,7 +193,15 @@ def ours(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step
     }
 
 
-def trl(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step: float, tmp_path: Path) -> dict:
+def trl(
+    checkpoint_dir: Path,
+    rollouts: dict,
+    grpo: GRPO,
+    functions: list,
+    step: float,
+    tmp_path: Path,
+    dtype: torch.dtype = torch.float64,
+) -> dict:
     """TRL's GRPOTrainer on the same rollouts: its generation replaced by the fixed completions, its rewards
     `functions` (given the completions' text: TRL hands conversational completions over as messages), its
     `_generate_and_score_completions` (advantages; the old and reference log-probabilities), then the same update of
@@ -208,7 +218,7 @@ def trl(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step:
         reward.__name__ = name
         return reward
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float64)
+    model = LlamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     peft_config = LoraConfig.from_pretrained(rollouts["peft_dir"])
     peft_config.inference_mode = False
@@ -216,6 +226,7 @@ def trl(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step:
         output_dir=str(tmp_path / "trl"),
         report_to="none",
         use_cpu=True,
+        bf16=False,  # GRPOConfig's default: bf16 autocast, which leaves float64 alone but would round fp32
         gradient_checkpointing=False,
         per_device_train_batch_size=len(rollouts["completion_ids"]),
         num_generations=G,
@@ -253,7 +264,7 @@ def trl(checkpoint_dir: Path, rollouts: dict, grpo: GRPO, functions: list, step:
         for messages, record in zip(rollouts["messages"], rollouts["records"])
         for _ in range(G)
     ]
-    with default_dtype(torch.float64):
+    with default_dtype(dtype):
         output = trainer._generate_and_score_completions(inputs)
     assert ("old_per_token_logps" in output) == (grpo.num_iterations > 1)
     named = {lit_name(n): p for n, p in trainer.model.named_parameters() if ".default." in n}
@@ -389,6 +400,36 @@ def test_a_batch_on_smollm2_equals_trl_in_float64(smollm2_dir, tmp_path, monkeyp
     errors = assert_same_as_trl(mine, theirs, grpo, functions, smollm2_rollouts)
     assert len(mine["grads"]) == 30 * 7 * 2
     print("largest relative differences:", {name: f"{error:.1e}" for name, error in errors.items()})
+
+
+def test_a_batch_in_fp32_rounds_no_worse_than_trl(llama3_checkpoint_dir, rollouts, tmp_path, monkeypatch):
+    """fp32 on both sides, TRL's own code throughout (its norm and rotary tables, its head's log-softmax in chunks):
+    our log-probabilities, loss and LoRA gradients are no further from the exact values (float64, TRL's, as above)
+    than twice TRL's own distance from them (DAPO, the KL to the base, a second pass clipped). Measured: the
+    log-probabilities 1.0e-7 both, the loss 3.2e-8 ours and 1.6e-7 TRL's, the gradients 2.4e-6 and 3.1e-6 (relative
+    to the largest magnitude)."""
+    grpo = settings("dapo", "group", 0.04, 2, mask_truncated=False)
+    functions = reward_functions(tmp_path)
+    mine = ours(llama3_checkpoint_dir, rollouts, grpo, functions, 0.5, dtype=torch.float32)
+    theirs = trl(llama3_checkpoint_dir, rollouts, grpo, functions, 0.5, tmp_path / "fp32", dtype=torch.float32)
+    exact_with_temperature(monkeypatch)
+    exact = trl(llama3_checkpoint_dir, rollouts, grpo, functions, 0.5, tmp_path / "float64")
+
+    def distances(side: dict) -> dict[str, float]:
+        mask = mine["mask"]
+        logps = (side["logps"].double() - exact["logps"]) * mask
+        found = {"logps": logps.abs().max().item() / (exact["logps"] * mask).abs().max().item()}
+        found["loss"] = abs(side["loss"] - exact["loss"]) / abs(exact["loss"])
+        for name, grad in exact["grads"].items():
+            error = (side["grads"][name].double() - grad).abs().max().item() / grad.abs().max().item()
+            found["grads"] = max(found.get("grads", 0.0), error)
+        return found
+
+    ours_rounding, trl_rounding = distances(mine), distances(theirs)
+    print("relative distance from the exact values, ours:", ours_rounding, "TRL:", trl_rounding)
+    assert min(trl_rounding.values()) > 0 and trl_rounding["grads"] > 1e-7  # fp32 did round: a comparison
+    for what, error in ours_rounding.items():
+        assert error <= 2 * trl_rounding[what], what
 
 
 @pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "bnpo"])

@@ -284,3 +284,38 @@ def test_logits_at_computes_the_head_only_at_the_chosen_positions():
     torch.testing.assert_close(
         packed, torch.cat([model(idx[:1, :4]), model(idx[:1, 4:])], dim=1)[where[:1]], rtol=0, atol=1e-5
     )
+
+
+def test_a_prompt_packed_once_with_its_continuations_gives_the_logits_of_each_continuation_after_it_alone():
+    """lengths (prompt, n1, n2, ...): the prompt computed once, each continuation attending to it and to itself,
+    at positions going on from the prompt's end; beside it a sequence of its own. Values and gradients equal those of
+    every prompt + continuation packed separately (float64: only the order of the sums differs)."""
+    torch.manual_seed(0)
+    config = Config(
+        block_size=64, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64
+    )
+    model = LLaMA(config).double()
+    prompt, alone = torch.randint(0, 100, (7,)), torch.randint(0, 100, (4,))
+    continuations = [torch.randint(0, 100, (n,)) for n in (3, 5, 1)]
+
+    shared = model(torch.cat([prompt, *continuations, alone])[None], lengths=[(7, 3, 5, 1), 4])[0]
+    sequences = [torch.cat([prompt, c]) for c in continuations] + [alone]
+    separate = model(torch.cat(sequences)[None], lengths=[len(s) for s in sequences])[0]
+    # the rows of `separate` that `shared` holds: the first prompt, every continuation, the sequence alone
+    rows = list(range(7))
+    for i, c in enumerate(continuations):
+        start = sum(len(s) for s in sequences[:i]) + 7
+        rows += range(start, start + len(c))
+    rows += range(len(separate) - 4, len(separate))
+    torch.testing.assert_close(shared, separate[rows], rtol=0, atol=1e-12)
+    # the gradient of the prompt's copies add up: weight each continuation's rows alike on both sides, the prompt once
+    weights = torch.rand(len(shared), 100, dtype=torch.float64)
+    model.zero_grad()
+    (shared * weights).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (separate[rows] * weights).sum().backward()
+    for got, want in zip(expected, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="must add up"):
+        model(torch.cat([prompt, *continuations])[None], lengths=[(7, 3, 5)])
