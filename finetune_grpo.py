@@ -42,7 +42,9 @@ fractions and KL, and every LoRA gradient.
 A step: --train.batch_size prompts (the data order of training.batch_indices), G completions each sampled in one
 batched decode (decode.decode_all: every row at its own position, each stopping at the tokenizer's stop ids) from a
 torch.Generator seeded from the step (a resumed run samples what an unbroken one would), their rewards and advantages,
-then --num_iterations optimizer updates over micro-batches of --train.micro_batch_size completions. Under DDP and
+then --num_iterations optimizer updates over micro-batches of --train.micro_batch_size completions (each prompt
+computed once for its completions in the micro-batch: completion_logps; Blocks recomputed in the backward pass by
+default, --train.gradient_checkpointing, as TRL does). Under DDP and
 FSDP every device samples the whole batch's completions, the same ones (same weights, same generator), so that they
 agree without communication and FSDP's gathers stay in step; the updates' micro-batches are shared out. The result is
 an ordinary LoRA adapter recording the method and its settings ("training"), as finetune_dpo.py's.
@@ -165,6 +167,7 @@ def setup(
         eval_interval=20,
         eval_batches=2,
         save_interval=50,
+        gradient_checkpointing=True,  # as TRL's: completions x their length make large micro-batches
     ),
     resume: Optional[str] = None,
 ) -> None:

@@ -10,8 +10,8 @@ alpha=16, every linear projection, no dropout), learning rate, loss (dapo) and r
 runs in its own process, one after the other, so that its peak resident memory (ru_maxrss) is its own:
 
 - ours: finetune_grpo.py's setup on prompts prepared by prepare_prompts.py, --train.micro_batch_size completions per
-  forward and backward pass; the split from its logged time/generation (sampling with decode.decode_all and scoring)
-  and time/update;
+  forward and backward pass, its other settings its defaults (gradient checkpointing on); the split from its logged
+  time/generation (sampling with decode.decode_all and scoring) and time/update;
 - TRL: GRPOTrainer(peft_config=...) with per_device_train_batch_size = that micro-batch and as many gradient
   accumulation steps as make up the prompts x num_generations completions (one generation and one optimizer step per
   step), its other settings its defaults (gradient checkpointing on); generation time is its
@@ -46,11 +46,12 @@ def main(
     max_new_tokens: int = 16,
     temperature: float = 0.7,
     learning_rate: float = 3e-4,
-    micro_batch_size: int = 8,
+    micro_batch_size: Optional[int] = None,
     threads: Optional[int] = None,
     side: Optional[Literal["ours", "trl"]] = None,
     workdir: Optional[Path] = None,
 ) -> None:
+    micro_batch_size = micro_batch_size or prompts * num_generations  # by default one micro-batch a step
     settings = dict(steps=steps, prompts=prompts, num_generations=num_generations, max_new_tokens=max_new_tokens)
     settings.update(temperature=temperature, learning_rate=learning_rate, micro_batch_size=micro_batch_size)
     if prompts * num_generations % micro_batch_size:
@@ -79,7 +80,8 @@ def main(
             reports[name] = json.loads(result.stdout.strip().splitlines()[-1])
     print(
         f"{prompts} prompts x {num_generations} completions of at most {max_new_tokens} tokens a step, "
-        f"{steps} steps (the first left out), CPU fp32, {threads or 'all'} threads"
+        f"{steps} steps (the first left out), micro-batches of {micro_batch_size} completions, CPU fp32, "
+        f"{threads or 'all'} threads"
     )
     print(f"{'':32} {'step s':>8} {'generation s':>13} {'update s':>9} {'max RSS GB':>11}")
     for name, label in (("ours", "ours (finetune_grpo.py)"), ("trl", "TRL GRPOTrainer + peft")):
@@ -120,6 +122,7 @@ def run_ours(checkpoint_dir: Path, workdir: Path, steps: int, prompts: int, **se
         eval_batches=1,
         save_interval=10_000,
         max_seq_length=1024,
+        gradient_checkpointing=True,  # finetune_grpo.py's default, and TRL's
     )
     setup(
         data_dir=workdir / "ours_data",
