@@ -118,7 +118,9 @@ def main(
     task_manager, task_objects = load_tasks(names, include_path) if names else (None, [])
     corpus, test_data, ignore_index = read_data(data_file, data_dir, checkpoint_dir, tokenizer)
 
-    model, loaded = load_inference_model(checkpoint_dir, lora_path, adapter_path, merge, quantize, precision)
+    model, loaded = load_inference_model(
+        checkpoint_dir, lora_path, adapter_path, merge, quantize, precision, many_rows=True
+    )
     print(loaded, file=sys.stderr)
 
     t0 = time.perf_counter()

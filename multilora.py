@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 from lora import base_weight, check_same_base, dora_norm, lora_scaling, read_lora_config
 from model import LLaMA
+from utils import PackedLinear
 
 
 @dataclass
@@ -82,10 +83,11 @@ def adapter_updates(path: Path, model: LLaMA) -> dict[str, Update]:
 
 
 class MultiLoRALinear(nn.Module):
-    """A projection of the base (`base`: nn.Linear, or a quantized subclass of it) plus the updates of every adapter
-    that adapts it, one slot each (none until the first: `append` then fills the slots before it with zeros)."""
+    """A projection of the base (`base`: nn.Linear, a quantized subclass of it, or a PackedLinear) plus the updates
+    of every adapter that adapts it, one slot each (none until the first: `append` then fills the slots before it with
+    zeros)."""
 
-    def __init__(self, base: nn.Linear, stack: "AdapterStack", rank: int) -> None:
+    def __init__(self, base: nn.Linear | PackedLinear, stack: "AdapterStack", rank: int) -> None:
         super().__init__()
         self.base = base
         self.stack = stack  # whose `adapters` say each row's slot during a forward pass (AdapterStack.rows)
@@ -150,7 +152,8 @@ class AdapterStack:
         self.rank = 1
         self.adapters: Optional[torch.Tensor] = None  # (B,) each row's slot inside `rows`; None: the base throughout
         self.layers: dict[str, MultiLoRALinear] = {}  # by module path
-        for path in [path for path, module in model.named_modules() if isinstance(module, nn.Linear)]:
+        projections = (nn.Linear, PackedLinear)  # PackedLinear: serve.py's base on a CPU
+        for path in [path for path, module in model.named_modules() if isinstance(module, projections)]:
             parent_path, _, attribute = path.rpartition(".")
             parent = model.get_submodule(parent_path)
             self.layers[path] = MultiLoRALinear(getattr(parent, attribute), self, self.rank)

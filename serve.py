@@ -86,7 +86,7 @@ def main(
         raise ValueError("--max_tokens, --max_prompt_tokens and --max_batch_size must be >= 1, --max_waiting >= 0")
     if adapters_dir is not None and not Path(adapters_dir).is_dir():
         raise ValueError(f"--adapters_dir {adapters_dir} is not a directory")
-    model, loaded = load_inference_model(checkpoint_dir, precision=precision)
+    model, loaded = load_inference_model(checkpoint_dir, precision=precision, many_rows=True)
     server = Server(
         base_name=Path(checkpoint_dir).resolve().name,
         tokenizer=Tokenizer(checkpoint_dir),

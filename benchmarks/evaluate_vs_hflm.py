@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from evaluate import HarnessLM
 from tokenizer import Tokenizer
-from utils import load_model, use_cpu_decode_layout
+from utils import load_model, pack_linears
 
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 
@@ -69,7 +69,7 @@ def main(
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(checkpoint_dir).eval()
-    use_cpu_decode_layout(model)  # as evaluate.py does on CPU
+    pack_linears(model)  # as evaluate.py does on CPU
     backends = {
         "HFLM": HFLM(pretrained=str(checkpoint_dir), device="cpu", dtype="float32", batch_size=batch_size),
         "ours": HarnessLM(model, Tokenizer(checkpoint_dir), batch_size=batch_size),

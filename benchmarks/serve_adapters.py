@@ -48,7 +48,7 @@ from export_peft import lit_to_peft_name
 from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
 from model import Config, LLaMA
 from multilora import AdapterStack, Update
-from utils import use_cpu_decode_layout
+from utils import PackedLinear, pack_linears, use_cpu_decode_layout
 
 R, ALPHA, TARGETS = 8, 16, ("query", "value")
 
@@ -102,9 +102,9 @@ def main(
         base = LLaMA(config).eval()
         base.load_state_dict(weights)
     torch.set_default_dtype(default_dtype)
-    if device.type == "cpu":  # as generate.py, generate_lora.py and serve.py lay the weights out on CPU
+    if device.type == "cpu":  # as generate_lora.py (one row) and serve.py (many) lay the weights out on CPU
         use_cpu_decode_layout(lora_model)
-        use_cpu_decode_layout(base)
+        pack_linears(base)
     adapters = [random_adapter(lora_model, seed) for seed in range(requests)]  # {name in lora_state_dict: tensor}
     prompts = [torch.randint(0, config.vocab_size, (16 + 2 * i,)).tolist() for i in range(requests)]
     figures = {}
@@ -209,7 +209,7 @@ def machine_bound(model: LLaMA, rows: int, device: torch.device, dtype: torch.dt
     """The least time a decode step of `rows` rows can take, and why: every projection's weight read once at the
     memory bandwidth of a large matrix-vector product (393 MB in fp32, in the faster of both layouts, far larger than
     the caches), or 2 x rows x weights operations at the rate of a large matrix product, whichever takes longer."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
     weight_bytes, operations = sum(w.nbytes for w in weights), 2 * rows * sum(w.numel() for w in weights)
     x, big = torch.randn(1, 768, device=device, dtype=dtype), torch.randn(128_000, 768, device=device, dtype=dtype)
     read = min(timed(lambda w=w: F.linear(x, w), device) for w in (big, big.t().contiguous().t()))
@@ -226,11 +226,12 @@ def machine_bound(model: LLaMA, rows: int, device: torch.device, dtype: torch.dt
 
 def projections_alone(model: LLaMA, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """Seconds the products of `rows` rows with every projection's weight take one after another, nothing else around
-    them: with the weights as the model lays them out, and as nn.Linear does (row-major, (out, in))."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.size(1): torch.randn(rows, w.size(1), device=device, dtype=dtype) for w in weights}
-    as_laid_out = timed(lambda: [F.linear(inputs[w.size(1)], w) for w in weights], device)
-    weights = [w.contiguous() for w in weights]
+    them: with the weights as the model lays them out (packed for oneDNN on a CPU, as serve.py does), and as nn.Linear
+    does (row-major, (out, in))."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    inputs = {m.in_features: torch.randn(rows, m.in_features, device=device, dtype=dtype) for m in layers}
+    as_laid_out = timed(lambda: [m(inputs[m.in_features]) for m in layers], device)
+    weights = [m.weight.contiguous() for m in layers]
     return as_laid_out, timed(lambda: [F.linear(inputs[w.size(1)], w) for w in weights], device)
 
 

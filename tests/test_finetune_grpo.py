@@ -496,9 +496,9 @@ RUN = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory, checkpoint_dir) -> Path:
-    directory = tmp_path_factory.mktemp("prompts")
+def prepare_prompts(directory: Path, checkpoint_dir: Path) -> Path:
+    """PROMPTS prepared by prepare_prompts.py in `directory`; returns the data directory."""
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "prompts.jsonl").write_text("".join(json.dumps(record) + "\n" for record in PROMPTS))
     prepare(
         destination_path=directory / "data",
@@ -507,6 +507,11 @@ def prompts(tmp_path_factory, checkpoint_dir) -> Path:
         test_split_fraction=0.2,
     )
     return directory / "data"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory, checkpoint_dir) -> Path:
+    return prepare_prompts(tmp_path_factory.mktemp("prompts"), checkpoint_dir)
 
 
 @pytest.fixture(scope="module")

@@ -170,19 +170,25 @@ def test_lora_on_two_nodes_of_one_process_through_torchrun_gives_the_losses_and_
     assert all(len(sizes) == 2 and sizes[0] == sizes[1] for sizes in lora_shards.values())
 
 
-@pytest.mark.parametrize("script", ["finetune_adapter.py", "finetune_dpo.py"])
+@pytest.mark.parametrize("script", ["finetune_adapter.py", "finetune_dpo.py", "finetune_grpo.py"])
 def test_the_other_fine_tuning_scripts_on_two_processes_give_the_losses_of_one(
     script, checkpoint_dir, eight_records, llama3_checkpoint_dir, tmp_path
 ):
-    """finetune_adapter.py (v2: prompts, biases, scales and norms, every kind of tensor it trains) and finetune_dpo.py
-    (the reference under lora_disabled, a forward pass more per micro-batch on every process) shard as the others."""
+    """finetune_adapter.py (v2: prompts, biases, scales and norms, every kind of tensor it trains), finetune_dpo.py
+    (the reference under lora_disabled, a forward pass more per micro-batch on every process) and finetune_grpo.py
+    (every process samples the same completions, whose update's micro-batches are shared out) shard as the others."""
     import finetune_adapter
     import finetune_dpo
+    import finetune_grpo
     from test_finetune_dpo import CONVERSATIONS, prepare_pairs
+    from test_finetune_grpo import RUN, prepare_prompts
 
     if script == "finetune_adapter.py":
         setup, flags = finetune_adapter.setup, dict(SETTINGS, adapter_version=2, adapter_layers=2, learning_rate=1e-2)
         data_dir, base = eight_records, checkpoint_dir
+    elif script == "finetune_grpo.py":  # 2 prompts x 4 completions a step in micro-batches of 4: one per process
+        setup, flags, base = finetune_grpo.setup, RUN, checkpoint_dir
+        data_dir = prepare_prompts(tmp_path / "prompts", checkpoint_dir)
     else:  # 4 pairs to train: 2 a step in micro-batches of 1, one each per process
         setup, base = finetune_dpo.setup, llama3_checkpoint_dir
         flags = dict(SETTINGS, batch_size=2, micro_batch_size=1, max_steps=4, learning_rate=3e-2, max_seq_length=256)

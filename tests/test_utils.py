@@ -12,11 +12,13 @@ import lora
 from conftest import make_checkpoint
 from model import Config, LLaMA
 from utils import (
+    PackedLinear,
     atomic_path,
     cli,
     default_precision,
     load_model,
     one_line,
+    pack_linears,
     peak_memory_gb,
     precision_to_dtype,
     use_cpu_decode_layout,
@@ -183,3 +185,44 @@ def test_cpu_decode_layout_with_lora_before_and_after_merging(tmp_path):
         torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
         lora.merge_lora_weights(model)
         torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_path):
+    """pack_linears: every plain projection becomes a PackedLinear with the same products (fp32 rounding) for one row
+    and many, its plain weight readable; LoRA layers and a head sharing the embedding's weight stay as they are."""
+    torch.manual_seed(0)
+    config = Config(
+        block_size=64,
+        vocab_size=100,
+        n_layer=2,
+        n_head=4,
+        n_query_groups=2,
+        n_embd=32,
+        intermediate_size=86,
+        tie_embeddings=tied,
+    )
+    model = LLaMA(config).eval()
+    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query",)):
+        adapted = LLaMA(config).eval()
+    for one in (model, adapted):
+        one.load_state_dict(model.state_dict(), strict=False)
+    weight = model.blocks[0].mlp.down_proj.weight.detach().clone()
+    idx = torch.randint(0, 100, (16, 10))
+    with torch.no_grad():
+        expected = model(idx)
+        pack_linears(model)
+        pack_linears(adapted)
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(idx[:1]), expected[:1], atol=1e-5, rtol=1e-5)
+    down = model.blocks[0].mlp.down_proj
+    assert isinstance(down, PackedLinear) and torch.equal(down.weight, weight)
+    assert isinstance(model.lm_head, PackedLinear) != tied and (model.lm_head.weight is model.embed.weight) == tied
+    assert isinstance(adapted.blocks[0].attn.q_proj, lora.LoRALinear)  # applying its update: not packed
+    assert isinstance(adapted.blocks[0].attn.k_proj, PackedLinear)
+    lora.merge_lora_weights(adapted)
+    pack_linears(adapted)
+    assert isinstance(adapted.blocks[0].attn.q_proj, PackedLinear)  # merged: a plain product
+    with torch.no_grad():  # B = 0: the base's products
+        torch.testing.assert_close(adapted(idx), expected, atol=1e-5, rtol=1e-5)
