@@ -40,7 +40,7 @@ from utils import (
     pack_linears,
     peak_memory_gb,
     precision_to_dtype,
-    use_cpu_decode_layout,
+    split_linears,
 )
 
 
@@ -389,8 +389,8 @@ def load_inference_model(
     """The model every script that generates, chats, evaluates or serves runs: the base of `checkpoint_dir` on the GPU
     if there is one, in `precision` (by default the device's, utils.default_precision), its projections held in 4 or 8
     bits with `quantize`, plus a LoRA adapter (merged into the weights when `merge`: no cost per token) or a
-    LLaMA-Adapter (v2 without prompts merged when `merge`), in eval mode, laid out for decoding on a CPU: for one row
-    at a time (utils.use_cpu_decode_layout), or, with `many_rows`, for several (utils.pack_linears: serving, batched
+    LLaMA-Adapter (v2 without prompts merged when `merge`), in eval mode, its projections set for decoding on a CPU:
+    one row at a time (utils.split_linears), or, with `many_rows`, several (utils.pack_linears: serving, batched
     evaluation; not for compile_step). Checks the files and flags first (check_inference_model). Returns the model
     and a line for stderr that says what was loaded, how, and in how long."""
     check_inference_model(checkpoint_dir, lora_path, adapter_path, merge, quantize)
@@ -412,6 +412,6 @@ def load_inference_model(
         model, what = load_model(checkpoint_dir, device, dtype, quantize), ""
     model.eval()
     if device.type == "cpu":
-        pack_linears(model) if many_rows else use_cpu_decode_layout(model)
+        pack_linears(model) if many_rows else split_linears(model)
     seconds = time.perf_counter() - t0
     return model, f"Loaded {checkpoint_dir}{what} in {seconds:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})"

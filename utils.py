@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -251,27 +252,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def use_cpu_decode_layout(model: torch.nn.Module) -> None:
-    """Stores the float32 Linear weights with at least as many outputs as inputs column-major, for decoding on CPU.
+def plain_projections(model: LLaMA) -> Iterator[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """(parent, attribute, layer) of each float32 projection of `model` on a CPU that is a plain product: an nn.Linear,
+    or a LoRA layer whose update is merged; not a LoRA layer applying its update, nor a quantized layer."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            plain = type(child) is torch.nn.Linear or getattr(child, "merged", False)
+            if plain and isinstance(child, torch.nn.Linear) and child.weight.dtype == torch.float32:
+                if child.weight.device.type == "cpu":
+                    yield parent, name, child
 
-    Decoding multiplies a single row by each weight. On CPU (MKL) that product reads a float32 weight with
-    out >= in (q/k/v/o, gate/up, the output head) faster laid out as (in, out) than in nn.Linear's (out, in); a
-    weight with out < in (down_proj), or in bfloat16, is slower that way, so those stay as they are (the figures:
-    howto/inference.md#speed, benchmarks/decode_speed.py). `t().contiguous().t()` keeps the shape (out, in) and
-    only changes the strides, so F.linear, LoRA layers and merging work unchanged; a tied head re-lays out the
-    embedding it shares, which lookups do not mind.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
-            if module.out_features >= module.in_features:
-                module.weight.data = module.weight.data.t().contiguous().t()
+
+class SplitLinear(torch.nn.Module):
+    """An nn.Linear (the same weight and bias, no copy) whose product with a single row is split into one part of the
+    outputs per thread, as one batched product. MKL runs a matrix-vector product on one core however many threads
+    it has, and a batch of them one per core: for one row on a CPU the weight is read at 16-28 GB/s instead of 11-17
+    (the figures: howto/inference.md#speed). Several rows go to F.linear as they are."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same parameters, under the same names
+        self.parts = torch.get_num_threads()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features or self.out_features % self.parts or not self.weight.is_contiguous():
+            return F.linear(x, self.weight, self.bias)
+        weight = self.weight.view(self.parts, self.out_features // self.parts, self.in_features)
+        y = torch.matmul(x.reshape(1, 1, -1).expand(self.parts, 1, -1), weight.transpose(1, 2))  # (parts, 1, out/parts)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def split_linears(model: LLaMA) -> None:
+    """Each plain projection of `model` on a CPU (plain_projections, a head tied to the embedding too) as a
+    SplitLinear, for decoding one row at a time."""
+    for parent, name, layer in plain_projections(model):
+        setattr(parent, name, SplitLinear(layer))
 
 
 class PackedLinear(torch.nn.Module):
     """An nn.Linear for inference on a CPU, its float32 weight laid out once in oneDNN's blocks for its matrix
     products (torch.ops.mkldnn's, with which torch.compile's CPU backend packs weights). For 4 to 32 rows at a time
-    (serving, batched evaluation) it multiplies 1.5-2x as fast as MKL on nn.Linear's layout; for one row it is slower
-    than use_cpu_decode_layout's (the figures: howto/inference.md#speed). torch.compile cannot trace it."""
+    (serving, batched evaluation) it multiplies 1.5-2x as fast as MKL on nn.Linear's layout; for one row SplitLinear
+    is faster (the figures: howto/inference.md#speed). torch.compile cannot trace it."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -289,17 +313,13 @@ class PackedLinear(torch.nn.Module):
 
 
 def pack_linears(model: LLaMA) -> None:
-    """Each float32 projection of `model` on a CPU that is a plain product (an nn.Linear, or a LoRA layer whose update
-    is merged) as a PackedLinear, where PyTorch has oneDNN; not LoRA layers applying their update, quantized layers,
-    or a head that shares the embedding's weight (it would be a second copy)."""
+    """Each plain projection of `model` on a CPU (plain_projections) as a PackedLinear, where PyTorch has oneDNN; not
+    a head that shares the embedding's weight (it would be a second copy)."""
     if not torch.backends.mkldnn.is_available():
         return
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            plain = type(child) is torch.nn.Linear or getattr(child, "merged", False)
-            plain = plain and isinstance(child, torch.nn.Linear) and child.weight.dtype == torch.float32
-            if plain and child.weight.device.type == "cpu" and child.weight is not model.embed.weight:
-                setattr(module, name, PackedLinear(child))
+    for parent, name, layer in plain_projections(model):
+        if layer.weight is not model.embed.weight:
+            setattr(parent, name, PackedLinear(layer))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -48,7 +48,7 @@ from export_peft import lit_to_peft_name
 from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
 from model import Config, LLaMA
 from multilora import AdapterStack, Update
-from utils import PackedLinear, pack_linears, use_cpu_decode_layout
+from utils import PackedLinear, pack_linears, split_linears
 
 R, ALPHA, TARGETS = 8, 16, ("query", "value")
 
@@ -103,7 +103,7 @@ def main(
         base.load_state_dict(weights)
     torch.set_default_dtype(default_dtype)
     if device.type == "cpu":  # as generate_lora.py (one row) and serve.py (many) lay the weights out on CPU
-        use_cpu_decode_layout(lora_model)
+        split_linears(lora_model)
         pack_linears(base)
     adapters = [random_adapter(lora_model, seed) for seed in range(requests)]  # {name in lora_state_dict: tensor}
     prompts = [torch.randint(0, config.vocab_size, (16 + 2 * i,)).tolist() for i in range(requests)]

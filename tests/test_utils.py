@@ -13,6 +13,7 @@ from conftest import make_checkpoint
 from model import Config, LLaMA
 from utils import (
     PackedLinear,
+    SplitLinear,
     atomic_path,
     cli,
     default_precision,
@@ -21,7 +22,7 @@ from utils import (
     pack_linears,
     peak_memory_gb,
     precision_to_dtype,
-    use_cpu_decode_layout,
+    split_linears,
 )
 
 
@@ -134,7 +135,11 @@ def test_peak_memory_on_cpu_is_the_processs_peak_resident_memory():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_cpu_decode_layout_changes_strides_not_results(tied):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_linears_keep_the_parameters_and_the_results(tied, threads):
+    """split_linears: one row's product in one part per thread (3 parts do not divide 32 outputs: those go to
+    F.linear as they are), the same Parameters under the same names, the head still tied, the results of one row
+    and of many those of the plain layers."""
     torch.manual_seed(0)
     config = Config(
         block_size=64,
@@ -147,44 +152,52 @@ def test_cpu_decode_layout_changes_strides_not_results(tied):
         tie_embeddings=tied,
     )
     model = LLaMA(config).eval()
-    idx = torch.randint(0, 100, (1, 10))
+    idx = torch.randint(0, 100, (4, 10))
     with torch.no_grad():
         expected = model(idx)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    use_cpu_decode_layout(model)
-    assert {name: p.shape for name, p in model.named_parameters()} == shapes
-    q, down = model.blocks[0].attn.q_proj.weight, model.blocks[0].mlp.down_proj.weight
-    assert q.stride() == (1, 32)  # (out, in) stored column-major: each input's column is contiguous
-    assert down.stride() == (86, 1)  # out < in: kept row-major
+        last = model(idx[:1, -1:], logits_at=torch.ones(1, 1, dtype=torch.bool))  # one row, one position
+    parameters = dict(model.named_parameters())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        split_linears(model)
+    finally:
+        torch.set_num_threads(before)
+    assert dict(model.named_parameters()).keys() == parameters.keys()
+    assert all(p is parameters[name] for name, p in model.named_parameters())  # no copy
+    q = model.blocks[0].attn.q_proj
+    assert isinstance(q, SplitLinear) and q.parts == threads
     assert (model.lm_head.weight is model.embed.weight) == tied
     with torch.no_grad():
         torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+        one = model(idx[:1, -1:], logits_at=torch.ones(1, 1, dtype=torch.bool))
+        torch.testing.assert_close(one, last, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_decode_layout_leaves_bfloat16_alone():
-    # strided bfloat16 weights decode 15x slower on CPU
+def test_split_linears_leave_bfloat16_and_lora_applying_its_update_alone(tmp_path):
     config = Config(
         block_size=64, vocab_size=100, n_layer=1, n_head=4, n_query_groups=4, n_embd=32, intermediate_size=86
     )
     model = LLaMA(config).to(torch.bfloat16)
-    use_cpu_decode_layout(model)
-    assert all(p.is_contiguous() for p in model.parameters())
-
-
-def test_cpu_decode_layout_with_lora_before_and_after_merging(tmp_path):
+    split_linears(model)
+    assert not any(isinstance(m, SplitLinear) for m in model.modules())
     make_checkpoint(tmp_path, vocab_size=1000)
-    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("all_linear",)):
+    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query",)):
         model = load_model(tmp_path).eval()
     for module in model.modules():
         if isinstance(module, lora.LoRA):
             torch.nn.init.normal_(module.B, std=0.1)  # a trained-looking update, not B = 0
     idx = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
-        expected = model(idx)
-        use_cpu_decode_layout(model)
-        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+        expected = model(idx)[:, -1]
+        split_linears(model)
+        assert isinstance(model.blocks[0].attn.q_proj, lora.LoRALinear)
+        assert isinstance(model.blocks[0].attn.k_proj, SplitLinear)
+        torch.testing.assert_close(model(idx)[:, -1], expected, atol=1e-5, rtol=1e-5)
         lora.merge_lora_weights(model)
-        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+        split_linears(model)  # merged: a plain product
+        assert isinstance(model.blocks[0].attn.q_proj, SplitLinear)
+        torch.testing.assert_close(model(idx)[:, -1], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
