@@ -100,7 +100,6 @@ ADAPTER_NAME = "lit_model_lora_finetuned.safetensors"  # the final adapter, as f
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
-IGNORE_INDEX = -100  # the label of the prompt tokens, which are no target
 # what grpo_loss adds up over the tokens of a micro-batch, TRL's names: divided by the number of tokens, the fraction
 # of tokens clipped below (ρ < 1 - ε where A < 0), above (ρ > 1 + ε_high where A > 0), either, and the mean KL
 TOKEN_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl")

@@ -276,7 +276,8 @@ class SplitLinear(torch.nn.Module):
         self.parts = torch.get_num_threads()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features or self.out_features % self.parts or not self.weight.is_contiguous():
+        one_row = x.numel() == self.in_features and self.parts > 1
+        if not one_row or self.out_features % self.parts or not self.weight.is_contiguous():
             return F.linear(x, self.weight, self.bias)
         weight = self.weight.view(self.parts, self.out_features // self.parts, self.in_features)
         y = torch.matmul(x.reshape(1, 1, -1).expand(self.parts, 1, -1), weight.transpose(1, 2))  # (parts, 1, out/parts)

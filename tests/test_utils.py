@@ -134,14 +134,8 @@ def test_peak_memory_on_cpu_is_the_processs_peak_resident_memory():
     del x
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_split_linears_keep_the_parameters_and_the_results(tied, threads):
-    """split_linears: one row's product in one part per thread (3 parts do not divide 32 outputs: those go to
-    F.linear as they are), the same Parameters under the same names, the head still tied, the results of one row
-    and of many those of the plain layers."""
-    torch.manual_seed(0)
-    config = Config(
+def small_config(tied: bool) -> Config:
+    return Config(
         block_size=64,
         vocab_size=100,
         n_layer=2,
@@ -151,6 +145,16 @@ def test_split_linears_keep_the_parameters_and_the_results(tied, threads):
         intermediate_size=86,
         tie_embeddings=tied,
     )
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_linears_keep_the_parameters_and_the_results(tied, threads):
+    """split_linears: one row's product in one part per thread (1 thread, and 3 parts, which do not divide 32
+    outputs, go to F.linear as they are), the same Parameters under the same names, the head still tied, the
+    results of one row and of many those of the plain layers."""
+    torch.manual_seed(0)
+    config = small_config(tied)
     model = LLaMA(config).eval()
     idx = torch.randint(0, 100, (4, 10))
     with torch.no_grad():
@@ -206,21 +210,11 @@ def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_p
     """pack_linears: every plain projection becomes a PackedLinear with the same products (fp32 rounding) for one row
     and many, its plain weight readable; LoRA layers and a head sharing the embedding's weight stay as they are."""
     torch.manual_seed(0)
-    config = Config(
-        block_size=64,
-        vocab_size=100,
-        n_layer=2,
-        n_head=4,
-        n_query_groups=2,
-        n_embd=32,
-        intermediate_size=86,
-        tie_embeddings=tied,
-    )
+    config = small_config(tied)
     model = LLaMA(config).eval()
     with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query",)):
         adapted = LLaMA(config).eval()
-    for one in (model, adapted):
-        one.load_state_dict(model.state_dict(), strict=False)
+    adapted.load_state_dict(model.state_dict(), strict=False)  # the same base
     weight = model.blocks[0].mlp.down_proj.weight.detach().clone()
     idx = torch.randint(0, 100, (16, 10))
     with torch.no_grad():
