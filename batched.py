@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from decode import Batch, Completion, prefill
-from model import KVCache, LLaMA, cache_mask
+from model import KVCache, LLaMA
 from multilora import AdapterStack
 
 
@@ -43,25 +43,25 @@ class Job:
 
 
 class Slots:
-    """Which rows of the SlotCaches a forward pass uses, and how many positions it attends over: set for its span by
-    `use`, so that the model's forward needs no argument for them."""
+    """Which rows of the SlotCaches a forward pass uses: set for its span by `use`, so that the model's forward needs
+    no argument for them."""
 
     def __init__(self) -> None:
-        self.rows, self.length = slice(0, 0), 0
+        self.rows = slice(0, 0)
 
     @contextmanager
-    def use(self, rows: slice, length: int) -> Iterator[None]:
-        before = self.rows, self.length
-        self.rows, self.length = rows, length
+    def use(self, rows: slice) -> Iterator[None]:
+        before, self.rows = self.rows, rows
         try:
             yield
         finally:
-            self.rows, self.length = before
+            self.rows = before
 
 
 class SlotCache(KVCache):
-    """model.KVCache whose batch row i is the cache's row slots.rows.start + i, and whose attention reads only the
-    first slots.length positions: a cache sized for the longest request a server takes is mostly empty."""
+    """model.KVCache whose batch row i is the cache's row slots.rows.start + i. Its attention reads only as far as the
+    longest row (decode.py sets `length` for every pass): a cache sized for the longest request a server takes is
+    mostly empty."""
 
     def __init__(
         self, slots: Slots, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype
@@ -69,11 +69,8 @@ class SlotCache(KVCache):
         super().__init__(shape, device, dtype)
         self.slots = slots
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        return cache_mask(input_pos, self.slots.length, self.k.dtype)
-
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, n = self.slots.rows, self.slots.length
+        rows, n = self.slots.rows, self.length or self.k.size(2)
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         index = torch.arange(rows.start, rows.stop, device=k.device)[:, None]  # (B, 1)
         self.k[index, :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
@@ -149,7 +146,7 @@ class BatchGenerator:
         """Feeds the prompt into slot i's row of the cache and takes the first new token from its last position."""
         self.jobs[i], self.adapter_slots[i] = job, self.stack.index(job.adapter)
         n = len(job.completion.prompt)
-        with self.slots.use(slice(i, i + 1), n), self.stack.rows([self.adapter_slots[i]]):
+        with self.slots.use(slice(i, i + 1)), self.stack.rows([self.adapter_slots[i]]):
             logits = prefill(self.model, [job.completion.prompt])  # (1, vocab_size)
         self.batch.begin([i], [job.completion], logits, [n])
         if self.batch.rows[i] is None:  # ended at its first token
@@ -158,9 +155,8 @@ class BatchGenerator:
     def decode(self) -> None:
         """One step of every busy slot (free ones below the last busy one are fed a dummy token, decode.Batch.step)."""
         n = self.batch.width
-        length = max(self.batch.positions[i] for i in range(n) if self.batch.rows[i] is not None) + 1
         adapters = [a if self.batch.rows[i] is not None else 0 for i, a in enumerate(self.adapter_slots[:n])]
-        with self.slots.use(slice(0, n), length), self.stack.rows(adapters):
+        with self.slots.use(slice(0, n)), self.stack.rows(adapters):
             taken = self.batch.step()
         for i, _ in taken:
             if self.batch.rows[i] is None:

@@ -22,6 +22,7 @@ What is fast when, and why: howto/inference.md.
 import sys
 import time
 from collections.abc import Collection
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -175,7 +176,24 @@ def prefill(model: LLaMA, prompts: list[list[int]], starts: Optional[list[int]] 
     else:
         input_pos = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)
     last = torch.arange(width, device=device) == torch.tensor(lengths, device=device)[:, None] - 1  # (B, width)
-    return model(idx, input_pos, logits_at=last)
+    with attending(model, max(start + n for start, n in zip(starts, lengths))):
+        return model(idx, input_pos, logits_at=last)
+
+
+@contextmanager
+def attending(model: LLaMA, length: Optional[int]) -> Iterator[None]:
+    """For the span of an eager forward pass, every layer's KV cache attends over its first `length` positions only
+    (model.KVCache.length; a compiled step keeps the whole cache, its shapes fixed). With many rows the keys and values
+    are as many bytes as the weights, and are read at every step: a cache sized for the longest answer is read only
+    as far as written."""
+    caches = [block.attn.kv_cache for block in model.blocks]
+    for cache in caches:
+        cache.length = length
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.length = None
 
 
 class Batch:
@@ -213,7 +231,9 @@ class Batch:
         idx = torch.tensor(self.last[:n], device=self.device)[:, None]  # (n, 1)
         input_pos = torch.tensor(self.positions[:n], device=self.device)  # (n,): one row's position, in fewer ops
         input_pos = input_pos[:, None] if n > 1 else input_pos  # (n, 1): each row its own
-        logits = self.step_model(idx, input_pos)[:, -1]  # (n, vocab_size)
+        eager = self.step_model is self.model
+        with attending(self.model, max(self.positions[:n]) + 1 if eager else None):
+            logits = self.step_model(idx, input_pos)[:, -1]  # (n, vocab_size)
         going = [i for i in range(n) if self.rows[i] is not None]
         tokens = pick([self.rows[i] for i in going], logits if len(going) == n else logits[going])
         for i, token in zip(going, tokens):

@@ -94,7 +94,7 @@ from training import (
     plot_losses,
     stop_if_diverged,
 )
-from utils import cli, default_precision, load_config, load_model, precision_to_dtype
+from utils import cli, default_precision, load_config, load_model, packed_linears, precision_to_dtype
 
 ADAPTER_NAME = "lit_model_lora_finetuned.safetensors"  # the final adapter, as finetune_lora.py names it
 
@@ -567,8 +567,9 @@ def rollouts(
 ) -> list[Completion]:
     """G completions of each record's prompt, side by side (all of a prompt's next to each other), sampled with
     `generator` at the temperature, top-k and top-p of `grpo`; one greedy completion each without a generator. All
-    in one batched decode (decode.decode_all) with LoRA as it is (not merged), in eval mode (no dropout), each
-    ending at one of the tokenizer's stop ids (kept in the completion) or after max_new_tokens."""
+    in one batched decode (decode.decode_all) with LoRA as it is (not merged; its frozen base packed for the span,
+    utils.packed_linears), in eval mode (no dropout), each ending at one of the tokenizer's stop ids (kept in the
+    completion) or after max_new_tokens."""
     n = 1 if generator is None else grpo.num_generations
     sampling = (0.0, None, None) if generator is None else (grpo.temperature, grpo.top_k, grpo.top_p)
     completions = [
@@ -578,7 +579,8 @@ def rollouts(
     ]
     training = model.training
     model.eval()
-    decode_all(model, completions)
+    with packed_linears(model):  # on a CPU: the products of many rows 1.5-2x as fast
+        decode_all(model, completions)
     model.train(training)
     return completions
 

@@ -30,7 +30,14 @@ from safetensors.torch import load_file
 
 import model as llama
 from model import Config, LLaMA
-from utils import assign_adapter_tensors, load_config, load_model, read_safetensors_metadata, save_adapter_file
+from utils import (
+    assign_adapter_tensors,
+    load_config,
+    load_model,
+    packed_product,
+    read_safetensors_metadata,
+    save_adapter_file,
+)
 
 # The places LoRA can adapt, as lora(targets=...), the --lora_targets flag and adapter files name them, and the
 # projection of model.py each one is (the last part of model.linear's `name`, also the Hugging Face / PEFT module name)
@@ -165,6 +172,8 @@ class LoRALinear(nn.Linear):
     latter: that is QLoRA, made by utils.load_model(..., quantize=...). Its weight holds 4- or 8-bit codes, which
     `merge` refuses to add ΔW to."""
 
+    packed: Optional[torch.Tensor] = None  # W in oneDNN's layout, for decoding on a CPU (utils.pack_linears)
+
     def __init__(
         self,
         in_features: int,
@@ -189,7 +198,10 @@ class LoRALinear(nn.Linear):
             self.reset_magnitude()  # again by utils.load_weights once the checkpoint's weight is in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = super().forward(x)
+        if self.packed is not None and not torch.is_grad_enabled():  # decoding many rows on a CPU
+            result = packed_product(x, self.packed, self.bias)
+        else:
+            result = super().forward(x)
         if self.merged or self.disabled:
             return result  # a plain linear layer
         if self.lora.magnitude is None:
@@ -260,7 +272,7 @@ class LoRALinear(nn.Linear):
             self.weight += self.lora.delta_weight().to(self.weight.dtype)
             if self.factor is not None:
                 self.weight *= self.factor.to(self.weight.dtype).unsqueeze(1)
-            self.merged = True
+            self.merged, self.packed = True, None  # a packed copy holds W without ΔW
 
     @torch.no_grad()
     def unmerge(self) -> None:

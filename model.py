@@ -220,20 +220,23 @@ class LLaMA(nn.Module):
 class KVCache(nn.Module):
     """The keys and values of the positions fed so far, `shape` (batch_size, n_query_groups, max_seq_length, head_size)
     each, for decoding one token at a time (gpt-fast's KVCache). A forward pass of B rows uses rows 0..B-1 and attends
-    over every position, masked, so that no shape depends on how full it is (torch.compile needs no recompilation).
-    batched.SlotCache is the serving variant: rows chosen per pass, attending only as far as used."""
+    over every position, masked, so that no shape depends on how full it is (torch.compile needs no recompilation), or
+    over the first `length` only. batched.SlotCache is the serving variant: rows chosen per pass."""
 
     def __init__(self, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        # how many positions a pass attends over (decode.attending sets it for eager passes: the keys and values read,
+        # for many rows as many bytes as the weights, stop at the longest row); None: all, shapes that never change
+        self.length: int | None = None
 
     def mask(self, input_pos: Tensor) -> Tensor:
-        return cache_mask(input_pos, self.k.size(2), self.k.dtype)
+        return cache_mask(input_pos, self.length or self.k.size(2), self.k.dtype)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Writes this pass's keys and values (B, n_query_groups, T, head_size) at input_pos into rows 0..B-1, and
-        returns those rows' keys and values at every position (B, n_query_groups, max_seq_length, head_size)."""
+        returns those rows' keys and values at every position attended (B, n_query_groups, length, head_size)."""
         # under autocast (bf16-mixed: fp32 weights, bf16 activations) k and v come in a dtype other than the cache's
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         B = k.size(0)
@@ -244,6 +247,8 @@ class KVCache(nn.Module):
             rows = torch.arange(B, device=k.device)[:, None]
             self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
             self.v[rows, :, input_pos] = v.transpose(1, 2)
+        if self.length is not None:
+            return self.k[:B, :, : self.length], self.v[:B, :, : self.length]
         return self.k[:B], self.v[:B]
 
     def repeat_rows(self, index: Tensor) -> None:

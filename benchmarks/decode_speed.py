@@ -49,7 +49,7 @@ from convert_lit_checkpoint import convert_lit_checkpoint  # noqa: E402
 from decode import Completion, compile_step, decode_all  # noqa: E402
 from lora import lora, save_lora_checkpoint  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from utils import load_model, split_linears  # noqa: E402
+from utils import load_model, packed_linears, split_linears  # noqa: E402
 
 NEW_TOKENS = 128
 
@@ -260,7 +260,6 @@ def rollout(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
         check=True,
         capture_output=True,
     )
-    split_linears(model)
     bound, why = step_bound(model, 32, bandwidth, rate)
     print(f"bound: {1e3 * bound:.2f} ms/step for 32 rows ({why}), {32 / bound:.1f} tokens/s")
     generator = torch.Generator().manual_seed(0)
@@ -269,7 +268,11 @@ def rollout(tmp: Path, bandwidth: float, rate: float, repeats: int) -> None:
     def ours(step_model=None) -> None:
         sampler = torch.Generator().manual_seed(0)
         completions = [Completion(p, NEW_TOKENS, 1.0, generator=sampler) for p in prompts for _ in range(8)]
-        decode_all(model, completions, step_model)
+        if step_model is not None:
+            decode_all(model, completions, step_model)
+            return
+        with packed_linears(model):  # eager, as finetune_grpo.py's rollouts on a CPU: packing (0.2 s) timed too
+            decode_all(model, completions)
 
     report("ours, 32 rows, LoRA unmerged", best_of(ours, repeats), 32 * NEW_TOKENS, NEW_TOKENS, bound)
     t0 = time.perf_counter()
