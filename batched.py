@@ -16,6 +16,7 @@ output equals decode.generate's for that job alone (tests/test_batched.py).
 import collections
 import threading
 import traceback
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -102,6 +103,7 @@ class BatchGenerator:
         self.ended = collections.Counter()  # jobs ended so far, by finish_reason (serve.py's /health)
         self.lock = threading.Lock()  # held by a step; adding an adapter waits for it
         self.wakeup = threading.Condition(threading.Lock())
+        self.calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()  # between_steps'
 
     def submit(self, job: Job) -> None:
         """Queues a job (from any thread); it starts as soon as a slot is free."""
@@ -120,6 +122,16 @@ class BatchGenerator:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting for a slot (the limit); retry later")
             self.waiting.append(job)
             self.wakeup.notify()
+
+    def between_steps(self, function: Callable[[], object]) -> Future:
+        """Runs `function` on the loop's thread before its next step (from any thread; serve.py loads new adapters so)
+        and returns its Future. PyTorch work belongs on that one thread: a second thread that runs a parallel operation
+        starts a second team of OpenMP threads, and both teams on the same cores slow every operation down."""
+        future = Future()
+        with self.wakeup:
+            self.calls.append((function, future))
+            self.wakeup.notify()
+        return future
 
     def busy(self) -> bool:
         return bool(self.waiting) or any(job is not None for job in self.jobs)
@@ -181,18 +193,27 @@ class BatchGenerator:
                     self.finish(i, reason)
             with self.wakeup:
                 waiting, self.waiting = list(self.waiting), collections.deque()
+                calls, self.calls = self.calls, collections.deque()
             for job in waiting:
                 self.end(job, reason)
+            for _, future in calls:
+                future.set_exception(RuntimeError("the generation loop has stopped"))
 
     def loop(self, stop: threading.Event) -> None:
-        """The generation loop, for a thread of its own: steps while there is work, sleeps while there is none. A step
-        that fails (out of memory, a bug) ends the jobs in flight with finish_reason "error", and the loop goes
-        on."""
+        """The generation loop, on the thread that loaded the model (serve.py's main thread; see between_steps): runs
+        what between_steps was given, steps while there is work, sleeps while there is none. A step that fails (out of
+        memory, a bug) ends the jobs in flight with finish_reason "error", and the loop goes on."""
         while not stop.is_set():
             with self.wakeup:
-                if not self.busy():
+                calls, self.calls = self.calls, collections.deque()
+                if not calls and not self.busy():
                     self.wakeup.wait(timeout=0.1)
                     continue
+            for function, future in calls:
+                try:
+                    future.set_result(function())
+                except Exception as e:
+                    future.set_exception(e)
             try:
                 self.step()
             except Exception:

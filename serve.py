@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
@@ -103,13 +102,39 @@ def main(
         f"http://{host}:{port}/v1",
         file=sys.stderr,
     )
-    # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again for the handler it found: this
-    # one makes that an exit with status 0 instead of death by the signal (or a KeyboardInterrupt's traceback)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: sys.exit(0))
-    uvicorn.run(
-        build_app(server), host=host, port=port, timeout_graceful_shutdown=shutdown_timeout, log_level="warning"
+    # The generation loop runs in this thread, which loaded the model: PyTorch's OpenMP threads belong to the thread
+    # that first runs a parallel operation, and a second thread decoding starts a second team of them, oversubscribing
+    # the cores (on 2 cores every small operation then took 4x as long; a 16-row step 84 ms instead of 50). uvicorn
+    # serves HTTP from its own thread; SIGTERM or Ctrl-C lets it shut down gracefully (requests in flight finish
+    # within --shutdown_timeout, decoded meanwhile), then the loop stops and the process exits with status 0.
+    web = uvicorn.Server(
+        uvicorn.Config(
+            build_app(server), host=host, port=port, timeout_graceful_shutdown=shutdown_timeout, log_level="warning"
+        )
     )
+    stop = threading.Event()
+
+    def serve_http() -> None:
+        try:
+            web.run()
+        finally:
+            stop.set()
+
+    def shut_down(*_) -> None:
+        web.force_exit = web.should_exit  # a second signal: no more waiting
+        web.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, shut_down)
+    http = threading.Thread(target=serve_http, name="http", daemon=True)
+    http.start()
+    try:
+        server.generator.loop(stop)
+    finally:
+        server.generator.cancel_all()
+    http.join()
+    if not web.started:  # uvicorn said why on stderr (the port taken, say)
+        raise OSError(f"could not serve on http://{host}:{port}")
 
 
 @dataclass
@@ -206,8 +231,8 @@ class ChatBody(SamplingFields):
 
 
 def build_app(server: Server) -> FastAPI:
-    """The FastAPI application: its endpoints, error handlers, and the generation loop's thread for its lifetime."""
-    app = FastAPI(title="lora-llama", lifespan=generation_loop)
+    """The FastAPI application: its endpoints and error handlers (main() runs the generation loop beside it)."""
+    app = FastAPI(title="lora-llama")
     app.state.server = server
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
@@ -218,21 +243,6 @@ def build_app(server: Server) -> FastAPI:
     app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=authorized)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=authorized)
     return app
-
-
-@asynccontextmanager
-async def generation_loop(app: FastAPI) -> AsyncIterator[None]:
-    """Runs batched.BatchGenerator.loop in a thread of its own while the application runs."""
-    generator = app.state.server.generator
-    stop = threading.Event()
-    thread = threading.Thread(target=generator.loop, args=(stop,), name="generation", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:  # after uvicorn's graceful shutdown: what is still running is cancelled
-        stop.set()
-        thread.join()
-        generator.cancel_all()
 
 
 def server_of(request: Request) -> Server:
@@ -247,7 +257,7 @@ ServerDep = Annotated[Server, Depends(server_of)]  # an endpoint's argument `ser
 
 async def models(server: ServerDep) -> dict:
     """GET /v1/models: the base and every adapter, looking into adapters_dir for new ones first."""
-    await asyncio.to_thread(server.scan_adapters)
+    await asyncio.wrap_future(server.generator.between_steps(server.scan_adapters))  # on the loop's thread (main)
     cards = [
         {"id": name, "object": "model", "created": server.created, "owned_by": "lora-llama"}
         for name in server.model_names()
@@ -305,7 +315,7 @@ async def adapter_of(server: Server, model: str) -> str:
     if model == server.base_name:
         return ""
     if model not in server.adapters:
-        await asyncio.to_thread(server.scan_adapters)
+        await asyncio.wrap_future(server.generator.between_steps(server.scan_adapters))  # on the loop's thread (main)
     if model not in server.adapters:
         raise APIError(
             404, f"the model {model!r} does not exist; GET /v1/models lists them", param="model", code="model_not_found"

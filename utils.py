@@ -324,6 +324,8 @@ class PackedLinear(torch.nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # oneDNN's op has no backward: a gradient would be wrong
+            raise RuntimeError("a PackedLinear is for inference: run it under torch.no_grad(), or leave packed_linears")
         return packed_product(x, self.packed, self.bias)
 
 

@@ -3,6 +3,7 @@
 row's greedy ids must equal generate_lora.py's path for that adapter alone (lora.load_lora_model unmerged, fp32,
 decode.generate)."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,32 @@ def test_a_full_queue_refuses(checkpoint_dir, adapters):
         generator.submit(Job(Completion([1], 1)))
     generator.step()  # one starts (and ends: one token); the queue has room again
     generator.submit(Job(Completion([1], 1)))
+
+
+def test_between_steps_runs_on_the_loops_thread_and_hands_back_results_and_errors(checkpoint_dir, adapters):
+    """serve.py loads new adapters through between_steps: on the loop's thread (PyTorch's OpenMP threads are that
+    thread's), between steps, a result or an exception back in the Future; once the loop stops, none is left waiting."""
+    generator = stacked(checkpoint_dir, {}, max_batch_size=2)
+    stop = threading.Event()
+    loop = threading.Thread(target=generator.loop, args=(stop,))
+    loop.start()
+    try:
+        job = Job(Completion(PROMPTS[0], 8))
+        generator.submit(job)
+        added = generator.between_steps(
+            lambda: (
+                threading.current_thread(),
+                generator.stack.add("qv2", adapter_updates(adapters["qv2"], generator.model)),
+            )
+        )
+        assert added.result(timeout=30) == (loop, 1)
+        failed = generator.between_steps(lambda: generator.stack.index("nope"))
+        with pytest.raises(ValueError, match="no adapter named 'nope'"):
+            failed.result(timeout=30)
+    finally:
+        stop.set()
+        loop.join()
+    pending = generator.between_steps(lambda: None)
+    generator.cancel_all()
+    with pytest.raises(RuntimeError, match="the generation loop has stopped"):
+        pending.result(timeout=1)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 from conftest import make_checkpoint
+from decode import Completion, decode_all
 from model import Config, LLaMA
 from utils import (
     PackedLinear,
@@ -20,6 +21,7 @@ from utils import (
     load_model,
     one_line,
     pack_linears,
+    packed_linears,
     peak_memory_gb,
     precision_to_dtype,
     split_linears,
@@ -233,3 +235,39 @@ def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_p
     assert isinstance(adapted.blocks[0].attn.q_proj, PackedLinear)  # merged: a plain product
     with torch.no_grad():  # B = 0: the base's products
         torch.testing.assert_close(adapted(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_packed_linears_decode_an_unmerged_lora_as_before_then_give_the_model_back(tmp_path):
+    """packed_linears (GRPO's rollouts): inside, the plain projections and the tied head are PackedLinear and each
+    LoRA layer's frozen base is packed, the same greedy tokens and logits; a forward that records gradients is
+    refused (the packed product has no backward); on leaving, the same modules as before and no packed copy kept."""
+    torch.manual_seed(0)
+    make_checkpoint(tmp_path, vocab_size=1000)
+    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "mlp")):
+        model = load_model(tmp_path).eval()
+    for module in model.modules():
+        if isinstance(module, lora.LoRA):
+            torch.nn.init.normal_(module.B, std=0.1)  # a trained-looking update, not B = 0
+    modules = dict(model.named_modules())
+    prompts = [torch.randint(0, 1000, (n,)).tolist() for n in (5, 9, 9, 3)]
+    idx = torch.randint(0, 1000, (4, 12))
+
+    def greedy() -> list[list[int]]:
+        return [c.tokens for c in decode_all(model, [Completion(p, max_new_tokens=12) for p in prompts])]
+
+    with torch.no_grad():
+        expected_logits = model(idx)
+    expected_tokens = greedy()
+    with packed_linears(model):
+        assert isinstance(model.blocks[0].attn.k_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+        q = model.blocks[0].attn.q_proj
+        assert isinstance(q, lora.LoRALinear) and q.packed is not None
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx), expected_logits, atol=1e-4, rtol=1e-4)
+        assert greedy() == expected_tokens
+        with pytest.raises(RuntimeError, match="for inference"):  # oneDNN's product has no backward
+            model(idx).sum().backward()
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(module is modules[name] for name, module in model.named_modules())
+    assert all(getattr(module, "packed", None) is None for module in model.modules())
