@@ -1,8 +1,9 @@
-"""Continuous batching: many generation jobs (serve.py's requests) decoded together on one base model, each with its own
-adapter, sampling settings and length, joining and leaving while the others decode.
+"""Continuous batching: many generation jobs (serve.py's requests, evaluate.py's generate_until) decoded together on one
+base model, each with its own adapter, sampling settings and length, joining and leaving while the others decode.
 
 The KV cache has `max_batch_size` rows ("slots"): a `SlotCache` in every attention layer. A new job takes the lowest
-free slot: its prompt is fed in one pass into that row of the cache; then each step is decode.py's `Batch.step`, one
+free slot, and the prompts of the jobs starting at one step are fed in one pass into their rows of the cache; then
+each step is decode.py's `Batch.step`, one
 token for every busy slot, each at its own position and with its own adapter (`AdapterStack.rows`). A job that ends
 (a stop id or string, its max_new_tokens, cancelled) frees its slot at once for the next waiting one. Each row's greedy
 output equals decode.generate's for that job alone (tests/test_batched.py).
@@ -17,9 +18,9 @@ import collections
 import threading
 import traceback
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 
@@ -45,13 +46,14 @@ class Job:
 
 class Slots:
     """Which rows of the SlotCaches a forward pass uses: set for its span by `use`, so that the model's forward needs
-    no argument for them."""
+    no argument for them. A slice for a step (rows 0..n-1: the cache's own rows, no copy), the rows' indices for
+    prompts starting together in any free rows."""
 
     def __init__(self) -> None:
-        self.rows = slice(0, 0)
+        self.rows: slice | torch.Tensor = slice(0, 0)
 
     @contextmanager
-    def use(self, rows: slice) -> Iterator[None]:
+    def use(self, rows: slice | torch.Tensor) -> Iterator[None]:
         before, self.rows = self.rows, rows
         try:
             yield
@@ -60,7 +62,7 @@ class Slots:
 
 
 class SlotCache(KVCache):
-    """model.KVCache whose batch row i is the cache's row slots.rows.start + i. Its attention reads only as far as the
+    """model.KVCache whose batch row i is the cache's row slots.rows[i]. Its attention reads only as far as the
     longest row (decode.py sets `length` for every pass): a cache sized for the longest request a server takes is
     mostly empty."""
 
@@ -73,7 +75,8 @@ class SlotCache(KVCache):
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, n = self.slots.rows, self.length or self.k.size(2)
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
-        index = torch.arange(rows.start, rows.stop, device=k.device)[:, None]  # (B, 1)
+        index = torch.arange(rows.start, rows.stop, device=k.device) if isinstance(rows, slice) else rows
+        index = index[:, None]  # (B, 1)
         self.k[index, :, input_pos] = k.transpose(1, 2)  # (B, T, n_query_groups, head_size) written
         self.v[index, :, input_pos] = v.transpose(1, 2)
         return self.k[rows, :, :n], self.v[rows, :, :n]
@@ -83,8 +86,14 @@ class BatchGenerator:
     """Slots of a KV cache shared by the jobs in flight, and the queue of those waiting for one."""
 
     def __init__(
-        self, model: LLaMA, stack: AdapterStack, max_batch_size: int, max_seq_length: int, max_waiting: int = 64
+        self,
+        model: LLaMA,
+        stack: Optional[AdapterStack],
+        max_batch_size: int,
+        max_seq_length: int,
+        max_waiting: int = 64,
     ) -> None:
+        """stack: the adapters the jobs name (serve.py's), or None: the model alone (evaluate.py's generate_until)."""
         if max_seq_length > model.config.block_size:
             raise ValueError(
                 f"max_seq_length {max_seq_length} exceeds the model's block_size {model.config.block_size}"
@@ -115,7 +124,7 @@ class BatchGenerator:
                 f"the prompt ({len(completion.prompt)} tokens) plus max_new_tokens ({completion.max_new_tokens}) "
                 f"exceeds max_seq_length {self.max_seq_length}"
             )
-        self.stack.index(job.adapter)  # an unknown adapter fails here, not in the loop
+        self.adapter_slot(job.adapter)  # an unknown adapter fails here, not in the loop
         with self.wakeup:
             # free slots take jobs at the next step: until then those count as places in the queue too
             if len(self.waiting) >= self.max_waiting + self.jobs.count(None):
@@ -133,6 +142,15 @@ class BatchGenerator:
             self.wakeup.notify()
         return future
 
+    def adapter_slot(self, name: str) -> int:
+        if self.stack is None and name:
+            raise ValueError(f"no adapter named {name!r}: this generator runs the model alone")
+        return 0 if self.stack is None else self.stack.index(name)
+
+    def adapter_rows(self, slots: list[int]) -> ContextManager:
+        """AdapterStack.rows, for the span of one forward pass."""
+        return nullcontext() if self.stack is None else self.stack.rows(slots)
+
     def busy(self) -> bool:
         return bool(self.waiting) or any(job is not None for job in self.jobs)
 
@@ -144,31 +162,39 @@ class BatchGenerator:
                 if job is not None and job.cancelled:
                     self.batch.rows[i] = None
                     self.finish(i, "cancelled")
+            starting = []
             while self.waiting and None in self.jobs:
                 with self.wakeup:
                     job = self.waiting.popleft()
                 if not job.cancelled:
-                    self.start(self.jobs.index(None), job)
+                    i = self.jobs.index(None)
+                    self.jobs[i], self.adapter_slots[i] = job, self.adapter_slot(job.adapter)
+                    starting.append(i)
                 else:
                     self.end(job, "cancelled")
+            if starting:
+                self.start(starting)
             if self.batch.width:
                 self.decode()
 
-    def start(self, i: int, job: Job) -> None:
-        """Feeds the prompt into slot i's row of the cache and takes the first new token from its last position."""
-        self.jobs[i], self.adapter_slots[i] = job, self.stack.index(job.adapter)
-        n = len(job.completion.prompt)
-        with self.slots.use(slice(i, i + 1)), self.stack.rows([self.adapter_slots[i]]):
-            logits = prefill(self.model, [job.completion.prompt])  # (1, vocab_size)
-        self.batch.begin([i], [job.completion], logits, [n])
-        if self.batch.rows[i] is None:  # ended at its first token
-            self.finish(i, job.completion.finish_reason)
+    def start(self, rows: list[int]) -> None:
+        """Feeds the prompts of the jobs just placed in `rows` into those rows of the cache, in one pass (each at its
+        own length, decode.prefill), and takes each one's first new token from its last position."""
+        completions = [self.jobs[i].completion for i in rows]
+        index = torch.tensor(rows, device=self.batch.device)
+        with self.slots.use(index), self.adapter_rows([self.adapter_slots[i] for i in rows]):
+            # starts given: no prompt fed once for several rows (that copies rows 0..B-1 of the cache, not slots')
+            logits = prefill(self.model, [c.prompt for c in completions], [0] * len(rows))  # (len(rows), vocab_size)
+        self.batch.begin(rows, completions, logits, [len(c.prompt) for c in completions])
+        for i in rows:
+            if self.batch.rows[i] is None:  # ended at its first token
+                self.finish(i, self.jobs[i].completion.finish_reason)
 
     def decode(self) -> None:
         """One step of every busy slot (free ones below the last busy one are fed a dummy token, decode.Batch.step)."""
         n = self.batch.width
         adapters = [a if self.batch.rows[i] is not None else 0 for i, a in enumerate(self.adapter_slots[:n])]
-        with self.slots.use(slice(0, n)), self.stack.rows(adapters):
+        with self.slots.use(slice(0, n)), self.adapter_rows(adapters):
             taken = self.batch.step()
         for i, _ in taken:
             if self.batch.rows[i] is None:

@@ -35,8 +35,9 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 from tqdm import tqdm
 
+from batched import BatchGenerator, Job, generate_all
 from data import load_prepared_data
-from decode import Completion, check_inference_model, decode_all, load_inference_model
+from decode import Completion, check_inference_model, load_inference_model
 from losses import cross_entropy_sum, pack_batch
 from model import Config, LLaMA
 from tokenizer import Tokenizer
@@ -429,8 +430,9 @@ class HarnessLM(TemplateLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation of its context, greedy unless the task samples, until one of the task's stop
         sequences, the tokenizer's stop ids or max_gen_toks; the text up to the first stop sequence (as HFLM).
-        Requests with the same settings are decoded together (decode.py), longest context first, batch_size at a
-        time."""
+        Requests with the same settings are decoded together, batch_size rows at a time with continuous batching
+        (batched.py): a row that ends takes the next request at once instead of waiting for the longest answer of its
+        batch."""
         by_settings: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             by_settings.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
@@ -447,10 +449,8 @@ class HarnessLM(TemplateLM):
             if max_new_tokens >= self.max_length:
                 raise ValueError(f"a task asks for {max_new_tokens} new tokens, max_length is {self.max_length}")
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new_tokens) :] for i in indices}
-            indices = sorted(indices, key=lambda i: -len(prompts[i]))
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                completions = [
+            jobs = {
+                i: Job(
                     Completion(
                         prompts[i],
                         max_new_tokens,
@@ -460,12 +460,19 @@ class HarnessLM(TemplateLM):
                         stop_ids=self.tokenizer.stop_ids,
                         stop_strings=until,
                         detokenize=self.decode_text,
-                    )
-                    for i in batch
-                ]
-                for i, completion in zip(batch, decode_all(self.model, completions)):
-                    results[i] = postprocess_generated_text(completion.text, until, None)
-                bar.update(len(batch))
+                    ),
+                    on_end=lambda: bar.update(1),
+                )
+                for i in sorted(indices, key=lambda i: -len(prompts[i]))
+            }
+            longest = max(len(prompt) for prompt in prompts.values()) + max_new_tokens
+            length = min(-(-longest // 64) * 64, self.model.config.block_size)
+            try:
+                generate_all(BatchGenerator(self.model, None, self.batch_size, length, len(jobs)), list(jobs.values()))
+            finally:
+                self.model.clear_kv_cache()
+            for i, job in jobs.items():
+                results[i] = postprocess_generated_text(job.completion.text, until, None)
         bar.close()
         return results
 

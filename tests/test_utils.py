@@ -210,7 +210,8 @@ def test_split_linears_leave_bfloat16_and_lora_applying_its_update_alone(tmp_pat
 @pytest.mark.parametrize("tied", [False, True])
 def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_path):
     """pack_linears: every plain projection becomes a PackedLinear with the same products (fp32 rounding) for one row
-    and many, its plain weight readable; LoRA layers and a head sharing the embedding's weight stay as they are."""
+    and many, its plain weight readable, a head sharing the embedding's weight too (a copy: the embedding keeps its
+    own); LoRA layers applying their update stay LoRA layers."""
     torch.manual_seed(0)
     config = small_config(tied)
     model = LLaMA(config).eval()
@@ -227,7 +228,7 @@ def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_p
         torch.testing.assert_close(model(idx[:1]), expected[:1], atol=1e-5, rtol=1e-5)
     down = model.blocks[0].mlp.down_proj
     assert isinstance(down, PackedLinear) and torch.equal(down.weight, weight)
-    assert isinstance(model.lm_head, PackedLinear) != tied and (model.lm_head.weight is model.embed.weight) == tied
+    assert isinstance(model.lm_head, PackedLinear) and torch.equal(model.lm_head.weight, model.embed.weight) == tied
     assert isinstance(adapted.blocks[0].attn.q_proj, lora.LoRALinear)  # applying its update: not packed
     assert isinstance(adapted.blocks[0].attn.k_proj, PackedLinear)
     lora.merge_lora_weights(adapted)
