@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
-from decode import Completion, compile_step, decode_all, draw, generate, sample, stream
+from decode import Completion, compile_step, decode_all, generate, sample, stream
 from model import Config, LLaMA
 from tokenizer import Tokenizer
 from utils import load_model
@@ -146,22 +146,6 @@ def test_sample_follows_softmax_of_the_top_k_and_top_p():
     kept = torch.zeros(5)
     kept[[4, 0]] = probs[[4, 0]] / probs[[4, 0]].sum()
     assert (frequencies - kept).abs().max() < 0.02
-
-
-def test_draw_across_blocks_follows_the_probabilities_and_never_takes_a_token_without_mass():
-    """decode.draw looks a uniform number up among blocks of tokens, then inside one: over a vocabulary of 5.3 blocks
-    (the last one padded), with the mass spread over several blocks and zeros among it (top-p's), each token's share of
-    40,000 draws is its probability, and a token of probability 0 is never drawn, not even a block's last one."""
-    probs = torch.zeros(1, 1357)
-    probs[0, [3, 255, 256, 700, 1356]] = torch.tensor([0.1, 0.25, 0.3, 0.05, 0.3])
-    probs[0, 511] = 0.0  # a block's last token, after the mass of tokens in that block: none here, and none drawn
-    draws = draw(probs.expand(40_000, -1) * 2.5, torch.Generator().manual_seed(0))  # not adding up to 1 is fine
-    frequencies = torch.bincount(draws[:, 0], minlength=1357).float() / 40_000
-    assert set(draws[:, 0].tolist()) == {3, 255, 256, 700, 1356}
-    assert (frequencies - probs[0]).abs().max() < 0.01
-    one = torch.zeros(1, 600)
-    one[0, 300] = 1.0
-    assert draw(one.expand(1000, -1), None).unique().tolist() == [300]
 
 
 def test_a_compiled_step_gives_the_eager_tokens_with_one_graph(model):
