@@ -3,14 +3,14 @@ base model, each with its own adapter, sampling settings and length, joining and
 
 The KV cache has `max_batch_size` rows ("slots"): a `SlotCache` in every attention layer. A new job takes the lowest
 free slot, and the prompts of the jobs starting at one step are fed in one pass into their rows of the cache; then
-each step is decode.py's `Batch.step`, one
-token for every busy slot, each at its own position and with its own adapter (`AdapterStack.rows`). A job that ends
-(a stop id or string, its max_new_tokens, cancelled) frees its slot at once for the next waiting one. Each row's greedy
-output equals decode.generate's for that job alone (tests/test_batched.py).
+each step is decode.py's `Batch.step`, one token for every busy slot, each at its own position and with its own
+adapter (`AdapterStack.rows`). A job that ends (a stop id or string, its max_new_tokens, cancelled) frees its slot at
+once for the next waiting one. Each row's greedy output equals decode.generate's for that job alone
+(tests/test_batched.py).
 
     generator = BatchGenerator(model, stack, max_batch_size=8, max_seq_length=1024)
     jobs = [Job(Completion(ids, max_new_tokens=64), adapter="support"), ...]
-    generate_all(generator, jobs)  # or: generator.submit(job) from any thread, generator.loop(stop) in one thread
+    generate_all(generator, jobs)  # or: generator.submit(job) from any thread, generator.loop(stop) on the model's
     jobs[0].completion.tokens
 """
 
