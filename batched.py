@@ -10,7 +10,7 @@ once for the next waiting one. Each row's greedy output equals decode.generate's
 
     generator = BatchGenerator(model, stack, max_batch_size=8, max_seq_length=1024)
     jobs = [Job(Completion(ids, max_new_tokens=64), adapter="support"), ...]
-    generate_all(generator, jobs)  # or: generator.submit(job) from any thread, generator.loop(stop) on the model's
+    generate_all(generator, jobs)  # or: submit(job) from any thread, and loop(stop) on the model's thread
     jobs[0].completion.tokens
 """
 
