@@ -110,7 +110,7 @@ class BatchGenerator:
         self.adapter_slots = [0] * max_batch_size
         self.waiting: collections.deque[Job] = collections.deque()
         self.ended = collections.Counter()  # jobs ended so far, by finish_reason (serve.py's /health)
-        self.lock = threading.Lock()  # held by a step; adding an adapter waits for it
+        self.lock = threading.Lock()  # held by a step and by cancel_all
         self.wakeup = threading.Condition(threading.Lock())
         self.calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()  # between_steps'
 

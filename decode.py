@@ -1,5 +1,5 @@
-"""The one decoding loop: every script that generates (generate*.py, chat.py, evaluate.py's `generate_until`, serve.py
-through batched.py, the fine-tuning scripts' sample answers) decodes with it.
+"""The one decoding loop: every script that generates (generate*.py, chat.py, evaluate.py's `generate_until` and
+serve.py through batched.py's continuous batching, the fine-tuning scripts' sample answers) decodes with it.
 
 A `Completion` is one prompt's request (how many new tokens, greedy or sampled, where to stop) and what decoding gave
 it. `stream` decodes several together, one per row of the model's KV cache:

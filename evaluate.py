@@ -465,8 +465,7 @@ class HarnessLM(TemplateLM):
                 )
                 for i in sorted(indices, key=lambda i: -len(prompts[i]))
             }
-            longest = max(len(prompt) for prompt in prompts.values()) + max_new_tokens
-            length = min(-(-longest // 64) * 64, self.model.config.block_size)
+            length = min(max(len(prompt) for prompt in prompts.values()) + max_new_tokens, self.model.config.block_size)
             try:
                 generate_all(BatchGenerator(self.model, None, self.batch_size, length, len(jobs)), list(jobs.values()))
             finally:

@@ -153,19 +153,18 @@ class Server:
     templates: dict[str, Optional[str]] = field(default_factory=dict)  # each adapter's recorded chat template
     broken: dict[Path, float] = field(default_factory=dict)  # files that failed to load, by their mtime then
     created: int = field(default_factory=lambda: int(time.time()))
-    scanning: threading.Lock = field(default_factory=threading.Lock)  # one scan at a time
 
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
     def scan_adapters(self) -> None:
         """Loads every adapter file in adapters_dir not loaded yet (one that fails is said on stderr, and tried again
-        only once the file changes)."""
+        only once the file changes). On the generation loop's thread, between two steps (main() before the loop,
+        the endpoints through BatchGenerator.between_steps): scans never overlap, nor a scan and a step."""
         if self.adapters_dir is None:
             return
-        with self.scanning:
-            for path in sorted(self.adapters_dir.glob("*.safetensors")):
-                self.load_adapter(path)
+        for path in sorted(self.adapters_dir.glob("*.safetensors")):
+            self.load_adapter(path)
 
     def load_adapter(self, path: Path) -> None:
         name = path.stem
@@ -178,8 +177,7 @@ class Server:
             self.broken[path] = path.stat().st_mtime
             print(f"skipped adapter {path}: {one_line(e)}", file=sys.stderr)
             return
-        with self.generator.lock:  # between two steps of the generation loop
-            self.generator.stack.add(name, updates)
+        self.generator.stack.add(name, updates)
         self.adapters[name], self.templates[name] = path, template
 
 
