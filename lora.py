@@ -172,7 +172,9 @@ class LoRALinear(nn.Linear):
     latter: that is QLoRA, made by utils.load_model(..., quantize=...). Its weight holds 4- or 8-bit codes, which
     `merge` refuses to add ΔW to."""
 
-    packed: Optional[torch.Tensor] = None  # W in oneDNN's layout, for decoding on a CPU (utils.pack_linears)
+    # W + ΔW (DoRA's scaling too) in oneDNN's layout, set for a span of decoding on a CPU (utils.packed_linears: GRPO's
+    # rollouts): outside autograd the whole product in one call, without the LoRA products and their small ops
+    packed: Optional[torch.Tensor] = None
 
     def __init__(
         self,
@@ -198,10 +200,9 @@ class LoRALinear(nn.Linear):
             self.reset_magnitude()  # again by utils.load_weights once the checkpoint's weight is in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled():  # decoding many rows on a CPU
-            result = packed_product(x, self.packed, self.bias)
-        else:
-            result = super().forward(x)
+        if self.packed is not None and not torch.is_grad_enabled() and not self.disabled:  # decoding on a CPU
+            return packed_product(x, self.packed, self.bias)
+        result = super().forward(x)
         if self.merged or self.disabled:
             return result  # a plain linear layer
         if self.lora.magnitude is None:
@@ -269,10 +270,16 @@ class LoRALinear(nn.Linear):
             )
         if not self.merged:
             self.factor = self.dora_factor()  # kept for unmerge: W + ΔW alone no longer tells the norm
-            self.weight += self.lora.delta_weight().to(self.weight.dtype)
-            if self.factor is not None:
-                self.weight *= self.factor.to(self.weight.dtype).unsqueeze(1)
-            self.merged, self.packed = True, None  # a packed copy holds W without ΔW
+            self.weight.copy_(self.merged_weight())
+            self.merged, self.packed = True, None
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + ΔW, for DoRA scaled by m / ‖W + ΔW‖ row by row: the weight of the one product this layer computes."""
+        A, B = self.lora.A.to(self.weight.dtype), self.lora.B.to(self.weight.dtype)
+        weight = torch.addmm(self.weight, B, A, alpha=self.lora.scaling)  # W + ΔW in one pass
+        factor = self.dora_factor()
+        return weight if factor is None else weight * factor.to(weight.dtype).unsqueeze(1)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -251,9 +251,11 @@ class KVCache(nn.Module):
             return self.k[:B, :, : self.length], self.v[:B, :, : self.length]
         return self.k[:B], self.v[:B]
 
-    def repeat_rows(self, index: Tensor) -> None:
-        """Row i becomes a copy of row index[i] (decode.py prefills a prompt that several rows share once)."""
-        self.k.copy_(self.k[index]), self.v.copy_(self.v[index])
+    def repeat_rows(self, index: Tensor, length: int) -> None:
+        """Row i's first `length` positions become a copy of row index[i]'s (decode.py prefills a prompt that several
+        rows share once)."""
+        self.k[:, :, :length] = self.k[index, :, :length]
+        self.v[:, :, :length] = self.v[index, :, :length]
 
 
 def cache_mask(input_pos: Tensor, length: int, dtype: torch.dtype) -> Tensor:
@@ -292,6 +294,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = linear(config.n_embd, config.n_embd, f"{path}.o_proj", config.attention_bias)
         self.adaption_prompt = adaption_prompt(config, path)  # None but in adapter.adapter()
         self.kv_cache: KVCache | None = None  # LLaMA.set_kv_cache
+        self.qkv: nn.Module | None = None  # the three products in one, for decoding on a CPU (utils.packed_linears)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos: Tensor | None, lengths: list | None
@@ -299,9 +302,10 @@ class CausalSelfAttention(nn.Module):
         """LLaMA.forward's rotary tables at the positions, and its KV cache mask and positions `pos` (its input_pos) or
         packed `lengths`; all None: causal attention over the sequence."""
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
-        k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
+        k = k.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        v = v.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if pos is not None:
             k, v = self.kv_cache.update(pos, k, v)
@@ -376,9 +380,11 @@ class MLP(nn.Module):
         self.gate_proj = linear(config.n_embd, config.intermediate_size, f"{path}.gate_proj", config.mlp_bias)
         self.up_proj = linear(config.n_embd, config.intermediate_size, f"{path}.up_proj", config.mlp_bias)
         self.down_proj = linear(config.intermediate_size, config.n_embd, f"{path}.down_proj", config.mlp_bias)
+        self.gate_up: nn.Module | None = None  # the two products in one, for decoding on a CPU (utils.packed_linears)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class RMSNorm(nn.Module):

@@ -329,20 +329,59 @@ class PackedLinear(torch.nn.Module):
         return packed_product(x, self.packed, self.bias)
 
 
-def pack_linears(model: LLaMA) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+class PackedProjections(torch.nn.Module):
+    """Projections of one input (attention's q, k and v; the MLP's gate and up) as one product of their weights side by
+    side, packed (pack_weight), a LoRA layer's with its update merged: for decoding many rows on a CPU one product
+    instead of three or two (model.py's `qkv` and `gate_up`). Where a part must compute alone (recording gradients,
+    a LoRA layer within lora.lora_disabled) each projection computes its own product, as it is."""
+
+    def __init__(self, projections: list[torch.nn.Linear]) -> None:
+        super().__init__()
+        self.projections = projections  # a plain list: not submodules, their parameters stay where they are
+        self.sizes = [layer.out_features for layer in projections]
+        merged = [layer.merged_weight() if hasattr(layer, "lora") else layer.weight for layer in projections]
+        self.packed = pack_weight(torch.cat(merged))
+        biases = [layer.bias for layer in projections]
+        self.bias = None
+        if any(bias is not None for bias in biases):
+            self.bias = torch.cat([torch.zeros(n) if b is None else b.detach() for n, b in zip(self.sizes, biases)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if torch.is_grad_enabled() or any(getattr(layer, "disabled", False) for layer in self.projections):
+            return tuple(layer(x) for layer in self.projections)
+        return packed_product(x, self.packed, self.bias).split(self.sizes, dim=-1)
+
+
+def pack_linears(model: LLaMA, fuse: bool = False) -> list[tuple[torch.nn.Module, str, Optional[torch.nn.Module]]]:
     """Each plain projection of `model` on a CPU (plain_projections) as a PackedLinear, where PyTorch has oneDNN; a
     head that shares the embedding's weight too, as a second copy of it (113 MB for SmolLM2's 49,152 x 576 in fp32:
-    its product with 8 rows then takes 4.5 ms instead of 18.5). Also packs the frozen base weight of each LoRA layer
-    on a CPU that applies its update (a second copy, its `packed`: lora.LoRALinear uses it outside autograd). Returns
-    (parent, attribute, layer) of each projection replaced, for `packed_linears`."""
+    its product with 8 rows then takes 4.5 ms instead of 18.5). Each LoRA layer on a CPU that applies its update gets
+    its weight with the update merged, packed (its `packed`, a copy: lora.LoRALinear computes its whole product with it
+    outside autograd, the model's own weights unmerged). With `fuse`, a block's q, k and v (gate and up) that are
+    all such products become one PackedProjections instead (not for a model whose projections are wrapped later, as
+    multilora.AdapterStack does). Returns (parent, attribute, layer before) of each module set, for
+    `packed_linears`."""
     replaced = []
     if not torch.backends.mkldnn.is_available():
         return replaced
-    for parent, name, layer in plain_projections(model):
-        setattr(parent, name, PackedLinear(layer))
-        replaced.append((parent, name, layer))
-    for layer in lora_bases(model):
-        layer.packed = pack_weight(layer.weight)
+    plain, adapted = list(plain_projections(model)), lora_bases(model)
+    fused = set()
+    packable = {id(layer) for _, _, layer in plain} | {id(layer) for layer in adapted}
+    groups = [(b.attn, "qkv", ("q_proj", "k_proj", "v_proj")) for b in model.blocks] if fuse else []
+    groups += [(b.mlp, "gate_up", ("gate_proj", "up_proj")) for b in model.blocks] if fuse else []
+    for parent, name, parts in groups:
+        layers = [getattr(parent, part) for part in parts]
+        if all(id(layer) in packable for layer in layers):
+            setattr(parent, name, PackedProjections(layers))
+            replaced.append((parent, name, None))
+            fused.update(id(layer) for layer in layers)
+    for parent, name, layer in plain:
+        if id(layer) not in fused:
+            setattr(parent, name, PackedLinear(layer))
+            replaced.append((parent, name, layer))
+    for layer in adapted:
+        if id(layer) not in fused:
+            layer.packed = pack_weight(layer.merged_weight())
     return replaced
 
 
@@ -360,7 +399,7 @@ def packed_linears(model: LLaMA) -> Iterator[None]:
     """pack_linears for a span of decoding many rows while training (GRPO's rollouts on a CPU); on leaving, the model
     as it was and the copies freed. Packing takes 0.2 s for 440 MB of weights, a rollout's products run 1.5-2x as
     fast (howto/grpo.md)."""
-    replaced = pack_linears(model)
+    replaced = pack_linears(model, fuse=True)
     try:
         yield
     finally:

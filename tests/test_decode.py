@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
-from decode import Completion, compile_step, decode_all, generate, sample, stream
+from decode import Completion, compile_step, decode_all, draw, generate, sample, stream
 from model import Config, LLaMA
 from tokenizer import Tokenizer
 from utils import load_model
@@ -146,6 +146,18 @@ def test_sample_follows_softmax_of_the_top_k_and_top_p():
     kept = torch.zeros(5)
     kept[[4, 0]] = probs[[4, 0]] / probs[[4, 0]].sum()
     assert (frequencies - kept).abs().max() < 0.02
+
+
+def test_draw_finds_the_block_then_the_index_with_the_probabilities_given():
+    """decode.draw's two-step lookup (the block of 256 indices, then the index in it) over rows of 1000 (the last block
+    padded), unnormalised, the mass at the blocks' edges: 20,000 draws follow the probabilities, and an index without
+    probability is never drawn; the same generator seed, the same draws."""
+    probs = torch.zeros(1000)
+    probs[[0, 255, 256, 511, 700, 999]] = torch.tensor([0.1, 0.2, 0.15, 0.05, 0.3, 0.2])
+    draws = draw(3 * probs.expand(20_000, -1), torch.Generator().manual_seed(0))[:, 0]
+    assert set(draws.tolist()) == {0, 255, 256, 511, 700, 999}
+    assert (torch.bincount(draws, minlength=1000) / 20_000 - probs).abs().max() < 0.015
+    assert torch.equal(draw(3 * probs.expand(20_000, -1), torch.Generator().manual_seed(0))[:, 0], draws)
 
 
 def test_a_compiled_step_gives_the_eager_tokens_with_one_graph(model):

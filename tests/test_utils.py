@@ -14,6 +14,7 @@ from decode import Completion, decode_all
 from model import Config, LLaMA
 from utils import (
     PackedLinear,
+    PackedProjections,
     SplitLinear,
     atomic_path,
     cli,
@@ -240,9 +241,11 @@ def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_p
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_packed_linears_decode_an_unmerged_lora_as_before_then_give_the_model_back(tmp_path):
-    """packed_linears (GRPO's rollouts): inside, the plain projections and the tied head are PackedLinear and each
-    LoRA layer's frozen base is packed, the same greedy tokens and logits; a forward that records gradients is
-    refused (the packed product has no backward); on leaving, the same modules as before and no packed copy kept."""
+    """packed_linears (GRPO's rollouts): inside, each block's q, k and v (gate and up) are one packed product, the
+    other plain projections and the tied head PackedLinear, and a LoRA layer outside those holds its weight with the
+    update merged, packed: the same greedy tokens and logits (fp32 rounding: the merged product sums in another
+    order); a forward that records gradients is refused (the packed product has no backward), within lora_disabled the
+    base's logits; on leaving, the same modules as before, no packed copy kept and the model's own weights unmerged."""
     torch.manual_seed(0)
     make_checkpoint(tmp_path, vocab_size=1000)
     with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "mlp")):
@@ -259,16 +262,23 @@ def test_packed_linears_decode_an_unmerged_lora_as_before_then_give_the_model_ba
 
     with torch.no_grad():
         expected_logits = model(idx)
+        with lora.lora_disabled(model):
+            base_logits = model(idx)
     expected_tokens = greedy()
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
     with packed_linears(model):
-        assert isinstance(model.blocks[0].attn.k_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
-        q = model.blocks[0].attn.q_proj
-        assert isinstance(q, lora.LoRALinear) and q.packed is not None
+        block = model.blocks[0]
+        assert isinstance(block.attn.qkv, PackedProjections) and isinstance(block.mlp.gate_up, PackedProjections)
+        assert isinstance(block.attn.o_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+        assert isinstance(block.mlp.down_proj, lora.LoRALinear) and block.mlp.down_proj.packed is not None
         with torch.no_grad():
             torch.testing.assert_close(model(idx), expected_logits, atol=1e-4, rtol=1e-4)
+            with lora.lora_disabled(model):
+                torch.testing.assert_close(model(idx), base_logits, atol=1e-4, rtol=1e-4)
         assert greedy() == expected_tokens
         with pytest.raises(RuntimeError, match="for inference"):  # oneDNN's product has no backward
             model(idx).sum().backward()
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(module is modules[name] for name, module in model.named_modules())
     assert all(getattr(module, "packed", None) is None for module in model.modules())
+    assert all(torch.equal(p, weights[name]) for name, p in model.state_dict().items())
