@@ -279,7 +279,7 @@ def stream(
 ) -> Iterator[tuple[int, int]]:
     """Decodes the completions together, yielding (index, token) for each new token as it comes. Without `starts`
     the prompts begin at position 0 in a KV cache made for them and freed at the end (it can be as large as the
-    weights; its length rounded up to a multiple of 64, so that a compiled step_model meets few lengths); with
+    weights; for a compiled step_model its length rounded up to a multiple of 64, so that it meets few lengths); with
     `starts`, prompt i continues at position starts[i] in the cache the model has (chat.py's). step_model: what runs
     the steps (compile_step's), by default the model.
 
@@ -295,7 +295,8 @@ def stream(
         raise ValueError(f"a prompt plus its max_new_tokens exceeds the model's block_size {model.config.block_size}")
     if starts is None:
         length = max(ends) + max(c.max_new_tokens for c in completions)
-        model.set_kv_cache(len(completions), min(-(-length // 64) * 64, model.config.block_size))
+        length = length if step_model is None else -(-length // 64) * 64
+        model.set_kv_cache(len(completions), min(length, model.config.block_size))
     try:
         batch = Batch(model, len(completions), step_model)
         logits = prefill(model, [c.prompt for c in completions], starts)

@@ -368,7 +368,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     faster than scaled_dot_product_attention for many rows, slower for one (the figures: howto/inference.md)."""
     B, H, _, hs = q.shape
     q = q.reshape(B, k.size(1), H // k.size(1), hs)  # each group's query heads together, as their keys are shared
-    scores = (q @ k.transpose(-1, -2)) * hs**-0.5 + mask  # (B, n_query_groups, heads per group, S)
+    # (B, n_query_groups, heads per group, S); as keys x queries, the form MKL's batched product reads faster here
+    scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) * hs**-0.5 + mask
     return (torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v).reshape(B, H, 1, hs)
 
 

@@ -2,6 +2,7 @@
 directory (the weights as safetensors reads them, in the dtype asked for; a mismatch named), the CPU decoding layout
 (strides change, results do not) and peak memory against the kernel's own count."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -237,6 +238,30 @@ def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_p
     assert isinstance(adapted.blocks[0].attn.q_proj, PackedLinear)  # merged: a plain product
     with torch.no_grad():  # B = 0: the base's products
         torch.testing.assert_close(adapted(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_fused_projections_give_the_products_of_each_with_its_bias():
+    """pack_linears(fuse=True): q, k and v (with biases, as Qwen-style attention has; GQA: k and v narrower than q)
+    and gate and up in one product each give each projection's own; recording gradients, each computes alone."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(small_config(False), attention_bias=True)
+    model = LLaMA(config).eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.k_proj.bias)
+    idx = torch.randint(0, 100, (8, 10))
+    with torch.no_grad():
+        expected = model(idx)
+    pack_linears(model, fuse=True)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert isinstance(attn.qkv, PackedProjections) and isinstance(mlp.gate_up, PackedProjections)
+    assert [y.shape[-1] for y in attn.qkv(torch.randn(2, 32))] == [32, 16, 16]
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+    x = torch.randn(3, 32, requires_grad=True)
+    q, k, v = attn.qkv(x)  # each its own nn.Linear
+    torch.testing.assert_close(k, attn.k_proj(x))
+    assert k.grad_fn is not None
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
