@@ -567,9 +567,9 @@ def rollouts(
 ) -> list[Completion]:
     """G completions of each record's prompt, side by side (all of a prompt's next to each other), sampled with
     `generator` at the temperature, top-k and top-p of `grpo`; one greedy completion each without a generator. All
-    in one batched decode (decode.decode_all) with LoRA as it is (not merged; its frozen base packed for the span,
-    utils.packed_linears), in eval mode (no dropout), each ending at one of the tokenizer's stop ids (kept in the
-    completion) or after max_new_tokens."""
+    in one batched decode (decode.decode_all) with LoRA as it is (on a CPU each layer's W + ΔW packed into a copy for
+    the span, the model's weights unmerged: utils.packed_linears), in eval mode (no dropout), each ending at one of
+    the tokenizer's stop ids (kept in the completion) or after max_new_tokens."""
     n = 1 if generator is None else grpo.num_generations
     sampling = (0.0, None, None) if generator is None else (grpo.temperature, grpo.top_k, grpo.top_p)
     completions = [
