@@ -242,13 +242,17 @@ def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_p
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_fused_projections_give_the_products_of_each_with_its_bias():
-    """pack_linears(fuse=True): q, k and v (with biases, as Qwen-style attention has; GQA: k and v narrower than q)
-    and gate and up in one product each give each projection's own; recording gradients, each computes alone."""
+    """pack_linears(fuse=True): q, k and v (with biases, as Qwen-style attention has; GQA: k and v narrower than q;
+    q a LoRA layer whose update is merged, counted once) and gate and up in one product each give each projection's
+    own; recording gradients, each computes alone."""
     torch.manual_seed(0)
     config = dataclasses.replace(small_config(False), attention_bias=True)
-    model = LLaMA(config).eval()
+    with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query",)):
+        model = LLaMA(config).eval()
     for block in model.blocks:
         torch.nn.init.normal_(block.attn.k_proj.bias)
+        torch.nn.init.normal_(block.attn.q_proj.lora.B, std=0.5)
+    lora.merge_lora_weights(model)
     idx = torch.randint(0, 100, (8, 10))
     with torch.no_grad():
         expected = model(idx)
