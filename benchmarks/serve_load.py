@@ -10,7 +10,8 @@ directory; or --checkpoint_dir and --adapters_dir. Then:
 
 1. references: each adapter's greedy answer to each of PROMPTS, one request at a time, nothing else in flight;
 2. warm-up: the load of step 3 for --warmup_seconds; the server's resident memory (VmRSS of /proc/<pid>/status) once
-   it is idle again;
+   it is idle again. The warm-up is long because the memory climbs for the first ~40 s of this load before it holds
+   (the kernels oneDNN caches for each new shape of product, and the allocator's pools; howto/serve.md);
 3. load: --clients concurrent clients (asyncio tasks sharing one openai.AsyncOpenAI) for --seconds, each sending one
    request after another: a random adapter and prompt, greedy, a --stream_fraction of them streamed, and a
    --disconnect_fraction of the streams closed after a random number of pieces, from none (the request may still
@@ -28,7 +29,7 @@ last piece), the statuses, and the server's memory, then the checks, each PASS o
 - nothing lost: every request ended in a completed answer, a 429 or a deliberate disconnect: no other status, no
   connection error or timeout, no stream cut short by the server; and the server's own count of ended requests
   (`/health`) grew by the requests it accepted, none by an error, none left running or waiting;
-- flat memory: the server's RSS grew by less than 5% from after the warm-up to the end;
+- flat memory: the server's RSS grew by less than 8% from after the warm-up to the end;
 - clean exit: SIGTERM stops the server with exit status 0, and its stderr has no traceback.
 
 Every loop is bounded: the clients stop sending at the deadline, each request times out after --request_timeout, and
@@ -72,7 +73,8 @@ PROMPTS = [
     (True, "Write a haiku about the sea.", 32),
 ]
 TARGETS = [("query", "value"), ("all_linear",), ("mlp", "head"), ("key", "projection")]
-RSS_GROWTH_LIMIT = 0.05  # after the warm-up
+RSS_GROWTH_LIMIT = 0.08  # after the warm-up: above how far the idle reading moves once settled (~3.5%), below
+# what a leak of 100 kB per request adds in 15 s of this load (+12.6%)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Soak:
 
 def main(
     seconds: float = 60.0,
-    warmup_seconds: float = 5.0,
+    warmup_seconds: float = 45.0,
     clients: int = 64,
     stream_fraction: float = 0.5,
     disconnect_fraction: float = 0.25,
@@ -129,7 +131,7 @@ def main(
 
     Args:
         seconds: how long the clients send requests (after the warm-up).
-        warmup_seconds: the same load before the server's memory is first read.
+        warmup_seconds: the same load before the server's memory is first read: long enough for it to settle.
         clients: concurrent clients, each with one request in flight at a time.
         stream_fraction: of the requests, those streamed.
         disconnect_fraction: of the streamed requests, those the client closes after 0 to max_tokens / 2 pieces.
