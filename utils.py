@@ -341,10 +341,8 @@ class PackedProjections(torch.nn.Module):
         self.projections = projections  # a plain list: not submodules, their parameters stay where they are
         self.sizes = [layer.out_features for layer in projections]
         self.packed = pack_weight(torch.cat(weights))
-        biases = [layer.bias for layer in projections]
-        self.bias = None
-        if any(bias is not None for bias in biases):
-            self.bias = torch.cat([torch.zeros(n) if b is None else b.detach() for n, b in zip(self.sizes, biases)])
+        biases = [layer.bias for layer in projections]  # all or none: model.py gives them one setting (Config)
+        self.bias = None if biases[0] is None else torch.cat([bias.detach() for bias in biases])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if torch.is_grad_enabled() or any(getattr(layer, "disabled", False) for layer in self.projections):
