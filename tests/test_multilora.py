@@ -69,8 +69,8 @@ def test_every_projection_is_wrapped_and_holds_slots_only_once_adapted():
     assert (len(model.first.A), len(model.second.A)) == (2, 0)  # the base and "a"; nothing on `second`
     B = torch.randn(6, 4)
     stack.add("b", {"second": Update(torch.randn(4, 5), B, 1.0)})
-    assert model.first.A.shape == (3, 4, 6) and model.second.B.shape == (3, 6, 4)  # padded to rank 4
-    assert not model.second.B[:2].any() and torch.equal(model.second.B[2], B)
+    assert model.first.A.shape == (3, 4, 6) and model.second.B.shape == (3, 4, 6)  # padded to rank 4; B as (r, out)
+    assert not model.second.B[:2].any() and torch.equal(model.second.B[2], B.T)
 
 
 def test_rows_on_different_adapters_equal_each_adapter_alone_unmerged_and_merged(checkpoint_dir, adapters):
