@@ -5,8 +5,9 @@ llama-cpp-python is installed: pip install -r requirements-llamacpp.txt) on the 
 
 The bound of one decode step is the larger of (the bytes of every projection's weights, LoRA's included, read once at
 the memory bandwidth) and (the step's multiply-adds at the machine's fp32 matrix-product rate); both rates are measured
-here, in the same run: the bandwidth of reading a 393 MB tensor (far larger than the caches: the fastest of its
-sum, MKL's matrix-vector product over it and torch.compile's), the rate of a 4096 x 4096 matrix product. The KV
+here, just before each workload (on a shared host they move by 20% from minute to minute): the bandwidth of reading a
+393 MB tensor (far larger than the caches: the fastest of its sum, MKL's matrix-vector product over it and
+torch.compile's), the rate of a 4096 x 4096 matrix product. The KV
 cache's bytes are left out: small for one row, for the rollout's 32 rows about half the weights' (howto/inference.md).
 Each figure is the best of `repeats` timed runs after one warm-up run; "% of bound" is bound time / measured time.
 
@@ -70,15 +71,13 @@ def main(
     if threads is not None:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for serve.py's process
-    bandwidth, rate = measure_machine()
-    print(
-        f"machine: {bandwidth / 1e9:.1f} GB/s read, {rate / 1e9:.0f} GFLOP/s (fp32 matmul), "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for workload in workloads:
             print(f"\n## {workload}")
+            bandwidth, rate = measure_machine()  # just before: a shared host's speed moves from minute to minute
+            print(f"machine: {bandwidth / 1e9:.1f} GB/s read, {rate / 1e9:.0f} GFLOP/s (fp32 matmul)")
             globals()[workload](tmp / workload, bandwidth, rate, repeats)
 
 
