@@ -7,8 +7,8 @@ The bound of one decode step is the larger of (the bytes of every projection's w
 the memory bandwidth) and (the step's multiply-adds at the machine's fp32 matrix-product rate); both rates are measured
 here, just before each workload (on a shared host they move by 20% from minute to minute): the bandwidth of reading a
 393 MB tensor (far larger than the caches: the fastest of its sum, MKL's matrix-vector product over it and
-torch.compile's), the rate of a 4096 x 4096 matrix product. The KV
-cache's bytes are left out: small for one row, for the rollout's 32 rows about half the weights' (howto/inference.md).
+torch.compile's), the rate of a 4096 x 4096 matrix product. The KV cache's bytes are left out: small for one row, for
+the rollout's 32 rows about half the weights' (howto/inference.md).
 Each figure is the best of `repeats` timed runs after one warm-up run; "% of bound" is bound time / measured time.
 
 Workloads:
