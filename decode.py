@@ -428,9 +428,9 @@ def load_inference_model(
     if there is one, in `precision` (by default the device's, utils.default_precision), its projections held in 4 or 8
     bits with `quantize`, plus a LoRA adapter (merged into the weights when `merge`: no cost per token) or a
     LLaMA-Adapter (v2 without prompts merged when `merge`), in eval mode, its projections set for decoding on a CPU:
-    one row at a time (utils.split_linears), or, with `many_rows`, several (utils.pack_linears: serving, batched
-    evaluation; not for compile_step). Checks the files and flags first (check_inference_model). Returns the model
-    and a line for stderr that says what was loaded, how, and in how long."""
+    one row at a time (utils.split_linears), or, with `many_rows`, several (utils.pack_linears, q, k and v and gate
+    and up fused: serving, batched evaluation; not for compile_step). Checks the files and flags first
+    (check_inference_model). Returns the model and a line for stderr that says what was loaded, how, and in how long."""
     check_inference_model(checkpoint_dir, lora_path, adapter_path, merge, quantize)
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -450,6 +450,6 @@ def load_inference_model(
         model, what = load_model(checkpoint_dir, device, dtype, quantize), ""
     model.eval()
     if device.type == "cpu":
-        pack_linears(model) if many_rows else split_linears(model)
+        pack_linears(model, fuse=True) if many_rows else split_linears(model)
     seconds = time.perf_counter() - t0
     return model, f"Loaded {checkpoint_dir}{what} in {seconds:.2f} s ({dtype}, {quantize or 'not quantized'}, {device})"

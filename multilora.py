@@ -10,7 +10,9 @@ the batch holds: no Python loop over adapters. Adapters of different ranks stack
 zeros to the largest rank (zero rows of A and zero columns of B add nothing), and adapters that adapt different
 projections because a projection an adapter leaves alone holds zeros in its slot. Each adapter's scaling (alpha / r)
 is folded into its B. `m` is a per-output-row factor, ones unless an adapter brings one (DoRA's magnitude over the
-norm of each row of W + ΔW).
+norm of each row of W + ΔW). On a base packed for a CPU with q, k and v (gate and up) as one product
+(utils.pack_linears(fuse=True), as serve.py loads it), a `MultiLoRAProjections` adds each part's updates to its share
+of that product.
 
     stack = AdapterStack(model)  # wraps the model's projections
     stack.add("support", adapter_updates("adapters/support.safetensors", model))
@@ -33,7 +35,7 @@ from safetensors.torch import load_file
 
 from lora import base_weight, check_same_base, dora_norm, lora_scaling, read_lora_config
 from model import LLaMA
-from utils import PackedLinear
+from utils import PackedLinear, PackedPart, PackedProjections
 
 
 @dataclass
@@ -83,11 +85,11 @@ def adapter_updates(path: Path, model: LLaMA) -> dict[str, Update]:
 
 
 class MultiLoRALinear(nn.Module):
-    """A projection of the base (`base`: nn.Linear, a quantized subclass of it, or a PackedLinear) plus the updates
-    of every adapter that adapts it, one slot each (none until the first: `append` then fills the slots before it with
-    zeros)."""
+    """A projection of the base (`base`: nn.Linear, a quantized subclass of it, a PackedLinear or a PackedPart) plus the
+    updates of every adapter that adapts it, one slot each (none until the first: `append` then fills the slots before
+    it with zeros)."""
 
-    def __init__(self, base: nn.Linear | PackedLinear, stack: "AdapterStack", rank: int) -> None:
+    def __init__(self, base: nn.Linear | PackedLinear | PackedPart, stack: "AdapterStack", rank: int) -> None:
         super().__init__()
         self.base = base
         self.stack = stack  # whose `adapters` say each row's slot during a forward pass (AdapterStack.rows)
@@ -98,7 +100,10 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, in), or (B, in) with one position per row (the output head under model.forward's `logits_at`)."""
-        y = self.base(x)
+        return self.update(x, self.base(x))
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The base's output y for input x, each row with its adapter's update."""
         adapters = self.stack.adapters  # (B,) each row's slot, or None for the plain base throughout
         if adapters is None or len(self.A) == 0:  # the plain base, or no adapter adapts this projection
             return y
@@ -140,6 +145,19 @@ class MultiLoRALinear(nn.Module):
         self.A, self.B = torch.cat([self.A, A]), torch.cat([self.B, B])
 
 
+class MultiLoRAProjections(nn.Module):
+    """A block's projections of one input computed as one product (utils.PackedProjections: q, k and v, or gate and
+    up), then each with the updates of its MultiLoRALinear."""
+
+    def __init__(self, fused: PackedProjections, parts: list[MultiLoRALinear]) -> None:
+        super().__init__()
+        self.fused = fused
+        self.parts = parts  # a plain list: they are the block's modules already (q_proj, ...)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(part.update(x, y) for part, y in zip(self.parts, self.fused(x)))
+
+
 class AdapterStack:
     """The adapters loaded onto one base model, by name, slot 0 being the base itself (the name ""), and the layers
     that apply them: every projection of the model, wrapped in a MultiLoRALinear when the stack is made. Which adapter
@@ -152,12 +170,18 @@ class AdapterStack:
         self.rank = 1
         self.adapters: Optional[torch.Tensor] = None  # (B,) each row's slot inside `rows`; None: the base throughout
         self.layers: dict[str, MultiLoRALinear] = {}  # by module path
-        projections = (nn.Linear, PackedLinear)  # PackedLinear: serve.py's base on a CPU
+        projections = (nn.Linear, PackedLinear, PackedPart)  # serve.py's base on a CPU: packed, q, k and v fused
         for path in [path for path, module in model.named_modules() if isinstance(module, projections)]:
             parent_path, _, attribute = path.rpartition(".")
             parent = model.get_submodule(parent_path)
             self.layers[path] = MultiLoRALinear(getattr(parent, attribute), self, self.rank)
             setattr(parent, attribute, self.layers[path])
+        wrapped = {id(layer.base): layer for layer in self.layers.values()}
+        for path in [path for path, module in model.named_modules() if isinstance(module, PackedProjections)]:
+            parent_path, _, attribute = path.rpartition(".")
+            fused = model.get_submodule(path)
+            parts = [wrapped[id(layer)] for layer in fused.projections]
+            setattr(model.get_submodule(parent_path), attribute, MultiLoRAProjections(fused, parts))
 
     @contextmanager
     def rows(self, slots: list[int]) -> Iterator[None]:

@@ -332,22 +332,54 @@ class PackedLinear(torch.nn.Module):
 class PackedProjections(torch.nn.Module):
     """Projections of one input (attention's q, k and v; the MLP's gate and up) as one product of their weights side by
     side, packed (pack_weight), a LoRA layer's with its update merged: for decoding many rows on a CPU one product
-    instead of three or two (model.py's `qkv` and `gate_up`). Where a part must compute alone (recording gradients,
-    a LoRA layer within lora.lora_disabled) each projection computes its own product, as it is."""
+    instead of three or two (model.py's `qkv` and `gate_up`). A LoRA layer computes its own product within
+    lora.lora_disabled or recording gradients; the plain projections become PackedParts of this one, without weights of
+    their own."""
 
     def __init__(self, projections: list[torch.nn.Linear], weights: list[torch.Tensor]) -> None:
         """weights: the one each projection multiplies by (a LoRA layer's merged_weight)."""
         super().__init__()
-        self.projections = projections  # a plain list: not submodules, their parameters stay where they are
+        self.projections = list(projections)  # as in the block (pack_linears puts PackedParts); not submodules
         self.sizes = [layer.out_features for layer in projections]
         self.packed = pack_weight(torch.cat(weights))
         biases = [layer.bias for layer in projections]  # all or none: model.py gives them one setting (Config)
         self.bias = None if biases[0] is None else torch.cat([bias.detach() for bias in biases])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if torch.is_grad_enabled() or any(getattr(layer, "disabled", False) for layer in self.projections):
-            return tuple(layer(x) for layer in self.projections)
-        return packed_product(x, self.packed, self.bias).split(self.sizes, dim=-1)
+        if x.requires_grad and torch.is_grad_enabled():  # oneDNN's op has no backward: a gradient would be wrong
+            raise RuntimeError("PackedProjections are for inference: run them under torch.no_grad(), or unpack")
+        ys = packed_product(x, self.packed, self.bias).split(self.sizes, dim=-1)
+        # a LoRA layer computes alone where its own product differs: disabled, or its parameters recording gradients
+        alone = [
+            not isinstance(layer, PackedPart) and (torch.is_grad_enabled() or getattr(layer, "disabled", False))
+            for layer in self.projections
+        ]
+        return tuple(layer(x) if own else y for layer, y, own in zip(self.projections, ys, alone))
+
+
+class PackedPart(torch.nn.Module):
+    """A plain projection fused into a PackedProjections, in its place (q_proj, ...) without a weight of its own (the
+    weights held once, not twice): for what computes it alone (a product of the whole group, sliced) or reads its
+    weight (a copy: multilora's DoRA norms)."""
+
+    def __init__(self, group: PackedProjections, index: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = group.projections[index].in_features, group.sizes[index]
+        self.start = sum(group.sizes[:index])
+        self.packed, self.group_bias = group.packed, group.bias  # the group's tensors, not copies
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()[self.start : self.start + self.out_features]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return None if self.group_bias is None else self.group_bias[self.start : self.start + self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("a PackedPart is for inference: run it under torch.no_grad(), or unpack")
+        return packed_product(x, self.packed, self.group_bias)[..., self.start : self.start + self.out_features]
 
 
 def pack_linears(model: LLaMA, fuse: bool = False) -> list[tuple[torch.nn.Module, str, Optional[torch.nn.Module]]]:
@@ -356,9 +388,9 @@ def pack_linears(model: LLaMA, fuse: bool = False) -> list[tuple[torch.nn.Module
     its product with 8 rows then takes 4.5 ms instead of 18.5). Each LoRA layer on a CPU that applies its update gets
     its weight with the update merged, packed (its `packed`, a copy: lora.LoRALinear computes its whole product with it
     outside autograd, the model's own weights unmerged). With `fuse`, a block's q, k and v (gate and up) that are
-    all such products become one PackedProjections instead (not for a model whose projections are wrapped later, as
-    multilora.AdapterStack does). Returns (parent, attribute, layer before) of each module set, for
-    `packed_linears`."""
+    all such products become one PackedProjections instead, its plain parts PackedParts of it (not with a
+    LLaMA-Adapter prompt, which computes k and v alone). Returns (parent, attribute, layer before) of each module set,
+    for `packed_linears`."""
     replaced = []
     if not torch.backends.mkldnn.is_available():
         return replaced
@@ -369,14 +401,20 @@ def pack_linears(model: LLaMA, fuse: bool = False) -> list[tuple[torch.nn.Module
     def weight(layer: torch.nn.Linear) -> torch.Tensor:  # a merged LoRA layer's weight holds its update already
         return layer.merged_weight() if id(layer) in updated else layer.weight
 
-    groups = [(b.attn, "qkv", ("q_proj", "k_proj", "v_proj")) for b in model.blocks] if fuse else []
-    groups += [(b.mlp, "gate_up", ("gate_proj", "up_proj")) for b in model.blocks] if fuse else []
-    for parent, name, parts in groups:
+    groups = [(b.attn, "qkv", ("q_proj", "k_proj", "v_proj")) for b in model.blocks if b.attn.adaption_prompt is None]
+    groups += [(b.mlp, "gate_up", ("gate_proj", "up_proj")) for b in model.blocks]
+    for parent, name, parts in groups if fuse else []:
         layers = [getattr(parent, part) for part in parts]
         if all(id(layer) in packable for layer in layers):
-            setattr(parent, name, PackedProjections(layers, [weight(layer) for layer in layers]))
+            group = PackedProjections(layers, [weight(layer) for layer in layers])
+            setattr(parent, name, group)
             replaced.append((parent, name, None))
             fused.update(id(layer) for layer in layers)
+            for index, (part, layer) in enumerate(zip(parts, layers)):
+                if id(layer) not in updated:  # a LoRA layer stays, to compute alone within lora_disabled
+                    group.projections[index] = PackedPart(group, index)
+                    setattr(parent, part, group.projections[index])
+                    replaced.append((parent, part, layer))
     for parent, name, layer in plain:
         if id(layer) not in fused:
             setattr(parent, name, PackedLinear(layer))

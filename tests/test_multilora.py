@@ -9,8 +9,8 @@ import torch
 
 from conftest import make_adapter, make_adapters, make_checkpoint
 from lora import load_lora_model
-from multilora import AdapterStack, MultiLoRALinear, Update, adapter_updates
-from utils import load_model
+from multilora import AdapterStack, MultiLoRALinear, MultiLoRAProjections, Update, adapter_updates
+from utils import load_model, pack_linears
 
 # (name, r, alpha, targets, settings): every variant of lora.py, and adapters that adapt different projections
 ADAPTERS = [
@@ -73,11 +73,18 @@ def test_every_projection_is_wrapped_and_holds_slots_only_once_adapted():
     assert not model.second.B[:2].any() and torch.equal(model.second.B[2], B.T)
 
 
-def test_rows_on_different_adapters_equal_each_adapter_alone_unmerged_and_merged(checkpoint_dir, adapters):
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_on_different_adapters_equal_each_adapter_alone_unmerged_and_merged(checkpoint_dir, adapters, packed):
     """One forward pass of a batch whose rows are on the base and the five adapters (each read by adapter_updates):
-    each row's logits equal that adapter's lora.py model on that row alone, unmerged and merged into the weights."""
+    each row's logits equal that adapter's lora.py model on that row alone, unmerged and merged into the weights. Also
+    on serve.py's base on a CPU: its projections packed, q, k and v (gate and up) one product (MultiLoRAProjections)."""
+    if packed and not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
     model = load_model(checkpoint_dir).eval()
+    if packed:
+        pack_linears(model, fuse=True)
     stack = AdapterStack(model)
+    assert isinstance(model.blocks[0].attn.qkv, MultiLoRAProjections) == packed
     for name, path in adapters.items():
         stack.add(name, adapter_updates(path, model))
     names = ["", *adapters]

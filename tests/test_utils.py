@@ -15,6 +15,7 @@ from decode import Completion, decode_all
 from model import Config, LLaMA
 from utils import (
     PackedLinear,
+    PackedPart,
     PackedProjections,
     SplitLinear,
     atomic_path,
@@ -244,7 +245,8 @@ def test_packed_linears_give_the_products_of_the_layers_they_replace(tied, tmp_p
 def test_fused_projections_give_the_products_of_each_with_its_bias():
     """pack_linears(fuse=True): q, k and v (with biases, as Qwen-style attention has; GQA: k and v narrower than q;
     q a LoRA layer whose update is merged, counted once) and gate and up in one product each give each projection's
-    own; recording gradients, each computes alone."""
+    own; each plain projection in its place a PackedPart of the product, without weights of its own, that computes
+    alone and gives its weight and bias; recording gradients is refused (oneDNN's product has no backward)."""
     torch.manual_seed(0)
     config = dataclasses.replace(small_config(False), attention_bias=True)
     with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query",)):
@@ -253,19 +255,23 @@ def test_fused_projections_give_the_products_of_each_with_its_bias():
         torch.nn.init.normal_(block.attn.k_proj.bias)
         torch.nn.init.normal_(block.attn.q_proj.lora.B, std=0.5)
     lora.merge_lora_weights(model)
-    idx = torch.randint(0, 100, (8, 10))
+    k_proj = model.blocks[0].attn.k_proj
+    idx, x = torch.randint(0, 100, (8, 10)), torch.randn(3, 32)
     with torch.no_grad():
-        expected = model(idx)
+        expected, expected_k = model(idx), k_proj(x)
     pack_linears(model, fuse=True)
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     assert isinstance(attn.qkv, PackedProjections) and isinstance(mlp.gate_up, PackedProjections)
-    assert [y.shape[-1] for y in attn.qkv(torch.randn(2, 32))] == [32, 16, 16]
+    assert isinstance(attn.k_proj, PackedPart) and isinstance(mlp.up_proj, PackedPart)
+    assert not list(attn.k_proj.parameters()) and attn.k_proj.packed is attn.qkv.packed
+    assert [y.shape[-1] for y in attn.qkv(x)] == [32, 16, 16]
     with torch.no_grad():
         torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
-    x = torch.randn(3, 32, requires_grad=True)
-    q, k, v = attn.qkv(x)  # each its own nn.Linear
-    torch.testing.assert_close(k, attn.k_proj(x))
-    assert k.grad_fn is not None
+        torch.testing.assert_close(attn.qkv(x)[1], expected_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn.k_proj(x), expected_k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(attn.k_proj.weight, k_proj.weight) and torch.equal(attn.k_proj.bias, k_proj.bias)
+    with pytest.raises(RuntimeError, match="for inference"):
+        attn.qkv(x.requires_grad_())
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -273,8 +279,9 @@ def test_packed_linears_decode_an_unmerged_lora_as_before_then_give_the_model_ba
     """packed_linears (GRPO's rollouts): inside, each block's q, k and v (gate and up) are one packed product, the
     other plain projections and the tied head PackedLinear, and a LoRA layer outside those holds its weight with the
     update merged, packed: the same greedy tokens and logits (fp32 rounding: the merged product sums in another
-    order); a forward that records gradients is refused (the packed product has no backward), within lora_disabled the
-    base's logits; on leaving, the same modules as before, no packed copy kept and the model's own weights unmerged."""
+    order); recording gradients, a LoRA layer among q, k and v computes alone, but a forward that records gradients is
+    refused (the packed product has no backward), within lora_disabled the base's logits; on leaving, the same modules
+    as before, no packed copy kept and the model's own weights unmerged."""
     torch.manual_seed(0)
     make_checkpoint(tmp_path, vocab_size=1000)
     with lora.lora(r=4, alpha=8, dropout=0.0, targets=("query", "value", "mlp")):
@@ -305,6 +312,11 @@ def test_packed_linears_decode_an_unmerged_lora_as_before_then_give_the_model_ba
             with lora.lora_disabled(model):
                 torch.testing.assert_close(model(idx), base_logits, atol=1e-4, rtol=1e-4)
         assert greedy() == expected_tokens
+        x = torch.randn(2, 3, model.config.n_embd)
+        q, k, v = block.attn.qkv(x)  # recording gradients: each LoRA layer computes alone, with its autograd
+        assert q.grad_fn is not None and v.grad_fn is not None and k.grad_fn is None
+        with torch.no_grad():
+            torch.testing.assert_close(q, block.attn.qkv(x)[0], atol=1e-5, rtol=1e-5)
         with pytest.raises(RuntimeError, match="for inference"):  # oneDNN's product has no backward
             model(idx).sum().backward()
     assert dict(model.named_modules()).keys() == modules.keys()
