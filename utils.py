@@ -341,9 +341,15 @@ class PackedProjections(torch.nn.Module):
         super().__init__()
         self.projections = list(projections)  # as in the block (pack_linears puts PackedParts); not submodules
         self.sizes = [layer.out_features for layer in projections]
+        self.in_features, self.out_features = projections[0].in_features, sum(self.sizes)
         self.packed = pack_weight(torch.cat(weights))
         biases = [layer.bias for layer in projections]  # all or none: model.py gives them one setting (Config)
         self.bias = None if biases[0] is None else torch.cat([bias.detach() for bias in biases])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The parts' weights side by side, plain (a copy)."""
+        return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.requires_grad and torch.is_grad_enabled():  # oneDNN's op has no backward: a gradient would be wrong

@@ -69,7 +69,7 @@ def main(
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(checkpoint_dir).eval()
-    pack_linears(model)  # as evaluate.py does on CPU
+    pack_linears(model, fuse=True)  # as evaluate.py does on CPU
     backends = {
         "HFLM": HFLM(pretrained=str(checkpoint_dir), device="cpu", dtype="float32", batch_size=batch_size),
         "ours": HarnessLM(model, Tokenizer(checkpoint_dir), batch_size=batch_size),

@@ -48,7 +48,7 @@ from export_peft import lit_to_peft_name
 from lora import LoRALinear, lora, lora_state_dict, merge_lora_weights
 from model import Config, LLaMA
 from multilora import AdapterStack, Update
-from utils import PackedLinear, pack_linears, split_linears
+from utils import PackedLinear, PackedProjections, pack_linears, split_linears
 
 R, ALPHA, TARGETS = 8, 16, ("query", "value")
 
@@ -104,7 +104,7 @@ def main(
     torch.set_default_dtype(default_dtype)
     if device.type == "cpu":  # as generate_lora.py (one row) and serve.py (many) lay the weights out on CPU
         split_linears(lora_model)
-        pack_linears(base)
+        pack_linears(base, fuse=True)
     adapters = [random_adapter(lora_model, seed) for seed in range(requests)]  # {name in lora_state_dict: tensor}
     prompts = [torch.randint(0, config.vocab_size, (16 + 2 * i,)).tolist() for i in range(requests)]
     figures = {}
@@ -209,7 +209,7 @@ def machine_bound(model: LLaMA, rows: int, device: torch.device, dtype: torch.dt
     """The least time a decode step of `rows` rows can take, and why: every projection's weight read once at the
     memory bandwidth of a large matrix-vector product (393 MB in fp32, in the faster of both layouts, far larger than
     the caches), or 2 x rows x weights operations at the rate of a large matrix product, whichever takes longer."""
-    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, PackedProjections))]
     weight_bytes, operations = sum(w.nbytes for w in weights), 2 * rows * sum(w.numel() for w in weights)
     x, big = torch.randn(1, 768, device=device, dtype=dtype), torch.randn(128_000, 768, device=device, dtype=dtype)
     read = min(timed(lambda w=w: F.linear(x, w), device) for w in (big, big.t().contiguous().t()))
@@ -226,9 +226,9 @@ def machine_bound(model: LLaMA, rows: int, device: torch.device, dtype: torch.dt
 
 def projections_alone(model: LLaMA, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """Seconds the products of `rows` rows with every projection's weight take one after another, nothing else around
-    them: with the weights as the model lays them out (packed for oneDNN on a CPU, as serve.py does), and as nn.Linear
-    does (row-major, (out, in))."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    them: with the weights as the model lays them out (packed for oneDNN on a CPU, q, k and v and gate and up fused, as
+    serve.py does), and as nn.Linear does (row-major, (out, in))."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, PackedProjections))]
     inputs = {m.in_features: torch.randn(rows, m.in_features, device=device, dtype=dtype) for m in layers}
     as_laid_out = timed(lambda: [m(inputs[m.in_features]) for m in layers], device)
     weights = [m.weight.contiguous() for m in layers]
