@@ -121,7 +121,8 @@ def sample(
     candidates = None
     if top_k is not None:  # softmax and draw among the k best only: cheaper than masking the other vocab_size - k
         logits, candidates = torch.topk(logits, min(top_k, logits.size(-1)))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # no division at 1
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # whose more likely predecessors add up to < top_p
@@ -133,19 +134,20 @@ def sample(
 def draw(probs: torch.Tensor, generator: Optional[torch.Generator], block: int = 256) -> torch.Tensor:
     """One index per row of `probs` (B, n), (B, 1): index i with probability probs[i] / the row's sum. One uniform
     number per row, scaled to the sum and looked up in the cumulative probabilities, in two steps: the block of `block`
-    indices it falls in (the blocks' sums added up in float64), then the index within that block (its running sum in
-    float32). For 32 rows of 32,000 this takes under a millisecond where one float64 running sum over the whole row
-    takes 7, and torch.multinomial's exponential number per index 22 (howto/inference.md)."""
+    indices it falls in (the running sum of the blocks' sums, in float64), then the index within that block (the
+    running sum of that block alone). For 32 rows of 32,000 this reads the probabilities once (howto/inference.md has
+    the times), where one running sum over the whole row, or torch.multinomial's exponential number per index, costs
+    several times as much."""
     rows, n = probs.shape
     blocks = -(-n // block)
     if blocks * block != n:
         probs = F.pad(probs, (0, blocks * block - n))  # zeros: an index without probability is never drawn
-    within = probs.view(rows, blocks, block).cumsum(-1)  # each block's running sum
-    ends = within[:, :, -1].double().cumsum(-1)  # (B, blocks): where each block's share ends
+    grouped = probs.view(rows, blocks, block)
+    ends = grouped.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks): where each block's share ends
     uniform = torch.rand(rows, 1, generator=generator, device=probs.device, dtype=ends.dtype) * ends[:, -1:]
     chosen = torch.searchsorted(ends, uniform, right=True).clamp_(max=blocks - 1)  # (B, 1)
     begins = F.pad(ends, (1, 0)).gather(1, chosen)  # where the chosen block's share begins
-    inside = within.gather(1, chosen[:, :, None].expand(rows, 1, block))[:, 0].double()  # (B, block)
+    inside = grouped.gather(1, chosen[:, :, None].expand(rows, 1, block))[:, 0].double().cumsum(-1)  # (B, block)
     at = torch.searchsorted(inside, uniform - begins, right=True).clamp_(max=block - 1)
     return (chosen * block + at).clamp_(max=n - 1)
 
