@@ -124,11 +124,27 @@ def sample(
     logits = logits.float()
     probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # no division at 1
     if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # whose more likely predecessors add up to < top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+        probs = nucleus(probs, top_p)
     choice = draw(probs, generator)  # (B, 1)
     return (choice if candidates is None else candidates.gather(-1, choice))[:, 0]
+
+
+def nucleus(probs: torch.Tensor, top_p: float, k: int = 64) -> torch.Tensor:
+    """probs (B, n) with each row's tokens outside its nucleus set to 0: a token stays if the more likely tokens before
+    it add up to less than top_p. Those lie among the k most likely as soon as the k add up to top_p, so the k are
+    taken first (torch.topk, sorted), then eight times as many for the rows whose k fell short, and so on: a trained
+    model's nucleus is mostly far smaller than its vocabulary, which a sort of every row reads whole (the figures:
+    howto/inference.md)."""
+    kept = torch.zeros_like(probs)
+    rows = torch.arange(probs.size(0), device=probs.device)  # those whose nucleus is still to find
+    while rows.numel():
+        k = min(k, probs.size(-1))
+        top, order = (probs if rows.numel() == probs.size(0) else probs[rows]).topk(k, dim=-1)  # most likely first
+        total = top.cumsum(-1)
+        found = (total[:, -1] >= top_p) | (k == probs.size(-1))
+        kept[rows[found][:, None], order[found]] = (top * (total - top < top_p))[found]
+        rows, k = rows[~found], k * 8
+    return kept
 
 
 def draw(probs: torch.Tensor, generator: Optional[torch.Generator], block: int = 256) -> torch.Tensor:

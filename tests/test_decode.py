@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
-from decode import Completion, compile_step, decode_all, draw, generate, sample, stream
+from decode import Completion, compile_step, decode_all, draw, generate, nucleus, sample, stream
 from model import Config, LLaMA
 from tokenizer import Tokenizer
 from utils import load_model
@@ -146,6 +146,23 @@ def test_sample_follows_softmax_of_the_top_k_and_top_p():
     kept = torch.zeros(5)
     kept[[4, 0]] = probs[[4, 0]] / probs[[4, 0]].sum()
     assert (frequencies - kept).abs().max() < 0.02
+
+
+def test_nucleus_keeps_what_a_sort_of_the_whole_vocabulary_keeps():
+    """decode.nucleus takes the k most likely first and more only for the rows whose nucleus lies beyond them: the
+    tokens kept are those of the plain definition (sort everything, keep each token whose more likely predecessors add
+    up to less than top_p), in one batch of peaked rows (found among the first k) and flat ones (k grown eightfold,
+    up to the whole row)."""
+    torch.manual_seed(0)
+    scales = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.3])[:, None]  # from one dominant token to nearly uniform
+    probs = torch.softmax(torch.randn(5, 5000) * scales, dim=-1)
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        expected = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+        kept = nucleus(probs, top_p, k=16)
+        assert torch.equal(kept > 0, expected > 0) and torch.equal(kept, expected)
+    assert 16 < (nucleus(probs[3:4], 0.9, k=16) > 0).sum() < 5000  # grown past 16, short of the whole row
 
 
 def test_draw_finds_the_block_then_the_index_with_the_probabilities_given():
